@@ -1,0 +1,139 @@
+"""CLIP of OpenAI's architecture (via open_clip): specs from JSON configs, and loading OpenAI weight files."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import zipfile
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.model import resize_pos_embed, resize_text_pos_embed
+
+from clipsearch.models.transforms import OPENAI_MEAN, OPENAI_STD
+
+logger = logging.getLogger(__name__)
+
+# Small architectures of ours (CPU runs, tests) live beside open_clip's own configs, as data.
+LOCAL_CONFIG_DIR = Path(__file__).parent / "configs"
+# The four OpenAI releases users finetune; any other open_clip or local config name also works.
+OPENAI_RELEASES = ("ViT-B/32", "RN50", "RN101", "RN50x4")
+
+
+def canonical_name(name: str) -> str:
+    """OpenAI writes 'ViT-B/32', open_clip 'ViT-B-32'; accept both."""
+    return name.replace("/", "-")
+
+
+def available_architectures() -> list[str]:
+    local = sorted(p.stem for p in LOCAL_CONFIG_DIR.glob("*.json"))
+    return local + open_clip.list_models()
+
+
+def load_architecture_config(name: str) -> dict:
+    local = LOCAL_CONFIG_DIR / f"{canonical_name(name)}.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    config = open_clip.get_model_config(canonical_name(name))
+    if config is None:
+        raise ValueError(
+            f"unknown CLIP architecture {name!r}; choose one of {', '.join(OPENAI_RELEASES)} "
+            f"or a config name from: {', '.join(available_architectures())}"
+        )
+    return copy.deepcopy(config)
+
+
+def openai_clip_spec(
+    name: str,
+    context_length: int | None = None,
+    image_size: int | None = None,
+    quick_gelu: bool = True,
+) -> dict:
+    """The self-describing spec of an open_clip CLIP; `None` sizes keep the architecture's defaults.
+
+    quick_gelu defaults to True because OpenAI's released weights were trained with it; a
+    from-scratch run may turn it off for the slightly faster nn.GELU.
+    """
+    from clipsearch.models import SPEC_VERSION
+
+    config = load_architecture_config(name)
+    if context_length is not None:
+        config["text_cfg"]["context_length"] = int(context_length)
+    if image_size is not None:
+        config["vision_cfg"]["image_size"] = int(image_size)
+    return {
+        "spec_version": SPEC_VERSION,
+        "family": "openai",
+        "architecture": canonical_name(name),
+        "model_config": config,
+        "quick_gelu": bool(quick_gelu),
+        "embed_dim": int(config["embed_dim"]),
+        "text": {"context_length": int(config["text_cfg"]["context_length"]), "tokenizer": "openai-bpe"},
+        "image": {"size": int(config["vision_cfg"]["image_size"]), "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)},
+    }
+
+
+def build_openai_clip(spec: dict):
+    """Random-init open_clip CLIP and its BPE tokenizer, from a spec made by `openai_clip_spec`."""
+    config = spec["model_config"]
+    model = open_clip.CLIP(
+        embed_dim=config["embed_dim"],
+        vision_cfg=config["vision_cfg"],
+        text_cfg=config["text_cfg"],
+        quick_gelu=spec["quick_gelu"],
+    )
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=spec["text"]["context_length"])
+    return model, tokenizer
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    # OpenAI's released .pt files are TorchScript zips (they carry code/ and constants.pkl).
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.split("/", 1)[-1].startswith(("code/", "constants.pkl")) for name in archive.namelist())
+
+
+def read_openai_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """State dict from OpenAI's TorchScript archive, a plain state dict, or a {'state_dict': ...} file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CLIP checkpoint not found: {path}")
+    if _is_torchscript_archive(path):
+        # torch.jit.load runs no pickled Python: TorchScript code is interpreted by torch itself.
+        state_dict = torch.jit.load(str(path), map_location="cpu").state_dict()
+        for key in ("input_resolution", "context_length", "vocab_size"):
+            state_dict.pop(key, None)
+    else:
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - torch raises several types for non-checkpoints
+            raise ValueError(f"{path} is not a readable CLIP checkpoint ({type(error).__name__}: {error})") from error
+        if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
+            state_dict = state_dict["state_dict"]
+    if not isinstance(state_dict, dict) or not state_dict:
+        raise ValueError(f"{path} holds no state dict")
+    return {key.removeprefix("module."): value for key, value in state_dict.items()}
+
+
+def load_openai_weights(model: open_clip.CLIP, path: str | Path, architecture: str) -> None:
+    """Load OpenAI-format weights into `model`, resizing position embeddings if sizes were changed."""
+    state_dict = read_openai_state_dict(path)
+    state_dict = {key: value.float() for key, value in state_dict.items()}  # fp32 master weights
+    resize_pos_embed(state_dict, model)
+    resize_text_pos_embed(state_dict, model)
+    if "logit_scale" in state_dict and state_dict["logit_scale"].shape != model.logit_scale.shape:
+        state_dict["logit_scale"] = state_dict["logit_scale"].reshape(model.logit_scale.shape)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = sorted(k for k in set(expected) & set(state_dict) if expected[k].shape != state_dict[k].shape)
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"{path} does not hold {architecture} weights: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+            f"{len(mismatched)} with other shapes (e.g. {mismatched[:3]})"
+        )
+    model.load_state_dict(state_dict)
+    logger.info("loaded %s weights from %s", architecture, path)

@@ -1,0 +1,30 @@
+"""Image preprocessing shared by all variants: one definition, parameterised by size and normalisation."""
+from __future__ import annotations
+
+from torchvision import transforms as T
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def make_image_transform(size: int, mean, std, is_train: bool):
+    """PIL RGB image -> normalised FloatTensor [3, size, size].
+
+    Training uses a mild random resized crop and no horizontal flip: captions say "left" and
+    "right", and a flip would make half of them wrong.
+    """
+    normalize = T.Normalize(mean=tuple(mean), std=tuple(std))
+    if is_train:
+        return T.Compose([
+            T.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(0.9, 1.1), interpolation=T.InterpolationMode.BICUBIC),
+            T.ToTensor(),
+            normalize,
+        ])
+    return T.Compose([
+        T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(size),
+        T.ToTensor(),
+        normalize,
+    ])

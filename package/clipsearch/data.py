@@ -155,7 +155,6 @@ def read_table(
             sep="\t" if table_path.suffix == ".tsv" else ",",
             quoting=csv.QUOTE_NONE if table_path.suffix == ".tsv" else csv.QUOTE_MINIMAL,
             dtype=str,
-            keep_default_na=False,
             encoding="utf-8-sig",
             encoding_errors="replace",
             on_bad_lines=keep_aside,

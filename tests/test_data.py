@@ -1,4 +1,5 @@
 """Tests for dataset tables, robust image loading, the datasets and their collate functions."""
+import io
 import logging
 import pickle
 import struct
@@ -44,11 +45,8 @@ def save_rgb(path, colour=(200, 30, 30), size=(6, 5)):
 
 def noisy_jpeg_bytes(size=64) -> bytes:
     pixels = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    path_free = Image.fromarray(pixels)
-    import io
-
     buffer = io.BytesIO()
-    path_free.save(buffer, format="JPEG", quality=90)
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
 
 

@@ -278,7 +278,11 @@ def load_image(path: str | os.PathLike, report: DataReport | None = None) -> Ima
             image.load()
             animated = getattr(image, "is_animated", False)
             source_mode = image.mode
-            rgb = image if source_mode == "RGB" else _to_rgb(image)
+            try:
+                rgb = image if source_mode == "RGB" else _to_rgb(image)
+            except ValueError:  # Pillow has no direct route to RGB from a few modes, e.g. LAB
+                report.add(f"unsupported mode {source_mode}", path)
+                return None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         report.add("decompression bomb", path)
         return None

@@ -331,7 +331,11 @@ def _skip_marker(path: str, item_counts: dict[str, int]) -> dict:
 
 
 class ImageCaptionDataset(Dataset):
-    """One training pair per table row; a bad image gives a skip marker instead of raising."""
+    """One training pair per table row; a bad image gives a skip marker instead of raising.
+
+    Items are {"image", "tokens", "caption", "image_path", "report"}, where "report" holds the
+    item's conversion counts; a skip marker is {"skipped": reason, "image_path"}.
+    """
 
     def __init__(self, table: pd.DataFrame, image_transform: ImageTransform, tokenizer: Tokenizer):
         self.image_paths = [str(path) for path in table["image"]]
@@ -357,7 +361,11 @@ class ImageCaptionDataset(Dataset):
 
 
 class ImageGroupDataset(Dataset):
-    """One evaluation item per unique image, carrying all of its captions in table order."""
+    """One evaluation item per unique image, carrying all of its captions in table order.
+
+    Items are {"image", "tokens" [captions, L], "captions", "image_path", "image_id", "report"},
+    with image_id the index into `image_paths`; bad images give the same skip marker as pairs.
+    """
 
     def __init__(self, table: pd.DataFrame, image_transform: ImageTransform, tokenizer: Tokenizer):
         captions_by_image: dict[str, list[str]] = {}

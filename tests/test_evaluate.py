@@ -1,0 +1,130 @@
+"""Tests for retrieval evaluation: the CLI on a tiny checkpoint, and a model whose recall must be 100."""
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torchvision import transforms
+
+from clipsearch.evaluate import encode_split, evaluate, main
+from clipsearch.models import ModelBundle
+
+REPO = Path(__file__).resolve().parents[1]
+# Pairwise different directions, so an image's colour matches only its own caption after normalising.
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0), "cyan": (0, 255, 255)}
+
+
+def write_colour_dataset(root: Path, corrupt_at: int | None = None) -> Path:
+    """One PNG per colour with two captions each; optionally one corrupt file in the middle."""
+    (root / "images").mkdir(parents=True)
+    lines = ["image\tcaption"]
+    for index, (name, rgb) in enumerate(COLOURS.items()):
+        path = root / "images" / f"{name}.png"
+        if index == corrupt_at:
+            path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"broken")
+        else:
+            Image.new("RGB", (20, 16), rgb).save(path)
+        lines += [f"images/{name}.png\ta {name} square", f"images/{name}.png\t{name}"]
+    (root / "dev.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+class MeanColourModel(nn.Module):
+    """Images embed as their mean colour; captions as the colour their name stands for."""
+
+    def __init__(self):
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.tensor(1.0))
+
+    def encode_image(self, images):
+        return images.mean(dim=(2, 3))
+
+    def encode_text(self, tokens):
+        return tokens.float()
+
+
+def colour_tokenizer(captions):
+    return torch.tensor([next(rgb for name, rgb in COLOURS.items() if name in caption) for caption in captions])
+
+
+def colour_bundle() -> ModelBundle:
+    to_tensor = transforms.ToTensor()
+    return ModelBundle(MeanColourModel(), to_tensor, to_tensor, colour_tokenizer, {"embed_dim": 3})
+
+
+def test_matching_embeddings_give_perfect_recall_despite_a_skipped_image(tmp_path):
+    # The corrupt image shifts every later image's row, so a wrong id mapping would lose recall.
+    dataset = write_colour_dataset(tmp_path / "colours", corrupt_at=2)
+    bundle = colour_bundle()
+    bundle.model.train()
+    result = evaluate(bundle, dataset, "dev", batch_size=2)
+
+    metrics = result["metrics"]
+    for direction in ("text_to_image", "image_to_text"):
+        assert [metrics[f"{direction}_R@{k}"] for k in (1, 5, 10)] == [100.0, 100.0, 100.0]
+        assert metrics[f"{direction}_median_rank"] == 1.0
+        assert metrics[f"{direction}_mean_rank"] == 1.0
+    assert result["counts"]["images"] == 4
+    assert result["counts"]["captions"] == 8
+    assert result["counts"]["skipped_images"] == 1
+    assert result["counts"]["skipped"] == {"corrupt image": 1}
+    # Validation runs mid-training, so the model's mode is given back.
+    assert bundle.model.training
+
+
+def test_encode_split_rows_line_up(tmp_path):
+    dataset = write_colour_dataset(tmp_path / "colours", corrupt_at=0)
+    images, texts, caption_image_ids, report = encode_split(colour_bundle(), dataset, "dev", batch_size=3)
+    assert images.shape == (4, 3) and texts.shape == (8, 3)
+    assert caption_image_ids.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert torch.allclose(
+        nn.functional.normalize(images[caption_image_ids], dim=-1), nn.functional.normalize(texts, dim=-1)
+    )
+    assert report.total_skipped() == 1
+
+
+def test_cli_on_tiny_checkpoint_writes_json(tiny_checkpoint, tmp_path, capsys):
+    dataset = write_colour_dataset(tmp_path / "colours")
+    out = tmp_path / "results" / "eval.json"
+    main(["--load_model", str(tiny_checkpoint), "--dataset_path", str(dataset), "--split", "dev",
+          "--batch_size", "2", "--num_workers", "0", "--device", "cpu", "--out", str(out)])
+
+    result = json.loads(out.read_text())
+    assert result["checkpoint"] == str(Path(tiny_checkpoint).resolve())
+    assert result["split"] == "dev" and result["dataset"] == str(dataset.resolve())
+    assert result["counts"] == {"images": 5, "captions": 10, "skipped_images": 0, "skipped": {}, "conversions": {}}
+    metrics = result["metrics"]
+    for direction in ("text_to_image", "image_to_text"):
+        for k in (1, 5, 10):
+            assert 0.0 <= metrics[f"{direction}_R@{k}"] <= 100.0
+        # Five images, so every image is within the top 10.
+        assert metrics[f"{direction}_R@10"] == 100.0
+        assert 1.0 <= metrics[f"{direction}_median_rank"] <= 5.0
+    assert 0.0 <= metrics["mean_recall"] <= 100.0
+    printed = capsys.readouterr().out
+    assert "text->image" in printed and "image->text" in printed and "MeanR" in printed
+
+
+def test_cli_default_output_sits_beside_the_checkpoint(tiny_checkpoint, tmp_path):
+    dataset = write_colour_dataset(tmp_path / "colours" / "data")
+    checkpoint = tmp_path / "models" / "tiny.ckpt"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(Path(tiny_checkpoint).read_bytes())
+    main(["--load_model", str(checkpoint), "--dataset_path", str(dataset), "--num_workers", "0", "--device", "cpu"])
+    assert (tmp_path / "models" / "tiny.colours.dev.eval.json").is_file()
+
+
+def test_bad_flags_are_rejected(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--load_model", "x.ckpt", "--dataset_path", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit):
+        main(["--load_model", "x.ckpt", "--dataset_path", str(tmp_path), "--batch_size", "0"])
+
+
+def test_wrapper_script_passes_flags_through():
+    completed = subprocess.run(["bash", str(REPO / "4_evaluate.sh"), "--help"], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+    assert "--load_model" in completed.stdout

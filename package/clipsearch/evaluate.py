@@ -138,7 +138,8 @@ def default_output_path(checkpoint: str | os.PathLike, dataset_path: str | os.Pa
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset_path", default="dataset/flickr8k/data", help="dataset folder holding <split>.tsv/.csv/.parquet")
+    data.add_argument("--dataset_path", default="dataset/sample",
+                      help="dataset folder holding <split>.tsv/.csv/.parquet (default: the generated sample data)")
     data.add_argument("--split", default="dev", help="table to evaluate on, e.g. dev or test")
     data.add_argument("--batch_size", type=int, default=64, help="images per batch (each brings all its captions)")
     data.add_argument("--num_workers", type=int, default=2, help="DataLoader processes decoding images")

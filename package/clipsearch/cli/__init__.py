@@ -1,0 +1,1 @@
+"""Command-line entry points: thin flag parsers over the library (`python -m clipsearch.cli.<name>`)."""

@@ -1,0 +1,1 @@
+"""Encoding an image collection into embedding shards: reader -> model -> writer, run per rank."""

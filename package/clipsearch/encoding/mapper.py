@@ -1,0 +1,40 @@
+"""Model stage: image tensors in, L2-normalised embeddings out, under no-grad and optional autocast."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PRECISIONS = {"32": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
+
+
+def autocast_context(device: torch.device, precision: str):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    autocast_dtype = PRECISIONS[precision]
+    if autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=autocast_dtype)
+
+
+class ImageEmbedder:
+    """Maps a batch of transformed images to unit-length float32 embeddings on the model's device.
+
+    Results stay on the device so the GPU is not synchronised after every batch; the writer
+    moves a whole shard to the CPU at once.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device | str = "cpu", precision: str = "32"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.precision = precision
+        autocast_context(self.device, precision)  # validate early, before any data is read
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        with torch.inference_mode(), autocast_context(self.device, self.precision):
+            embeddings = self.model.encode_image(images)
+        # Normalise in float32: half-precision norms lose digits that ranking later depends on.
+        return F.normalize(embeddings.float(), dim=-1)

@@ -1,0 +1,162 @@
+"""Reader stage: which images to encode, this rank's share of them, and batches of decoded tensors."""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from clipsearch.data import (
+    CONVERSION_PREFIX,
+    IMAGE_EXTENSIONS,
+    DataReport,
+    find_table,
+    load_image,
+    read_table,
+)
+
+# Splits encoded when --split is left to "auto" and the dataset folder has tables: every image
+# that a user could look for, so search covers the whole collection.
+AUTO_SPLITS = ("train", "dev", "test")
+FOLDER_SPLIT = "folder"
+
+
+def scan_image_folder(folder: str | os.PathLike) -> list[str]:
+    """Absolute paths of every image file under `folder`, recursively, sorted."""
+    folder = os.path.abspath(folder)
+    image_paths = []
+    for directory, _, file_names in os.walk(folder):
+        for file_name in file_names:
+            if file_name.lower().endswith(IMAGE_EXTENSIONS):
+                image_paths.append(os.path.join(directory, file_name))
+    return sorted(image_paths)
+
+
+def tables_present(dataset_path: str | os.PathLike, splits: Sequence[str] = AUTO_SPLITS) -> list[str]:
+    present = []
+    for split in splits:
+        try:
+            find_table(dataset_path, split)
+        except FileNotFoundError:
+            continue
+        present.append(split)
+    return present
+
+
+def collect_image_paths(dataset_path: str | os.PathLike, split: str = "auto") -> list[str]:
+    """The sorted, de-duplicated absolute image paths a run encodes.
+
+    `split` is "auto" (the tables among train/dev/test that exist, else a folder scan),
+    "folder" (scan for image files whatever tables exist), or comma-separated split names.
+    Paths listed in a table but missing on disk are kept: the reader reports them as skipped.
+    """
+    if not Path(dataset_path).is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {dataset_path}")
+    if split == FOLDER_SPLIT:
+        splits = []
+    elif split == "auto":
+        splits = tables_present(dataset_path)
+    else:
+        splits = [name.strip() for name in split.split(",") if name.strip()]
+    if not splits:
+        return scan_image_folder(dataset_path)
+    unique_paths: set[str] = set()
+    for split_name in splits:
+        table = read_table(dataset_path, split_name)
+        unique_paths.update(os.path.normpath(str(path)) for path in table["image"])
+    return sorted(unique_paths)
+
+
+def paths_digest(image_paths: Sequence[str]) -> str:
+    """Identity of an ordered path list: a resumed run must partition exactly the same list."""
+    digest = hashlib.sha256()
+    for path in image_paths:
+        digest.update(path.encode("utf-8", errors="surrogateescape"))
+        digest.update(b"\n")
+    return digest.hexdigest()[:16]
+
+
+def partition(image_paths: Sequence[str], rank: int, world_size: int) -> list[str]:
+    """This rank's contiguous slice: every path lands on exactly one rank, with no padding."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a world of {world_size} processes")
+    count = len(image_paths)
+    return list(image_paths[rank * count // world_size : (rank + 1) * count // world_size])
+
+
+@dataclass
+class ImageBatch:
+    images: torch.Tensor  # [n, 3, H, W]; shape [0] when every image of the batch was skipped
+    image_paths: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    def pin_memory(self) -> ImageBatch:
+        # DataLoader(pin_memory=True) calls this on custom batch types.
+        return ImageBatch(self.images.pin_memory(), self.image_paths, self.skipped)
+
+
+class ImagePathDataset(Dataset):
+    """Decodes and transforms one image per path; a bad file yields its skip reason instead."""
+
+    def __init__(self, image_paths: Sequence[str], image_transform: Callable):
+        self.image_paths = list(image_paths)
+        self.image_transform = image_transform
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, str, str | None]:
+        image_path = self.image_paths[index]
+        report = DataReport()
+        image = load_image(image_path, report)
+        if image is None:
+            reasons = [reason for reason in report.as_dict() if not reason.startswith(CONVERSION_PREFIX)]
+            return None, image_path, reasons[0] if reasons else "unreadable image"
+        try:
+            return self.image_transform(image), image_path, None
+        except Exception as error:  # a transform failure is one bad image, not a failed run
+            return None, image_path, f"transform failed ({type(error).__name__})"
+
+
+def collate_images(items: list[tuple[torch.Tensor | None, str, str | None]]) -> ImageBatch:
+    kept = [(tensor, path) for tensor, path, reason in items if reason is None]
+    skipped = [(path, reason) for _, path, reason in items if reason is not None]
+    images = torch.stack([tensor for tensor, _ in kept]) if kept else torch.empty(0)
+    return ImageBatch(images=images, image_paths=[path for _, path in kept], skipped=skipped)
+
+
+def shard_batches(shards: Sequence[tuple[int, int, int]], batch_size: int) -> tuple[list[list[int]], list[int]]:
+    """Index batches that never cross a shard boundary, and the shard step of each batch.
+
+    `shards` lists (step, start, length) of each shard to encode within the rank's paths.
+    """
+    batches, steps = [], []
+    for step, start, length in shards:
+        for offset in range(0, length, batch_size):
+            batches.append(list(range(start + offset, start + min(offset + batch_size, length))))
+            steps.append(step)
+    return batches, steps
+
+
+def make_loader(
+    image_paths: Sequence[str],
+    image_transform: Callable,
+    batches: list[list[int]],
+    num_workers: int,
+    pin_memory: bool = False,
+) -> Iterator[ImageBatch]:
+    """Batches in the order of `batches`; workers decode ahead while the model runs."""
+    return DataLoader(
+        ImagePathDataset(image_paths, image_transform),
+        batch_sampler=batches,
+        collate_fn=collate_images,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        # Several batches in flight per worker keep the model fed when decode times vary.
+        prefetch_factor=4 if num_workers > 0 else None,
+        persistent_workers=False,
+    )

@@ -80,7 +80,7 @@ def collection_embeddings(searcher) -> torch.Tensor:
 def parse_collection_id(raw_id: str, collection_size: int) -> int:
     """Accept only a plain decimal index into the collection; anything else names nothing we serve."""
     if not (raw_id.isascii() and raw_id.isdigit()) or len(raw_id) > 12:
-        raise ApiError(404, f"no collection item {raw_id!r}")
+        raise ApiError(404, f"no collection item {raw_id[:40]!r}")
     item_id = int(raw_id)
     if item_id >= collection_size:
         raise ApiError(404, f"no collection item {item_id} (the collection holds {collection_size} images)")
@@ -272,14 +272,15 @@ def create_app(engine) -> FastAPI:
         query = {"kind": "image", "filename": filename, "width": image.width, "height": image.height}
         return {"query": query, "top_k": top_k, "results": result_list(hits)}
 
-    @app.get("/api/similar/{item_id}")
+    # `:path` lets ids holding a decoded '/' reach parse_collection_id too, for the same clear 404.
+    @app.get("/api/similar/{item_id:path}")
     async def similar_search(item_id: str, top_k: int = Query(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K)):
         index = parse_collection_id(item_id, collection_size)
         hits = await run_in_threadpool(search_similar, index, top_k)
         query = {"kind": "similar", "id": index, "path": engine.path_of(index)}
         return {"query": query, "top_k": top_k, "results": result_list(hits)}
 
-    @app.get("/api/image/{item_id}")
+    @app.get("/api/image/{item_id:path}")
     async def collection_image(
         item_id: str,
         size: int | None = Query(None, ge=MIN_THUMBNAIL_SIZE, le=MAX_THUMBNAIL_SIZE, description="thumbnail edge"),

@@ -1,0 +1,212 @@
+"""Training pairs streamed from webdataset tar shards, such as img2dataset's webdataset output."""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import webdataset as wds
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import IterableDataset
+from webdataset.shardlists import expand_urls
+from webdataset.utils import pytorch_worker_info
+
+from clipsearch.data import _IMAGE_SIGNATURES as IMAGE_SIGNATURES
+from clipsearch.data import MAX_IMAGE_PIXELS, DataReport, ImageTransform, Tokenizer
+from clipsearch.data import _to_rgb as to_rgb
+
+logger = logging.getLogger(__name__)
+
+IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
+CAPTION_MEMBER = "txt"
+SHARD_SUFFIX = ".tar"
+
+
+def is_webdataset_path(path: str | os.PathLike) -> bool:
+    """True for a .tar file, a brace pattern or '::' list of them, or a folder holding .tar files."""
+    text = str(path)
+    if text.endswith(SHARD_SUFFIX):
+        return True
+    if "::" in text:
+        return all(is_webdataset_path(part) for part in text.split("::") if part)
+    folder = Path(text)
+    return folder.is_dir() and any(child.suffix == SHARD_SUFFIX for child in folder.iterdir())
+
+
+def expand_shards(urls_or_pattern: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
+    """Shard paths from a brace pattern (`shards/{00000..00009}.tar`), a folder, a file or a list."""
+    if not isinstance(urls_or_pattern, str | os.PathLike):
+        return [shard for item in urls_or_pattern for shard in expand_shards(item)]
+    text = str(urls_or_pattern)
+    if Path(text).is_dir():
+        shards = sorted(str(child) for child in Path(text).iterdir() if child.suffix == SHARD_SUFFIX)
+    else:
+        shards = list(expand_urls(text))
+    if not shards:
+        raise ValueError(f"no .tar shards in {text}")
+    return shards
+
+
+def decode_image_bytes(data: bytes, name: str, report: DataReport) -> Image.Image | None:
+    """`clipsearch.data.load_image` for bytes already in memory: same checks and skip reasons."""
+    if not data:
+        report.add("empty file", name)
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                report.add("decompression bomb", name)
+                return None
+            image.load()
+            animated = getattr(image, "is_animated", False)
+            source_mode = image.mode
+            try:
+                rgb = image if source_mode == "RGB" else to_rgb(image)
+            except ValueError:
+                report.add(f"unsupported mode {source_mode}", name)
+                return None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        report.add("decompression bomb", name)
+        return None
+    except UnidentifiedImageError:
+        is_webp = data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+        looks_like_image = is_webp or any(data.startswith(signature) for signature in IMAGE_SIGNATURES)
+        report.add("corrupt image" if looks_like_image else "not an image", name)
+        return None
+    except Exception:  # any decoder failure means only this one sample is unusable
+        report.add("corrupt image", name)
+        return None
+    if source_mode != "RGB":
+        report.add_conversion(source_mode, name)
+    if animated:
+        report.add_conversion("animation to first frame", name)
+    try:
+        rgb = ImageOps.exif_transpose(rgb)
+    except Exception:
+        pass
+    return rgb
+
+
+class SamplesToItems:
+    """Pipeline stage turning raw webdataset samples into `ImageCaptionDataset` items or skip markers.
+
+    A stage over the whole stream rather than `.map`, because webdataset's map puts `__key__`
+    back into every result; a class rather than a closure so it pickles into spawned workers.
+    """
+
+    def __init__(self, image_transform: ImageTransform, tokenizer: Tokenizer):
+        self.image_transform = image_transform
+        self.tokenizer = tokenizer
+
+    def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
+        for sample in samples:
+            yield self.to_item(sample)
+
+    def to_item(self, sample: dict) -> dict:
+        image_path = f"{sample.get('__url__', '')}/{sample.get('__key__', '')}"
+        report = DataReport()
+        image_bytes = next((sample[member] for member in IMAGE_MEMBERS if member in sample), None)
+        if image_bytes is None:
+            return self._skip(report, "no image in sample", image_path)
+        if CAPTION_MEMBER not in sample:
+            return self._skip(report, "no caption in sample", image_path)
+        try:
+            caption = sample[CAPTION_MEMBER].decode("utf-8").strip()
+        except UnicodeDecodeError:
+            return self._skip(report, "non-utf8 caption", image_path)
+        if not caption:
+            return self._skip(report, "empty caption", image_path)
+        image = decode_image_bytes(image_bytes, image_path, report)
+        if image is None:
+            return {"skipped": next(iter(report.skipped())), "image_path": image_path}
+        return {
+            "image": self.image_transform(image),
+            "tokens": self.tokenizer([caption])[0],
+            "caption": caption,
+            "image_path": image_path,
+            "report": report.as_dict(),
+        }
+
+    @staticmethod
+    def _skip(report: DataReport, reason: str, image_path: str) -> dict:
+        report.add(reason, image_path)  # logs it where it happens, as load_image does
+        return {"skipped": reason, "image_path": image_path}
+
+
+class ShardReadErrors:
+    """webdataset error handler: log and count an unreadable shard or member, then carry on."""
+
+    def __init__(self, report: DataReport):
+        self.report = report
+
+    def __call__(self, error: Exception) -> bool:
+        self.report.add("unreadable shard data", f"{type(error).__name__}: {error}")
+        return True
+
+
+def split_shards(shard_stream: Iterable[dict]) -> Iterator[dict]:
+    """This process's share of the shards: rank-major over DDP ranks, then DataLoader workers."""
+    shards = list(shard_stream)
+    rank, world_size, worker, num_workers = pytorch_worker_info()
+    readers = world_size * num_workers
+    share = shards[rank * num_workers + worker :: readers]
+    if not share:
+        raise ValueError(
+            f"{len(shards)} shards cannot feed {world_size} ranks x {num_workers} DataLoader workers: "
+            "use fewer workers or split the data into more shards"
+        )
+    yield from share
+
+
+def make_webdataset(
+    urls_or_pattern: str | os.PathLike | Iterable[str | os.PathLike],
+    image_transform: ImageTransform,
+    tokenizer: Tokenizer,
+    shuffle_buffer: int = 1000,
+    report: DataReport | None = None,
+    epoch_samples: int | None = None,
+) -> IterableDataset:
+    """A stream of `ImageCaptionDataset` items (or skip markers) from webdataset shards.
+
+    Each sample is the tar members sharing a key: an image (`jpg`, `jpeg`, `png` or `webp`) and
+    its caption (`txt`); anything else (img2dataset's `json`) is ignored. `image_path` is
+    `<shard>/<key>`. `shuffle_buffer` 0 reads shards and samples in order. `report` counts
+    shard-level read errors (truncated or unreadable tars); per-sample skips travel with the items
+    to `collate_pairs`, as with the map-style dataset. With DataLoader workers the report lives in
+    each worker, so the main process only sees their log lines.
+
+    For the trainer, when `--dataset_path` passes `is_webdataset_path`:
+
+        train_set = make_webdataset(path, bundle.train_transform, bundle.tokenizer, epoch_samples=n)
+        DataLoader(train_set, batch_size=b, num_workers=w, collate_fn=collate_pairs)  # no sampler
+
+    Shards are divided between DDP ranks and DataLoader workers (rank-major) and each process
+    shuffles only its own, so a pass sees every sample once; fewer shards than ranks x workers is
+    a clear error. A stream has no length, so give every rank the same number of steps: with
+    `epoch_samples` each worker repeats its shards as needed and yields exactly that many samples
+    per epoch (skip markers included); otherwise a rank whose shards hold fewer samples ends its
+    epoch first and DDP waits forever. Shards hold no dev split: validation still needs a
+    table-based split (a `dev.tsv` beside the shards, or a `--val_path` dataset folder).
+    """
+    shards = expand_shards(urls_or_pattern)
+    handler = ShardReadErrors(report if report is not None else DataReport())
+    dataset = wds.WebDataset(
+        shards,
+        handler=handler,
+        shardshuffle=len(shards) if shuffle_buffer > 0 else False,
+        nodesplitter=split_shards,
+        workersplitter=None,
+        empty_check=False,
+    )
+    if shuffle_buffer > 0:
+        dataset = dataset.shuffle(shuffle_buffer)
+    dataset = dataset.compose(SamplesToItems(image_transform, tokenizer))
+    if epoch_samples is not None:
+        dataset = dataset.with_epoch(epoch_samples)
+    return dataset

@@ -84,6 +84,12 @@ function splitPath(path) {
   return cut < 0 ? ["", path] : [path.slice(0, cut + 1), path.slice(cut + 1)];
 }
 
+// Deep collection roots push the telling folders out of sight; the card title keeps the full path.
+function shortFolder(folder) {
+  const parts = folder.split(/[\\/]/).filter(Boolean);
+  return parts.length > 3 ? `…/${parts.slice(-3).join("/")}/` : folder;
+}
+
 function renderResults(search, response) {
   const scores = response.results.map((result) => result.score);
   const best = Math.max(...scores, 1e-6);
@@ -101,7 +107,7 @@ function renderResults(search, response) {
     card.querySelector(".score-bar span").style.width = `${Math.round(8 + 92 * share)}%`;
     card.querySelector(".open").href = `/api/image/${result.id}`;
     card.querySelector(".filename").textContent = filename;
-    card.querySelector(".folder").textContent = folder;
+    card.querySelector(".folder").textContent = shortFolder(folder);
     card.querySelector(".meta").title = result.path;
     card.querySelector(".thumb").addEventListener("click", () => {
       runSearch({ kind: "similar", id: String(result.id), topK: clampTopK(elements.topK.value) }, { push: true });

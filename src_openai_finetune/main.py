@@ -83,7 +83,7 @@ def build_bundle(args):
     return bundle
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None):
     args = parse_args(argv)
     tag = f"openai-finetune-{args.finetune_clip.replace('/', '-')}"
     return run_training(args, build_bundle(args), variant_tag=tag)

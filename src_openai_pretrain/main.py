@@ -32,7 +32,7 @@ def build_bundle(args):
     return build_from_spec(spec)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None):
     args = parse_args(argv)
     tag = f"openai-scratch-{args.pretrain_clip.replace('/', '-')}"
     return run_training(args, build_bundle(args), variant_tag=tag)

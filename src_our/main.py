@@ -62,7 +62,7 @@ def build_bundle(args):
     return bundle
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None):
     args = parse_args(argv)
     tag = f"our-{args.pretrain_image}-{args.image_resolution or 'default'}px"
     return run_training(args, build_bundle(args), variant_tag=tag)

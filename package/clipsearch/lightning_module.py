@@ -66,6 +66,7 @@ class CLIPModule(L.LightningModule):
         self.data_report = DataReport()
         self._validation_outputs: list[dict] = []
         self.last_validated_step: int | None = None
+        self.start_step = 0
 
     # ---- training -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -84,6 +85,9 @@ class CLIPModule(L.LightningModule):
         padded = torch.cat([features, features.new_zeros((max(sizes) - features.shape[0], *features.shape[1:]))])
         gathered = self.all_gather(padded, sync_grads=True)
         return torch.cat([gathered[rank, :size] for rank, size in enumerate(sizes)]), offset
+
+    def on_train_start(self) -> None:
+        self.start_step = self.global_step  # above zero when resumed
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
         return self.model.encode_image(images), self.model.encode_text(tokens)

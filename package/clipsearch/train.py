@@ -205,8 +205,16 @@ def _resume_path(args: argparse.Namespace, run_dir: Path) -> str | None:
     return args.resume
 
 
-def run_training(args: argparse.Namespace, bundle: ModelBundle, variant_tag: str) -> dict:
-    """Train `bundle.model`; returns the final validation metrics (empty without a dev split)."""
+@dataclass
+class RunResult:
+    run_dir: Path
+    start_step: int  # above zero when the run resumed
+    global_step: int
+    metrics: dict  # final validation metrics, empty without a dev split
+
+
+def run_training(args: argparse.Namespace, bundle: ModelBundle, variant_tag: str) -> RunResult:
+    """Train `bundle.model` and write its checkpoints; returns where, from which step, and how well."""
     L.seed_everything(args.seed, workers=True)
     run_name = args.run_name or default_run_name(args, variant_tag)
     run_dir = Path(args.models_dir) / run_name
@@ -259,12 +267,13 @@ def run_training(args: argparse.Namespace, bundle: ModelBundle, variant_tag: str
         logger.info("resuming from %s", resume_from)
     trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from)
     if args.fast_dev_run:
-        return {}
+        return RunResult(run_dir, module.start_step, trainer.global_step, {})
     metrics = _finish_run(trainer, module, val_loader, best_checkpoint, run_dir)
     if trainer.is_global_zero:
         _point_latest(Path(args.models_dir), run_name)
-        logger.info("run %s finished at step %d; checkpoints in %s", run_name, trainer.global_step, run_dir)
-    return metrics
+        summary = ", ".join(f"{k.removeprefix('val/')} {v:.1f}" for k, v in metrics.items() if "R@" in k)
+        print(f"run {run_name}: step {trainer.global_step}, checkpoints in {run_dir}; dev {summary or 'not validated'}")
+    return RunResult(run_dir, module.start_step, trainer.global_step, metrics)
 
 
 def _finish_run(trainer, module, val_loader, best_checkpoint, run_dir: Path) -> dict:

@@ -126,6 +126,9 @@ def load_openai_weights(model: open_clip.CLIP, path: str | Path, architecture: s
     if "logit_scale" in state_dict and state_dict["logit_scale"].shape != model.logit_scale.shape:
         state_dict["logit_scale"] = state_dict["logit_scale"].reshape(model.logit_scale.shape)
     expected = model.state_dict()
+    # TorchScript archives also carry buffers that eager modules keep out of their state dict.
+    non_persistent = {name for name, _ in model.named_buffers()} - set(expected)
+    state_dict = {key: value for key, value in state_dict.items() if key not in non_persistent}
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     mismatched = sorted(k for k in set(expected) & set(state_dict) if expected[k].shape != state_dict[k].shape)

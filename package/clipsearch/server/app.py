@@ -33,6 +33,8 @@ MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 # A small compressed file can declare an enormous canvas; refuse before decoding any pixels.
 MAX_UPLOAD_PIXELS = 40_000_000
+# Each decode may hold a full-size RGB copy (up to ~120 MB at the pixel cap); bound how many run at once.
+MAX_CONCURRENT_DECODES = 4
 # Formats a browser would plausibly upload; every other PIL decoder stays unreachable from the network.
 UPLOAD_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP")
 MIN_THUMBNAIL_SIZE, MAX_THUMBNAIL_SIZE, DEFAULT_THUMBNAIL_SIZE = 16, 1024, 320
@@ -100,6 +102,8 @@ def decode_upload(data: bytes) -> Image.Image:
     # Image.open reads only the header, so the declared size is known before any pixel is decoded.
     if image.width * image.height > MAX_UPLOAD_PIXELS:
         raise ApiError(413, f"image is {image.width}x{image.height}; at most {MAX_UPLOAD_PIXELS:,} pixels are accepted")
+    # JPEGs decode straight at a reduced scale that still exceeds any encoder's input size.
+    image.draft("RGB", (1024, 1024))
     try:
         return image.convert("RGB")
     except (OSError, ValueError, SyntaxError) as error:
@@ -187,6 +191,7 @@ def create_app(engine) -> FastAPI:
     # Encoders are not documented as re-entrant, and the CPUs are better spent on one forward at a time;
     # the searcher's matrix multiply only reads, so it needs no lock of its own.
     inference_lock = threading.Lock()
+    decode_slots = threading.BoundedSemaphore(MAX_CONCURRENT_DECODES)
     thumbnails = ThumbnailCache(THUMBNAIL_CACHE_ENTRIES)
 
     app = FastAPI(title="clipsearch", docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json")
@@ -224,6 +229,10 @@ def create_app(engine) -> FastAPI:
             }
             for rank, hit in enumerate(hits, start=1)
         ]
+
+    def decode_within_slots(data: bytes) -> Image.Image:
+        with decode_slots:
+            return decode_upload(data)
 
     def search_text(text: str, top_k: int):
         with inference_lock, torch.inference_mode():
@@ -267,9 +276,9 @@ def create_app(engine) -> FastAPI:
     async def image_search(request: Request, top_k: int = Query(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K)):
         data, filename = await read_uploaded_image_bytes(request)
         # Decoding is CPU work on untrusted input; keep it off the event loop like inference.
-        image = await run_in_threadpool(decode_upload, data)
+        image = await run_in_threadpool(decode_within_slots, data)
         hits = await run_in_threadpool(search_image, image, top_k)
-        query = {"kind": "image", "filename": filename, "width": image.width, "height": image.height}
+        query = {"kind": "image", "filename": filename}
         return {"query": query, "top_k": top_k, "results": result_list(hits)}
 
     # `:path` lets ids holding a decoded '/' reach parse_collection_id too, for the same clear 404.

@@ -17,44 +17,9 @@ from clipsearch.server.app import MAX_QUERY_CHARS, MAX_TOP_K, MAX_UPLOAD_BYTES
 fastapi_testclient = pytest.importorskip("fastapi.testclient")
 
 
-class _FakeSearcher:
-    def __init__(self, paths, embeddings, index=None):
-        self.paths = list(paths)
-        self.embeddings = torch.nn.functional.normalize(embeddings.float(), dim=-1)
-        self.dim = self.embeddings.shape[1]
-
-    def __len__(self):
-        return len(self.paths)
-
-    def search(self, queries, top_k):
-        from types import SimpleNamespace
-        scores = torch.nn.functional.normalize(queries.float(), dim=-1) @ self.embeddings.T
-        values, indices = scores.topk(min(top_k, len(self)), dim=1)
-        return [[SimpleNamespace(id=int(i), path=self.paths[int(i)], score=float(v)) for v, i in zip(vr, ir)]
-                for vr, ir in zip(values, indices)]
-
-
-class _FakeEngine:
-    def __init__(self, bundle, searcher):
-        self.bundle, self.searcher = bundle, searcher
-
-    def search_text(self, texts, top_k):
-        return self.searcher.search(self.bundle.model.encode_text(self.bundle.tokenizer(texts)), top_k)
-
-    def search_image(self, images, top_k):
-        pixels = torch.stack([self.bundle.eval_transform(image) for image in images])
-        return self.searcher.search(self.bundle.model.encode_image(pixels), top_k)
-
-    def path_of(self, hit_id):
-        return self.searcher.paths[hit_id]
-
-
 def build_colour_engine(checkpoint_path, image_paths):
     """A real SearchEngine over the given images, embedded by the checkpoint's own image tower."""
-    try:
-        from clipsearch.search import SearchEngine, Searcher
-    except ImportError:  # TEMPORARY until search.py lands
-        SearchEngine, Searcher = _FakeEngine, _FakeSearcher
+    from clipsearch.search import SearchEngine, Searcher
 
     bundle = load_bundle(checkpoint_path)
     with torch.no_grad():

@@ -74,11 +74,6 @@ def describe_model(spec: dict) -> dict:
     return description
 
 
-def collection_embeddings(searcher) -> torch.Tensor:
-    """The searcher's stored (normalised) item embeddings, so a collection item can itself be the query."""
-    return searcher.embeddings
-
-
 def parse_collection_id(raw_id: str, collection_size: int) -> int:
     """Accept only a plain decimal index into the collection; anything else names nothing we serve."""
     if not (raw_id.isascii() and raw_id.isdigit()) or len(raw_id) > 12:
@@ -244,7 +239,8 @@ def create_app(engine) -> FastAPI:
 
     def search_similar(item_id: int, top_k: int):
         with torch.inference_mode():
-            query = collection_embeddings(searcher)[item_id : item_id + 1]
+            # The item's stored (normalised) embedding is the query: no model call, no lock needed.
+            query = searcher.embeddings[item_id : item_id + 1]
             return searcher.search(query, top_k)[0]
 
     @app.get("/api/health")

@@ -1,0 +1,190 @@
+"""Encoding: stages alone, the real CLI in one and two processes, resume after a kill, bad images."""
+import json
+import os
+
+import pytest
+import torch
+
+from clipsearch.cli.encode import main as encode_main
+from clipsearch.cli.encode import parse_args
+from clipsearch.encoding.reader import collect_image_paths, partition, shard_batches
+from clipsearch.encoding.runner import EncodingMismatchError, ProcessLayout, layout_from_env
+from clipsearch.encoding.writer import list_shards, read_shard, write_shard
+
+
+def encode(checkpoint, dataset, emb_path, *extra):
+    argv = ["--load_model", str(checkpoint), "--dataset_path", str(dataset), "--emb_path", str(emb_path)]
+    return encode_main([*argv, "--num_workers", "0", "--no_progress", *extra])
+
+
+def read_all(emb_path) -> dict[str, torch.Tensor]:
+    """path -> embedding over every shard, asserting that no path appears twice."""
+    embeddings = {}
+    for shard_path in list_shards(emb_path):
+        shard = read_shard(shard_path)
+        assert shard["emb"].dtype == torch.float32
+        for path, embedding in zip(shard["path"], shard["emb"]):
+            assert path not in embeddings, f"{path} encoded twice"
+            embeddings[path] = embedding
+    return embeddings
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [0, 1, 7, 12, 101])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+def test_partition_gives_every_path_to_exactly_one_rank(count, world_size):
+    paths = [f"p{index:04d}" for index in range(count)]
+    slices = [partition(paths, rank, world_size) for rank in range(world_size)]
+    assert [path for rank_paths in slices for path in rank_paths] == paths
+    assert max(map(len, slices)) - min(map(len, slices)) <= 1
+
+
+def test_batches_never_cross_a_shard_boundary():
+    shards = [(0, 0, 5), (2, 10, 3)]  # step 1 is already done
+    batches, steps = shard_batches(shards, batch_size=2)
+    assert batches == [[0, 1], [2, 3], [4], [10, 11], [12]]
+    assert steps == [0, 0, 0, 2, 2]
+
+
+def test_write_shard_is_atomic_and_loads_safely(tmp_path):
+    path = write_shard(tmp_path / "0-000-4.ckpt", ["a", "b"], torch.ones(2, 3), [("c", "empty file")])
+    assert sorted(os.listdir(tmp_path)) == ["0-000-4.ckpt"]
+    shard = torch.load(path, map_location="cpu", weights_only=True)
+    assert shard["path"] == ["a", "b"] and shard["emb"].shape == (2, 3)
+    assert shard["skipped"] == [["c", "empty file"]]
+
+
+def test_table_dataset_encodes_unique_images_of_all_splits(tmp_path, colour_images):
+    root, paths = colour_images
+    (tmp_path / "train.tsv").write_text("image\tcaption\n" + "".join(f"{p}\tcaption {i}\n" for i, p in enumerate(paths[:8])))
+    (tmp_path / "dev.tsv").write_text("image\tcaption\n" + "".join(f"{p}\tanother\n" for p in paths[6:]))
+    assert collect_image_paths(tmp_path) == sorted(map(str, paths))
+    assert collect_image_paths(tmp_path, "dev") == sorted(map(str, paths[6:]))
+    assert collect_image_paths(root) == sorted(map(str, paths))
+
+
+def test_launcher_environments():
+    torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+    assert layout_from_env(torchrun, devices=1, num_nodes=1) == ProcessLayout(3, 4, 1, 2, True)
+    srun = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "4(x2)"}
+    assert layout_from_env(srun, devices=4, num_nodes=2) == ProcessLayout(5, 8, 1, 4, False)
+    assert layout_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, devices=4, num_nodes=2) is None
+    with pytest.raises(ValueError, match="SLURM started 8 tasks"):
+        layout_from_env(srun, devices=1, num_nodes=1)
+    assert layout_from_env({}, devices=2, num_nodes=1) is None
+
+
+def test_flags_validated_and_defaults():
+    args = parse_args(["--dataset_path", "some/where"])
+    assert args.emb_path == os.path.join("some/where", "emb") and args.batch_size == 64
+    with pytest.raises(SystemExit):
+        parse_args(["--node_rank", "1"])
+    with pytest.raises(SystemExit):
+        parse_args(["--precision", "8"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_one_process_writes_normalised_shards_and_manifest(tmp_path, tiny_checkpoint, colour_images):
+    root, paths = colour_images
+    manifest = encode(tiny_checkpoint, root, tmp_path / "emb", "--batch_size", "4", "--shard_size", "5")
+    embeddings = read_all(tmp_path / "emb")
+    assert set(embeddings) == {str(path) for path in paths}
+    norms = torch.stack(list(embeddings.values())).norm(dim=1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+    assert [p.name for p in list_shards(tmp_path / "emb")] == ["0-000-4.ckpt", "0-001-4.ckpt", "0-002-4.ckpt"]
+    assert manifest["counts"] == {"encoded": 12, "skipped": 0, "shards": 3}
+    assert manifest == json.loads((tmp_path / "emb" / "manifest.json").read_text())
+    assert manifest["embed_dim"] == 64 and len(manifest["fingerprint"]) == 16
+
+
+def test_two_processes_match_one_and_nodes_never_collide(tmp_path, tiny_checkpoint, colour_images):
+    root, _ = colour_images
+    encode(tiny_checkpoint, root, tmp_path / "one", "--batch_size", "3")
+    manifest = encode(tiny_checkpoint, root, tmp_path / "two", "--batch_size", "3", "--devices", "2", "--accelerator", "cpu")
+    assert manifest["world_size"] == 2 and manifest["counts"]["encoded"] == 12
+    one, two = read_all(tmp_path / "one"), read_all(tmp_path / "two")
+    assert set(one) == set(two)
+    for path in one:
+        torch.testing.assert_close(one[path], two[path], atol=1e-4, rtol=0)
+    assert {p.name.split("-")[0] for p in list_shards(tmp_path / "two")} == {"0", "1"}
+
+    # Two nodes started by hand, one after the other: the second to finish writes the manifest.
+    nodes = tmp_path / "nodes"
+    assert encode(tiny_checkpoint, root, nodes, "--num_nodes", "2", "--node_rank", "1") is None
+    first_names = {p.name for p in list_shards(nodes)}
+    manifest = encode(tiny_checkpoint, root, nodes, "--num_nodes", "2", "--node_rank", "0")
+    second_names = {p.name for p in list_shards(nodes)} - first_names
+    assert first_names and second_names and not first_names & second_names
+    assert manifest["counts"]["encoded"] == 12 and set(read_all(nodes)) == set(one)
+
+
+def test_resume_after_kill_completes_without_duplicates(tmp_path, tiny_checkpoint, colour_images):
+    root, paths = colour_images
+    emb_path = tmp_path / "emb"
+    encode(tiny_checkpoint, root, emb_path, "--batch_size", "2", "--shard_size", "2")
+    shards = list_shards(emb_path)
+    assert len(shards) == 6
+    # A kill leaves some shards unwritten, a half-written temporary file and no manifest.
+    for lost in (shards[1], shards[4]):
+        lost.unlink()
+    (emb_path / "manifest.json").unlink()
+    (emb_path / "0-001-2.ckpt.tmp").write_bytes(b"half a shard")
+    kept_times = {p.name: p.stat().st_mtime_ns for p in list_shards(emb_path)}
+
+    manifest = encode(tiny_checkpoint, root, emb_path, "--batch_size", "2", "--shard_size", "2")
+    assert set(read_all(emb_path)) == {str(path) for path in paths}
+    assert manifest["counts"] == {"encoded": 12, "skipped": 0, "shards": 6}
+    assert not list(emb_path.glob("*.tmp"))
+    assert {name: (emb_path / name).stat().st_mtime_ns for name in kept_times} == kept_times
+
+    with pytest.raises(EncodingMismatchError, match="batch_size=2.*batch_size=3.*--overwrite"):
+        encode(tiny_checkpoint, root, emb_path, "--batch_size", "3", "--shard_size", "2")
+    manifest = encode(tiny_checkpoint, root, emb_path, "--batch_size", "3", "--overwrite")
+    assert [p.name for p in list_shards(emb_path)] == ["0-000-3.ckpt"]
+    assert manifest["counts"]["encoded"] == 12
+
+
+def test_another_model_into_the_same_folder_is_refused(tmp_path, tiny_checkpoint, colour_images):
+    from clipsearch.checkpoint import load_bundle, save_bundle
+
+    root, _ = colour_images
+    encode(tiny_checkpoint, root, tmp_path / "emb")
+    other = load_bundle(tiny_checkpoint)
+    with torch.no_grad():
+        other.model.logit_scale.add_(1.0)
+    other_checkpoint = save_bundle(other, tmp_path / "other.ckpt")
+    with pytest.raises(EncodingMismatchError, match="another model.*other.ckpt.*--emb_path"):
+        encode(other_checkpoint, root, tmp_path / "emb")
+
+
+def test_bad_images_are_skipped_listed_and_counted(tmp_path, tiny_checkpoint, colour_images):
+    _, paths = colour_images
+    dataset = tmp_path / "dataset"
+    (dataset / "images").mkdir(parents=True)
+    good = [str(path) for path in paths[:3]]
+    (dataset / "images" / "empty.jpg").write_bytes(b"")
+    (dataset / "images" / "text.jpg").write_text("this is not a picture")
+    (dataset / "images" / "cut.png").write_bytes(paths[0].read_bytes()[:60])
+    bad = {
+        str(dataset / "images" / "empty.jpg"): "empty file",
+        str(dataset / "images" / "text.jpg"): "not an image",
+        str(dataset / "images" / "cut.png"): "corrupt image",
+        str(dataset / "images" / "gone.png"): "missing file",
+    }
+    rows = [*good, *bad]
+    (dataset / "train.tsv").write_text("image\tcaption\n" + "".join(f"{path}\ta caption\n" for path in rows))
+
+    manifest = encode(tiny_checkpoint, dataset, tmp_path / "emb", "--batch_size", "2")
+    assert set(read_all(tmp_path / "emb")) == set(good)
+    assert manifest["counts"]["encoded"] == 3 and manifest["counts"]["skipped"] == 4
+    lines = (tmp_path / "emb" / "errors-0.tsv").read_text().splitlines()
+    assert lines[0] == "path\treason"
+    assert dict(line.split("\t") for line in lines[1:]) == bad

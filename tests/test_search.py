@@ -1,0 +1,157 @@
+"""Search: exact top-k against brute force, shard loading and its errors, the engine and the search CLI."""
+import builtins
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from clipsearch.cli.encode import main as encode_main
+from clipsearch.cli.search import main as search_main
+from clipsearch.encoding.writer import write_json, write_shard
+from clipsearch.search import EmbeddingMismatchError, Hit, SearchEngine, Searcher
+
+
+def random_collection(count=500, dim=32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [f"/images/{index}.jpg" for index in range(count)], torch.randn(count, dim, generator=generator)
+
+
+def brute_force(embeddings, queries, top_k):
+    scores = F.normalize(queries, dim=-1) @ F.normalize(embeddings, dim=-1).T
+    return scores.topk(min(top_k, embeddings.shape[0]), dim=1)
+
+
+def assert_matches_reference(hits, reference_scores, reference_rows, paths):
+    assert [[hit.id for hit in query_hits] for query_hits in hits] == reference_rows.tolist()
+    assert all(hit.path == paths[hit.id] for query_hits in hits for hit in query_hits)
+    scores = torch.tensor([[hit.score for hit in query_hits] for query_hits in hits])
+    torch.testing.assert_close(scores, reference_scores, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("max_score_bytes", [256 * 2**20, 4 * 37, 1])
+@pytest.mark.parametrize("query_count", [1, 7])
+def test_exact_search_equals_brute_force_whole_and_chunked(max_score_bytes, query_count):
+    paths, embeddings = random_collection()
+    queries = torch.randn(query_count, 32, generator=torch.Generator().manual_seed(1))
+    searcher = Searcher(paths, embeddings, max_score_bytes=max_score_bytes)
+    reference_scores, reference_rows = brute_force(embeddings, queries, 10)
+    assert_matches_reference(searcher.search(queries, 10), reference_scores, reference_rows, paths)
+
+
+def test_search_edges_and_input_left_untouched():
+    paths, embeddings = random_collection(count=6, dim=8)
+    original = embeddings.clone()
+    searcher = Searcher(paths, embeddings)
+    assert torch.equal(embeddings, original)
+    assert len(searcher) == 6 and searcher.dim == 8 and searcher.paths == paths
+    assert torch.allclose(searcher.embeddings.norm(dim=1), torch.ones(6))
+    hits = searcher.search(embeddings[2], top_k=100)  # one query as a vector, top_k above N
+    assert len(hits) == 1 and len(hits[0]) == 6
+    assert hits[0][0] == Hit(2, paths[2], pytest.approx(1.0, abs=1e-5))
+    assert searcher.search(embeddings[:2], top_k=0) == [[], []]
+    with pytest.raises(EmbeddingMismatchError, match="8-d"):
+        searcher.search(torch.randn(1, 5), 3)
+
+
+def test_fp16_storage_is_close_to_fp32(tmp_path):
+    paths, embeddings = random_collection(count=300, dim=64)
+    write_shard(tmp_path / "0-000-64.ckpt", paths, embeddings)
+    full = Searcher.from_shards(tmp_path)
+    half = Searcher.from_shards(tmp_path, dtype=torch.float16)
+    assert half.embeddings.dtype == torch.float16
+    queries = embeddings[:5] + 0.1 * torch.randn(5, 64)
+    for full_hits, half_hits in zip(full.search(queries, 5), half.search(queries, 5)):
+        assert full_hits[0].id == half_hits[0].id
+        assert [hit.score for hit in half_hits] == pytest.approx([hit.score for hit in full_hits], abs=5e-3)
+
+
+def test_from_shards_orders_numerically_and_skips_temporary_files(tmp_path):
+    paths, embeddings = random_collection(count=9, dim=4)
+    write_shard(tmp_path / "10-000-2.ckpt", paths[6:], embeddings[6:])
+    write_shard(tmp_path / "2-000-2.ckpt", paths[:3], embeddings[:3])
+    write_shard(tmp_path / "2-001-2.ckpt", paths[3:6], embeddings[3:6])
+    (tmp_path / "2-002-2.ckpt.tmp").write_bytes(b"half a shard")
+    searcher = Searcher.from_shards(tmp_path, expected_dim=4)
+    assert searcher.paths == paths
+    torch.testing.assert_close(searcher.embeddings, F.normalize(embeddings, dim=-1))
+
+
+def test_from_shards_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        Searcher.from_shards(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="no embedding shards"):
+        Searcher.from_shards(tmp_path)
+    write_shard(tmp_path / "0-000-2.ckpt", ["a"], torch.randn(1, 4))
+    with pytest.raises(EmbeddingMismatchError, match="4-d but the query model makes 8-d"):
+        Searcher.from_shards(tmp_path, expected_dim=8)
+    write_json(tmp_path / "model.json", {"fingerprint": "aaaa", "load_model": "models/a.ckpt"})
+    with pytest.raises(EmbeddingMismatchError, match="models/a.ckpt.*aaaa.*bbbb"):
+        Searcher.from_shards(tmp_path, expected_fingerprint="bbbb")
+    write_shard(tmp_path / "1-000-2.ckpt", ["b"], torch.randn(1, 6))
+    with pytest.raises(EmbeddingMismatchError, match="1-000-2.ckpt has 6-d.*0-000-2.ckpt has 4-d"):
+        Searcher.from_shards(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine and the CLI, on the tiny model and the colour images
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def colour_embeddings(tmp_path_factory, tiny_checkpoint, colour_images):
+    root, _ = colour_images
+    emb_path = tmp_path_factory.mktemp("colour_emb")
+    encode_main(
+        ["--load_model", str(tiny_checkpoint), "--dataset_path", str(root), "--emb_path", str(emb_path)]
+        + ["--num_workers", "0", "--no_progress"]
+    )
+    return emb_path
+
+
+def test_engine_text_and_image_queries(tiny_checkpoint, colour_embeddings, colour_images):
+    _, paths = colour_images
+    engine = SearchEngine.from_files(tiny_checkpoint, colour_embeddings)
+    text_hits = engine.search_text(["a red square", "blue"], top_k=4)
+    assert [len(hits) for hits in text_hits] == [4, 4]
+    assert all(engine.path_of(hit.id) == hit.path for hits in text_hits for hit in hits)
+    image_hits = engine.search_image([Image.open(paths[5]), Image.open(paths[8])], top_k=3)
+    assert [hits[0].path for hits in image_hits] == [str(paths[5]), str(paths[8])]
+    assert image_hits[0][0].score == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(EmbeddingMismatchError, match="64-d.*8-d"):
+        SearchEngine(engine.bundle, Searcher(["a"], torch.randn(1, 8)))
+
+
+def test_cli_writes_named_grids_inside_out_dir(tmp_path, tiny_checkpoint, colour_embeddings, colour_images):
+    _, paths = colour_images
+    out_dir = tmp_path / "deep" / "out"
+    search_main(
+        ["--load_model", str(tiny_checkpoint), "--emb_path", str(colour_embeddings), "--out_dir", str(out_dir)]
+        + ["--top_k", "3", "--query", "Hello World", "--query", "../../x", "--image", str(paths[0])]
+    )
+    written = sorted(path.name for path in out_dir.iterdir())
+    assert written == ["Hello World.png", "_.._x.png", "image-image00.png"]
+    assert sorted(path.name for path in tmp_path.rglob("*") if path.is_file()) == written
+    assert Image.open(out_dir / "Hello World.png").size[0] > 3 * 160
+
+
+def test_cli_interactive_prompt_ends_on_empty_line_or_eof(
+    tmp_path, monkeypatch, capsys, tiny_checkpoint, colour_embeddings
+):
+    argv = ["--load_model", str(tiny_checkpoint), "--emb_path", str(colour_embeddings), "--out_dir", str(tmp_path)]
+    for lines, expected in ((["red", "", "never asked"], ["red.png"]), (["green"], ["green.png", "red.png"])):
+        remaining = iter(lines)
+        prompts = []
+
+        def fake_input(prompt, remaining=remaining, prompts=prompts):
+            prompts.append(prompt)
+            try:
+                return next(remaining)
+            except StopIteration:
+                raise EOFError from None
+
+        monkeypatch.setattr(builtins, "input", fake_input)
+        search_main([*argv, "--top_k", "2"])
+        assert prompts == ["Search: ", "Search: "]
+        assert sorted(path.name for path in tmp_path.iterdir()) == expected
+    assert "2 results for 'green'" in capsys.readouterr().out

@@ -47,17 +47,20 @@ def parse_args(argv: list[str] | None = None):
 
 
 def build_bundle(args):
-    spec, _ = our_clip_spec(
-        text_model=args.pretrain_text,
-        image_model=args.pretrain_image,
-        embed_dim=args.embed_dim,
-        pooling=args.text_pooling,
-        context_length=args.text_length,
-        image_size=args.image_resolution,
-    )
-    bundle = build_from_spec(spec)
-    load_text_weights(bundle.model, spec["text"]["source"])
-    load_image_weights(bundle.model, args.pretrain_image, args.image_weights)
+    try:
+        spec, _ = our_clip_spec(
+            text_model=args.pretrain_text,
+            image_model=args.pretrain_image,
+            embed_dim=args.embed_dim,
+            pooling=args.text_pooling,
+            context_length=args.text_length,
+            image_size=args.image_resolution,
+        )
+        bundle = build_from_spec(spec)
+        load_text_weights(bundle.model, spec["text"]["source"])
+        load_image_weights(bundle.model, args.pretrain_image, args.image_weights)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
     apply_locks(bundle.model, args)
     return bundle
 

@@ -104,7 +104,7 @@ def finish_args(args: argparse.Namespace, defaults: VariantDefaults) -> argparse
     if args.lr <= 0:
         raise SystemExit(f"--lr must be positive, got {args.lr}")
     if args.warmup_steps is None:
-        args.warmup_steps = max(1, args.max_steps // 10)
+        args.warmup_steps = args.max_steps // 10
     if not 0 <= args.warmup_steps < args.max_steps:
         raise SystemExit(f"--warmup_steps ({args.warmup_steps}) must be below --max_steps ({args.max_steps})")
     if args.sample_num is not None and args.sample_num < args.batch_size:

@@ -81,10 +81,10 @@ def safe_filename(query: str, max_length: int = 100) -> str:
     text = unicodedata.normalize("NFC", str(query))
     characters = []
     for character in text:
-        if character in UNSAFE_CHARACTERS or unicodedata.category(character).startswith("C"):
-            characters.append("_")
-        elif character.isspace():
+        if character.isspace():  # tabs and newlines too: they read as spaces
             characters.append(" ")
+        elif character in UNSAFE_CHARACTERS or unicodedata.category(character).startswith("C"):
+            characters.append("_")
         else:
             characters.append(character)
     name = " ".join("".join(characters).split())  # collapse runs of whitespace

@@ -133,6 +133,8 @@ def test_clicking_a_result_searches_for_similar_images(page, base_url):
     wait_for_loaded_results(page, 5)
     page.go_back()
     page.wait_for_url(re.compile(r"q=green"))
+    # The similar results stay on screen until the text search answers; wait for the grid to turn over.
+    wait_for_first_result(page, ids[0])
     assert wait_for_loaded_results(page, 5) == ids
 
 

@@ -214,3 +214,25 @@ def test_two_process_ddp_training_validates_the_whole_dev_split(tiny_dataset, tm
     assert validated, "checkpoint callbacks state missing"
     assert "dev" in completed.stdout and "step 2" in completed.stdout
     assert f"text_to_image_R@1 {single['text_to_image_R@1']:.1f}" in completed.stdout
+
+
+def test_training_reads_webdataset_shards(tiny_dataset, tmp_path):
+    """img2dataset's webdataset output trains directly; validation comes from a table via --val_path."""
+    import io
+    import tarfile
+
+    table = read_table(tiny_dataset, "train").drop_duplicates("image")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for shard_index in range(2):
+        with tarfile.open(shards / f"{shard_index:05d}.tar", "w") as archive:
+            for row_index, row in enumerate(table.iloc[shard_index::2].itertuples()):
+                key = f"{shard_index:05d}{row_index:04d}"
+                for suffix, payload in (("jpg", Path(row.image).read_bytes()), ("txt", row.caption.encode())):
+                    member = tarfile.TarInfo(f"{key}.{suffix}")
+                    member.size = len(payload)
+                    archive.addfile(member, io.BytesIO(payload))
+    result = pretrain_main(["--pretrain_clip=ViT-Tiny-16", "--image_resolution=32", f"--val_path={tiny_dataset}",
+                            *common_flags(tiny_dataset, tmp_path, "shards", steps=2), f"--dataset_path={shards}"])
+    assert result.global_step == 2
+    assert "val/text_to_image_R@1" in result.metrics

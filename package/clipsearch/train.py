@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from clipsearch.data import (
     DataReport,
@@ -27,6 +27,7 @@ from clipsearch.data import (
 )
 from clipsearch.lightning_module import CLIPModule
 from clipsearch.models import ModelBundle
+from clipsearch.webdataset_source import is_webdataset_path, make_webdataset
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags every variant has; each door adds a 'model' group of its own."""
     data = parser.add_argument_group("data")
     data.add_argument("--dataset_path", default=DEFAULT_DATASET,
-                      help="dataset folder with train/dev tables (default: the generated sample data)")
+                      help="dataset folder with train/dev tables, or webdataset shards (a .tar, a folder of them, "
+                           "or a brace pattern like shards/{00000..00099}.tar) (default: the generated sample data)")
+    data.add_argument("--val_path", default=None,
+                      help="dataset folder holding the validation table (default: --dataset_path when it has one)")
     data.add_argument("--train_split", default="train", help="table name for training pairs")
     data.add_argument("--val_split", default="dev", help="table name for validation; missing -> no validation")
     data.add_argument("--batch_size", type=int, default=64, help="pairs per device per step (the contrastive batch is this x devices x nodes)")
@@ -153,16 +157,26 @@ def _ensure_data(dataset_path: str) -> None:
         ensure_sample_dataset(DEFAULT_DATASET)
 
 
-def make_loaders(args: argparse.Namespace, bundle: ModelBundle):
-    """Training pairs (shuffled, full batches so every rank gathers equal shapes) and dev groups."""
-    _ensure_data(args.dataset_path)
-    report = DataReport()
+def _training_set(args: argparse.Namespace, bundle: ModelBundle, report: DataReport):
+    """Map-style pairs from a table, or a stream from webdataset shards (YFCC-scale runs)."""
+    if is_webdataset_path(args.dataset_path):
+        # A stream has no length: every rank and worker yields the same count so DDP steps stay in lockstep.
+        samples = args.sample_num or args.max_steps * args.batch_size * args.accumulate_grad_batches
+        return make_webdataset(args.dataset_path, bundle.train_transform, bundle.tokenizer, epoch_samples=samples)
     table = read_table(args.dataset_path, args.train_split, report=report)
     if args.sample_num is not None:
         table = table.iloc[: args.sample_num]
     if len(table) < args.batch_size:
         raise SystemExit(f"{args.dataset_path}: {len(table)} usable training pairs, fewer than one batch ({args.batch_size})")
-    train_set = ImageCaptionDataset(table, bundle.train_transform, bundle.tokenizer)
+    return ImageCaptionDataset(table, bundle.train_transform, bundle.tokenizer)
+
+
+def make_loaders(args: argparse.Namespace, bundle: ModelBundle):
+    """Training pairs (shuffled, full batches so every rank gathers equal shapes) and dev groups."""
+    _ensure_data(args.dataset_path)
+    report = DataReport()
+    train_set = _training_set(args, bundle, report)
+    streaming = isinstance(train_set, IterableDataset)
     workers = args.num_workers
     if workers is None:
         per_device = (os.cpu_count() or 2) // (args.devices if isinstance(args.devices, int) else 1)
@@ -173,14 +187,17 @@ def make_loaders(args: argparse.Namespace, bundle: ModelBundle):
         "persistent_workers": workers > 0,
         "pin_memory": torch.cuda.is_available(),
     }
-    train_loader = DataLoader(train_set, shuffle=True, drop_last=True, collate_fn=collate_pairs, **loader_options)
+    train_loader = DataLoader(train_set, shuffle=not streaming, drop_last=True, collate_fn=collate_pairs, **loader_options)
+    val_path = args.val_path or args.dataset_path
     val_set = None
     try:
-        find_table(args.dataset_path, args.val_split)
-    except FileNotFoundError:
-        logger.warning("no '%s' table in %s: training without validation", args.val_split, args.dataset_path)
+        find_table(val_path, args.val_split)
+    except (FileNotFoundError, NotADirectoryError):
+        if args.val_path:
+            raise SystemExit(f"--val_path: no '{args.val_split}' table in {args.val_path}") from None
+        logger.warning("no '%s' table in %s: training without validation", args.val_split, val_path)
     else:
-        val_set = ImageGroupDataset(read_table(args.dataset_path, args.val_split, report=report),
+        val_set = ImageGroupDataset(read_table(val_path, args.val_split, report=report),
                                     bundle.eval_transform, bundle.tokenizer)
     val_loader = (
         DataLoader(val_set, shuffle=False, collate_fn=collate_groups, **loader_options) if val_set is not None else None
@@ -257,7 +274,8 @@ def run_training(args: argparse.Namespace, bundle: ModelBundle, variant_tag: str
         log_every_n_steps=args.log_every_n_steps,
         logger=TensorBoardLogger(args.logs_dir, name=run_name, version="", default_hp_metric=False),
         callbacks=callbacks,
-        use_distributed_sampler=True,
+        # Streams split their shards over ranks themselves; tables get Lightning's distributed sampler.
+        use_distributed_sampler=not isinstance(train_loader.dataset, IterableDataset),
     )
     if trainer.is_global_zero and not args.fast_dev_run:
         run_dir.mkdir(parents=True, exist_ok=True)

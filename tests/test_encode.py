@@ -58,6 +58,21 @@ def test_write_shard_is_atomic_and_loads_safely(tmp_path):
     assert shard["skipped"] == [["c", "empty file"]]
 
 
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
+def test_embedder_returns_unit_float32_rows(tiny_checkpoint, precision):
+    from clipsearch.checkpoint import load_bundle
+    from clipsearch.encoding.mapper import ImageEmbedder
+
+    bundle = load_bundle(tiny_checkpoint)
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    embeddings = ImageEmbedder(bundle.model, "cpu", precision)(images)
+    assert embeddings.dtype == torch.float32 and embeddings.shape == (3, 64)
+    torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(3))
+    with torch.no_grad():
+        reference = torch.nn.functional.normalize(bundle.model.encode_image(images), dim=-1)
+    assert (embeddings * reference).sum(dim=1).min() > 0.99
+
+
 def test_table_dataset_encodes_unique_images_of_all_splits(tmp_path, colour_images):
     root, paths = colour_images
     (tmp_path / "train.tsv").write_text("image\tcaption\n" + "".join(f"{p}\tcaption {i}\n" for i, p in enumerate(paths[:8])))

@@ -124,7 +124,7 @@ def serve(engine, args: argparse.Namespace) -> None:
     except ImportError as error:
         if error.name and error.name.startswith("clipsearch.server"):
             sys.exit("error: the web server (clipsearch.server) is not part of this installation")
-        raise
+        sys.exit(f"error: the web server needs the package {error.name!r}; install package/requirements.txt")
     serve_engine(engine, host=args.host, port=args.port)
 
 

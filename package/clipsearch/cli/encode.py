@@ -8,6 +8,7 @@ import sys
 
 from clipsearch.encoding.mapper import PRECISIONS
 
+DEFAULT_DATASET = "dataset/sample"
 EPILOG = """\
 Output, in --emb_path:
   <rank>-<step>-<batch_size>.ckpt  shards {'path': [...], 'emb': FloatTensor[n, d], 'skipped': [...]};
@@ -51,7 +52,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     data = parser.add_argument_group("data")
     data.add_argument(
         "--dataset_path",
-        default="dataset/sample",
+        default=DEFAULT_DATASET,
         help="an image folder (scanned recursively) or a dataset folder with <split>.tsv/.csv/.parquet tables",
     )
     data.add_argument(
@@ -122,6 +123,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
+    if os.path.normpath(args.dataset_path) == os.path.normpath(DEFAULT_DATASET):
+        # The default dataset is generated on first use, as training does, so the scripts run in order.
+        from clipsearch.sample_data import ensure_sample_dataset
+
+        ensure_sample_dataset(DEFAULT_DATASET)
     try:
         return run(config, devices=args.devices, num_nodes=args.num_nodes, node_rank=args.node_rank)
     except (EncodingMismatchError, FileNotFoundError, ValueError) as error:

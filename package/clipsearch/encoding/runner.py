@@ -16,6 +16,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from clipsearch.checkpoint import load_bundle, model_fingerprint
+from clipsearch.data import IMAGE_EXTENSIONS
 from clipsearch.encoding.mapper import ImageEmbedder
 from clipsearch.encoding.reader import (
     collect_image_paths,
@@ -180,6 +181,11 @@ def encode_rank(config: EncodeConfig, layout: ProcessLayout) -> dict:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // layout.local_world_size))
     bundle = load_bundle(config.load_model)
     image_paths = collect_image_paths(config.dataset_path, config.split)
+    if not image_paths:
+        raise FileNotFoundError(
+            f"no images to encode in {config.dataset_path} (split {config.split!r}; looked for "
+            f"{', '.join(IMAGE_EXTENSIONS)} files or split tables)"
+        )
     identity = {
         "load_model": os.path.abspath(config.load_model),
         "fingerprint": model_fingerprint(bundle),

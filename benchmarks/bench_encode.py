@@ -1,0 +1,283 @@
+"""Encoding throughput: the real encode CLI (reader -> model -> writer) against the model alone on decoded tensors.
+
+    .venv/bin/python benchmarks/bench_encode.py                        # 512 Flickr8k JPEGs, "our" model
+    .venv/bin/python benchmarks/bench_encode.py --images 256 --workers 0,2 --models our,vit-tiny
+
+The pipeline runs `python -m clipsearch.cli.encode` in this process, on a folder of symlinks to
+real JPEGs (Flickr8k read in place; generated JPEGs when it is absent). Its steady rate comes from
+two runs of different image counts: (count difference) / (time difference) cancels the start-up
+(DataLoader workers, first batch) that a short run would otherwise be dominated by. The ceiling is
+the same model, threads and batch size on the same images decoded and transformed beforehand.
+Models have random weights: speed does not depend on them. Results go to
+benchmarks/results/encode.json and the "Encoding" section of BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench_search import (
+    interleaved_ms,
+    load_average,
+    machine_info,
+    machine_lines,
+    median,
+    now_iso,
+    update_report_section,
+    write_results,
+)
+
+FLICKR_IMAGES = Path("/work/shared/data/flickr8k/Flicker8k_Dataset")
+WORK_DIR = Path("/tmp/clipsearch-bench-encode")
+MODELS = ("our", "vit-tiny")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    data = parser.add_argument_group("data")
+    data.add_argument("--images", type=int, default=512, help="images of the longer run (the shorter has half)")
+    data.add_argument("--image_dir", type=Path, default=FLICKR_IMAGES,
+                      help="folder of JPEGs read in place (generated JPEGs when it does not exist)")
+    data.add_argument("--work_dir", type=Path, default=WORK_DIR, help="scratch folder for links, checkpoints, shards")
+    run = parser.add_argument_group("run")
+    run.add_argument("--models", default="our", help=f"comma-separated, from {', '.join(MODELS)}")
+    run.add_argument("--batch_size", type=int, default=64, help="images per model call (the CLI's default)")
+    run.add_argument("--workers", default="0,1,2",
+                     help="comma-separated --num_workers settings to try; the CLI's default is always included")
+    run.add_argument("--repeats", type=int, default=3, help="measurements per setting (median reported)")
+    program = parser.add_argument_group("program")
+    program.add_argument("--no_report", action="store_true", help="write the JSON only, leave BENCHMARKS.md alone")
+    args = parser.parse_args(argv)
+    args.models = [name.strip() for name in args.models.split(",") if name.strip()]
+    unknown = [name for name in args.models if name not in MODELS]
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
+    args.workers = sorted({int(value) for value in args.workers.split(",") if value.strip()})
+    if args.images < 2 * args.batch_size:
+        parser.error("--images must be at least two batches, so the two runs differ by whole batches")
+    return args
+
+
+def generated_jpegs(folder: Path, count: int) -> list[Path]:
+    """Photo-sized (500 x 375) smooth noise JPEGs, for machines without Flickr8k."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = np.random.default_rng(0)
+    paths = []
+    for number in range(count):
+        path = folder / f"generated_{number:05d}.jpg"
+        if not path.exists():
+            coarse = generator.integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
+            Image.fromarray(coarse).resize((500, 375), Image.BICUBIC).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def source_images(args) -> tuple[list[Path], str]:
+    if args.image_dir.is_dir():
+        found = sorted(path for path in args.image_dir.iterdir() if path.suffix.lower() in (".jpg", ".jpeg"))
+        if len(found) >= args.images:
+            return found[: args.images], f"first {args.images} JPEGs of {args.image_dir} (read in place)"
+    return generated_jpegs(args.work_dir / "generated", args.images), f"{args.images} generated 500x375 JPEGs"
+
+
+def link_folder(folder: Path, images: list[Path]) -> Path:
+    """A folder of symlinks: the encode CLI scans a folder, and the images stay where they are."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for image in images:
+        (folder / image.name).symlink_to(image.resolve())
+    return folder
+
+
+def build_checkpoint(name: str, folder: Path) -> Path:
+    from clipsearch.checkpoint import save_bundle
+    from clipsearch.models import build_from_spec
+
+    if name == "our":
+        from clipsearch.models.our_clip import our_clip_spec
+
+        spec, _ = our_clip_spec()  # EfficientNet-Lite0 at its default 224 px
+    else:
+        from clipsearch.models.openai_clip import openai_clip_spec
+
+        spec = openai_clip_spec("ViT-Tiny-16")
+    torch.manual_seed(0)
+    return save_bundle(build_from_spec(spec), folder / f"{name}.ckpt")
+
+
+def pipeline_seconds(checkpoint: Path, dataset: Path, emb_path: Path, batch_size: int, workers: int) -> float:
+    """Seconds of the CLI's encoding loop (decode, model, shard writing), as its rank record states."""
+    from clipsearch.cli import encode
+
+    argv = [
+        f"--load_model={checkpoint}", f"--dataset_path={dataset}", f"--emb_path={emb_path}", "--split=folder",
+        f"--batch_size={batch_size}", f"--num_workers={workers}", "--accelerator=cpu", "--overwrite", "--no_progress",
+    ]
+    with contextlib.redirect_stdout(io.StringIO()):
+        encode.main(argv)
+    record = json.loads((emb_path / "rank-0.done.json").read_text())
+    return float(record["seconds_this_run"])
+
+
+def model_only_rate(checkpoint: Path, images: list[Path], batch_size: int, repeats: int) -> dict:
+    """Images/s of the embedding stage alone on batches decoded and transformed beforehand."""
+    from clipsearch.checkpoint import load_bundle
+    from clipsearch.data import load_image
+    from clipsearch.encoding.mapper import ImageEmbedder
+
+    bundle = load_bundle(checkpoint)
+    tensors = torch.stack([bundle.eval_transform(load_image(path)) for path in images])
+    batches = list(tensors.split(batch_size))
+    embedder = ImageEmbedder(bundle.model, "cpu")
+    embedder(batches[0])  # warm-up: first-call allocations and kernel selection
+    times = interleaved_ms({"model": lambda: [embedder(batch) for batch in batches]}, repeats, warmup=0)["model"]
+    return {"images_per_s": round(len(images) / (median(times) / 1000), 1), "all_ms": [round(t, 1) for t in times]}
+
+
+def decode_rate(images: list[Path], transform) -> float:
+    """Images/s one process decodes and transforms: what a single worker can feed."""
+    from clipsearch.data import load_image
+
+    started = time.perf_counter()
+    for path in images:
+        transform(load_image(path))
+    return round(len(images) / (time.perf_counter() - started), 1)
+
+
+def bench_model(name: str, args, images: list[Path], default_workers: int) -> dict:
+    folder = args.work_dir / name
+    folder.mkdir(parents=True, exist_ok=True)
+    checkpoint = build_checkpoint(name, folder)
+    half = args.images // 2
+    datasets = {
+        "short": link_folder(folder / "images_short", images[:half]),
+        "long": link_folder(folder / "images_long", images),
+    }
+    settings = sorted(set(args.workers) | {default_workers})
+
+    from clipsearch.checkpoint import load_bundle
+
+    bundle = load_bundle(checkpoint)
+    decode_only = decode_rate(images[:128], bundle.eval_transform)
+    # Pipeline settings and the ceiling alternate, so outside load hits them alike.
+    pipeline: dict[int, dict[str, list[float]]] = {workers: {"short": [], "long": []} for workers in settings}
+    model_rates = []
+    for repeat in range(args.repeats):
+        order = settings[repeat % len(settings):] + settings[: repeat % len(settings)]
+        for workers in order:
+            for size in ("short", "long"):
+                seconds = pipeline_seconds(checkpoint, datasets[size], folder / f"emb_{size}", args.batch_size, workers)
+                pipeline[workers][size].append(seconds)
+        model_rates.append(model_only_rate(checkpoint, images, args.batch_size, repeats=1)["images_per_s"])
+    ceiling = sorted(model_rates)[len(model_rates) // 2]
+
+    rows = []
+    for workers in settings:
+        short, long = median(pipeline[workers]["short"]), median(pipeline[workers]["long"])
+        steady = (args.images - half) / max(long - short, 1e-9)
+        rows.append({
+            "num_workers": workers,
+            "is_cli_default": workers == default_workers,
+            "seconds_short": short,
+            "seconds_long": long,
+            "whole_run_images_per_s": round(args.images / long, 1),
+            "steady_images_per_s": round(steady, 1),
+            "ratio_to_model_only": round(steady / ceiling, 3),
+            "all_seconds": pipeline[workers],
+        })
+        print(json.dumps({name: rows[-1]}))
+    best = max(rows, key=lambda row: row["steady_images_per_s"])
+    return {
+        "model": name,
+        "image_size": bundle.spec["image"]["size"],
+        "batch_size": args.batch_size,
+        "model_only_images_per_s": ceiling,
+        "model_only_all": model_rates,
+        "decode_transform_images_per_s_one_process": decode_only,
+        "pipeline": rows,
+        "best_num_workers": best["num_workers"],
+        "best_ratio": best["ratio_to_model_only"],
+        "default_ratio": next(row["ratio_to_model_only"] for row in rows if row["is_cli_default"]),
+    }
+
+
+def report_markdown(results: dict) -> str:
+    lines = [
+        "## Encoding",
+        "",
+        f"Command: `{results['command']}`",
+        "",
+        machine_lines(results).rstrip(),
+        f"- Images: {results['images_source']}; pipeline = the encode CLI in-process (`--split=folder "
+        f"--accelerator=cpu`), steady rate from runs of {results['images'] // 2} and {results['images']} images; "
+        f"model-only = the same `ImageEmbedder` on pre-decoded tensors; median of {results['repeats']} "
+        "alternating measurements",
+        "",
+        "| model | image px | batch | model-only img/s | decode+transform img/s (1 process) | --num_workers "
+        "| pipeline img/s (steady) | pipeline img/s (whole run) | pipeline / model-only (target >= 0.95) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for model in results["models"]:
+        for row in model["pipeline"]:
+            label = f"{row['num_workers']}{' (default)' if row['is_cli_default'] else ''}"
+            lines.append(
+                f"| {model['model']} | {model['image_size']} | {model['batch_size']} | "
+                f"{model['model_only_images_per_s']:.1f} | {model['decode_transform_images_per_s_one_process']:.1f} | "
+                f"{label} | {row['steady_images_per_s']:.1f} | {row['whole_run_images_per_s']:.1f} | "
+                f"{row['ratio_to_model_only']:.2f} |"
+            )
+    if results.get("findings"):
+        lines += ["", *results["findings"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    load_start = load_average()
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    images, images_source = source_images(args)
+    # The CLI's own rule for one process: as many decode workers as cores, at most 8.
+    default_workers = min(8, max(1, os.cpu_count() or 1))
+    results = {
+        "date": now_iso(),
+        "machine": machine_info(),
+        "load_average_start": load_start,
+        "images": args.images,
+        "images_source": images_source,
+        "repeats": args.repeats,
+        "cli_default_num_workers": default_workers,
+        "models": [bench_model(name, args, images, default_workers) for name in args.models],
+    }
+    results["load_average_end"] = load_average()
+    results["command"] = "python benchmarks/bench_encode.py" + (
+        " " + " ".join(sys.argv[1:]) if argv is None and sys.argv[1:] else ""
+    )
+    results["findings"] = []
+    for model in results["models"]:
+        verdict = "met" if model["best_ratio"] >= 0.95 else "missed"
+        results["findings"].append(
+            f"- {model['model']}: best --num_workers={model['best_num_workers']} gives "
+            f"{model['best_ratio']:.2f} of the model-only rate ({verdict}); the CLI default "
+            f"({default_workers}) gives {model['default_ratio']:.2f}."
+        )
+    path = write_results("encode", results)
+    if not args.no_report:
+        update_report_section("encode", report_markdown(results))
+    print(f"wrote {path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

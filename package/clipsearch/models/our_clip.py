@@ -19,6 +19,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TEXT_MODEL = "all-MiniLM-L6-v2 (packaged)"
 DEFAULT_IMAGE_MODEL = "efficientnet_lite0"
+# Captions per length bucket in encode_text: small enough to trim padding, big enough for BLAS.
+TEXT_BUCKET_SIZE = 32
 
 
 def packaged_text_model_dir() -> Path:
@@ -113,18 +115,32 @@ class OurCLIP(nn.Module):
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        lengths = (tokens != self.pad_token_id).sum(dim=1)
+        if tokens.shape[0] <= TEXT_BUCKET_SIZE:
+            pooled = self._pool_text(tokens)
+        else:
+            # Captions vary a lot in length (Flickr: 5 to 40 tokens); running them in buckets of
+            # similar length, each trimmed to its own longest, skips most padding. Exact: padding is
+            # masked out of attention and pooling either way.
+            order = lengths.argsort()
+            pooled_sorted = torch.cat([
+                self._pool_text(tokens[order[start : start + TEXT_BUCKET_SIZE]])
+                for start in range(0, tokens.shape[0], TEXT_BUCKET_SIZE)
+            ])
+            pooled = pooled_sorted[order.argsort()]
+        features = self.text_projection(pooled)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def _pool_text(self, tokens: torch.Tensor) -> torch.Tensor:
         mask = tokens != self.pad_token_id
         # Captions are padded to the context length; dropping all-padding columns saves most of the work.
         longest = int(mask.sum(dim=1).max().clamp(min=1))
         tokens, mask = tokens[:, :longest], mask[:, :longest]
         hidden = self.text(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
         if self.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            weights = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-        features = self.text_projection(pooled)
-        return F.normalize(features, dim=-1) if normalize else features
+            return hidden[:, 0]
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
     def lock_image_tower(self, unlocked_groups: int = 0) -> None:
         """Freeze the image tower except its last `unlocked_groups` stages (LiT when 0)."""

@@ -1,6 +1,6 @@
 """Encoding throughput: the real encode CLI (reader -> model -> writer) against the model alone on decoded tensors.
 
-    .venv/bin/python benchmarks/bench_encode.py                        # 512 Flickr8k JPEGs, "our" model
+    .venv/bin/python benchmarks/bench_encode.py                        # 256 Flickr8k JPEGs, "our" model
     .venv/bin/python benchmarks/bench_encode.py --images 256 --workers 0,2 --models our,vit-tiny
 
 The pipeline runs `python -m clipsearch.cli.encode` in this process, on a folder of symlinks to
@@ -45,7 +45,7 @@ MODELS = ("our", "vit-tiny")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     data = parser.add_argument_group("data")
-    data.add_argument("--images", type=int, default=512, help="images of the longer run (the shorter has half)")
+    data.add_argument("--images", type=int, default=256, help="images of the longer run (the shorter has half)")
     data.add_argument("--image_dir", type=Path, default=FLICKR_IMAGES,
                       help="folder of JPEGs read in place (generated JPEGs when it does not exist)")
     data.add_argument("--work_dir", type=Path, default=WORK_DIR, help="scratch folder for links, checkpoints, shards")
@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--batch_size", type=int, default=64, help="images per model call (the CLI's default)")
     run.add_argument("--workers", default="0,1,2",
                      help="comma-separated --num_workers settings to try; the CLI's default is always included")
-    run.add_argument("--repeats", type=int, default=3, help="measurements per setting (median reported)")
+    run.add_argument("--repeats", type=int, default=2, help="measurements per setting (median reported)")
     program = parser.add_argument_group("program")
     program.add_argument("--no_report", action="store_true", help="write the JSON only, leave BENCHMARKS.md alone")
     args = parser.parse_args(argv)
@@ -170,7 +170,7 @@ def bench_model(name: str, args, images: list[Path], default_workers: int) -> di
     from clipsearch.checkpoint import load_bundle
 
     bundle = load_bundle(checkpoint)
-    decode_only = decode_rate(images[:128], bundle.eval_transform)
+    decode_only = decode_rate(images[:64], bundle.eval_transform)
     # Pipeline settings and the ceiling alternate, so outside load hits them alike.
     pipeline: dict[int, dict[str, list[float]]] = {workers: {"short": [], "long": []} for workers in settings}
     model_rates = []

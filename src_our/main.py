@@ -11,6 +11,7 @@ from clipsearch.models.our_clip import (
     load_text_weights,
     our_clip_spec,
 )
+from clipsearch.sample_data import generated_image_size
 from clipsearch.train import (
     VariantDefaults,
     add_common_args,
@@ -37,10 +38,13 @@ def parse_args(argv: list[str] | None = None):
     model.add_argument("--text_pooling", default="mean", choices=("mean", "cls"), help="how token states become one caption vector")
     model.add_argument("--embed_dim", type=int, default=256, help="size of the shared embedding space")
     model.add_argument("--text_length", type=int, default=64, help="caption tokens kept (context length)")
-    model.add_argument("--image_resolution", type=int, default=None, help="input image size (default: the timm model's)")
+    model.add_argument("--image_resolution", type=int, default=None,
+                       help="input image size (default: the timm model's; on the generated sample data, its 96 px)")
     add_lock_args(model)
     add_common_args(parser)
     args = finish_args(parser.parse_args(argv), DEFAULTS)
+    if args.image_resolution is None:
+        args.image_resolution = generated_image_size(args.dataset_path)
     if args.tower_lr is None:
         args.tower_lr = args.lr * TOWER_LR_RATIO
     return args

@@ -122,6 +122,8 @@ def finish_args(args: argparse.Namespace, defaults: VariantDefaults) -> argparse
         args.val_check_interval = max(1, args.max_steps // 5)
     if args.resume not in ("auto", "last", "none") and not Path(args.resume).is_file():
         raise SystemExit(f"--resume: no checkpoint at {args.resume}")
+    # Generated now rather than at loading time, so doors can read its native image size.
+    _ensure_data(args.dataset_path)
     return args
 
 
@@ -173,7 +175,6 @@ def _training_set(args: argparse.Namespace, bundle: ModelBundle, report: DataRep
 
 def make_loaders(args: argparse.Namespace, bundle: ModelBundle):
     """Training pairs (shuffled, full batches so every rank gathers equal shapes) and dev groups."""
-    _ensure_data(args.dataset_path)
     report = DataReport()
     train_set = _training_set(args, bundle, report)
     streaming = isinstance(train_set, IterableDataset)

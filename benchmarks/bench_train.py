@@ -1,7 +1,7 @@
 """Training throughput and peak memory: our Lightning trainer against open_clip's own trainer, same model and data.
 
     .venv/bin/python benchmarks/bench_train.py                       # ViT-Small-16 (96 px), batch 64, CPU
-    .venv/bin/python benchmarks/bench_train.py --steps 10,30 --workers 1 --repeats 1
+    .venv/bin/python benchmarks/bench_train.py --steps 10,40 --workers 1 --repeats 2
 
 Both trainers run as child processes from the command line, on the generated sample dataset,
 with the same open_clip architecture (our local ViT-Small-16 config, QuickGELU, fp32), batch size,
@@ -43,16 +43,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run = parser.add_argument_group("run")
     run.add_argument("--model", default="ViT-Small-16", help="an open_clip or local config name both trainers build")
     run.add_argument("--batch_size", type=int, default=64, help="pairs per step")
-    run.add_argument("--steps", default="10,40", help="the two step counts whose time difference is measured")
+    run.add_argument("--steps", default="2,6", help="the two step counts whose time difference is measured")
     run.add_argument("--workers", type=int, default=1, help="DataLoader workers of both trainers (ours defaults to cores - 1)")
-    run.add_argument("--repeats", type=int, default=2, help="measurements per trainer and step count (median reported)")
+    run.add_argument("--repeats", type=int, default=1, help="measurements per trainer and step count (median reported)")
     run.add_argument("--work_dir", type=Path, default=WORK_DIR, help="scratch folder for data, logs and checkpoints")
     program = parser.add_argument_group("program")
     program.add_argument("--no_report", action="store_true", help="write the JSON only, leave BENCHMARKS.md alone")
     args = parser.parse_args(argv)
     args.steps = sorted(int(value) for value in args.steps.split(","))
     if len(args.steps) != 2 or args.steps[0] < 1 or args.steps[0] == args.steps[1]:
-        parser.error("--steps takes two different positive step counts, e.g. 10,40")
+        parser.error("--steps takes two different positive step counts, e.g. 2,6")
     return args
 
 
@@ -84,7 +84,7 @@ def our_command(args, dataset: Path, step_count: int, run_dir: Path) -> list[str
         f"--pretrain_clip={args.model}", f"--dataset_path={dataset}", "--val_split=none",
         f"--batch_size={args.batch_size}", f"--num_workers={args.workers}", f"--max_steps={step_count}",
         "--accelerator=cpu", "--devices=1", "--precision=32", "--resume=none",
-        f"--checkpoint_every_steps={10 * step_count}", "--log_every_n_steps=10",
+        f"--checkpoint_every_steps={10 * step_count}", "--log_every_n_steps=2",
         f"--models_dir={run_dir / 'models'}", f"--logs_dir={run_dir / 'logs'}", "--run_name=bench",
     ]
 
@@ -96,7 +96,7 @@ def open_clip_command(args, table: Path, run_dir: Path) -> list[str]:
         "--csv-separator=\t", "--csv-img-key=image", "--csv-caption-key=caption",
         f"--batch-size={args.batch_size}", f"--workers={args.workers}", "--epochs=1", "--warmup=1",
         "--lr=5e-4", "--wd=0.2", "--precision=fp32", "--device=cpu", "--report-to=", "--save-frequency=1",
-        "--log-every-n-steps=10", f"--logs={run_dir}", "--name=bench", "--seed=0",
+        "--log-every-n-steps=2", f"--logs={run_dir}", "--name=bench", "--seed=0",
     ]
 
 

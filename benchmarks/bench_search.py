@@ -196,14 +196,9 @@ def matmul_gflops(repeats: int) -> float:
 
 def searcher_parts(searcher, queries: torch.Tensor, top_k: int) -> dict[str, Callable[[], object]]:
     """The exact search split into its steps, to show where the time of a search call goes."""
-    matrix = searcher.embeddings
-    typed = F.normalize(queries, dim=-1).to(matrix.dtype)
-    if typed.shape[0] == 1:
-        scores = torch.mv(matrix, typed[0]).unsqueeze(0)
-        score_step = lambda: torch.mv(matrix, typed[0])  # noqa: E731
-    else:
-        scores = typed @ matrix.T
-        score_step = lambda: typed @ matrix.T  # noqa: E731
+    typed = F.normalize(queries, dim=-1).to(searcher.storage.dtype)
+    scores = searcher.scores(typed)
+    score_step = lambda: searcher.scores(typed)  # noqa: E731
     scores = scores.float()
     best_scores, best_rows = scores.topk(top_k, dim=1)
     return {
@@ -233,11 +228,11 @@ def bench_exact(args, matrix: torch.Tensor, paths: list[str], threads: int, gene
         queries = F.normalize(torch.randn(query_count, args.dim, generator=generator), dim=-1)
         queries_np = queries.numpy()
         contenders = {
-            "ours": lambda: searcher.search(queries, args.top_k),
-            "faiss_flat": lambda: faiss_index.search(queries_np, args.top_k),
+            "ours": lambda queries=queries: searcher.search(queries, args.top_k),
+            "faiss_flat": lambda queries_np=queries_np: faiss_index.search(queries_np, args.top_k),
         }
         if fp16_searcher is not None:
-            contenders["ours_fp16"] = lambda: fp16_searcher.search(queries, args.top_k)
+            contenders["ours_fp16"] = lambda queries=queries: fp16_searcher.search(queries, args.top_k)
         times = interleaved_ms(contenders, args.repeats, args.warmup)
         parts = interleaved_ms(searcher_parts(searcher, queries, args.top_k), args.repeats, args.warmup)
 
@@ -297,9 +292,9 @@ def bench_indexes(args, matrix: torch.Tensor, paths: list[str], generator: torch
         }
         print(json.dumps({kind: results[kind]}))
     for label, queries in (("1", single), (str(args.batch_queries), batch)):
-        contenders = {"exact": lambda: exact.search(queries, args.top_k)}
+        contenders = {"exact": lambda queries=queries: exact.search(queries, args.top_k)}
         for kind, searcher in indexes.items():
-            contenders[kind] = lambda searcher=searcher: searcher.search(queries, args.top_k)
+            contenders[kind] = lambda searcher=searcher, queries=queries: searcher.search(queries, args.top_k)
         times = interleaved_ms(contenders, args.repeats, args.warmup)
         results[f"ms_{label}_queries"] = {name: median(values) for name, values in times.items()}
         print(json.dumps({f"ms_{label}_queries": results[f"ms_{label}_queries"]}))

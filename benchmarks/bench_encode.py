@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from bench_search import (
     interleaved_ms,
     load_average,

@@ -26,7 +26,15 @@ import sys
 import time
 from pathlib import Path
 
-from bench_search import load_average, machine_info, machine_lines, median, now_iso, update_report_section, write_results
+from bench_search import (
+    load_average,
+    machine_info,
+    machine_lines,
+    median,
+    now_iso,
+    update_report_section,
+    write_results,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 WORK_DIR = Path("/tmp/clipsearch-bench-train")

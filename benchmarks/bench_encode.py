@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_search import (
+from common import (
     interleaved_ms,
     load_average,
     machine_info,

@@ -14,120 +14,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-BENCHMARKS_DIR = Path(__file__).resolve().parent
-RESULTS_DIR = BENCHMARKS_DIR / "results"
-REPORT_FILE = BENCHMARKS_DIR.parent / "BENCHMARKS.md"
-QUALITY_HEADING = "## Quality (Flickr8k)"
-REPORT_HEADER = """# Benchmarks
-
-Measured on shared machines; every section says which machine, how many threads, and the load
-average at the start and end of its run (other processes competing for the cores show up there).
-Each section is rewritten by its script; see benchmarks/README.md.
-"""
-
-# ---------------------------------------------------------------------------------------------
-# Shared by the benchmark scripts: machine description, timing, and the report file
-# ---------------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_info() -> dict:
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": cpu_model(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-
-
-def load_average() -> list[float]:
-    return [round(value, 2) for value in os.getloadavg()]
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def timed(function: Callable[[], object]) -> float:
-    """Milliseconds one call of `function` takes."""
-    started = time.perf_counter()
-    function()
-    return (time.perf_counter() - started) * 1000
-
-
-def interleaved_ms(contenders: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Times of each contender, taken in rotating order so a burst of outside load hits all of them alike."""
-    names = list(contenders)
-    for _ in range(warmup):
-        for name in names:
-            contenders[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for repeat in range(repeats):
-        shift = repeat % len(names)
-        for name in names[shift:] + names[:shift]:
-            times[name].append(timed(contenders[name]))
-    return times
-
-
-def median(values: list[float]) -> float:
-    return round(statistics.median(values), 3)
-
-
-def write_results(name: str, results: dict) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    return path
-
-
-def machine_lines(results: dict) -> str:
-    machine = results["machine"]
-    return (
-        f"- Machine: {machine['nproc']} CPUs ({machine['cpu_model']}), torch {machine['torch']}, "
-        f"{machine['torch_threads']} torch threads\n"
-        f"- Date: {results['date']}; load average (1/5/15 min) at start {results['load_average_start']}, "
-        f"at end {results['load_average_end']}\n"
-    )
-
-
-def update_report_section(name: str, markdown: str, report_file: Path = REPORT_FILE) -> None:
-    """Replace this benchmark's marked section of BENCHMARKS.md, or add it before the Quality section."""
-    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-    block = f"{start}\n{markdown.strip()}\n{end}"
-    text = report_file.read_text() if report_file.exists() else REPORT_HEADER + f"\n{QUALITY_HEADING}\n"
-    if start in text and end in text:
-        before, rest = text.split(start, 1)
-        text = before + block + rest.split(end, 1)[1]
-    elif QUALITY_HEADING in text:
-        before, after = text.split(QUALITY_HEADING, 1)
-        text = before.rstrip() + "\n\n" + block + "\n\n" + QUALITY_HEADING + after
-    else:
-        text = text.rstrip() + "\n\n" + block + f"\n\n{QUALITY_HEADING}\n"
-    report_file.write_text(text)
-
+from common import (
+    interleaved_ms,
+    load_average,
+    machine_info,
+    machine_lines,
+    median,
+    now_iso,
+    update_report_section,
+    write_results,
+)
 
 # ---------------------------------------------------------------------------------------------
 # The search benchmark

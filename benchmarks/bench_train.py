@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_search import (
+from common import (
     load_average,
     machine_info,
     machine_lines,

@@ -1,0 +1,140 @@
+"""Flickr8k retrieval quality of a finished training run: recall against training time, and the final table.
+
+    python dataset/flickr8k/prepare.py --source /path/to/flickr8k
+    python -m clipsearch.resize_dataset --dataset_path dataset/flickr8k/data --out dataset/flickr8k/data256
+    bash 1_pretrain_our.sh --dataset_path dataset/flickr8k/data256 --run_name flickr8k-our-60min ...
+    .venv/bin/python benchmarks/bench_quality.py --run_name flickr8k-our-60min --command "<the training command>"
+
+Reads the run's TensorBoard events (validation recall and the wall-clock time of each logged
+point), evaluates the run's best checkpoint on the dev split with the same code as
+`4_evaluate.sh`, plots recall against minutes of training, and writes the "Quality" section of
+BENCHMARKS.md. The training itself is not repeated here: an hour of CPU is the experiment.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from common import RESULTS_DIR, load_average, machine_info, now_iso, update_report_section, write_results
+
+REPO = Path(__file__).resolve().parents[1]
+# The packaged towers frozen, with only linear heads trained: the floor any training must beat.
+FROZEN_FLOOR = {"text_to_image_R@1": 13.0, "text_to_image_R@10": 47.0}
+CURVES = ("text_to_image_R@1", "text_to_image_R@10", "image_to_text_R@1", "image_to_text_R@10")
+
+
+def read_curves(log_dir: Path) -> dict[str, list[tuple[float, int, float]]]:
+    """Per validation metric: (minutes since the first logged event, step, value)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    if not tags:
+        raise SystemExit(f"no TensorBoard scalars in {log_dir}")
+    started = min(events.Scalars(tag)[0].wall_time for tag in tags)
+    return {
+        name: [((e.wall_time - started) / 60, e.step, e.value) for e in events.Scalars(f"val/{name}")]
+        for name in CURVES
+        if f"val/{name}" in tags
+    }
+
+
+def plot(curves: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for name, points in curves.items():
+        axis.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=name.replace("_", " "))
+    for name, value in FROZEN_FLOOR.items():
+        axis.axhline(value, linestyle=":", color="gray")
+        axis.text(0.5, value + 0.8, f"frozen towers + linear heads, {name.replace('_', ' ')}", color="gray", fontsize=7)
+    axis.set_xlabel("minutes of training (2 CPU cores, validation included)")
+    axis.set_ylabel("recall (%) on Flickr8k dev (1000 images, 5000 captions)")
+    axis.set_title('"Our" CLIP (MiniLM-L6 + EfficientNet-Lite0) on Flickr8k')
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run_name", required=True, help="run folder under --models_dir and --logs_dir")
+    parser.add_argument("--models_dir", default=str(REPO / "models"), help="where the run's checkpoints are")
+    parser.add_argument("--logs_dir", default=str(REPO / "logs"), help="where the run's TensorBoard events are")
+    parser.add_argument("--dataset_path", default=str(REPO / "dataset/flickr8k/data256"), help="dataset with the dev table")
+    parser.add_argument("--command", default="", help="the training command, quoted into the report")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    sys.path.insert(0, str(REPO / "package"))
+    from clipsearch.checkpoint import load_bundle
+    from clipsearch.evaluate import evaluate, format_metrics
+
+    run_dir = Path(args.models_dir) / args.run_name
+    params = json.loads((run_dir / "params.json").read_text())
+    curves = read_curves(Path(args.logs_dir) / args.run_name)
+    load_start = load_average()
+    final = evaluate(load_bundle(run_dir / "best.ckpt"), args.dataset_path, "dev", batch_size=64, num_workers=1)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    plot_path = RESULTS_DIR / "quality_recall_vs_time.png"
+    plot(curves, plot_path)
+    results = {
+        "date": now_iso(),
+        "machine": machine_info(),
+        "load_average_start": load_start,
+        "load_average_end": load_average(),
+        "run_name": args.run_name,
+        "training_command": args.command,
+        "params": params,
+        "training_minutes": max(points[-1][0] for points in curves.values()),
+        "curves": curves,
+        "final": final,
+    }
+    write_results("quality", results)
+    metrics = final["metrics"]
+    rows = "\n".join(
+        f"| {minutes:.1f} | {step} | "
+        + " | ".join(f"{dict((n, p[i][2]) for n, p in curves.items()).get(name, float('nan')):.1f}" for name in CURVES)
+        + " |"
+        for i, (minutes, step, _) in enumerate(curves["text_to_image_R@1"])
+    )
+    markdown = f"""## Quality (Flickr8k)
+
+Command: `{args.command or 'see params'}`, then `python benchmarks/bench_quality.py --run_name {args.run_name}`
+
+- Machine: {results['machine']['nproc']} CPUs ({results['machine']['cpu_model']}); date {results['date']}
+- "Our" CLIP: packaged MiniLM-L6 text tower + packaged ImageNet EfficientNet-Lite0 image tower, trained
+  {results['training_minutes']:.0f} minutes (wall clock, validation included) on Flickr8k train (6000 images,
+  30000 captions); evaluated on the dev split (1000 images, 5000 captions) by `4_evaluate.sh`'s code.
+- Floor: the same towers frozen with linear heads reach about {FROZEN_FLOOR['text_to_image_R@1']:.0f} / {FROZEN_FLOOR['text_to_image_R@10']:.0f} (text->image R@1 / R@10).
+
+Best checkpoint:
+
+```
+{format_metrics(metrics)}
+```
+
+Validation during training:
+
+| minutes | step | text->image R@1 | text->image R@10 | image->text R@1 | image->text R@10 |
+|---:|---:|---:|---:|---:|---:|
+{rows}
+
+![recall against training time](benchmarks/results/{plot_path.name})
+"""
+    update_report_section("quality", markdown)
+    print(format_metrics(metrics))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -202,9 +203,7 @@ def read_table(
 # ---------------------------------------------------------------------------------------------
 
 
-def _looks_like_image(path: str | os.PathLike) -> bool:
-    with open(path, "rb") as file:
-        head = file.read(16)
+def _looks_like_image(head: bytes) -> bool:
     is_webp = head[:4] == b"RIFF" and head[8:12] == b"WEBP"
     return is_webp or any(head.startswith(signature) for signature in _IMAGE_SIGNATURES)
 
@@ -243,8 +242,57 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def decode_image(file: BinaryIO, name: str | os.PathLike, report: DataReport) -> Image.Image | None:
+    """Fully decode an open binary file into RGB, or return None and record why under `name`.
+
+    Shared by files on disk (`load_image`) and tar members held in memory (webdataset shards).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(file)
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                report.add("decompression bomb", name)
+                return None
+            # Image.open only reads the header; load() decodes everything, which is where a
+            # truncated file shows itself. Animated images stay on their first frame.
+            image.load()
+            animated = getattr(image, "is_animated", False)
+            source_mode = image.mode
+            try:
+                rgb = image if source_mode == "RGB" else _to_rgb(image)
+            except ValueError:  # Pillow has no direct route to RGB from a few modes, e.g. LAB
+                report.add(f"unsupported mode {source_mode}", name)
+                return None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        report.add("decompression bomb", name)
+        return None
+    except UnidentifiedImageError:
+        file.seek(0)
+        report.add("corrupt image" if _looks_like_image(file.read(16)) else "not an image", name)
+        return None
+    except PermissionError:
+        report.add("unreadable file", name)
+        return None
+    except Exception:  # any decoder failure means only this one file is unusable
+        report.add("corrupt image", name)
+        return None
+
+    if source_mode != "RGB":
+        report.add_conversion(source_mode, name)
+    if animated:
+        report.add_conversion("animation to first frame", name)
+    try:
+        # Phone photos store their rotation in EXIF; a bad EXIF block is not worth a skip.
+        rgb = ImageOps.exif_transpose(rgb)
+    except Exception:
+        pass
+    return rgb
+
+
 def load_image(path: str | os.PathLike, report: DataReport | None = None) -> Image.Image | None:
-    """Decode an image fully into RGB, or return None and record why in `report`.
+    """Decode an image file fully into RGB, or return None and record why in `report`.
 
     Never raises for a bad file: missing, empty, unreadable, corrupt or truncated files, files
     that are not images, and decompression bombs are all reported and skipped.
@@ -264,48 +312,12 @@ def load_image(path: str | os.PathLike, report: DataReport | None = None) -> Ima
     if size == 0:
         report.add("empty file", path)
         return None
-
     try:
-        with open(path, "rb") as file, warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(file)
-            width, height = image.size
-            if width * height > MAX_IMAGE_PIXELS:
-                report.add("decompression bomb", path)
-                return None
-            # Image.open only reads the header; load() decodes everything, which is where a
-            # truncated file shows itself. Animated images stay on their first frame.
-            image.load()
-            animated = getattr(image, "is_animated", False)
-            source_mode = image.mode
-            try:
-                rgb = image if source_mode == "RGB" else _to_rgb(image)
-            except ValueError:  # Pillow has no direct route to RGB from a few modes, e.g. LAB
-                report.add(f"unsupported mode {source_mode}", path)
-                return None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        report.add("decompression bomb", path)
-        return None
-    except UnidentifiedImageError:
-        report.add("corrupt image" if _looks_like_image(path) else "not an image", path)
-        return None
-    except PermissionError:
+        with open(path, "rb") as file:
+            return decode_image(file, path, report)
+    except OSError:
         report.add("unreadable file", path)
         return None
-    except Exception:  # any decoder failure means only this one file is unusable
-        report.add("corrupt image", path)
-        return None
-
-    if source_mode != "RGB":
-        report.add_conversion(source_mode, path)
-    if animated:
-        report.add_conversion("animation to first frame", path)
-    try:
-        # Phone photos store their rotation in EXIF; a bad EXIF block is not worth a skip.
-        rgb = ImageOps.exif_transpose(rgb)
-    except Exception:
-        pass
-    return rgb
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,19 +4,16 @@ from __future__ import annotations
 import io
 import logging
 import os
-import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import webdataset as wds
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import IterableDataset
 from webdataset.shardlists import expand_urls
 from webdataset.utils import pytorch_worker_info
 
-from clipsearch.data import _IMAGE_SIGNATURES as IMAGE_SIGNATURES
-from clipsearch.data import MAX_IMAGE_PIXELS, DataReport, ImageTransform, Tokenizer
-from clipsearch.data import _to_rgb as to_rgb
+from clipsearch.data import DataReport, ImageTransform, Tokenizer, decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -51,46 +48,11 @@ def expand_shards(urls_or_pattern: str | os.PathLike | Iterable[str | os.PathLik
 
 
 def decode_image_bytes(data: bytes, name: str, report: DataReport) -> Image.Image | None:
-    """`clipsearch.data.load_image` for bytes already in memory: same checks and skip reasons."""
+    """`clipsearch.data.load_image` for a tar member already in memory: same checks and skip reasons."""
     if not data:
         report.add("empty file", name)
         return None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > MAX_IMAGE_PIXELS:
-                report.add("decompression bomb", name)
-                return None
-            image.load()
-            animated = getattr(image, "is_animated", False)
-            source_mode = image.mode
-            try:
-                rgb = image if source_mode == "RGB" else to_rgb(image)
-            except ValueError:
-                report.add(f"unsupported mode {source_mode}", name)
-                return None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        report.add("decompression bomb", name)
-        return None
-    except UnidentifiedImageError:
-        is_webp = data[:4] == b"RIFF" and data[8:12] == b"WEBP"
-        looks_like_image = is_webp or any(data.startswith(signature) for signature in IMAGE_SIGNATURES)
-        report.add("corrupt image" if looks_like_image else "not an image", name)
-        return None
-    except Exception:  # any decoder failure means only this one sample is unusable
-        report.add("corrupt image", name)
-        return None
-    if source_mode != "RGB":
-        report.add_conversion(source_mode, name)
-    if animated:
-        report.add_conversion("animation to first frame", name)
-    try:
-        rgb = ImageOps.exif_transpose(rgb)
-    except Exception:
-        pass
-    return rgb
+    return decode_image(io.BytesIO(data), name, report)
 
 
 class SamplesToItems:

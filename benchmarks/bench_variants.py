@@ -1,0 +1,78 @@
+"""Training samples/s of each variant's door on the sample data, through the real entry points.
+
+    .venv/bin/python benchmarks/bench_variants.py            # ~3 minutes on 2 CPU cores
+
+Each door trains `--steps` steps (no validation until the end) and logs samples/s every few steps
+to TensorBoard (the first step, which pays for start-up, is left out by the trainer). Reports the
+median logged rate. Results go to benchmarks/results/variants.json and BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import load_average, machine_info, machine_lines, now_iso, update_report_section, write_results
+
+REPO = Path(__file__).resolve().parents[1]
+# Door, flags: the small configurations a CPU user starts with (the our-CLIP one is the default run).
+VARIANTS = {
+    "our (MiniLM-L6 + EfficientNet-Lite0, 96 px)": ("src_our/main.py", []),
+    "openai pretrain (ViT-Tiny-16, 64 px)": ("src_openai_pretrain/main.py", ["--pretrain_clip=ViT-Tiny-16"]),
+    "openai pretrain (ViT-Small-16, 96 px)": ("src_openai_pretrain/main.py", ["--pretrain_clip=ViT-Small-16"]),
+    "openai pretrain (RN-Tiny, 64 px)": ("src_openai_pretrain/main.py", ["--pretrain_clip=RN-Tiny"]),
+}
+
+
+def logged_rates(log_dir: Path) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return [event.value for event in events.Scalars("train/samples_per_sec")]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=25, help="training steps per variant")
+    parser.add_argument("--batch_size", type=int, default=32, help="pairs per step")
+    parser.add_argument("--num_workers", type=int, default=1, help="DataLoader workers")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    results = {"date": now_iso(), "machine": machine_info(), "load_average_start": load_average(),
+               "batch_size": args.batch_size, "steps": args.steps, "samples_per_sec": {}}
+    with tempfile.TemporaryDirectory() as work:
+        for name, (door, flags) in VARIANTS.items():
+            run = f"variant{len(results['samples_per_sec'])}"
+            command = [sys.executable, door, *flags, f"--max_steps={args.steps}", f"--batch_size={args.batch_size}",
+                       f"--num_workers={args.num_workers}", f"--val_check_interval={args.steps}", "--log_every_n_steps=5",
+                       f"--run_name={run}", f"--models_dir={work}/models", f"--logs_dir={work}/logs"]
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "package")}
+            subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True)
+            rates = logged_rates(Path(work) / "logs" / run)
+            results["samples_per_sec"][name] = round(statistics.median(rates), 1)
+            print(f"{name}: {results['samples_per_sec'][name]} samples/s")
+    results["load_average_end"] = load_average()
+    write_results("variants", results)
+    rows = "\n".join(f"| {name} | {rate} |" for name, rate in results["samples_per_sec"].items())
+    update_report_section("variants", f"""## Training throughput of each variant
+
+Command: `python benchmarks/bench_variants.py --steps {args.steps} --batch_size {args.batch_size}`
+
+{machine_lines(results)}
+| variant (door, sample data) | samples/s |
+|---|---:|
+{rows}
+""")
+    return results
+
+
+if __name__ == "__main__":
+    main()

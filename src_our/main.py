@@ -23,7 +23,7 @@ from clipsearch.train import (
 )
 
 # Fresh projections learn fast; the pretrained towers move ten times slower so they keep what they know.
-DEFAULTS = VariantDefaults(lr=5e-4, max_steps=300)
+DEFAULTS = VariantDefaults(lr=5e-4, max_steps=150)
 TOWER_LR_RATIO = 0.1
 
 

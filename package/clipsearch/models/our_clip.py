@@ -208,6 +208,7 @@ def our_clip_spec(
         "family": "our",
         "embed_dim": int(embed_dim),
         "text": {
+            "name": text_model or DEFAULT_TEXT_MODEL,
             "source": text_source,
             "config": text_config.to_dict(),
             "pooling": pooling,

@@ -66,10 +66,8 @@ def describe_model(spec: dict) -> dict:
         description["architecture"] = spec["architecture"]
     else:
         image, text = spec.get("image", {}), spec.get("text", {})
-        text_source = text.get("source")
-        description["architecture"] = " + ".join(
-            str(part) for part in (image.get("timm_name"), text_source and PurePath(text_source).name) if part
-        ) or None
+        text_name = text.get("name") or (text.get("source") and PurePath(text["source"]).name)
+        description["architecture"] = " + ".join(str(part) for part in (image.get("timm_name"), text_name) if part) or None
     description["image_size"] = spec.get("image", {}).get("size")
     return description
 

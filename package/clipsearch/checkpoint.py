@@ -14,16 +14,12 @@ META_KEY = "clipsearch"
 MODEL_PREFIX = "model."
 
 
-def checkpoint_meta(bundle: ModelBundle, **extra) -> dict:
-    return {"spec": bundle.spec, **extra}
-
-
 def save_bundle(bundle: ModelBundle, path: str | Path, **extra) -> Path:
     """A model-only checkpoint in the same format training writes (tests, exports)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state_dict = {MODEL_PREFIX + key: value for key, value in bundle.model.state_dict().items()}
-    torch.save({"state_dict": state_dict, META_KEY: checkpoint_meta(bundle, **extra)}, path)
+    torch.save({"state_dict": state_dict, META_KEY: {"spec": bundle.spec, **extra}}, path)
     return path
 
 

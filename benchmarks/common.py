@@ -16,6 +16,7 @@ BENCHMARKS_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCHMARKS_DIR / "results"
 REPORT_FILE = BENCHMARKS_DIR.parent / "BENCHMARKS.md"
 QUALITY_HEADING = "## Quality (Flickr8k)"
+QUALITY_MARKER = "<!-- bench:quality -->"
 REPORT_HEADER = """# Benchmarks
 
 Measured on shared machines; every section says which machine, how many threads, and the load
@@ -96,16 +97,21 @@ def machine_lines(results: dict) -> str:
 
 
 def update_report_section(name: str, markdown: str, report_file: Path = REPORT_FILE) -> None:
-    """Replace this benchmark's marked section of BENCHMARKS.md, or add it before the Quality section."""
+    """Replace this benchmark's marked section of BENCHMARKS.md, or add it.
+
+    The quality sections (long runs, read last) stay at the end: a new quality section is
+    appended, any other new one goes before the first quality section.
+    """
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     block = f"{start}\n{markdown.strip()}\n{end}"
-    text = report_file.read_text() if report_file.exists() else REPORT_HEADER + f"\n{QUALITY_HEADING}\n"
+    text = report_file.read_text() if report_file.exists() else REPORT_HEADER
+    first_quality = QUALITY_MARKER if QUALITY_MARKER in text else QUALITY_HEADING
     if start in text and end in text:
         before, rest = text.split(start, 1)
         text = before + block + rest.split(end, 1)[1]
-    elif QUALITY_HEADING in text:
-        before, after = text.split(QUALITY_HEADING, 1)
-        text = before.rstrip() + "\n\n" + block + "\n\n" + QUALITY_HEADING + after
+    elif not name.startswith("quality") and first_quality in text:
+        before, after = text.split(first_quality, 1)
+        text = before.rstrip() + "\n\n" + block + "\n\n" + first_quality + after
     else:
-        text = text.rstrip() + "\n\n" + block + f"\n\n{QUALITY_HEADING}\n"
+        text = text.rstrip() + "\n\n" + block + "\n"
     report_file.write_text(text)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from clipsearch.checkpoint import load_bundle, read_checkpoint
@@ -24,7 +25,9 @@ from clipsearch.models.openai_clip import openai_clip_spec
 from clipsearch.sample_data import ensure_sample_dataset
 from src_openai_finetune.main import main as finetune_main
 from src_openai_pretrain.main import main as pretrain_main
+from src_our.main import build_bundle as our_build_bundle
 from src_our.main import main as our_main
+from src_our.main import parse_args as our_parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,11 +69,15 @@ def test_reloaded_checkpoint_gives_the_validated_numbers(tiny_dataset, tmp_path)
 
 
 def test_our_clip_trains_from_packaged_towers(tiny_dataset, tmp_path):
-    result = our_main(["--image_resolution=32", "--embed_dim=32", "--text_length=24", "--lock_text",
-                       "--lock_text_unlocked_layers=1", *common_flags(tiny_dataset, tmp_path, "our", steps=2)])
+    flags = ["--image_resolution=32", "--train_resolution=24", "--embed_dim=32", "--text_length=24", "--lock_text",
+             "--lock_text_unlocked_layers=1", *common_flags(tiny_dataset, tmp_path, "our", steps=2)]
+    trained_on = our_build_bundle(our_parse_args(flags)).train_transform(Image.new("RGB", (40, 30)))
+    assert trained_on.shape == (3, 24, 24)
+    result = our_main(flags)
     checkpoint = read_checkpoint(result.run_dir / "best.ckpt")
     spec = checkpoint["clipsearch"]["spec"]
     assert spec["family"] == "our" and spec["embed_dim"] == 32 and spec["image"]["timm_name"] == "efficientnet_lite0"
+    assert spec["image"]["size"] == 32  # trained on smaller crops, encodes at --image_resolution
     bundle = load_bundle(result.run_dir / "best.ckpt")
     assert bundle.model.encode_text(bundle.tokenizer(["a red circle"])).shape == (1, 32)
 

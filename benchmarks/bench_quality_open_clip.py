@@ -1,0 +1,211 @@
+"""Flickr8k quality of open_clip's own trainer given our CLIP's towers, for the same minutes of CPU.
+
+    .venv/bin/python benchmarks/bench_quality.py --run_name flickr8k-our-60min ...   # ours first
+    .venv/bin/python benchmarks/bench_quality_open_clip.py --minutes 60
+
+The peer of bench_quality.py. `python -m open_clip_train.main` trains the same packaged towers
+(MiniLM-L6 through open_clip's HuggingFace adapter, ImageNet EfficientNet-Lite0 through its timm
+adapter, both with linear projections to 256 dimensions and mean pooling, as ours) on Flickr8k
+train, and the final checkpoint is scored on the dev split by the same code as `4_evaluate.sh`.
+
+open_clip trains whole epochs of a CSV and anneals its learning rate over them, so the time
+budget becomes a sample count: a short calibration run measures its samples/s on this machine,
+then the real run gets one epoch of rate x budget pairs (the training pairs reshuffled and
+repeated). open_clip has one learning rate for all parameters, so it cannot give fresh heads a
+faster rate than pretrained towers as ours does; --lr picks the tower-safe one. Results go to
+benchmarks/results/quality_open_clip.json and the "Quality against open_clip" section of BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+from bench_train import OPEN_CLIP_LAUNCHER, OPEN_CLIP_RATE, run_child
+from common import RESULTS_DIR, load_average, machine_info, median, now_iso, update_report_section, write_results
+
+REPO = Path(__file__).resolve().parents[1]
+WORK_DIR = Path("/tmp/clipsearch-bench-quality-open-clip")
+MODEL_NAME = "clipsearch-MiniLM-L6-EfficientNet-Lite0"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CALIBRATION_STEPS = 16
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of the real run")
+    parser.add_argument("--dataset_path", default=str(REPO / "dataset/flickr8k/data256"), help="Flickr8k in our format")
+    parser.add_argument("--batch_size", type=int, default=128, help="pairs per step")
+    parser.add_argument("--image_size", type=int, default=192, help="open_clip trains and evaluates at one size")
+    parser.add_argument("--lr", type=float, default=1e-4, help="open_clip's single learning rate (our --tower_lr)")
+    parser.add_argument("--warmup", type=int, default=40, help="warmup steps")
+    parser.add_argument("--lock_text_unlocked_layers", type=int, default=2,
+                        help="as ours: text tower frozen but its last N layers (-1: text fully trainable)")
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers")
+    parser.add_argument("--work_dir", type=Path, default=WORK_DIR, help="scratch folder")
+    parser.add_argument("--no_report", action="store_true", help="write the JSON only, leave BENCHMARKS.md alone")
+    return parser.parse_args(argv)
+
+
+def write_model(work_dir: Path, image_size: int) -> tuple[Path, Path]:
+    """open_clip's config for our towers, and its initial weights with both packaged towers loaded."""
+    import open_clip
+    import torch
+
+    from clipsearch.models.our_clip import load_image_weights, packaged_text_model_dir
+
+    text_dir = str(packaged_text_model_dir())
+    config = {
+        "embed_dim": 256,
+        "vision_cfg": {"timm_model_name": "efficientnet_lite0", "timm_model_pretrained": False,
+                       "timm_pool": "avg", "timm_proj": "linear", "image_size": image_size},
+        "text_cfg": {"hf_model_name": text_dir, "hf_tokenizer_name": text_dir, "hf_pooler_type": "mean_pooler",
+                     "hf_proj_type": "linear", "context_length": 64},
+    }
+    config_dir = work_dir / "configs"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    (config_dir / f"{MODEL_NAME}.json").write_text(json.dumps(config, indent=2))
+    open_clip.add_model_config(str(config_dir))
+    model = open_clip.create_model(MODEL_NAME)  # loads MiniLM's weights from the packaged folder
+    # Our loader maps the packaged Lite0 file onto a timm model; open_clip's trunk is one.
+    load_image_weights(SimpleNamespace(visual=model.visual.trunk), "efficientnet_lite0", None)
+    weights = work_dir / "initial.pt"
+    torch.save(model.state_dict(), weights)
+    return config_dir, weights
+
+
+def write_pairs(table, path: Path, count: int, seed: int) -> Path:
+    """`count` training pairs with absolute paths: whole shuffled passes over the table, then a part."""
+    rows = list(zip(table["image"], table["caption"]))
+    generator = random.Random(seed)
+    chosen: list[tuple[str, str]] = []
+    while len(chosen) < count:
+        generator.shuffle(rows)
+        chosen.extend(rows[: count - len(chosen)])
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file, delimiter="\t", lineterminator="\n")
+        writer.writerow(["image", "caption"])
+        writer.writerows((os.path.abspath(image), caption) for image, caption in chosen)
+    return path
+
+
+def open_clip_command(args, config_dir: Path, weights: Path, table: Path, run_dir: Path, name: str) -> list[str]:
+    text_lock = ([] if args.lock_text_unlocked_layers < 0
+                 else ["--lock-text", f"--lock-text-unlocked-layers={args.lock_text_unlocked_layers}"])
+    return [
+        sys.executable, "-c", OPEN_CLIP_LAUNCHER, str(config_dir),
+        f"--model={MODEL_NAME}", f"--pretrained={weights}", f"--train-data={table}", "--dataset-type=csv",
+        "--csv-separator=\t", "--csv-img-key=image", "--csv-caption-key=caption",
+        "--image-mean", *map(str, IMAGENET_MEAN), "--image-std", *map(str, IMAGENET_STD), *text_lock,
+        f"--batch-size={args.batch_size}", f"--workers={args.workers}", "--epochs=1", f"--warmup={args.warmup}",
+        f"--lr={args.lr}", "--wd=0.2", "--precision=fp32", "--device=cpu", "--report-to=", "--save-frequency=1",
+        "--log-every-n-steps=2", f"--logs={run_dir}", f"--name={name}", "--seed=0",
+    ]
+
+
+def evaluate_checkpoint(config_dir: Path, checkpoint: Path, dataset: str) -> dict:
+    """Score open_clip's checkpoint with our evaluator, through open_clip's own eval preprocessing."""
+    import open_clip
+
+    from clipsearch.evaluate import evaluate
+    from clipsearch.models import ModelBundle
+
+    open_clip.add_model_config(str(config_dir))
+    model, train_transform, eval_transform = open_clip.create_model_and_transforms(
+        MODEL_NAME, pretrained=str(checkpoint), image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD
+    )
+    bundle = ModelBundle(model.eval(), train_transform, eval_transform, open_clip.get_tokenizer(MODEL_NAME),
+                         {"embed_dim": 256})
+    return evaluate(bundle, dataset, "dev", batch_size=64, num_workers=1)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    sys.path.insert(0, str(REPO / "package"))
+    from clipsearch.data import read_table
+    from clipsearch.evaluate import format_metrics
+
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    config_dir, weights = write_model(args.work_dir, args.image_size)
+    table = read_table(args.dataset_path, "train")
+
+    calibration_dir = args.work_dir / "calibration"
+    calibration_pairs = write_pairs(table, args.work_dir / "calibration.tsv", CALIBRATION_STEPS * args.batch_size, 1)
+    run_child(open_clip_command(args, config_dir, weights, calibration_pairs, calibration_dir, "run"), calibration_dir)
+    # The first logged window holds start-up; the rest are the steady rate.
+    rate = median([float(v) for v in OPEN_CLIP_RATE.findall((calibration_dir / "output.log").read_text())][1:])
+    pairs = int(rate * args.minutes * 60) // args.batch_size * args.batch_size
+    print(f"open_clip runs at {rate:.1f} samples/s here: {args.minutes:g} minutes = {pairs} pairs", flush=True)
+
+    run_dir = args.work_dir / "run"
+    load_start = load_average()
+    timing = run_child(open_clip_command(args, config_dir, weights, write_pairs(table, args.work_dir / "train.tsv", pairs, 0),
+                                         run_dir, "run"), run_dir)
+    rates = [float(v) for v in OPEN_CLIP_RATE.findall((run_dir / "output.log").read_text())][1:]
+    final = evaluate_checkpoint(config_dir, run_dir / "run" / "checkpoints" / "epoch_1.pt", args.dataset_path)
+    results = {
+        "date": now_iso(),
+        "machine": machine_info(),
+        "load_average_start": load_start,
+        "load_average_end": load_average(),
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "calibrated_samples_per_sec": rate,
+        "pairs": pairs,
+        "wall_minutes": timing["seconds"] / 60,
+        "peak_rss_mib": timing["peak_rss_mib"],
+        "samples_per_sec": median(rates) if rates else None,
+        "final": final,
+    }
+    write_results("quality_open_clip", results)
+    print(format_metrics(final["metrics"]))
+    if not args.no_report:
+        update_report_section("quality_open_clip", report_markdown(results, argv))
+    return results
+
+
+def report_markdown(results: dict, argv: list[str] | None) -> str:
+    from clipsearch.evaluate import format_metrics
+
+    ours_file = RESULTS_DIR / "quality.json"
+    ours = json.loads(ours_file.read_text()) if ours_file.is_file() else None
+    theirs = results["final"]["metrics"]
+    rows = [("open_clip_train.main", results["wall_minutes"], theirs)]
+    if ours:
+        rows.insert(0, (f"ours (`{ours['run_name']}`)", ours["training_minutes"], ours["final"]["metrics"]))
+    table = "\n".join(
+        f"| {name} | {minutes:.0f} | {m['text_to_image_R@1']:.1f} | {m['text_to_image_R@5']:.1f} | "
+        f"{m['text_to_image_R@10']:.1f} | {m['image_to_text_R@1']:.1f} | {m['image_to_text_R@10']:.1f} |"
+        for name, minutes, m in rows
+    )
+    settings = results["settings"]
+    command = " ".join(["python benchmarks/bench_quality_open_clip.py", *(argv or sys.argv[1:])])
+    return f"""## Quality against open_clip's trainer (Flickr8k, equal CPU time)
+
+Command: `{command}`
+
+- Machine: {results['machine']['nproc']} CPUs ({results['machine']['cpu_model']}); date {results['date']}; load average at start {results['load_average_start']}, at end {results['load_average_end']}
+- open_clip {settings['image_size']} px train and test, batch {settings['batch_size']}, lr {settings['lr']} for every parameter, warmup {settings['warmup']},
+  text tower locked but its last {settings['lock_text_unlocked_layers']} layers, image tower trainable; both towers from the packaged weights.
+- It ran {results['samples_per_sec'] or float('nan'):.1f} samples/s (calibrated {results['calibrated_samples_per_sec']:.1f}),
+  {results['pairs']} pairs in {results['wall_minutes']:.1f} minutes, peak RSS {results['peak_rss_mib']:.0f} MiB.
+
+| trainer | minutes | text->image R@1 | R@5 | R@10 | image->text R@1 | R@10 |
+|---|---:|---:|---:|---:|---:|---:|
+{table}
+
+open_clip's final checkpoint:
+
+```
+{format_metrics(theirs)}
+```
+"""
+
+
+if __name__ == "__main__":
+    main()

@@ -27,7 +27,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from bench_train import OPEN_CLIP_LAUNCHER, OPEN_CLIP_RATE, run_child
-from common import RESULTS_DIR, load_average, machine_info, median, now_iso, update_report_section, write_results
+from common import (
+    RESULTS_DIR,
+    load_average,
+    machine_info,
+    median,
+    now_iso,
+    update_report_section,
+    write_results,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 WORK_DIR = Path("/tmp/clipsearch-bench-quality-open-clip")

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from bench_train import OPEN_CLIP_LAUNCHER, OPEN_CLIP_RATE, run_child
+from bench_train import OPEN_CLIP_RATE, run_child
 from common import (
     RESULTS_DIR,
     load_average,
@@ -43,6 +43,14 @@ MODEL_NAME = "clipsearch-MiniLM-L6-EfficientNet-Lite0"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CALIBRATION_STEPS = 16
+# open_clip 3.3's table of HuggingFace architectures lacks the two names its partial text locking
+# looks up for BERT (KeyError 'layer_attr'); the launcher adds them, then registers our config.
+OPEN_CLIP_LAUNCHER = (
+    "import sys, open_clip; from open_clip.hf_configs import arch_dict; "
+    "arch_dict['bert']['config_names'].setdefault('layer_attr', 'layer'); "
+    "arch_dict['bert']['config_names'].setdefault('token_embeddings_attr', 'embeddings'); "
+    "open_clip.add_model_config(sys.argv[1]); from open_clip_train.main import main; main(sys.argv[2:])"
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -105,7 +113,8 @@ def write_pairs(table, path: Path, count: int, seed: int) -> Path:
 
 def open_clip_command(args, config_dir: Path, weights: Path, table: Path, run_dir: Path, name: str) -> list[str]:
     text_lock = ([] if args.lock_text_unlocked_layers < 0
-                 else ["--lock-text", f"--lock-text-unlocked-layers={args.lock_text_unlocked_layers}"])
+                 else ["--lock-text", f"--lock-text-unlocked-layers={args.lock_text_unlocked_layers}",
+                       "--lock-text-freeze-layer-norm"])  # ours freezes locked layers whole
     return [
         sys.executable, "-c", OPEN_CLIP_LAUNCHER, str(config_dir),
         f"--model={MODEL_NAME}", f"--pretrained={weights}", f"--train-data={table}", "--dataset-type=csv",

@@ -42,23 +42,38 @@ def read_curves(log_dir: Path) -> dict[str, list[tuple[float, int, float]]]:
     }
 
 
-def plot(curves: dict, path: Path) -> None:
+def plot(curves: dict, path: Path, baseline: tuple[str, dict] | None = None, peer: dict | None = None) -> None:
+    """Recall against minutes; an earlier run's curves dashed, open_clip's final scores as stars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.2), dpi=120)
+    figure, axis = plt.subplots(figsize=(10, 4.6), dpi=120)
+    colours = {}
     for name, points in curves.items():
-        axis.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=name.replace("_", " "))
+        (line,) = axis.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=name.replace("_", " "))
+        colours[name] = line.get_color()
+    if baseline:
+        label, baseline_curves = baseline
+        for name in ("text_to_image_R@1", "text_to_image_R@10"):
+            points = baseline_curves.get(name, [])
+            axis.plot([p[0] for p in points], [p[2] for p in points], linestyle="--", marker=".", alpha=0.6,
+                      color=colours.get(name), label=f"{name.replace('_', ' ')}, {label}")
+    if peer:
+        for name in ("text_to_image_R@1", "text_to_image_R@10"):
+            axis.plot([peer["wall_minutes"]], [peer["final"]["metrics"][name]], marker="*", markersize=12,
+                      linestyle="none", color=colours.get(name),
+                      label=f"{name.replace('_', ' ')}, open_clip_train.main, same towers")
     for name, value in FROZEN_FLOOR.items():
         axis.axhline(value, linestyle=":", color="gray")
         axis.text(0.5, value + 0.8, f"frozen towers + linear heads, {name.replace('_', ' ')}", color="gray", fontsize=7)
     axis.set_xlabel("minutes of training (2 CPU cores, validation included)")
     axis.set_ylabel("recall (%) on Flickr8k dev (1000 images, 5000 captions)")
     axis.set_title('"Our" CLIP (MiniLM-L6 + EfficientNet-Lite0) on Flickr8k')
+    axis.set_xlim(left=0)
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
     figure.savefig(path)
 
@@ -70,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--logs_dir", default=str(REPO / "logs"), help="where the run's TensorBoard events are")
     parser.add_argument("--dataset_path", default=str(REPO / "dataset/flickr8k/data256"), help="dataset with the dev table")
     parser.add_argument("--command", default="", help="the training command, quoted into the report")
+    parser.add_argument("--baseline_run", default=None, help="an earlier run whose curves are drawn dashed for comparison")
     return parser.parse_args(argv)
 
 
@@ -86,7 +102,12 @@ def main(argv: list[str] | None = None) -> dict:
     final = evaluate(load_bundle(run_dir / "best.ckpt"), args.dataset_path, "dev", batch_size=64, num_workers=1)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     plot_path = RESULTS_DIR / "quality_recall_vs_time.png"
-    plot(curves, plot_path)
+    baseline = None
+    if args.baseline_run:
+        baseline = (args.baseline_run, read_curves(Path(args.logs_dir) / args.baseline_run))
+    peer_file = RESULTS_DIR / "quality_open_clip.json"
+    peer = json.loads(peer_file.read_text()) if peer_file.is_file() else None
+    plot(curves, plot_path, baseline, peer)
     results = {
         "date": now_iso(),
         "machine": machine_info(),
@@ -107,6 +128,11 @@ def main(argv: list[str] | None = None) -> dict:
         + " |"
         for i, (minutes, step, _) in enumerate(curves["text_to_image_R@1"])
     )
+    baseline_line = (
+        f"\n- The plot also shows the earlier run `{args.baseline_run}` (dashed) and, when"
+        " bench_quality_open_clip.py has run, open_clip's trainer with the same towers (stars)."
+        if args.baseline_run else ""
+    )
     markdown = f"""## Quality (Flickr8k)
 
 Command: `{args.command or 'see params'}`, then `python benchmarks/bench_quality.py --run_name {args.run_name}`
@@ -115,7 +141,7 @@ Command: `{args.command or 'see params'}`, then `python benchmarks/bench_quality
 - "Our" CLIP: packaged MiniLM-L6 text tower + packaged ImageNet EfficientNet-Lite0 image tower, trained
   {results['training_minutes']:.0f} minutes (wall clock, validation included) on Flickr8k train (6000 images,
   30000 captions); evaluated on the dev split (1000 images, 5000 captions) by `4_evaluate.sh`'s code.
-- Floor: the same towers frozen with linear heads reach about {FROZEN_FLOOR['text_to_image_R@1']:.0f} / {FROZEN_FLOOR['text_to_image_R@10']:.0f} (text->image R@1 / R@10).
+- Floor: the same towers frozen with linear heads reach about {FROZEN_FLOOR['text_to_image_R@1']:.0f} / {FROZEN_FLOOR['text_to_image_R@10']:.0f} (text->image R@1 / R@10).{baseline_line}
 
 Best checkpoint:
 

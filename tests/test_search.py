@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import clipsearch.search as search_module
 from clipsearch.cli.encode import main as encode_main
 from clipsearch.cli.search import main as search_main
 from clipsearch.encoding.writer import write_json, write_shard
@@ -54,16 +55,20 @@ def test_search_edges_and_input_left_untouched():
         searcher.search(torch.randn(1, 5), 3)
 
 
-def test_fp16_storage_is_close_to_fp32(tmp_path):
+def test_fp16_storage_is_close_to_fp32(tmp_path, monkeypatch):
+    # Small slabs, so multi-query scoring widens several, the last one partial (300 = 2 x 128 + 44).
+    monkeypatch.setattr(search_module, "UPCAST_SLAB_ROWS", 128)
     paths, embeddings = random_collection(count=300, dim=64)
     write_shard(tmp_path / "0-000-64.ckpt", paths, embeddings)
     full = Searcher.from_shards(tmp_path)
     half = Searcher.from_shards(tmp_path, dtype=torch.float16)
     assert half.embeddings.dtype == torch.float16
     queries = embeddings[:5] + 0.1 * torch.randn(5, 64)
-    for full_hits, half_hits in zip(full.search(queries, 5), half.search(queries, 5)):
-        assert full_hits[0].id == half_hits[0].id
-        assert [hit.score for hit in half_hits] == pytest.approx([hit.score for hit in full_hits], abs=5e-3)
+    for batch in (queries, queries[:1]):  # the multi-query and the single-query paths
+        for full_hits, half_hits in zip(full.search(batch, 5), half.search(batch, 5)):
+            assert full_hits[0].id == half_hits[0].id
+            assert [hit.score for hit in half_hits] == pytest.approx([hit.score for hit in full_hits], abs=5e-3)
+    assert torch.allclose(half.scores(queries), full.scores(queries), atol=5e-3)
 
 
 def test_from_shards_orders_numerically_and_skips_temporary_files(tmp_path):

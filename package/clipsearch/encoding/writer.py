@@ -35,10 +35,15 @@ def list_shards(emb_path: str | os.PathLike) -> list[Path]:
     return sorted((path for path in Path(emb_path).glob(f"*{SHARD_SUFFIX}") if path.is_file()), key=shard_sort_key)
 
 
-def atomic_replace(path: str | os.PathLike, write) -> Path:
-    """Run `write(temporary_path)`, then rename over `path`; readers see the old file or the new one."""
+def atomic_replace(path: str | os.PathLike, write, per_process: bool = False) -> Path:
+    """Run `write(temporary_path)`, then rename over `path`; readers see the old file or the new one.
+
+    `per_process` names the temporary after the process, for files that several ranks write at
+    once: with one shared temporary name, one rank's rename takes away the file another rank is
+    about to rename (a crash seen in the two-process encoding test).
+    """
     path = Path(path)
-    temporary = path.with_name(path.name + TMP_SUFFIX)
+    temporary = path.with_name(path.name + (f".{os.getpid()}" if per_process else "") + TMP_SUFFIX)
     try:
         write(temporary)
         os.replace(temporary, path)
@@ -49,7 +54,9 @@ def atomic_replace(path: str | os.PathLike, write) -> Path:
 
 
 def write_json(path: str | os.PathLike, data: dict) -> Path:
-    return atomic_replace(path, lambda temporary: Path(temporary).write_text(json.dumps(data, indent=2) + "\n"))
+    return atomic_replace(
+        path, lambda temporary: Path(temporary).write_text(json.dumps(data, indent=2) + "\n"), per_process=True
+    )
 
 
 def read_json(path: str | os.PathLike) -> dict | None:

@@ -203,3 +203,16 @@ def test_bad_images_are_skipped_listed_and_counted(tmp_path, tiny_checkpoint, co
     lines = (tmp_path / "emb" / "errors-0.tsv").read_text().splitlines()
     assert lines[0] == "path\treason"
     assert dict(line.split("\t") for line in lines[1:]) == bad
+
+
+def test_concurrent_writers_of_one_json_file_never_collide(tmp_path):
+    """Every rank writes model.json; each needs its own temporary, or a rename finds it gone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from clipsearch.encoding.writer import read_json, write_json
+
+    target = tmp_path / "model.json"
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda n: write_json(target, {"writer": n}), range(200)))
+    assert read_json(target)["writer"] in range(200)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.json"]  # no temporaries left behind

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from pathlib import Path
 
 import torch
@@ -38,12 +39,13 @@ def list_shards(emb_path: str | os.PathLike) -> list[Path]:
 def atomic_replace(path: str | os.PathLike, write, per_process: bool = False) -> Path:
     """Run `write(temporary_path)`, then rename over `path`; readers see the old file or the new one.
 
-    `per_process` names the temporary after the process, for files that several ranks write at
-    once: with one shared temporary name, one rank's rename takes away the file another rank is
-    about to rename (a crash seen in the two-process encoding test).
+    `per_process` names the temporary after the process and thread, for files that several ranks
+    write at once: with one shared temporary name, one rank's rename takes away the file another
+    rank is about to rename (a crash seen in the two-process encoding test).
     """
     path = Path(path)
-    temporary = path.with_name(path.name + (f".{os.getpid()}" if per_process else "") + TMP_SUFFIX)
+    writer = f".{os.getpid()}-{threading.get_ident()}" if per_process else ""
+    temporary = path.with_name(path.name + writer + TMP_SUFFIX)
     try:
         write(temporary)
         os.replace(temporary, path)

@@ -247,8 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
     load_start = load_average()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     images, images_source = source_images(args)
-    # The CLI's own rule for one process: as many decode workers as cores, at most 8.
-    default_workers = min(8, max(1, (os.cpu_count() or 1) - 1))  # the encode CLI's default on one device
+    # The encode CLI's rule for one device: one core for the model, the rest decode (1 to 8 workers).
+    default_workers = min(8, max(1, (os.cpu_count() or 1) - 1))
     results = {
         "date": now_iso(),
         "machine": machine_info(),

@@ -40,8 +40,6 @@ from common import (
 REPO = Path(__file__).resolve().parents[1]
 WORK_DIR = Path("/tmp/clipsearch-bench-quality-open-clip")
 MODEL_NAME = "clipsearch-MiniLM-L6-EfficientNet-Lite0"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 CALIBRATION_STEPS = 24
 # open_clip 3.3's table of HuggingFace architectures lacks the two names its partial text locking
 # looks up for BERT (KeyError 'layer_attr'); the launcher adds them, then registers our config.
@@ -112,6 +110,8 @@ def write_pairs(table, path: Path, count: int, seed: int) -> Path:
 
 
 def open_clip_command(args, config_dir: Path, weights: Path, table: Path, run_dir: Path, name: str) -> list[str]:
+    from clipsearch.models.transforms import IMAGENET_MEAN, IMAGENET_STD
+
     text_lock = ([] if args.lock_text_unlocked_layers < 0
                  else ["--lock-text", f"--lock-text-unlocked-layers={args.lock_text_unlocked_layers}",
                        "--lock-text-freeze-layer-norm"])  # ours freezes locked layers whole
@@ -132,6 +132,7 @@ def evaluate_checkpoint(config_dir: Path, checkpoint: Path, dataset: str) -> dic
 
     from clipsearch.evaluate import evaluate
     from clipsearch.models import ModelBundle
+    from clipsearch.models.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     open_clip.add_model_config(str(config_dir))
     model, train_transform, eval_transform = open_clip.create_model_and_transforms(

@@ -60,9 +60,9 @@ class Searcher:
     fp32 collections are stored transposed, one column per image ([dim, count]), and scored with
     numpy's OpenBLAS: its vector-matrix and matrix-matrix kernels stream that layout over all cores
     at memory speed (1M x 512, one query: the time of one read of the matrix), where torch's MKL
-    path ran one query at 0.6x of it and 64 queries at half the rate. fp16 collections stay
-    row-major: CPU BLAS has no fast fp16 vector-matrix kernel, but torch.mv's fp16 path reads the
-    half-size matrix faster than any fp32 scan.
+    path took twice as long for one query and 1.6x for 64 (benchmarks/profile_search.py). fp16
+    collections stay row-major: CPU BLAS has no fast fp16 vector-matrix kernel, but torch.mv's
+    fp16 path reads the half-size matrix faster than any fp32 scan.
     """
 
     def __init__(

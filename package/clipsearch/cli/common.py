@@ -69,9 +69,9 @@ class DefaultsFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
-            return text
-        if isinstance(action.default, list) and not action.default:
+        default = action.default
+        hidden = default is None or default is False or default is argparse.SUPPRESS or default == []
+        if hidden or "default" in text.lower() or not action.option_strings:
             return text
         return f"{text} (default: {action.default})"
 

@@ -22,6 +22,8 @@ import time
 import httpx
 from common import add_report_flags, command_line, load_average, machine_lines, publish, run_header
 
+from clipsearch.cli.common import DEFAULT_TOP_K, non_negative_int, positive_int
+
 QUERIES = ("a red circle", "two blue squares", "a dog on the beach", "a yellow star on green", "city at night")
 # Fractions of the request mix; uploads cost a full image-tower forward, so they are the rarer kind.
 REQUEST_MIX = (("text", 0.60), ("similar", 0.25), ("image", 0.15))
@@ -29,16 +31,13 @@ REQUEST_MIX = (("text", 0.60), ("similar", 0.25), ("image", 0.15))
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=500, help="total requests sent")
-    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
-    parser.add_argument("--collection_size", type=int, default=10_000, help="synthetic collection items")
-    parser.add_argument("--top_k", type=int, default=24, help="results asked for per search")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed requests sent first")
+    parser.add_argument("--requests", type=positive_int, default=500, help="total requests sent")
+    parser.add_argument("--concurrency", type=positive_int, default=16, help="requests in flight at once")
+    parser.add_argument("--warmup", type=non_negative_int, default=20, help="untimed requests sent first")
+    parser.add_argument("--collection_size", type=positive_int, default=10_000, help="synthetic collection items")
+    parser.add_argument("--top_k", type=positive_int, default=DEFAULT_TOP_K, help="results asked for per search")
     add_report_flags(parser)
-    args = parser.parse_args(argv)
-    if args.requests < 1 or args.concurrency < 1 or args.collection_size < 1:
-        parser.error("--requests, --concurrency and --collection_size must be positive")
-    return args
+    return parser.parse_args(argv)
 
 
 def build_synthetic_engine(collection_size: int):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import re
 import shutil
@@ -79,16 +80,19 @@ def test_every_command_is_declared_and_every_declared_entry_point_imports():
         assert script == "clipsearch-" + command.replace("_", "-"), f"{script} should be named after {module}"
         declared[command] = target
     assert command_modules() <= set(declared), f"commands without a script: {command_modules() - set(declared)}"
-    missing = []
+    problems = []
     for target in sorted(declared.values()):
         module, _, function = target.partition(":")
         try:
             entry_point = getattr(importlib.import_module(module), function)
         except (ImportError, AttributeError) as error:
-            missing.append(f"{target}: {error}")
+            problems.append(f"{target} does not import: {error}")
             continue
-        assert callable(entry_point), target
-    assert not missing, "declared entry points that do not import:\n" + "\n".join(missing)
+        # A console script ends with sys.exit(main()): a returned dict or path would print and exit 1.
+        returns = inspect.signature(entry_point).return_annotation
+        if returns not in ("None", "int", "int | None"):
+            problems.append(f"{target} returns {returns}; an entry point returns None or an exit code")
+    assert not problems, "\n".join(problems)
 
 
 def test_commands_import_no_heavy_library_before_parsing():

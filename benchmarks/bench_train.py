@@ -26,10 +26,19 @@ import sys
 import time
 from pathlib import Path
 
-from common import add_report_flags, command_line, load_average, machine_lines, median, publish, run_header
+from common import (
+    SCRATCH_DIR,
+    add_report_flags,
+    command_line,
+    load_average,
+    machine_lines,
+    median,
+    publish,
+    run_header,
+)
 
 REPO = Path(__file__).resolve().parent.parent
-WORK_DIR = Path("/tmp/clipsearch-bench-train")
+WORK_DIR = SCRATCH_DIR / "train-work"
 CONFIG_DIR = REPO / "package" / "clipsearch" / "models" / "configs"
 OPEN_CLIP_LAUNCHER = (
     "import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install: a virtual environment in .venv with the pinned stack (package/requirements.txt) and the
-# clipsearch core package (editable, from package/). Plain pip; no conda, no apex (AMP is native).
+# clipsearch core package (editable, from package/, with its clipsearch-* commands in .venv/bin).
+# Plain pip; no conda, no apex (AMP is native).
 # Idempotent: when nothing changed since the last install it checks and exits in seconds.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -15,8 +16,9 @@ fi
 stamp=.venv/.clipsearch-installed
 wanted=$(cat package/requirements.txt package/pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ] \
+    && [ -x .venv/bin/clipsearch-search ] \
     && .venv/bin/python -c 'import clipsearch, torch, torchvision, lightning, open_clip, timm, transformers' 2>/dev/null; then
-    echo "0_install.sh: .venv is up to date (package/requirements.txt unchanged); nothing to do."
+    echo "0_install.sh: .venv is up to date (package/requirements.txt and pyproject.toml unchanged); nothing to do."
     exit 0
 fi
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Pretrain "our" CLIP: a pretrained HuggingFace text tower (default: the packaged MiniLM-L6) and a
 # pretrained timm image tower (default: the packaged ImageNet EfficientNet-Lite0), on the generated
-# sample data unless --dataset_path says otherwise. Flags: python src_our/main.py --help
+# sample data unless --dataset_path says otherwise. Flags: bash 1_pretrain_our.sh --help
 #   bash 1_pretrain_our.sh --pretrain_text=bert-base-uncased --pretrain_image=resnet50 --dataset_path dataset/flickr8k/data
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=.venv/bin/python; [ -x "$PY" ] || PY=python3
-exec "$PY" src_our/main.py "$@"
+export CLIPSEARCH_PROG="bash $0"  # usage lines name this script
+exec "$PY" -m clipsearch.cli.pretrain_our "$@"

@@ -5,4 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=.venv/bin/python; [ -x "$PY" ] || PY=python3
+export CLIPSEARCH_PROG="bash $0"  # usage lines name this script
 exec "$PY" -m clipsearch.cli.search "$@"

@@ -1,14 +1,14 @@
 """Flickr8k retrieval quality of a finished training run: recall against training time, and the final table.
 
     python dataset/flickr8k/prepare.py --source /path/to/flickr8k
-    python -m clipsearch.resize_dataset --dataset_path dataset/flickr8k/data --out dataset/flickr8k/data256
+    ./clipsearch resize_dataset --dataset_path dataset/flickr8k/data --out dataset/flickr8k/data256
     bash 1_pretrain_our.sh --dataset_path dataset/flickr8k/data256 --run_name flickr8k-our-60min ...
-    .venv/bin/python benchmarks/bench_quality.py --run_name flickr8k-our-60min --command "<the training command>"
+    .venv/bin/python benchmarks/bench_quality.py --run_name flickr8k-our-60min --command "<the training command>" --report
 
 Reads the run's TensorBoard events (validation recall and the wall-clock time of each logged
 point), evaluates the run's best checkpoint on the dev split with the same code as
-`4_evaluate.sh`, plots recall against minutes of training, and writes the "Quality" section of
-BENCHMARKS.md. The training itself is not repeated here: an hour of CPU is the experiment.
+`4_evaluate.sh`, plots recall against minutes of training, and with --report writes the "Quality"
+section of BENCHMARKS.md and the plot under benchmarks/results/. The training itself is not repeated here: an hour of CPU is the experiment.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from common import RESULTS_DIR, load_average, machine_info, now_iso, update_report_section, write_results
+from common import RESULTS_DIR, add_report_flags, load_average, publish, results_dir, run_header
 
 REPO = Path(__file__).resolve().parents[1]
 # The packaged towers frozen, with only linear heads trained: the floor any training must beat.
@@ -86,6 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset_path", default=str(REPO / "dataset/flickr8k/data256"), help="dataset with the dev table")
     parser.add_argument("--command", default="", help="the training command, quoted into the report")
     parser.add_argument("--baseline_run", default=None, help="an earlier run whose curves are drawn dashed for comparison")
+    add_report_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -98,10 +99,10 @@ def main(argv: list[str] | None = None) -> dict:
     run_dir = Path(args.models_dir) / args.run_name
     params = json.loads((run_dir / "params.json").read_text())
     curves = read_curves(Path(args.logs_dir) / args.run_name)
-    load_start = load_average()
+    header = run_header()
     final = evaluate(load_bundle(run_dir / "best.ckpt"), args.dataset_path, "dev", batch_size=64, num_workers=1)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    plot_path = RESULTS_DIR / "quality_recall_vs_time.png"
+    plot_path = results_dir(args.report) / "quality_recall_vs_time.png"
+    plot_path.parent.mkdir(parents=True, exist_ok=True)
     baseline = None
     if args.baseline_run:
         baseline = (args.baseline_run, read_curves(Path(args.logs_dir) / args.baseline_run))
@@ -109,9 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     peer = json.loads(peer_file.read_text()) if peer_file.is_file() else None
     plot(curves, plot_path, baseline, peer)
     results = {
-        "date": now_iso(),
-        "machine": machine_info(),
-        "load_average_start": load_start,
+        **header,
         "load_average_end": load_average(),
         "run_name": args.run_name,
         "training_command": args.command,
@@ -120,7 +119,6 @@ def main(argv: list[str] | None = None) -> dict:
         "curves": curves,
         "final": final,
     }
-    write_results("quality", results)
     metrics = final["metrics"]
     rows = "\n".join(
         f"| {minutes:.1f} | {step} | "
@@ -157,7 +155,7 @@ Validation during training:
 
 ![recall against training time](benchmarks/results/{plot_path.name})
 """
-    update_report_section("quality", markdown)
+    publish("quality", results, markdown, args.report)
     print(format_metrics(metrics))
     return results
 

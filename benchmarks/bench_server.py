@@ -4,28 +4,26 @@
     .venv/bin/python benchmarks/bench_server.py --requests 2000 --concurrency 32
 
 The server runs in its own process (as `--serve` would) over a tiny random ViT and a synthetic collection of
-random unit vectors; the client mixes text searches, similar-by-id searches and image uploads. Results go
-to benchmarks/results/server.json and a markdown table row is printed.
+random unit vectors; the client mixes text searches, similar-by-id searches and image uploads. A summary
+table is printed; with --report, results go to benchmarks/results/server.json and the "Web server" section
+of BENCHMARKS.md, otherwise to a scratch folder.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import io
-import json
 import multiprocessing
-import os
-import platform
 import socket
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
 import httpx
+from common import add_report_flags, command_line, load_average, machine_lines, publish, run_header
 
-RESULTS_FILE = Path(__file__).parent / "results" / "server.json"
+from clipsearch.cli.common import DEFAULT_TOP_K, non_negative_int, positive_int
+
 QUERIES = ("a red circle", "two blue squares", "a dog on the beach", "a yellow star on green", "city at night")
 # Fractions of the request mix; uploads cost a full image-tower forward, so they are the rarer kind.
 REQUEST_MIX = (("text", 0.60), ("similar", 0.25), ("image", 0.15))
@@ -33,16 +31,13 @@ REQUEST_MIX = (("text", 0.60), ("similar", 0.25), ("image", 0.15))
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=500, help="total requests sent")
-    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
-    parser.add_argument("--collection_size", type=int, default=10_000, help="synthetic collection items")
-    parser.add_argument("--top_k", type=int, default=24, help="results asked for per search")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed requests sent first")
-    parser.add_argument("--output", type=Path, default=RESULTS_FILE, help="where the JSON results are written")
-    args = parser.parse_args(argv)
-    if args.requests < 1 or args.concurrency < 1 or args.collection_size < 1:
-        parser.error("--requests, --concurrency and --collection_size must be positive")
-    return args
+    parser.add_argument("--requests", type=positive_int, default=500, help="total requests sent")
+    parser.add_argument("--concurrency", type=positive_int, default=16, help="requests in flight at once")
+    parser.add_argument("--warmup", type=non_negative_int, default=20, help="untimed requests sent first")
+    parser.add_argument("--collection_size", type=positive_int, default=10_000, help="synthetic collection items")
+    parser.add_argument("--top_k", type=positive_int, default=DEFAULT_TOP_K, help="results asked for per search")
+    add_report_flags(parser)
+    return parser.parse_args(argv)
 
 
 def build_synthetic_engine(collection_size: int):
@@ -148,8 +143,36 @@ def wait_until_healthy(base_url: str, server: multiprocessing.Process, timeout_s
     raise RuntimeError(f"the server did not answer {base_url}/api/health within {timeout_s:.0f} s")
 
 
+def report_markdown(results: dict) -> str:
+    mix = ", ".join(f"{kind} {share:.0%}" for kind, share in results["request_mix"].items())
+    model = results["model"]  # /api/health's description: a name, or a dict with the architecture
+    model = model.get("architecture", model) if isinstance(model, dict) else model
+    lines = [
+        "## Web server",
+        "",
+        f"Command: `{results['command']}`",
+        "",
+        machine_lines(results).rstrip(),
+        f"- {results['requests']} requests, {results['concurrency']} concurrent, on loopback; collection of "
+        f"{results['collection_size']:,} random {results['embedding_dim']}-d vectors, model {model} "
+        f"(random weights), top-{results['top_k']}; mix {mix}",
+        "",
+        "| p50 ms | p99 ms | mean ms | max ms | requests/s | errors |",
+        "|---:|---:|---:|---:|---:|---:|",
+        f"| {results['p50_ms']:.1f} | {results['p99_ms']:.1f} | {results['mean_ms']:.1f} | {results['max_ms']:.1f} | "
+        f"{results['throughput_rps']:.1f} | {results['errors']} |",
+        "",
+        "| request kind | count | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [f"| {kind} | {row['count']} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} |"
+              for kind, row in results["by_kind"].items()]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    header = run_header()
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     # A separate process keeps the client's own Python work from competing for the server's GIL.
@@ -166,7 +189,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     every_timing = [value for values in run["timings_ms"].values() for value in values]
     results = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **header,
+        "load_average_end": load_average(),
+        "command": command_line("bench_server.py", argv),
         "requests": args.requests,
         "concurrency": args.concurrency,
         "collection_size": health["collection_size"],
@@ -190,17 +215,10 @@ def main(argv: list[str] | None = None) -> dict:
             for kind, values in run["timings_ms"].items()
             if values
         },
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
-
-    print("| requests | concurrency | collection | p50 ms | p99 ms | req/s | errors |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    print(
-        f"| {results['requests']} | {results['concurrency']} | {results['collection_size']:,} | "
-        f"{results['p50_ms']:.1f} | {results['p99_ms']:.1f} | {results['throughput_rps']:.1f} | {results['errors']} |"
-    )
+    markdown = report_markdown(results)
+    print(markdown)
+    publish("server", results, markdown, args.report)
     for failure in results["first_errors"]:
         print(f"error: {failure}", file=sys.stderr)
     return results

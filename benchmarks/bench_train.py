@@ -10,8 +10,8 @@ counts; (step difference x batch) / (time difference) is the steady rate with st
 building and the final checkpoint cancelled out. Peak memory is the largest resident set of the
 trainer process or any of its DataLoader workers (wait4's ru_maxrss). open_clip_train cannot see our
 config folder by itself, so it is started through a two-line launcher that registers the folder
-with open_clip.add_model_config first. Results go to benchmarks/results/train.json and the
-"Training" section of BENCHMARKS.md.
+with open_clip.add_model_config first. With --report, results go to benchmarks/results/train.json
+and the "Training" section of BENCHMARKS.md; otherwise to a scratch folder.
 """
 from __future__ import annotations
 
@@ -27,17 +27,18 @@ import time
 from pathlib import Path
 
 from common import (
+    SCRATCH_DIR,
+    add_report_flags,
+    command_line,
     load_average,
-    machine_info,
     machine_lines,
     median,
-    now_iso,
-    update_report_section,
-    write_results,
+    publish,
+    run_header,
 )
 
 REPO = Path(__file__).resolve().parent.parent
-WORK_DIR = Path("/tmp/clipsearch-bench-train")
+WORK_DIR = SCRATCH_DIR / "train-work"
 CONFIG_DIR = REPO / "package" / "clipsearch" / "models" / "configs"
 OPEN_CLIP_LAUNCHER = (
     "import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
@@ -55,8 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--workers", type=int, default=1, help="DataLoader workers of both trainers (ours defaults to cores - 1)")
     run.add_argument("--repeats", type=int, default=1, help="measurements per trainer and step count (median reported)")
     run.add_argument("--work_dir", type=Path, default=WORK_DIR, help="scratch folder for data, logs and checkpoints")
-    program = parser.add_argument_group("program")
-    program.add_argument("--no_report", action="store_true", help="write the JSON only, leave BENCHMARKS.md alone")
+    add_report_flags(parser)
     args = parser.parse_args(argv)
     args.steps = sorted(int(value) for value in args.steps.split(","))
     if len(args.steps) != 2 or args.steps[0] < 1 or args.steps[0] == args.steps[1]:
@@ -171,7 +171,7 @@ def report_markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    load_start = load_average()
+    header = run_header()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     dataset, tables = prepare_data(args.work_dir, args.batch_size, args.steps)
     runs = {(trainer, steps): [] for trainer in ("ours", "open_clip") for steps in args.steps}
@@ -208,9 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     from clipsearch.models.openai_clip import openai_clip_spec
 
     results = {
-        "date": now_iso(),
-        "machine": machine_info(),
-        "load_average_start": load_start,
+        **header,
         "setup": {
             "model": args.model,
             "image_px": openai_clip_spec(args.model)["image"]["size"],
@@ -221,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "trainers": trainers,
         "load_average_end": load_average(),
-        "command": "python benchmarks/bench_train.py" + (" " + " ".join(sys.argv[1:]) if argv is None and sys.argv[1:] else ""),
+        "command": command_line("bench_train.py", argv),
     }
     ours, theirs = trainers["ours"], trainers["open_clip"]
     ratio = ours["steady_samples_per_s"] / theirs["steady_samples_per_s"]
@@ -230,10 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"- Ours runs at {ratio:.2f} x open_clip's steady samples/s ({'met' if ratio >= 1 else 'missed'}: target >= 1); "
         f"peak RSS {ours['peak_rss_mib']:.0f} MiB against {theirs['peak_rss_mib']:.0f} MiB."
     ]
-    path = write_results("train", results)
-    if not args.no_report:
-        update_report_section("train", report_markdown(results))
-    print(f"wrote {path}")
+    publish("train", results, report_markdown(results), args.report)
     return results
 
 

@@ -4,7 +4,8 @@
 
 Each door trains `--steps` steps (no validation until the end) and logs samples/s every few steps
 to TensorBoard (the first step, which pays for start-up, is left out by the trainer). Reports the
-median logged rate. Results go to benchmarks/results/variants.json and BENCHMARKS.md.
+median logged rate. With --report, results go to benchmarks/results/variants.json and
+BENCHMARKS.md; otherwise to a scratch folder.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import load_average, machine_info, machine_lines, now_iso, update_report_section, write_results
+from common import add_report_flags, command_line, load_average, machine_lines, publish, run_header
 
 REPO = Path(__file__).resolve().parents[1]
 # Door, flags: the small configurations a CPU user starts with (the our-CLIP one is the default run).
@@ -41,13 +42,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=25, help="training steps per variant")
     parser.add_argument("--batch_size", type=int, default=32, help="pairs per step")
     parser.add_argument("--num_workers", type=int, default=1, help="DataLoader workers")
+    add_report_flags(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    results = {"date": now_iso(), "machine": machine_info(), "load_average_start": load_average(),
-               "batch_size": args.batch_size, "steps": args.steps, "samples_per_sec": {}}
+    results = {**run_header(), "batch_size": args.batch_size, "steps": args.steps, "samples_per_sec": {},
+               "command": command_line("bench_variants.py", argv)}
     with tempfile.TemporaryDirectory() as work:
         for name, (door, flags) in VARIANTS.items():
             run = f"variant{len(results['samples_per_sec'])}"
@@ -60,17 +62,16 @@ def main(argv: list[str] | None = None) -> dict:
             results["samples_per_sec"][name] = round(statistics.median(rates), 1)
             print(f"{name}: {results['samples_per_sec'][name]} samples/s")
     results["load_average_end"] = load_average()
-    write_results("variants", results)
     rows = "\n".join(f"| {name} | {rate} |" for name, rate in results["samples_per_sec"].items())
-    update_report_section("variants", f"""## Training throughput of each variant
+    publish("variants", results, f"""## Training throughput of each variant
 
-Command: `python benchmarks/bench_variants.py --steps {args.steps} --batch_size {args.batch_size}`
+Command: `{results['command']}`
 
 {machine_lines(results)}
 | variant (door, sample data) | samples/s |
 |---|---:|
 {rows}
-""")
+""", args.report)
     return results
 
 

@@ -1,19 +1,22 @@
-"""What the benchmark scripts share: machine description, interleaved timing, and the report file."""
+"""What the benchmark scripts share: machine description, interleaved timing, and where results go."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
 BENCHMARKS_DIR = Path(__file__).resolve().parent
+# Tracked: rewritten only when a run is asked to (--report), so a trial run leaves the tree clean.
 RESULTS_DIR = BENCHMARKS_DIR / "results"
+SCRATCH_DIR = Path(tempfile.gettempdir()) / "clipsearch-bench"
 REPORT_FILE = BENCHMARKS_DIR.parent / "BENCHMARKS.md"
 QUALITY_HEADING = "## Quality (Flickr8k)"
 QUALITY_MARKER = "<!-- bench:quality -->"
@@ -21,7 +24,7 @@ REPORT_HEADER = """# Benchmarks
 
 Measured on shared machines; every section says which machine, how many threads, and the load
 average at the start and end of its run (other processes competing for the cores show up there).
-Each section is rewritten by its script; see benchmarks/README.md.
+Each section is rewritten by its script when run with `--report`; see benchmarks/README.md.
 """
 
 
@@ -36,6 +39,8 @@ def cpu_model() -> str:
 
 
 def machine_info() -> dict:
+    import torch
+
     return {
         "nproc": os.cpu_count(),
         "cpu_model": cpu_model(),
@@ -52,6 +57,17 @@ def load_average() -> list[float]:
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run_header() -> dict:
+    """The first fields of every result: when, on what machine, under what load."""
+    return {"date": now_iso(), "machine": machine_info(), "load_average_start": load_average()}
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that reproduces this run, for the report."""
+    flags = sys.argv[1:] if argv is None else argv
+    return " ".join(["python", f"benchmarks/{script}", *flags])
 
 
 def timed(function: Callable[[], object]) -> float:
@@ -79,10 +95,35 @@ def median(values: list[float]) -> float:
     return round(statistics.median(values), 3)
 
 
-def write_results(name: str, results: dict) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
+def add_report_flags(parser: argparse.ArgumentParser) -> None:
+    """--report / --no_report: whether this run rewrites the tracked results."""
+    group = parser.add_argument_group("report").add_mutually_exclusive_group()
+    group.add_argument("--report", action="store_true",
+                       help="rewrite benchmarks/results/<name>.json and this benchmark's section of BENCHMARKS.md")
+    group.add_argument("--no_report", action="store_true",
+                       help=f"the default: write the JSON to {SCRATCH_DIR} and leave the tracked files alone")
+
+
+def results_dir(report: bool) -> Path:
+    return RESULTS_DIR if report else SCRATCH_DIR
+
+
+def write_results(name: str, results: dict, directory: Path | None = None) -> Path:
+    directory = directory or RESULTS_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
+    return path
+
+
+def publish(name: str, results: dict, markdown: str, report: bool) -> Path:
+    """Write the results, and with `report` their section of BENCHMARKS.md; returns the JSON's path."""
+    path = write_results(name, results, results_dir(report))
+    if report:
+        update_report_section(name, markdown, REPORT_FILE)
+        print(f"wrote {path} and the {name!r} section of {REPORT_FILE.name}")
+    else:
+        print(f"wrote {path} (tracked results unchanged; --report rewrites them)")
     return path
 
 

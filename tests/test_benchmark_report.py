@@ -1,7 +1,9 @@
-"""BENCHMARKS.md is rewritten section by section; sections must land in order and replace themselves."""
+"""Benchmark results: tracked files rewritten only with --report, BENCHMARKS.md section by section, in order."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import json
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,3 +34,31 @@ def test_sections_replace_themselves_and_quality_sections_stay_last(tmp_path):
     for name in ("search", "encode", "quality", "quality_open_clip"):
         inside = text.split(f"<!-- bench:{name} -->", 1)[1].split(f"<!-- /bench:{name} -->", 1)[0]
         assert "<!-- bench:" not in inside
+
+
+def test_a_run_rewrites_tracked_results_only_with_report(tmp_path, monkeypatch):
+    common = load_common()
+    results_dir, scratch_dir, report = tmp_path / "results", tmp_path / "scratch", tmp_path / "BENCHMARKS.md"
+    monkeypatch.setattr(common, "RESULTS_DIR", results_dir)
+    monkeypatch.setattr(common, "SCRATCH_DIR", scratch_dir)
+    monkeypatch.setattr(common, "REPORT_FILE", report)
+    parser = argparse.ArgumentParser()
+    common.add_report_flags(parser)
+
+    for flags in ([], ["--no_report"]):
+        path = common.publish("search", {"ms": 1.0}, "## Search\ntrial", parser.parse_args(flags).report)
+        assert path == scratch_dir / "search.json" and json.loads(path.read_text()) == {"ms": 1.0}
+    assert not results_dir.exists() and not report.exists()
+
+    path = common.publish("search", {"ms": 2.0}, "## Search\nreported", parser.parse_args(["--report"]).report)
+    assert path == results_dir / "search.json" and json.loads(path.read_text()) == {"ms": 2.0}
+    assert "## Search\nreported" in report.read_text()
+
+
+def test_every_benchmark_has_the_report_flags_and_no_developer_paths():
+    """A benchmark publishes only when asked, and its defaults work on any checkout."""
+    for script in sorted((REPO / "benchmarks").glob("bench_*.py")):
+        source = script.read_text()
+        assert "add_report_flags(" in source, f"{script.name}: no --report/--no_report (common.add_report_flags)"
+        for prefix in ("/work/", "/home/", "/Users/"):
+            assert f'"{prefix}' not in source, f"{script.name}: a default under {prefix} that only one machine has"

@@ -1,6 +1,7 @@
 """The README's main job through the real numbered scripts: train on the sample data, encode, search."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -63,3 +64,13 @@ def test_image_query_returns_itself_first(trained_search):
     paths = sorted(set(read_table(dataset, "dev").image))[:20]
     results = engine.search_image([Image.open(path) for path in paths], top_k=1)
     assert [hits[0].path for hits in results] == paths
+
+
+def test_evaluate_script_scores_the_trained_checkpoint(trained_search):
+    """4_evaluate.sh takes --accelerator/--devices like the other scripts and agrees with the search test above."""
+    work, dataset, checkpoint = trained_search
+    out = work / "eval.json"
+    run_script("4_evaluate.sh", f"--load_model={checkpoint}", f"--dataset_path={dataset}", "--split=dev",
+               "--accelerator=cpu", "--devices=1", f"--out={out}")
+    metrics = json.loads(out.read_text())["metrics"]
+    assert metrics["text_to_image_R@5"] > 50, metrics

@@ -1,15 +1,33 @@
-"""0_install.sh: idempotent on an installed tree, clear errors on old Python or an unreachable index."""
+"""Installing and the doors: 0_install.sh, the package's declared commands, the numbered scripts, ./clipsearch."""
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
+import re
 import shutil
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 STAMP = REPO / ".venv" / ".clipsearch-installed"
+PACKAGE = REPO / "package"
+CLI_DIR = PACKAGE / "clipsearch" / "cli"
+NUMBERED_SCRIPTS = sorted(path.name for path in REPO.glob("[1-4]_*.sh"))
+tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+
+
+def pyproject() -> dict:
+    return tomllib.loads((PACKAGE / "pyproject.toml").read_text())
+
+
+def command_modules() -> set[str]:
+    """The commands: every module of clipsearch/cli/ but the shared helpers."""
+    return {path.stem for path in CLI_DIR.glob("*.py")} - {"__init__", "common"}
 
 
 def _snapshot(folder: Path) -> dict[str, float]:
@@ -50,3 +68,94 @@ def test_unreachable_index_is_reported(tmp_path):
     assert completed.returncode == 1
     assert "pip could not install the pinned packages" in completed.stderr
     assert not (copy / ".venv" / ".clipsearch-installed").exists()
+
+
+def test_every_command_is_declared_and_every_declared_entry_point_imports():
+    scripts = pyproject()["project"]["scripts"]
+    declared = {}
+    for script, target in scripts.items():
+        module, _, function = target.partition(":")
+        assert re.fullmatch(r"clipsearch\.cli\.\w+", module) and function == "main", f"{script} = {target}"
+        command = module.rsplit(".", 1)[1]
+        assert script == "clipsearch-" + command.replace("_", "-"), f"{script} should be named after {module}"
+        declared[command] = target
+    assert command_modules() <= set(declared), f"commands without a script: {command_modules() - set(declared)}"
+    problems = []
+    for target in sorted(declared.values()):
+        module, _, function = target.partition(":")
+        try:
+            entry_point = getattr(importlib.import_module(module), function)
+        except (ImportError, AttributeError) as error:
+            problems.append(f"{target} does not import: {error}")
+            continue
+        # A console script ends with sys.exit(main()): a returned dict or path would print and exit 1.
+        returns = inspect.signature(entry_point).return_annotation
+        if returns not in ("None", "int", "int | None"):
+            problems.append(f"{target} returns {returns}; an entry point returns None or an exit code")
+    assert not problems, "\n".join(problems)
+
+
+def test_commands_import_no_heavy_library_before_parsing():
+    """--help and typos answer at once only if importing a command loads no torch, Lightning or transformers."""
+    probe = (
+        "import importlib, sys\n"
+        "for command in sys.argv[1:]:\n"
+        "    importlib.import_module('clipsearch.cli.' + command)\n"
+        "    heavy = [name for name in ('torch', 'lightning', 'transformers', 'open_clip', 'faiss') if name in sys.modules]\n"
+        "    if heavy:\n"
+        "        sys.exit(f'importing clipsearch.cli.{command} loaded {heavy}')\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", probe, *sorted(command_modules())], capture_output=True,
+                               text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+
+
+def test_every_dependency_is_pinned_in_requirements():
+    """pyproject names what the package needs; requirements.txt pins the tested version of each."""
+    def name(requirement: str) -> str:
+        return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+    project = pyproject()["project"]
+    needed = {name(r) for r in project["dependencies"]}
+    needed |= {name(r) for extra in project["optional-dependencies"].values() for r in extra}
+    lines = (PACKAGE / "requirements.txt").read_text().splitlines()
+    pinned = {name(line) for line in lines if "==" in line and not line.startswith("#")}
+    assert needed <= pinned, f"not pinned in requirements.txt: {sorted(needed - pinned)}"
+    assert not any(re.search(r"==", r) for r in project["dependencies"]), "pins belong in requirements.txt"
+
+
+def test_the_built_package_installs_every_declared_script(tmp_path):
+    """What `pip install ./package` puts in bin/: the wheel's console scripts (built offline, from a copy)."""
+    source = tmp_path / "package"
+    shutil.copytree(PACKAGE, source, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build"))
+    completed = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"),
+         str(source)], capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr
+    (wheel,) = (tmp_path / "dist").glob("clipsearch-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        entry_points = next(n for n in archive.namelist() if n.endswith(".dist-info/entry_points.txt"))
+        text = archive.read(entry_points).decode()
+        assert any(n.startswith("clipsearch/models/configs/") and n.endswith(".json") for n in archive.namelist())
+    for script, target in pyproject()["project"]["scripts"].items():
+        assert f"{script} = {target}" in text
+
+
+@pytest.mark.parametrize("script", NUMBERED_SCRIPTS)
+def test_numbered_script_help_names_the_script(script):
+    completed = subprocess.run(["bash", script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.startswith(f"usage: bash {script}"), completed.stdout[:200]
+
+
+def test_clipsearch_wrapper_lists_and_runs_every_command():
+    completed = subprocess.run(["./clipsearch", "--help"], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert completed.returncode == 0
+    listed = completed.stdout.split("commands:", 1)[1].split()
+    assert sorted(listed) == sorted(command_modules())
+    completed = subprocess.run(["./clipsearch", "sample-data", "--help"], cwd=REPO, capture_output=True, text=True,
+                               timeout=30)
+    assert completed.returncode == 0 and completed.stdout.startswith("usage: ./clipsearch sample_data")
+    completed = subprocess.run(["./clipsearch", "sample_dta"], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert completed.returncode == 2 and "unknown command 'sample_dta'" in completed.stderr

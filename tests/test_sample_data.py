@@ -4,6 +4,7 @@ import hashlib
 import numpy as np
 import pytest
 
+from clipsearch.cli.sample_data import main
 from clipsearch.data import ImageGroupDataset, load_image, read_table
 from clipsearch.sample_data import (
     BACKGROUNDS,
@@ -14,7 +15,6 @@ from clipsearch.sample_data import (
     describe_scene,
     ensure_sample_dataset,
     generate_example,
-    main,
     sample_scene,
 )
 

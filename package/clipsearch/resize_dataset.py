@@ -4,11 +4,10 @@ Decoding a 500 x 375 JPEG costs about four times a 256 px one, and on a few CPU 
 competes with the model for the same cores. img2dataset resizes at download time for the same
 reason; this does it for a dataset already on disk:
 
-    python -m clipsearch.resize_dataset --dataset_path dataset/flickr8k/data --out dataset/flickr8k/data256
+    ./clipsearch resize_dataset --dataset_path dataset/flickr8k/data --out dataset/flickr8k/data256
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -70,19 +69,8 @@ def resize_dataset(dataset_path: str | Path, out: str | Path, size: int = 256, w
     return counts
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset_path", required=True, help="dataset folder with <split>.tsv tables")
-    parser.add_argument("--out", required=True, help="folder for the resized images and their tables")
-    parser.add_argument("--size", type=int, default=256, help="shorter side in pixels (images are never upscaled)")
-    parser.add_argument("--workers", type=int, default=2, help="resizing processes")
-    return parser.parse_args(argv)
+if __name__ == "__main__":  # a door kept for old command lines; the command lives in clipsearch.cli.resize_dataset
+    from clipsearch.cli.common import run_command
+    from clipsearch.cli.resize_dataset import main
 
-
-def main(argv: list[str] | None = None) -> dict[str, int]:
-    args = parse_args(argv)
-    return resize_dataset(args.dataset_path, args.out, args.size, args.workers)
-
-
-if __name__ == "__main__":
-    main()
+    run_command(main)

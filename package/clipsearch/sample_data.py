@@ -1,7 +1,6 @@
 """Deterministic synthetic image-caption dataset of coloured shapes, generated on first use."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -317,29 +316,15 @@ def generated_image_size(dataset_path: str | os.PathLike) -> int | None:
     return int(meta["image_size"]) if "generator_version" in meta and "image_size" in meta else None
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--path", default="dataset/sample", help="folder to write the dataset into")
-    parser.add_argument("--num_train", type=int, default=4000, help="number of training images")
-    parser.add_argument("--num_dev", type=int, default=300, help="number of dev images")
-    parser.add_argument("--image_size", type=int, default=96, help="side of the square images in pixels")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical files")
-    parser.add_argument("--force", action="store_true", help="regenerate even if a complete copy exists")
-    args = parser.parse_args(argv)
-    if args.num_train < 1 or args.num_dev < 1:
-        parser.error("--num_train and --num_dev must be at least 1")
-    if args.image_size < 16:
-        parser.error("--image_size must be at least 16 pixels")
-    return args
+def needs_generation(
+    path: str | os.PathLike, num_train: int, num_dev: int, image_size: int, seed: int, force: bool = False
+) -> bool:
+    """Whether `ensure_sample_dataset` with these settings would (re)write the files at `path`."""
+    return force or not is_complete(Path(path), _expected_meta(num_train, num_dev, image_size, seed))
 
 
-def main(argv: list[str] | None = None) -> Path:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv)
-    root = ensure_sample_dataset(args.path, args.num_train, args.num_dev, args.image_size, args.seed, args.force)
-    print(root)
-    return root
+if __name__ == "__main__":  # a door kept for old command lines; the command lives in clipsearch.cli.sample_data
+    from clipsearch.cli.common import run_command
+    from clipsearch.cli.sample_data import main
 
-
-if __name__ == "__main__":
-    main()
+    run_command(main)

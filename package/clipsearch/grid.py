@@ -5,7 +5,7 @@ import unicodedata
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from clipsearch.data import DataReport, load_image
+from clipsearch.images import load_image
 
 BACKGROUND = (255, 255, 255)
 PLACEHOLDER = (200, 200, 200)
@@ -21,7 +21,7 @@ MAX_NAME_BYTES = 200
 
 def _thumbnail(image_path: str, thumb_size: int) -> Image.Image:
     """The image scaled into a thumb_size square, or a grey placeholder if it cannot be read."""
-    image = load_image(image_path, DataReport()) if image_path else None
+    image = load_image(image_path) if image_path else None
     cell = Image.new("RGB", (thumb_size, thumb_size), PLACEHOLDER if image is None else BACKGROUND)
     if image is None:
         draw = ImageDraw.Draw(cell)

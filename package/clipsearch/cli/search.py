@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from clipsearch.cli.common import (
@@ -30,8 +31,6 @@ Each query's top-k thumbnails are saved as <out_dir>/<query>.png (image queries:
 The web server sends only image files under the dataset folder the embeddings were encoded from
 (symlinks resolved); --serve_root adds folders, --serve_any_path lifts the check.
 """
-# Interactive queries are kept across sessions, like a shell's history.
-HISTORY_FILE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipsearch" / "search_history"
 HISTORY_LENGTH = 1000
 # Records an encoding run writes beside its shards; either may name the dataset folder it read.
 RECORD_FILES = ("manifest.json", "model.json")
@@ -45,7 +44,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     data = parser.add_argument_group("data")
     data.add_argument("--emb_path", default=DEFAULT_EMB_PATH, help="folder of embedding shards to search")
     data.add_argument(
-        "--index_path", default=None, help="faiss index to answer through (built by python -m clipsearch.index)"
+        "--index_path",
+        default=None,
+        help="faiss index to answer through (built by python -m clipsearch.index); load only indexes you "
+        "built or trust: faiss files are not safe against tampering",
     )
     data.add_argument("--fp16", action="store_true", help="hold the embeddings as float16: half the memory")
 
@@ -188,9 +190,11 @@ def report(hits, query: dict, heading: str, grid_title: str, grid_name: str, arg
 
 def answer_text(engine, query: str, args: argparse.Namespace) -> None:
     from clipsearch.grid import safe_filename
+    from clipsearch.images import display_path
 
     hits = engine.search_text([query], args.top_k)[0]
-    report(hits, {"kind": "text", "text": query}, f"for {query!r}", query, safe_filename(query), args)
+    shown = display_path(query)  # arguments that are not UTF-8 arrive as surrogates, which JSON cannot carry
+    report(hits, {"kind": "text", "text": shown}, f"for {query!r}", query, safe_filename(shown), args)
 
 
 def answer_image(engine, image_path: str, args: argparse.Namespace) -> bool:
@@ -210,45 +214,53 @@ def answer_image(engine, image_path: str, args: argparse.Namespace) -> bool:
     return True
 
 
-def enable_line_editing() -> None:
-    """Arrow keys, editing and a history kept in HISTORY_FILE for `input()`, where readline exists."""
+def history_file() -> Path:
+    """Where interactive queries are kept across sessions, like a shell's history."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipsearch" / "search_history"
+
+
+def enable_line_editing() -> Callable[[], None] | None:
+    """Arrow keys, editing and the saved history for `input()`; returns what saves the history, if readline exists."""
     try:
         import readline
     except ImportError:  # Windows without pyreadline: plain input still works
-        return
-    import atexit
-
+        return None
+    path = history_file()
     readline.set_history_length(HISTORY_LENGTH)
     try:
-        readline.read_history_file(HISTORY_FILE)
+        readline.read_history_file(path)
     except OSError:  # the first session has none yet
         pass
 
     def save_history() -> None:
         try:
-            HISTORY_FILE.parent.mkdir(parents=True, exist_ok=True)
-            readline.write_history_file(HISTORY_FILE)
-        except OSError:
-            pass
+            path.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(path)
+        except OSError as error:
+            print(f"warning: search history not saved to {path}: {error.strerror}", file=sys.stderr)
 
-    atexit.register(save_history)
+    return save_history
 
 
 def interactive(engine, args: argparse.Namespace) -> int:
     """Answer queries typed at a `Search: ` prompt until an empty line or end of input."""
-    if sys.stdin.isatty():
-        enable_line_editing()
+    # Only a person at a terminal gets line editing and a history; piped queries stay out of it.
+    save_history = enable_line_editing() if sys.stdin.isatty() else None
     answered = 0
-    while True:
-        try:
-            query = input("Search: ").strip()
-        except EOFError:
-            print()
-            break
-        if not query:
-            break
-        answer_text(engine, query, args)
-        answered += 1
+    try:
+        while True:
+            try:
+                query = input("Search: ").strip()
+            except EOFError:
+                print()
+                break
+            if not query:
+                break
+            answer_text(engine, query, args)
+            answered += 1
+    finally:
+        if save_history is not None:
+            save_history()
     return answered
 
 
@@ -264,7 +276,7 @@ def check_server_installed() -> None:
 def load_engine(args: argparse.Namespace):
     import torch
 
-    from clipsearch.search import EmbeddingMismatchError, SearchEngine
+    from clipsearch.search import SearchEngine
 
     try:
         return SearchEngine.from_files(
@@ -273,7 +285,7 @@ def load_engine(args: argparse.Namespace):
             index_path=args.index_path,
             dtype=torch.float16 if args.fp16 else torch.float32,
         )
-    except (FileNotFoundError, EmbeddingMismatchError) as error:
+    except (FileNotFoundError, ValueError) as error:  # ValueError: not shards, or another model's (EmbeddingMismatchError)
         raise UserError(str(error)) from error
 
 

@@ -35,7 +35,10 @@ def _thumbnail(image_path: str, thumb_size: int) -> Image.Image:
 
 
 def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
-    """Shorten `text` with an ellipsis until it fits `width` pixels."""
+    """Shorten `text` with an ellipsis until it fits `width` pixels; its spaces widened so words stay apart."""
+    # Pillow's built-in font draws a space 0.2 em wide (2 px at its 10 px size): words of titles and
+    # labels ran together ("HelloWorld"). Two spaces read as one ordinary space.
+    text = text.replace(" ", "  ")
     if draw.textlength(text, font=font) <= width:
         return text
     while text and draw.textlength(text + "...", font=font) > width:

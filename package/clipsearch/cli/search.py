@@ -305,6 +305,7 @@ def main(argv: list[str] | None = None) -> None:
             roots = collection_roots(args)
             where = "any path" if roots is None else ", ".join(roots)
             print(f"serving images from under: {where}", file=sys.stderr)
+            print(f"search page: http://{args.host}:{args.port}/ (Ctrl-C stops)", file=sys.stderr)
             serve(engine, host=args.host, port=args.port, serve_roots=roots, listener=listener)
             return
     finally:

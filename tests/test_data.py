@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from clipsearch import data
+from clipsearch import images
 from clipsearch.data import (
     DataReport,
     ImageCaptionDataset,
@@ -124,11 +124,11 @@ def test_decompression_bomb_between_pillow_warning_and_error(tmp_path):
 
 def test_decompression_bomb_uses_module_limit(tmp_path, monkeypatch):
     path = save_rgb(tmp_path / "ok.png", size=(20, 20))
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 399)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 399)
     report = DataReport()
     assert load_image(path, report) is None
     assert report.as_dict() == {"decompression bomb": 1}
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 400)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 400)
     assert load_image(path) is not None
 
 

@@ -54,3 +54,12 @@ def test_safe_filename_is_capped_and_never_leaves_its_folder(tmp_path):
         name = safe_filename(hostile)
         assert name and os.sep not in name and "\\" not in name and not name.startswith(".")
         assert (tmp_path / name).resolve().parent == tmp_path.resolve()
+
+
+def test_grid_title_keeps_its_spaces():
+    def title_ink_width(title):
+        sheet = make_grid([], [], title=title)
+        ink = [x for x in range(sheet.width) for y in range(2, 20) if sheet.getpixel((x, y))[0] < 128]
+        return max(ink) - min(ink)
+
+    assert title_ink_width("a b c d") > title_ink_width("abcd") + 6

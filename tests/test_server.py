@@ -2,17 +2,30 @@
 from __future__ import annotations
 
 import io
+import json
+import os
 import struct
 import threading
+import time
 import zlib
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from clipsearch.checkpoint import load_bundle
+from clipsearch.images import display_path
 from clipsearch.server import create_app
-from clipsearch.server.app import MAX_QUERY_CHARS, MAX_TOP_K, MAX_UPLOAD_BYTES
+from clipsearch.server.app import (
+    MAX_CONCURRENT_DECODES,
+    MAX_QUERY_CHARS,
+    MAX_TOP_K,
+    MAX_UPLOAD_BYTES,
+    THUMBNAIL_SIZES,
+    ThumbnailCache,
+    thumbnail_size,
+)
 
 fastapi_testclient = pytest.importorskip("fastapi.testclient")
 
@@ -114,13 +127,14 @@ def test_image_search_accepts_jpeg_and_strips_client_folders_from_filename(clien
     assert response.json()["query"]["filename"] == "evil.jpg"
 
 
-def test_similar_search_starts_with_the_item_itself(client, colour_images):
+def test_similar_search_leaves_out_the_item_itself(client, colour_images):
     _, image_paths = colour_images
     body = client.get("/api/similar/4", params={"top_k": 4}).json()
     assert body["query"] == {"kind": "similar", "id": 4, "path": str(image_paths[4])}
-    assert body["results"][0]["id"] == 4
-    assert body["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert 4 not in [result["id"] for result in body["results"]]
     assert len(body["results"]) == 4
+    whole = client.get("/api/similar/4", params={"top_k": MAX_TOP_K}).json()["results"]
+    assert sorted(result["id"] for result in whole) == [n for n in range(len(image_paths)) if n != 4]
 
 
 def test_image_by_id_serves_the_file_and_bounded_thumbnails(client, colour_images):
@@ -130,7 +144,7 @@ def test_image_by_id_serves_the_file_and_bounded_thumbnails(client, colour_image
     assert original.content == image_paths[11].read_bytes()
     thumbnail = client.get("/api/image/11", params={"size": 16})
     assert thumbnail.headers["content-type"] == "image/jpeg"
-    assert max(Image.open(io.BytesIO(thumbnail.content)).size) <= 16
+    assert max(Image.open(io.BytesIO(thumbnail.content)).size) <= thumbnail_size(16)
     for size in (0, 15, 1025, -3, 10**12, "big"):
         assert_error(client.get("/api/image/11", params={"size": size}), 422)
 
@@ -310,3 +324,184 @@ def test_concurrent_requests_match_serial_answers(client, colour_images):
         thread.join(timeout=60)
     assert not errors
     assert answers == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# A hostile collection, encoded by the real encoder and served with its roots enforced
+# ---------------------------------------------------------------------------------------------
+
+NON_UTF8_NAME = b"caf\xe9-\xff.png"  # Latin-1 bytes: a legal Linux file name that is not UTF-8
+
+
+def two_tone(size, left, right):
+    image = Image.new("RGB", size, left)
+    image.paste(Image.new("RGB", (size[0] // 2, size[1]), right), (size[0] // 2, 0))
+    return image
+
+
+def write_hostile_collection(root):
+    """One file per awkward mode, each decoding to a distinct picture; returns their paths (str, as encoded)."""
+    root.mkdir()
+    rgba = two_tone((64, 48), (200, 30, 30), (0, 0, 255)).convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").transpose(Image.Transpose.ROTATE_90).resize((64, 48)))
+    rgba.save(root / "rgba.png")
+    la = Image.merge("LA", (Image.linear_gradient("L").resize((40, 56)), Image.new("L", (40, 56), 90)))
+    la.save(root / "la.png")
+    palette = two_tone((50, 50), (10, 160, 40), (250, 220, 0)).convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+    palette.save(root / "palette_transparent.png", transparency=0)
+    ramp = Image.linear_gradient("L").resize((60, 60)).transpose(Image.Transpose.ROTATE_180)
+    Image.fromarray((np.asarray(ramp, dtype=np.uint16) * 257).astype("<u2")).save(root / "sixteen_bit.png")
+    two_tone((48, 64), (20, 200, 200), (120, 0, 120)).convert("CMYK").save(root / "cmyk.jpg", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    two_tone((80, 40), (255, 140, 0), (30, 30, 30)).save(root / "exif_rotated.jpg", exif=exif, quality=95)
+    Image.radial_gradient("L").resize((52, 52)).save(root / "grey.png")
+    two_tone((44, 44), (0, 0, 0), (255, 255, 255)).convert("1").save(root / "bilevel.png")
+    non_utf8 = os.path.join(os.fsencode(root), NON_UTF8_NAME)
+    with open(non_utf8, "wb") as file:
+        two_tone((64, 64), (90, 60, 200), (240, 240, 240)).save(file, format="PNG")
+    return sorted(os.fsdecode(os.path.join(os.fsencode(root), name)) for name in os.listdir(os.fsencode(root)))
+
+
+@pytest.fixture(scope="module")
+def hostile_collection(tmp_path_factory, tiny_checkpoint):
+    from clipsearch.cli.encode import main as encode_main
+    from clipsearch.search import SearchEngine
+
+    work = tmp_path_factory.mktemp("hostile")
+    image_paths = write_hostile_collection(work / "images")
+    encode_main(
+        ["--load_model", str(tiny_checkpoint), "--dataset_path", str(work / "images"), "--emb_path", str(work / "emb")]
+        + ["--num_workers", "0", "--no_progress"]
+    )
+    engine = SearchEngine.from_files(tiny_checkpoint, work / "emb")
+    assert sorted(engine.searcher.paths) == image_paths, "the encoder skipped part of the hostile collection"
+    return work, image_paths, engine
+
+
+@pytest.fixture(scope="module")
+def hostile_client(hostile_collection):
+    work, _, engine = hostile_collection
+    with fastapi_testclient.TestClient(create_app(engine, serve_roots=[work / "images"])) as test_client:
+        yield test_client
+
+
+def test_every_hostile_image_uploaded_finds_itself_first(hostile_client, hostile_collection):
+    _, image_paths, engine = hostile_collection
+    for path in image_paths:
+        data = open(path, "rb").read()
+        response = hostile_client.post("/api/search/image", params={"top_k": 2}, files={"image": ("q", data)})
+        assert response.status_code == 200, (path, response.text)
+        best = response.json()["results"][0]
+        assert engine.path_of(best["id"]) == path, (display_path(path), response.json()["results"])
+        assert best["score"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_cli_image_query_agrees_with_the_encoder(hostile_collection, tiny_checkpoint, capsys):
+    from clipsearch.cli.search import main as search_main
+
+    work, image_paths, _ = hostile_collection
+    argv = ["--load_model", str(tiny_checkpoint), "--emb_path", str(work / "emb"), "--top_k", "1", "--json"]
+    search_main(argv + ["--no_grid"] + [flag for path in image_paths for flag in ("--image", path)])
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [answer["results"][0]["path"] for answer in answers] == [display_path(path) for path in image_paths]
+    assert all(answer["grid"] is None for answer in answers)
+
+
+def test_non_utf8_file_name_never_breaks_a_response(hostile_client, hostile_collection):
+    _, image_paths, engine = hostile_collection
+    item = next(n for n in range(len(engine.searcher)) if os.fsencode(engine.path_of(n)).endswith(NON_UTF8_NAME))
+    escaped = display_path(engine.path_of(item))
+    assert escaped.endswith("caf\\xe9-\\xff.png")
+
+    responses = [
+        hostile_client.get(f"/api/similar/{item}", params={"top_k": MAX_TOP_K}),
+        hostile_client.get(f"/api/similar/{(item + 1) % len(image_paths)}", params={"top_k": MAX_TOP_K}),
+        hostile_client.get("/api/search", params={"q": "a photo", "top_k": MAX_TOP_K}),
+        hostile_client.post(
+            "/api/search/image", params={"top_k": MAX_TOP_K}, files={"image": ("q", open(engine.path_of(item), "rb").read())}
+        ),
+    ]
+    for response in responses:
+        assert response.status_code == 200, response.text
+        listed = {result["id"]: result["path"] for result in response.json()["results"]}
+        if "query" in response.json() and response.json()["query"].get("id") == item:
+            assert response.json()["query"]["path"] == escaped
+        else:
+            assert listed[item] == escaped
+    original = hostile_client.get(f"/api/image/{item}")
+    assert original.status_code == 200 and original.content == open(engine.path_of(item), "rb").read()
+    assert hostile_client.get(f"/api/image/{item}", params={"size": 100}).status_code == 200
+
+
+def test_files_outside_the_collection_roots_are_refused(tmp_path, tiny_checkpoint, colour_images):
+    """A shard listing /etc/passwd, or a symlink out of the folder, gets a 403 and none of the file."""
+    from clipsearch.search import SearchEngine, Searcher
+
+    root = tmp_path / "collection"
+    root.mkdir()
+    inside = root / "inside.png"
+    inside.write_bytes(colour_images[1][0].read_bytes())
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(secret)
+    (root / "link-out.png").symlink_to(secret)
+    listed = [str(inside), "/etc/passwd", str(root / "link-out.png"), str(root / ".." / secret.name)]
+    bundle = load_bundle(tiny_checkpoint)
+    engine = SearchEngine(bundle, Searcher(listed, torch.randn(len(listed), bundle.embed_dim)))
+    with fastapi_testclient.TestClient(create_app(engine, serve_roots=[root])) as guarded:
+        assert guarded.get("/api/image/0").content == inside.read_bytes()
+        for item in (1, 2, 3):
+            for params in ({}, {"size": 64}):
+                response = guarded.get(f"/api/image/{item}", params=params)
+                assert "outside the collection's folders" in assert_error(response, 403)
+                assert b"root:" not in response.content
+    with fastapi_testclient.TestClient(create_app(engine, serve_roots=None)) as open_server:
+        assert open_server.get("/api/image/2").content == secret.read_bytes()  # the user's opt-out
+
+
+def test_thumbnail_sizes_are_quantised_and_decoded_within_the_slots(engine, monkeypatch):
+    from clipsearch.server import app as app_module
+
+    assert {thumbnail_size(size) for size in range(1, 2000)} == set(THUMBNAIL_SIZES)
+    assert all(thumbnail_size(size) >= size for size in range(1, THUMBNAIL_SIZES[-1] + 1))
+
+    running, most = [0], [0]
+    lock = threading.Lock()
+    real_make_thumbnail = app_module.make_thumbnail
+
+    def counting_make_thumbnail(path, size):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            time.sleep(0.01)
+            return real_make_thumbnail(path, size)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(app_module, "make_thumbnail", counting_make_thumbnail)
+    app = create_app(engine)
+    with fastapi_testclient.TestClient(app) as fresh:
+        def fetch(size):
+            assert fresh.get("/api/image/5", params={"size": size}).status_code == 200
+
+        threads = [threading.Thread(target=fetch, args=(size,)) for size in range(16, 1025, 16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert 1 <= most[0] <= MAX_CONCURRENT_DECODES
+    assert sorted(size for _, size in app.state.thumbnails.keys()) == list(THUMBNAIL_SIZES)
+
+
+def test_thumbnail_cache_never_exceeds_its_byte_budget():
+    cache = ThumbnailCache(max_bytes=10_000)
+    generator = np.random.default_rng(0)
+    for step in range(500):
+        size = int(generator.integers(1, 4_000))
+        cache.put((step % 37, int(generator.choice(THUMBNAIL_SIZES))), b"x" * size)
+        assert cache.total_bytes <= 10_000
+        assert cache.total_bytes == sum(len(cache.get(key)) for key in list(cache.keys()))
+    cache.put((999, 96), b"x" * 10_001)  # larger than the whole budget: not kept
+    assert cache.get((999, 96)) is None and cache.total_bytes <= 10_000

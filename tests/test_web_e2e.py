@@ -129,8 +129,10 @@ def test_clicking_a_result_searches_for_similar_images(page, base_url):
     ids = wait_for_loaded_results(page, 5)
     page.locator("#results .card .thumb").nth(2).click()
     page.wait_for_url(re.compile(rf"similar={ids[2]}&top_k=5$"))
-    wait_for_first_result(page, ids[2])
-    wait_for_loaded_results(page, 5)
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('similar to')")
+    # The clicked image is the query, shown in the preview; the results are the others.
+    assert ids[2] not in wait_for_loaded_results(page, 5)
+    assert page.locator("#query-preview").is_visible()
     page.go_back()
     page.wait_for_url(re.compile(r"q=green"))
     # The similar results stay on screen until the text search answers; wait for the grid to turn over.

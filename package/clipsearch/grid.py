@@ -5,7 +5,7 @@ import unicodedata
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from clipsearch.data import DataReport, load_image
+from clipsearch.images import load_image
 
 BACKGROUND = (255, 255, 255)
 PLACEHOLDER = (200, 200, 200)
@@ -21,7 +21,7 @@ MAX_NAME_BYTES = 200
 
 def _thumbnail(image_path: str, thumb_size: int) -> Image.Image:
     """The image scaled into a thumb_size square, or a grey placeholder if it cannot be read."""
-    image = load_image(image_path, DataReport()) if image_path else None
+    image = load_image(image_path) if image_path else None
     cell = Image.new("RGB", (thumb_size, thumb_size), PLACEHOLDER if image is None else BACKGROUND)
     if image is None:
         draw = ImageDraw.Draw(cell)
@@ -35,7 +35,10 @@ def _thumbnail(image_path: str, thumb_size: int) -> Image.Image:
 
 
 def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
-    """Shorten `text` with an ellipsis until it fits `width` pixels."""
+    """Shorten `text` with an ellipsis until it fits `width` pixels; its spaces widened so words stay apart."""
+    # Pillow's built-in font draws a space 0.2 em wide (2 px at its 10 px size): words of titles and
+    # labels ran together ("HelloWorld"). Two spaces read as one ordinary space.
+    text = text.replace(" ", "  ")
     if draw.textlength(text, font=font) <= width:
         return text
     while text and draw.textlength(text + "...", font=font) > width:

@@ -2,161 +2,324 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import json
+import os
+import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+from clipsearch.cli.common import (
+    DEFAULT_EMB_PATH,
+    DEFAULT_MODEL,
+    DEFAULT_TOP_K,
+    CommandParser,
+    UserError,
+    positive_int,
+    run_command,
+)
 
 EPILOG = """\
 Examples:
   bash 3_inference_search.sh --query "a red circle" --query "two stars"
   bash 3_inference_search.sh --image photo.jpg --top_k 10
+  bash 3_inference_search.sh --query "a dog" --json --no_grid   (one JSON object per query on stdout)
   bash 3_inference_search.sh                      (interactive: type queries, empty line ends)
   bash 3_inference_search.sh --serve --port 8000  (web page and JSON API)
 Each query's top-k thumbnails are saved as <out_dir>/<query>.png (image queries: image-<name>.png).
+The web server sends only image files under the dataset folder the embeddings were encoded from
+(symlinks resolved); --serve_root adds folders, --serve_any_path lifts the check.
 """
+HISTORY_LENGTH = 1000
+# Records an encoding run writes beside its shards; either may name the dataset folder it read.
+RECORD_FILES = ("manifest.json", "model.json")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="3_inference_search.sh",
-        description=__doc__,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = CommandParser(prog="3_inference_search.sh", description=__doc__, epilog=EPILOG)
     model = parser.add_argument_group("model")
-    model.add_argument("--load_model", default="models/latest/best.ckpt", help="checkpoint that embeds the queries")
+    model.add_argument("--load_model", default=DEFAULT_MODEL, help="checkpoint that embeds the queries")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--emb_path", default="dataset/sample/emb", help="folder of embedding shards to search")
+    data.add_argument("--emb_path", default=DEFAULT_EMB_PATH, help="folder of embedding shards to search")
     data.add_argument(
-        "--index_path", default=None, help="faiss index to answer through (built by python -m clipsearch.index)"
+        "--index_path",
+        default=None,
+        help="faiss index to answer through (built by python -m clipsearch.index); load only indexes you "
+        "built or trust: faiss files are not safe against tampering",
     )
     data.add_argument("--fp16", action="store_true", help="hold the embeddings as float16: half the memory")
 
     query = parser.add_argument_group("queries")
     query.add_argument("--query", action="append", default=[], help="text query; repeat for several")
     query.add_argument("--image", action="append", default=[], help="image file to search by; repeatable")
-    query.add_argument("--top_k", type=int, default=25, help="results per query")
+    query.add_argument("--top_k", type=positive_int, default=DEFAULT_TOP_K, help="results per query")
 
     output = parser.add_argument_group("output")
+    output.add_argument("--json", action="store_true", help="print one JSON object per query instead of text")
+    output.add_argument("--no_grid", action="store_true", help="save no contact sheets")
     output.add_argument("--out_dir", default="outputs/search", help="folder for the result grids")
-    output.add_argument("--thumb_size", type=int, default=160, help="thumbnail size in the grids, pixels")
-    output.add_argument("--columns", type=int, default=5, help="thumbnails per grid row")
+    output.add_argument("--thumb_size", type=positive_int, default=160, help="thumbnail size in the grids, pixels")
+    output.add_argument("--columns", type=positive_int, default=5, help="thumbnails per grid row")
 
     server = parser.add_argument_group("server")
     server.add_argument("--serve", action="store_true", help="serve a search page and API instead of answering here")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    server.add_argument("--port", type=int, default=8000, help="port to listen on")
+    server.add_argument("--port", type=positive_int, default=8000, help="port to listen on")
+    server.add_argument(
+        "--serve_root",
+        action="append",
+        default=[],
+        help="folder the server may send images from, besides the encoded dataset folder; repeatable",
+    )
+    server.add_argument(
+        "--serve_any_path",
+        action="store_true",
+        help="send any file the shards list, even outside the dataset folder (only for shards you trust)",
+    )
 
     args = parser.parse_args(argv)
-    for name in ("top_k", "thumb_size", "columns"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.serve and (args.query or args.image):
         parser.error("--serve answers queries over HTTP; leave out --query/--image")
+    if not args.serve and (args.serve_root or args.serve_any_path):
+        parser.error("--serve_root and --serve_any_path apply only with --serve")
     return args
 
 
+def check_inputs(args: argparse.Namespace) -> None:
+    """Stop on a missing file before the model loads (seconds), naming the flag to fix."""
+    # Checkpoint files are checked here; other model names are the model loader's to resolve.
+    if args.load_model.endswith(".ckpt") and not os.path.isfile(args.load_model):
+        raise UserError(f"--load_model {args.load_model}: no such checkpoint (train one, or pass its path)")
+    if not os.path.isdir(args.emb_path):
+        raise UserError(f"--emb_path {args.emb_path}: no such folder (make it with 2_inference_encode.sh)")
+    if args.index_path is not None and not os.path.exists(args.index_path):
+        raise UserError(f"--index_path {args.index_path}: no such file (build it with python -m clipsearch.index)")
+    for image_path in args.image:
+        if not os.path.isfile(image_path):
+            raise UserError(f"--image {image_path}: no such file")
+    for root in args.serve_root:
+        if not os.path.isdir(root):
+            raise UserError(f"--serve_root {root}: no such folder")
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The server's socket, bound now: a port in use fails before the model loads, and nobody takes it meanwhile."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as error:
+        raise UserError(f"--host {host}: cannot resolve it ({error.strerror})") from None
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+    except OSError as error:
+        listener.close()
+        if error.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is in use; stop what holds it or pass --port <another>") from None
+        raise UserError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    return listener
+
+
+def collection_roots(args: argparse.Namespace) -> list[str] | None:
+    """The folders the server may send images from (None: any), from the encoding run's records and --serve_root."""
+    if args.serve_any_path:
+        return None
+    roots = list(args.serve_root)
+    for name in RECORD_FILES:
+        try:
+            recorded = json.loads((Path(args.emb_path) / name).read_text()).get("dataset_path")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(recorded, str) and recorded:
+            roots.append(recorded)
+            break
+    else:
+        # No record names the dataset (an older or unfinished run): the default layout keeps the
+        # embeddings inside it, <dataset>/emb.
+        roots.append(str(Path(args.emb_path).resolve().parent))
+    return roots
+
+
+def hit_records(hits) -> list[dict]:
+    from clipsearch.images import display_path
+
+    return [
+        {"rank": rank, "id": hit.id, "path": display_path(hit.path), "score": round(float(hit.score), 6)}
+        for rank, hit in enumerate(hits, start=1)
+    ]
+
+
 def format_hits(hits) -> str:
-    return "\n".join(f"{rank:4d}  {hit.score:+.4f}  {hit.path}" for rank, hit in enumerate(hits, start=1))
+    from clipsearch.images import display_path
+
+    return "\n".join(f"{rank:4d}  {hit.score:+.4f}  {display_path(hit.path)}" for rank, hit in enumerate(hits, start=1))
 
 
 def save_grid(hits, title: str, out_dir: Path, name: str, thumb_size: int = 160, columns: int = 5) -> Path:
     """Write the hits' contact sheet as <out_dir>/<name>.png; `name` must already be a safe file name."""
     from clipsearch.grid import make_grid
+    from clipsearch.images import display_path
 
     out_dir.mkdir(parents=True, exist_ok=True)
     grid_path = out_dir / f"{name}.png"
     # safe_filename already forbids separators; this guards against a future change to it.
     if grid_path.resolve().parent != out_dir.resolve():
         raise ValueError(f"refusing to write {grid_path} outside {out_dir}")
-    labels = [f"{rank}. {hit.score:.3f} {Path(hit.path).name}" for rank, hit in enumerate(hits, start=1)]
+    labels = [f"{rank}. {hit.score:.3f} {display_path(Path(hit.path).name)}" for rank, hit in enumerate(hits, start=1)]
     grid = make_grid([hit.path for hit in hits], labels, title=title, thumb_size=thumb_size, columns=columns)
     grid.save(grid_path)
     return grid_path
 
 
-def answer_text(engine, query: str, args: argparse.Namespace) -> Path:
+def report(hits, query: dict, heading: str, grid_title: str, grid_name: str, args: argparse.Namespace) -> None:
+    """Print one query's hits (text or a JSON line) and save its grid unless --no_grid."""
+    grid_path = None
+    if not args.no_grid:
+        grid_path = save_grid(hits, grid_title, Path(args.out_dir), grid_name, args.thumb_size, args.columns)
+    if args.json:
+        record = {"query": query, "top_k": args.top_k, "results": hit_records(hits)}
+        record["grid"] = str(grid_path) if grid_path else None
+        print(json.dumps(record, ensure_ascii=False), flush=True)
+        return
+    print(f"\n{len(hits)} results {heading}:\n{format_hits(hits)}")
+    if grid_path:
+        print(f"grid: {grid_path}")
+
+
+def answer_text(engine, query: str, args: argparse.Namespace) -> None:
     from clipsearch.grid import safe_filename
+    from clipsearch.images import display_path
 
     hits = engine.search_text([query], args.top_k)[0]
-    print(f"\n{len(hits)} results for {query!r}:\n{format_hits(hits)}")
-    grid_path = save_grid(hits, query, Path(args.out_dir), safe_filename(query), args.thumb_size, args.columns)
-    print(f"grid: {grid_path}")
-    return grid_path
+    shown = display_path(query)  # arguments that are not UTF-8 arrive as surrogates, which JSON cannot carry
+    report(hits, {"kind": "text", "text": shown}, f"for {query!r}", query, safe_filename(shown), args)
 
 
-def answer_image(engine, image_path: str, args: argparse.Namespace) -> Path | None:
-    from clipsearch.data import DataReport, load_image
+def answer_image(engine, image_path: str, args: argparse.Namespace) -> bool:
+    """Search by one image file; False (after saying why on stderr) when it cannot be read."""
     from clipsearch.grid import safe_filename
+    from clipsearch.images import SkipReasons, display_path, load_image
 
-    report = DataReport()
-    image = load_image(image_path, report)
+    reasons = SkipReasons(log=False)
+    image = load_image(image_path, reasons)
     if image is None:
-        print(f"cannot search by {image_path}: {', '.join(report.skipped()) or 'unreadable'}", file=sys.stderr)
-        return None
+        print(f"error: cannot search by {display_path(image_path)}: {reasons.reason or 'unreadable'}", file=sys.stderr)
+        return False
     hits = engine.search_image([image], args.top_k)[0]
-    print(f"\n{len(hits)} results like {image_path}:\n{format_hits(hits)}")
-    name = safe_filename("image-" + Path(image_path).stem)
-    grid_path = save_grid(hits, f"like {image_path}", Path(args.out_dir), name, args.thumb_size, args.columns)
-    print(f"grid: {grid_path}")
-    return grid_path
+    shown = display_path(image_path)
+    name = safe_filename("image-" + Path(shown).stem)
+    report(hits, {"kind": "image", "path": shown}, f"like {shown}", f"like {shown}", name, args)
+    return True
+
+
+def history_file() -> Path:
+    """Where interactive queries are kept across sessions, like a shell's history."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipsearch" / "search_history"
+
+
+def enable_line_editing() -> Callable[[], None] | None:
+    """Arrow keys, editing and the saved history for `input()`; returns what saves the history, if readline exists."""
+    try:
+        import readline
+    except ImportError:  # Windows without pyreadline: plain input still works
+        return None
+    path = history_file()
+    readline.set_history_length(HISTORY_LENGTH)
+    try:
+        readline.read_history_file(path)
+    except OSError:  # the first session has none yet
+        pass
+
+    def save_history() -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(path)
+        except OSError as error:
+            print(f"warning: search history not saved to {path}: {error.strerror}", file=sys.stderr)
+
+    return save_history
 
 
 def interactive(engine, args: argparse.Namespace) -> int:
     """Answer queries typed at a `Search: ` prompt until an empty line or end of input."""
+    # Only a person at a terminal gets line editing and a history; piped queries stay out of it.
+    save_history = enable_line_editing() if sys.stdin.isatty() else None
     answered = 0
-    while True:
-        try:
-            query = input("Search: ").strip()
-        except EOFError:
-            print()
-            break
-        if not query:
-            break
-        answer_text(engine, query, args)
-        answered += 1
+    try:
+        while True:
+            try:
+                query = input("Search: ").strip()
+            except EOFError:
+                print()
+                break
+            if not query:
+                break
+            answer_text(engine, query, args)
+            answered += 1
+    finally:
+        if save_history is not None:
+            save_history()
     return answered
 
 
-def serve(engine, args: argparse.Namespace) -> None:
-    try:
-        from clipsearch.server import serve as serve_engine
-    except ImportError as error:
-        if error.name and error.name.startswith("clipsearch.server"):
-            sys.exit("error: the web server (clipsearch.server) is not part of this installation")
-        sys.exit(f"error: the web server needs the package {error.name!r}; install package/requirements.txt")
-    serve_engine(engine, host=args.host, port=args.port)
+def check_server_installed() -> None:
+    """The web server's own packages, looked for before the model loads."""
+    from importlib.util import find_spec
+
+    for package in ("fastapi", "uvicorn"):
+        if find_spec(package) is None:
+            raise UserError(f"the web server needs the package {package!r}; install package/requirements.txt")
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def load_engine(args: argparse.Namespace):
     import torch
 
-    from clipsearch.search import EmbeddingMismatchError, SearchEngine
+    from clipsearch.search import SearchEngine
 
     try:
-        engine = SearchEngine.from_files(
+        return SearchEngine.from_files(
             args.load_model,
             args.emb_path,
             index_path=args.index_path,
             dtype=torch.float16 if args.fp16 else torch.float32,
         )
-    except (FileNotFoundError, EmbeddingMismatchError, ValueError) as error:
-        if argv is not None:  # called from Python (tests, notebooks): let the caller see the exception
-            raise
-        sys.exit(f"error: {error}")
-    print(f"searching {len(engine.searcher)} images in {args.emb_path}", file=sys.stderr)
+    except (FileNotFoundError, ValueError) as error:  # ValueError: not shards, or another model's (EmbeddingMismatchError)
+        raise UserError(str(error)) from error
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    check_inputs(args)
+    listener = None
     if args.serve:
-        serve(engine, args)
-        return
+        check_server_installed()
+        listener = bind_listener(args.host, args.port)
+    try:
+        engine = load_engine(args)
+        print(f"searching {len(engine.searcher)} images in {args.emb_path}", file=sys.stderr)
+        if args.serve:
+            from clipsearch.server import serve
+
+            roots = collection_roots(args)
+            where = "any path" if roots is None else ", ".join(roots)
+            print(f"serving images from under: {where}", file=sys.stderr)
+            print(f"search page: http://{args.host}:{args.port}/ (Ctrl-C stops)", file=sys.stderr)
+            serve(engine, host=args.host, port=args.port, serve_roots=roots, listener=listener)
+            return
+    finally:
+        if listener is not None:
+            listener.close()
     if not args.query and not args.image:
         interactive(engine, args)
         return
     for query in args.query:
         answer_text(engine, query, args)
-    for image_path in args.image:
-        answer_image(engine, image_path, args)
+    unreadable = [image_path for image_path in args.image if not answer_image(engine, image_path, args)]
+    if unreadable:
+        raise UserError(f"{len(unreadable)} of {len(args.image)} --image files could not be read")
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

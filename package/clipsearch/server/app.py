@@ -1,13 +1,16 @@
 """HTTP server over one loaded SearchEngine: a JSON search API, collection images by id, and the search page."""
 from __future__ import annotations
 
+import bisect
 import contextlib
 import io
 import logging
+import os
 import socket
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path, PurePath
 
 import torch
@@ -16,10 +19,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+
+from clipsearch.cli.common import DEFAULT_TOP_K
+from clipsearch.images import DECOMPRESSION_BOMB, SkipReasons, decode_image, display_path, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +33,6 @@ STATIC_DIR = Path(__file__).parent / "static"
 
 MAX_QUERY_CHARS = 500
 MAX_TOP_K = 200
-DEFAULT_TOP_K = 24
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 # Multipart boundaries and part headers ride on top of the file itself.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
@@ -37,8 +42,14 @@ MAX_UPLOAD_PIXELS = 40_000_000
 MAX_CONCURRENT_DECODES = 4
 # Formats a browser would plausibly upload; every other PIL decoder stays unreachable from the network.
 UPLOAD_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP")
-MIN_THUMBNAIL_SIZE, MAX_THUMBNAIL_SIZE, DEFAULT_THUMBNAIL_SIZE = 16, 1024, 320
-THUMBNAIL_CACHE_ENTRIES = 2048
+# Any requested edge is served as the next of these (the browser scales down), so one image has at
+# most three cached variants instead of a thousand: the page's query preview is 48 CSS px (96 at 2x),
+# its cards 190-250 CSS px (384 covers 190 at 2x).
+THUMBNAIL_SIZES = (96, 192, 384)
+MIN_THUMBNAIL_SIZE, MAX_THUMBNAIL_SIZE, DEFAULT_THUMBNAIL_SIZE = 16, 1024, 384
+# A photo's 384 px JPEG thumbnail weighs 16-39 kB (three 640-720 px photos measured): 64 MiB keeps about
+# two thousand, near a hundred pages of results.
+THUMBNAIL_CACHE_BYTES = 64 * 2**20
 
 PAGE_HEADERS = {
     # The page loads only its own script, style and images (uploads are previewed as blob: URLs).
@@ -83,24 +94,23 @@ def parse_collection_id(raw_id: str, collection_size: int) -> int:
 
 
 def decode_upload(data: bytes) -> Image.Image:
-    """A fully decoded RGB image from untrusted bytes, refusing non-images and decompression bombs."""
+    """A fully decoded RGB image from untrusted bytes, refusing non-images and decompression bombs.
+
+    Decoded exactly as the encoder decoded the collection (clipsearch.images), so uploading a
+    collection's own RGBA, 16-bit or EXIF-rotated file finds that file.
+    """
     if not data:
         raise ApiError(400, "the uploaded file is empty")
-    try:
-        image = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
-    except Image.DecompressionBombError as error:
-        raise ApiError(413, f"image has too many pixels ({error})") from error
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise ApiError(415, f"upload is not a supported image ({', '.join(UPLOAD_FORMATS)})") from error
-    # Image.open reads only the header, so the declared size is known before any pixel is decoded.
-    if image.width * image.height > MAX_UPLOAD_PIXELS:
-        raise ApiError(413, f"image is {image.width}x{image.height}; at most {MAX_UPLOAD_PIXELS:,} pixels are accepted")
-    # JPEGs decode straight at a reduced scale that still exceeds any encoder's input size.
-    image.draft("RGB", (1024, 1024))
-    try:
-        return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as error:
-        raise ApiError(415, f"upload could not be decoded as an image ({type(error).__name__})") from error
+    reasons = SkipReasons(log=False)
+    # The pixel cap is checked from the header, before any pixel is decoded.
+    image = decode_image(io.BytesIO(data), "upload", reasons, formats=UPLOAD_FORMATS, max_pixels=MAX_UPLOAD_PIXELS)
+    if image is not None:
+        return image
+    if reasons.reason == DECOMPRESSION_BOMB:
+        raise ApiError(413, f"image has too many pixels: at most {MAX_UPLOAD_PIXELS:,} are accepted")
+    if reasons.reason == "not an image":
+        raise ApiError(415, f"upload is not a supported image ({', '.join(UPLOAD_FORMATS)})")
+    raise ApiError(415, f"upload could not be decoded as an image ({reasons.reason})")
 
 
 async def read_capped_body(request: Request, limit: int) -> bytes:
@@ -145,10 +155,11 @@ async def read_uploaded_image_bytes(request: Request) -> tuple[bytes, str]:
 
 
 class ThumbnailCache:
-    """A bounded LRU of encoded thumbnails; the collection is fixed while the server runs."""
+    """An LRU of encoded thumbnails holding at most `max_bytes`; the collection is fixed while the server runs."""
 
-    def __init__(self, max_entries: int):
-        self.max_entries = max_entries
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.total_bytes = 0
         self._entries: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -160,34 +171,68 @@ class ThumbnailCache:
         return None
 
     def put(self, key: tuple[int, int], value: bytes) -> None:
+        if len(value) > self.max_bytes:
+            return
         with self._lock:
+            previous = self._entries.pop(key, None)
+            self.total_bytes -= len(previous) if previous is not None else 0
             self._entries[key] = value
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+            self.total_bytes += len(value)
+            while self.total_bytes > self.max_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self.total_bytes -= len(evicted)
+
+    def keys(self) -> list[tuple[int, int]]:
+        with self._lock:
+            return list(self._entries)
 
 
-def make_thumbnail(path: Path, size: int) -> bytes:
-    with Image.open(path) as image:
-        image.draft("RGB", (size, size))  # lets JPEG decode at a reduced scale: large photos stay cheap
-        image = image.convert("RGB")
-        image.thumbnail((size, size))
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=85)
+def thumbnail_size(requested: int) -> int:
+    """The smallest of THUMBNAIL_SIZES at least `requested` pixels wide, or the largest."""
+    return THUMBNAIL_SIZES[min(bisect.bisect_left(THUMBNAIL_SIZES, requested), len(THUMBNAIL_SIZES) - 1)]
+
+
+def make_thumbnail(path: str | os.PathLike, size: int) -> bytes | None:
+    """A JPEG of the image within a `size` square, decoded as the encoder saw it (upright); None if unreadable."""
+    # A JPEG decodes at a reduced scale still at least `size`: a 4000x4000 photo costs a 500x500 decode.
+    image = load_image(path, SkipReasons(), draft_size=size)
+    if image is None:
+        return None
+    image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
     return buffer.getvalue()
 
 
-def create_app(engine) -> FastAPI:
-    """The web app over an already loaded engine; requests share its model and read-only embeddings."""
+def resolved_roots(roots: Sequence[str | os.PathLike]) -> list[Path]:
+    return [Path(root).resolve() for root in roots]
+
+
+def is_under_roots(path: str | os.PathLike, roots: Sequence[Path]) -> bool:
+    """Whether `path`, with every symlink resolved, lies inside one of the (resolved) `roots`."""
+    resolved = Path(path).resolve()
+    return any(resolved.is_relative_to(root) for root in roots)
+
+
+def create_app(engine, serve_roots: Sequence[str | os.PathLike] | None = None) -> FastAPI:
+    """The web app over an already loaded engine; requests share its model and read-only embeddings.
+
+    Image files are served only from under `serve_roots` (symlinks resolved), so a shard listing
+    /etc/passwd cannot make the server send it; None serves whatever the collection lists.
+    """
     searcher = engine.searcher
     collection_size = len(searcher)
     model_description = describe_model(engine.bundle.spec)
+    roots = None if serve_roots is None else resolved_roots(serve_roots)
     # Encoders are not documented as re-entrant, and the CPUs are better spent on one forward at a time;
     # the searcher's matrix multiply only reads, so it needs no lock of its own.
     inference_lock = threading.Lock()
+    # Uploads and thumbnails share these: each decode may hold a full-size copy of an image.
     decode_slots = threading.BoundedSemaphore(MAX_CONCURRENT_DECODES)
-    thumbnails = ThumbnailCache(THUMBNAIL_CACHE_ENTRIES)
+    thumbnails = ThumbnailCache(THUMBNAIL_CACHE_BYTES)
 
     app = FastAPI(title="clipsearch", docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json")
+    app.state.thumbnails = thumbnails  # for tests and benchmarks to inspect
 
     @app.exception_handler(ApiError)
     async def api_error_response(request: Request, error: ApiError):
@@ -212,11 +257,12 @@ def create_app(engine) -> FastAPI:
         return response
 
     def result_list(hits) -> list[dict]:
+        # Paths are shown escaped: a file name that is not UTF-8 cannot travel in JSON, the id fetches it.
         return [
             {
                 "rank": rank,
                 "id": hit.id,
-                "path": hit.path,
+                "path": display_path(hit.path),
                 "score": round(float(hit.score), 6),
                 "thumbnail_url": f"/api/image/{hit.id}?size={DEFAULT_THUMBNAIL_SIZE}",
             }
@@ -226,6 +272,17 @@ def create_app(engine) -> FastAPI:
     def decode_within_slots(data: bytes) -> Image.Image:
         with decode_slots:
             return decode_upload(data)
+
+    def thumbnail_within_slots(key: tuple[int, int], path: str) -> bytes | None:
+        with decode_slots:
+            # Requests for the same thumbnail queue here; only the first decodes it.
+            cached = thumbnails.get(key)
+            if cached is not None:
+                return cached
+            thumbnail = make_thumbnail(path, key[1])
+            if thumbnail is not None:
+                thumbnails.put(key, thumbnail)
+            return thumbnail
 
     def search_text(text: str, top_k: int):
         with inference_lock, torch.inference_mode():
@@ -238,8 +295,10 @@ def create_app(engine) -> FastAPI:
     def search_similar(item_id: int, top_k: int):
         with torch.inference_mode():
             # The item's stored (normalised) embedding is the query: no model call, no lock needed.
+            # The item itself would top its own list, so one more is asked for and the item left out.
             query = searcher.embeddings[item_id : item_id + 1]
-            return searcher.search(query, top_k)[0]
+            hits = searcher.search(query, top_k + 1)[0]
+        return [hit for hit in hits if hit.id != item_id][:top_k]
 
     @app.get("/api/health")
     def health():
@@ -251,6 +310,7 @@ def create_app(engine) -> FastAPI:
             "limits": {
                 "max_query_chars": MAX_QUERY_CHARS,
                 "max_top_k": MAX_TOP_K,
+                "default_top_k": DEFAULT_TOP_K,
                 "max_upload_bytes": MAX_UPLOAD_BYTES,
             },
         }
@@ -272,7 +332,7 @@ def create_app(engine) -> FastAPI:
         # Decoding is CPU work on untrusted input; keep it off the event loop like inference.
         image = await run_in_threadpool(decode_within_slots, data)
         hits = await run_in_threadpool(search_image, image, top_k)
-        query = {"kind": "image", "filename": filename}
+        query = {"kind": "image", "filename": display_path(filename)}
         return {"query": query, "top_k": top_k, "results": result_list(hits)}
 
     # `:path` lets ids holding a decoded '/' reach parse_collection_id too, for the same clear 404.
@@ -280,30 +340,37 @@ def create_app(engine) -> FastAPI:
     async def similar_search(item_id: str, top_k: int = Query(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K)):
         index = parse_collection_id(item_id, collection_size)
         hits = await run_in_threadpool(search_similar, index, top_k)
-        query = {"kind": "similar", "id": index, "path": engine.path_of(index)}
+        query = {"kind": "similar", "id": index, "path": display_path(engine.path_of(index))}
         return {"query": query, "top_k": top_k, "results": result_list(hits)}
 
     @app.get("/api/image/{item_id:path}")
     async def collection_image(
         item_id: str,
-        size: int | None = Query(None, ge=MIN_THUMBNAIL_SIZE, le=MAX_THUMBNAIL_SIZE, description="thumbnail edge"),
+        size: int | None = Query(
+            None, ge=MIN_THUMBNAIL_SIZE, le=MAX_THUMBNAIL_SIZE, description="thumbnail edge, served as the next of 96, 192, 384"
+        ),
     ):
         # The file is looked up from the collection by index; no client-sent path ever reaches the filesystem.
         index = parse_collection_id(item_id, collection_size)
-        path = Path(engine.path_of(index))
-        if not path.is_file():
+        path = engine.path_of(index)
+        if roots is not None and not is_under_roots(path, roots):
+            logger.warning("refused collection item %d: %s is outside the collection's folders", index, display_path(path))
+            raise ApiError(
+                403,
+                f"collection item {index} lies outside the collection's folders; the server serves only "
+                "files under them (restart it with --serve_root <folder>, or --serve_any_path to lift this)",
+            )
+        if not os.path.isfile(path):
             raise ApiError(404, f"collection item {index} is no longer on disk")
         cache_headers = {"Cache-Control": "public, max-age=3600"}
         if size is None:
             return FileResponse(path, headers=cache_headers)
-        thumbnail = thumbnails.get((index, size))
+        key = (index, thumbnail_size(size))
+        thumbnail = thumbnails.get(key)
         if thumbnail is None:
-            try:
-                thumbnail = await run_in_threadpool(make_thumbnail, path, size)
-            except (OSError, ValueError) as error:
-                logger.warning("cannot make a thumbnail of %s: %s", path, error)
-                raise ApiError(404, f"collection item {index} cannot be read as an image") from error
-            thumbnails.put((index, size), thumbnail)
+            thumbnail = await run_in_threadpool(thumbnail_within_slots, key, path)
+            if thumbnail is None:
+                raise ApiError(404, f"collection item {index} cannot be read as an image")
         return Response(thumbnail, media_type="image/jpeg", headers=cache_headers)
 
     @app.get("/", include_in_schema=False)
@@ -314,28 +381,43 @@ def create_app(engine) -> FastAPI:
     return app
 
 
-def make_server(engine, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"):
+def make_server(engine, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", serve_roots=None):
     """A uvicorn server over `engine`, not yet started; `serve` runs it, tests run it in a thread."""
     import uvicorn
 
-    config = uvicorn.Config(create_app(engine), host=host, port=port, log_level=log_level, access_log=False)
+    app = create_app(engine, serve_roots=serve_roots)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)
     return uvicorn.Server(config)
 
 
-def serve(engine, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve `engine` until interrupted; the model and embeddings stay loaded across requests."""
+def serve(
+    engine,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    serve_roots: Sequence[str | os.PathLike] | None = None,
+    listener: socket.socket | None = None,
+) -> None:
+    """Serve `engine` until interrupted; the model and embeddings stay loaded across requests.
+
+    `listener` is a socket already bound to host:port (the CLI binds it before loading the model,
+    so a port in use fails at once).
+    """
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s: anyone who can reach this address can search the collection", host)
+    if serve_roots is None:
+        logger.warning("serving any file the collection lists (--serve_any_path)")
+    else:
+        logger.info("serving image files only from under %s", ", ".join(display_path(root) for root in serve_roots))
     logger.info("serving %d images at http://%s:%d/", len(engine.searcher), host, port)
-    make_server(engine, host, port).run()
+    make_server(engine, host, port, serve_roots=serve_roots).run(sockets=[listener] if listener is not None else None)
 
 
 @contextlib.contextmanager
-def serve_in_background(engine, host: str = "127.0.0.1", log_level: str = "warning"):
+def serve_in_background(engine, host: str = "127.0.0.1", log_level: str = "warning", serve_roots=None):
     """Run the server on a free port in a daemon thread for the `with` block; yields its base URL."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind((host, 0))
-    server = make_server(engine, host, listener.getsockname()[1], log_level=log_level)
+    server = make_server(engine, host, listener.getsockname()[1], log_level=log_level, serve_roots=serve_roots)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     try:

@@ -1,8 +1,10 @@
 // The clipsearch page: reads the search from the URL, calls the JSON API, and renders the result grid.
 "use strict";
 
-const MAX_TOP_K = 200;
-const DEFAULT_TOP_K = 24;
+// The server's /api/health states both limits (one default for the page, the CLI and the API);
+// these stand in only until it answers, or if it cannot.
+let maxTopK = 200;
+let defaultTopK = 24;
 
 const elements = {
   form: document.getElementById("search-form"),
@@ -26,14 +28,14 @@ let previewUrl = null;
 
 function clampTopK(value) {
   const number = Number.parseInt(value, 10);
-  if (!Number.isFinite(number)) return DEFAULT_TOP_K;
-  return Math.min(MAX_TOP_K, Math.max(1, number));
+  if (!Number.isFinite(number)) return defaultTopK;
+  return Math.min(maxTopK, Math.max(1, number));
 }
 
 // A search lives in the URL (?q=…&top_k=… or ?similar=ID&top_k=…) so any link reproduces it.
 function searchFromUrl() {
   const params = new URLSearchParams(window.location.search);
-  const topK = clampTopK(params.get("top_k") ?? DEFAULT_TOP_K);
+  const topK = clampTopK(params.get("top_k") ?? defaultTopK);
   if (params.has("similar")) return { kind: "similar", id: params.get("similar"), topK };
   if (params.get("q")) return { kind: "text", text: params.get("q"), topK };
   return { kind: "none", topK };
@@ -205,6 +207,10 @@ async function loadCollectionInfo() {
     const name = [model.family, model.architecture].filter(Boolean).join(" · ");
     elements.collectionInfo.textContent =
       `${health.collection_size.toLocaleString()} images · ${name} · ${health.embedding_dim}-d`;
+    const limits = health.limits || {};
+    if (Number.isInteger(limits.max_top_k)) maxTopK = limits.max_top_k;
+    if (Number.isInteger(limits.default_top_k)) defaultTopK = limits.default_top_k;
+    elements.topK.max = String(maxTopK);
   } catch (error) {
     elements.collectionInfo.textContent = `Server unreachable (${error.message})`;
   }
@@ -260,5 +266,5 @@ window.addEventListener("popstate", () => {
   runSearch(search, { push: false });
 });
 
-loadCollectionInfo();
-runSearch(searchFromUrl(), { push: false });
+// The first search waits for the server's limits, so a URL without top_k gets the server's default.
+loadCollectionInfo().finally(() => runSearch(searchFromUrl(), { push: false }));

@@ -74,25 +74,37 @@ def test_every_command_is_declared_and_every_declared_entry_point_imports():
     scripts = pyproject()["project"]["scripts"]
     declared = {}
     for script, target in scripts.items():
-        module, _, function = target.partition(":")
-        assert re.fullmatch(r"clipsearch\.cli\.\w+", module) and function == "main", f"{script} = {target}"
-        command = module.rsplit(".", 1)[1]
-        assert script == "clipsearch-" + command.replace("_", "-"), f"{script} should be named after {module}"
+        module, _, command = target.partition(":")
+        assert module == "clipsearch.console", f"{script} = {target}: entries go through clipsearch.console"
+        assert script == "clipsearch-" + command.replace("_", "-"), f"{script} should be named after {command}"
         declared[command] = target
     assert command_modules() <= set(declared), f"commands without a script: {command_modules() - set(declared)}"
     problems = []
-    for target in sorted(declared.values()):
-        module, _, function = target.partition(":")
+    for command in sorted(declared):
         try:
-            entry_point = getattr(importlib.import_module(module), function)
+            main = importlib.import_module(f"clipsearch.cli.{command}").main
         except (ImportError, AttributeError) as error:
-            problems.append(f"{target} does not import: {error}")
+            problems.append(f"clipsearch.cli.{command}.main does not import: {error}")
             continue
-        # A console script ends with sys.exit(main()): a returned dict or path would print and exit 1.
-        returns = inspect.signature(entry_point).return_annotation
-        if returns not in ("None", "int", "int | None"):
-            problems.append(f"{target} returns {returns}; an entry point returns None or an exit code")
+        if list(inspect.signature(main).parameters)[:1] != ["argv"]:
+            problems.append(f"clipsearch.cli.{command}.main should take argv (tests call it with a list)")
+        if not callable(getattr(importlib.import_module("clipsearch.console"), command, None)):
+            problems.append(f"clipsearch.console has no entry {command}")
     assert not problems, "\n".join(problems)
+
+
+def test_a_console_entry_prints_a_user_error_as_one_line(monkeypatch, capsys):
+    from clipsearch import console
+    from clipsearch.cli.common import UserError
+
+    def failing_main(argv):
+        raise UserError("no checkpoint at models/nowhere.ckpt")
+
+    monkeypatch.setattr(importlib.import_module("clipsearch.cli.sample_data"), "main", failing_main)
+    with pytest.raises(SystemExit) as exit_info:
+        console.sample_data()
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == "error: no checkpoint at models/nowhere.ckpt\n"
 
 
 def test_commands_import_no_heavy_library_before_parsing():

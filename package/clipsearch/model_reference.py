@@ -15,6 +15,8 @@ OPEN_CLIP_PREFIX = "open_clip:"
 OPEN_CLIP_SCHEMAS = ("hf-hub:", "local-dir:")
 WEIGHT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors", ".npz")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# OpenAI's naming (ViT-L/14, ViT-L/14@336px, RN50x16) would otherwise read as a hub id.
+OPENAI_STYLE_NAME = re.compile(r"^(ViT-\w+/\d+(@\d+px)?|RN\d+(x\d+)?)$")
 EXAMPLES = (
     "a clipsearch checkpoint, an OpenAI CLIP .pt file, one of "
     f"{', '.join(OPENAI_SHORT_NAMES)} (files in {OPENAI_WEIGHTS_DIR}/), open_clip:<model>/<tag> "
@@ -131,6 +133,12 @@ def parse_model_reference(reference: str) -> ModelReference:
             f"--load_model {text}: no such file. Train a model first (bash 1_pretrain_our.sh), or pass "
             "released weights, e.g. --load_model open_clip:ViT-B-32/laion2b_s34b_b79k"
         )
+    if OPENAI_STYLE_NAME.match(text):
+        raise ModelReferenceError(
+            f"--load_model {text}: unknown model name; the short names are {', '.join(OPENAI_SHORT_NAMES)} "
+            f"(OpenAI's files in {OPENAI_WEIGHTS_DIR}/); for other releases use e.g. "
+            f"open_clip:{canonical_name(text).replace('@', '-')}/openai"
+        )
     if HUB_ID.match(text):
         _check_hub_cached(text, "config.json", text)
         return ModelReference("hf_hub", text, None, text)
@@ -142,12 +150,12 @@ def check_model_reference(reference: str) -> None:
     parse_model_reference(reference)
 
 
-def check_load_model_flag(parser, reference: str) -> None:
-    """For parse_args: a bad --load_model ends the command with one line, before anything heavy loads."""
+def exit_on_bad_model(reference: str) -> None:
+    """For a command right after parsing: a bad --load_model ends it with one line, before anything heavy loads."""
     try:
         check_model_reference(reference)
     except ModelReferenceError as error:
-        parser.exit(1, f"error: {error}\n")
+        raise SystemExit(f"error: {error}") from None
 
 
 def model_label(reference: str) -> str:

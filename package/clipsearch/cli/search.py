@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from clipsearch.model_reference import HELP, exit_on_bad_model
+
 EPILOG = """\
 Examples:
   bash 3_inference_search.sh --query "a red circle" --query "two stars"
@@ -23,7 +25,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     model = parser.add_argument_group("model")
-    model.add_argument("--load_model", default="models/latest/best.ckpt", help="checkpoint that embeds the queries")
+    model.add_argument("--load_model", default="models/latest/best.ckpt", help=HELP)
 
     data = parser.add_argument_group("data")
     data.add_argument("--emb_path", default="dataset/sample/emb", help="folder of embedding shards to search")
@@ -130,6 +132,7 @@ def serve(engine, args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    exit_on_bad_model(args.load_model)
     import torch
 
     from clipsearch.search import EmbeddingMismatchError, SearchEngine

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 from clipsearch.models.our_clip import HFTokenizer, _pack_tokenizer_files, _unpack_tokenizer
 from clipsearch.models.registry import SPEC_VERSION, register_family
@@ -23,8 +23,9 @@ PIL_RESAMPLE = {0: InterpolationMode.NEAREST, 2: InterpolationMode.BILINEAR, 3: 
 class HFImageTransform:
     """PIL image -> the pixel values transformers' (torchvision-backed) image processor makes, exactly.
 
-    The processor resizes a uint8 tensor with antialiasing and crops at floor((size - crop) / 2);
-    torchvision's CenterCrop rounds instead, which shifts the crop by a pixel on half the odd sizes.
+    The processor resizes a uint8 tensor with torchvision v2's antialiased kernel (v1's functional
+    resize, and PIL's, differ from it by up to 7 and 1 grey levels) and crops at
+    floor((size - crop) / 2), where torchvision's CenterCrop rounds: a pixel's shift on odd sizes.
     """
 
     def __init__(self, image: dict):

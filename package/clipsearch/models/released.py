@@ -18,8 +18,8 @@ from clipsearch.model_reference import (
 )
 from clipsearch.models import ModelBundle, build_from_spec
 from clipsearch.models.openai_clip import (
-    _is_torchscript_archive,
     OPENAI_RELEASES,
+    _is_torchscript_archive,
     available_architectures,
     load_architecture_config,
     load_openai_weights,
@@ -179,6 +179,12 @@ def _offline_advice(reference: ModelReference, source: str) -> str:
     )
 
 
+def _why(error: Exception, remote: bool = True) -> str:
+    if remote and os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "it is not in the local cache, and HF_HUB_OFFLINE=1 forbids downloading"
+    return (str(error).splitlines() or [type(error).__name__])[0][:200]
+
+
 def _load_open_clip(reference: ModelReference) -> ModelBundle:
     import open_clip
 
@@ -205,13 +211,15 @@ def _load_open_clip(reference: ModelReference) -> ModelBundle:
             if tag_config.get("hf_hub") else f"{tag_config.get('url')} (pass the file as --load_model <file>)"
         )
     try:
+        # open_clip logs a failed download as an ERROR before raising; the one line below says it all.
+        logging.disable(logging.ERROR)
         spec, model = load_open_clip(name, tag, reference.label)
     except Exception as error:  # noqa: BLE001 - hub, network and file errors all lead to the same advice
-        detail = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
-        offline = " (HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
         raise ModelReferenceError(
-            f"--load_model {reference.text}: could not load it{offline}: {detail}. {_offline_advice(reference, source)}"
+            f"--load_model {reference.text}: could not load it: {_why(error, not name.startswith('local-dir:'))}. {_offline_advice(reference, source)}"
         ) from None
+    finally:
+        logging.disable(logging.NOTSET)
     return _with_weights(spec, model)
 
 
@@ -222,7 +230,7 @@ def _load_hf_clip(reference: ModelReference) -> ModelBundle:
     try:
         spec, model = load_hf_clip(reference.location, released)
     except (OSError, ValueError) as error:
-        detail = str(error).splitlines()[0][:300]
+        detail = _why(error, reference.kind == "hf_hub")
         advice = "" if reference.kind == "hf_folder" else " " + _offline_advice(reference, reference.location)
         raise ModelReferenceError(f"--load_model {reference.text}: {detail}.{advice}") from None
     return _with_weights(spec, model)

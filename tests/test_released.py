@@ -1,0 +1,207 @@
+"""Released weights through --load_model: HuggingFace CLIP folders, OpenAI files, exports and clear errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from clipsearch.checkpoint import model_fingerprint
+from clipsearch.cli.encode import main as encode_main
+from clipsearch.cli.export import main as export_main
+from clipsearch.cli.search import main as search_main
+from clipsearch.models import build_from_spec
+from clipsearch.models.openai_clip import openai_clip_spec
+from clipsearch.models.released import load_model
+from clipsearch.search import SearchEngine
+
+REPO = Path(__file__).resolve().parents[1]
+CAPTIONS = ["a red circle", "two blue squares on grass", "x"]
+
+
+def _tiny_clip_tokenizer():
+    """A CLIPTokenizer over bytes plus a few merges, written offline (CLIP's vocabulary layout, tiny)."""
+    from open_clip.tokenizer import bytes_to_unicode
+    from transformers import CLIPTokenizer
+
+    symbols = list(bytes_to_unicode().values())
+    merges = ["r e", "re d</w>", "c i", "ci r", "b l", "bl u", "blu e</w>", "s q"]
+    vocab = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={token: i for i, token in enumerate(vocab)}, merges=[tuple(m.split()) for m in merges])
+
+
+@pytest.fixture(scope="module")
+def hf_clip_folder(tmp_path_factory) -> Path:
+    """A tiny random transformers CLIPModel with tokenizer and image processor, saved with save_pretrained."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    folder = tmp_path_factory.mktemp("hf_clip")
+    tokenizer = _tiny_clip_tokenizer()
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 24, **ids},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> list[Path]:
+    """Textured images of odd sizes (crop offsets that round differently), as PNG and JPEG files."""
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    paths = []
+    for index, (width, height) in enumerate([(45, 37), (61, 50), (33, 70), (40, 40), (97, 31), (52, 67)]):
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        path = root / f"photo{index}.{'png' if index % 2 else 'jpg'}"
+        Image.fromarray(pixels).save(path)
+        paths.append(path)
+    return paths
+
+
+def _read_embeddings(emb_path: Path) -> dict[str, torch.Tensor]:
+    embeddings = {}
+    for shard in sorted(emb_path.glob("*.ckpt")):
+        content = torch.load(shard, weights_only=True)
+        embeddings.update({Path(p).name: e for p, e in zip(content["path"], content["emb"])})
+    return embeddings
+
+
+def test_hf_clip_encodes_and_searches_like_transformers(hf_clip_folder, photos, tmp_path):
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+    emb_path = tmp_path / "emb"
+    encode_main(["--load_model", str(hf_clip_folder), "--dataset_path", str(photos[0].parent),
+                 "--emb_path", str(emb_path), "--num_workers", "0", "--accelerator", "cpu", "--no_progress"])
+    encoded = _read_embeddings(emb_path)
+
+    reference = CLIPModel.from_pretrained(hf_clip_folder).eval()
+    processor = AutoImageProcessor.from_pretrained(hf_clip_folder)
+    with torch.no_grad():
+        pixels = processor(images=[Image.open(p).convert("RGB") for p in photos], return_tensors="pt")
+        expected = reference.get_image_features(**pixels).pooler_output
+    expected = torch.nn.functional.normalize(expected, dim=-1)
+    torch.testing.assert_close(torch.stack([encoded[p.name] for p in photos]), expected, rtol=0, atol=1e-5)
+
+    identity = json.loads((emb_path / "model.json").read_text())
+    assert identity["load_model"] == str(hf_clip_folder.resolve())
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_clip_folder)
+    with torch.no_grad():
+        expected_text = reference.get_text_features(**tokenizer(CAPTIONS, padding=True, return_tensors="pt"))
+    engine = SearchEngine.from_files(str(hf_clip_folder), emb_path)
+    torch.testing.assert_close(
+        engine.encode_texts(CAPTIONS), torch.nn.functional.normalize(expected_text.pooler_output, dim=-1),
+        rtol=0, atol=1e-5,
+    )
+    # The real search command answers a text query over the folder and writes its grid.
+    search_main(["--load_model", str(hf_clip_folder), "--emb_path", str(emb_path), "--query", CAPTIONS[0],
+                 "--out_dir", str(tmp_path / "grids"), "--top_k", "3"])
+    assert (tmp_path / "grids" / "a red circle.png").is_file()
+
+
+def _tiny_openai_clip(config_name: str | None) -> torch.nn.Module:
+    """A random CLIP in OpenAI's layout: a known local config, or one with OpenAI's 64-wide heads."""
+    torch.manual_seed(2)
+    if config_name:
+        return build_from_spec(openai_clip_spec(config_name)).model.eval()
+    return open_clip.CLIP(
+        embed_dim=32, quick_gelu=True,
+        vision_cfg={"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+        text_cfg={"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1},
+    ).eval()
+
+
+def _save_openai_formats(model, folder: Path) -> dict[str, Path]:
+    state_dict_path, archive_path = folder / "state_dict.pt", folder / "archive.pt"
+    torch.save(model.state_dict(), state_dict_path)
+    torch.jit.script(model).save(str(archive_path))
+    return {"state_dict": state_dict_path, "torchscript": archive_path}
+
+
+@pytest.mark.parametrize("kind", ["state_dict", "torchscript"])
+def test_openai_files_load_as_open_clip_loads_them(tmp_path, kind):
+    model = _tiny_openai_clip(None)
+    with torch.no_grad():  # OpenAI released fp16 weights, and open_clip's loader rounds to fp16
+        for parameter in model.parameters():
+            parameter.copy_(parameter.half().float())
+    paths = _save_openai_formats(model, tmp_path)
+    path = paths[kind]
+    bundle = load_model(str(path))
+    # open_clip's loader takes our scripted archive's extra attn_mask buffer for a weight; its state dict twin is the same model.
+    reference = open_clip.load_openai_model(str(paths["state_dict"]), device="cpu").eval()
+    images, tokens = torch.randn(2, 3, 32, 32), bundle.tokenizer(CAPTIONS)
+    assert tokens.shape[1] == 16  # the context length was read from the file
+    with torch.no_grad():
+        torch.testing.assert_close(bundle.model.encode_image(images), reference.encode_image(images))
+        torch.testing.assert_close(bundle.model.encode_text(tokens), reference.encode_text(tokens))
+    assert bundle.spec["released"] == f"openai:{path.name}"
+
+
+@pytest.mark.parametrize("config_name", ["ViT-Tiny-16", "RN-Tiny"])
+def test_openai_files_of_known_configs_keep_their_head_counts(tmp_path, config_name):
+    model = _tiny_openai_clip(config_name)
+    bundle = load_model(str(_save_openai_formats(model, tmp_path)["state_dict"]))
+    assert bundle.spec["architecture"] == config_name
+    images, tokens = torch.randn(2, 3, 64, 64), bundle.tokenizer(CAPTIONS)
+    with torch.no_grad():
+        torch.testing.assert_close(bundle.model.encode_image(images), model.encode_image(images))
+        torch.testing.assert_close(bundle.model.encode_text(tokens), model.encode_text(tokens))
+
+
+@pytest.mark.parametrize("source", ["hf_clip", "openai_archive"])
+def test_export_gives_the_same_model(hf_clip_folder, tmp_path, source):
+    if source == "hf_clip":
+        reference = str(hf_clip_folder)
+    else:
+        reference = str(_save_openai_formats(_tiny_openai_clip(None), tmp_path)["torchscript"])
+    original = load_model(reference)
+    exported = load_model(str(export_main(["--load_model", reference, "--out", str(tmp_path / "exported.ckpt")])))
+    assert model_fingerprint(exported) == model_fingerprint(original)
+    size = original.spec["image"]["size"]
+    images = [Image.fromarray(np.random.default_rng(3).integers(0, 256, (size + 9, size + 4, 3), dtype=np.uint8))]
+    for bundle in (original, exported):
+        bundle.pixels = torch.stack([bundle.eval_transform(image) for image in images])
+    torch.testing.assert_close(exported.pixels, original.pixels)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.model.encode_image(exported.pixels), original.model.encode_image(original.pixels))
+        torch.testing.assert_close(
+            exported.model.encode_text(exported.tokenizer(CAPTIONS)), original.model.encode_text(original.tokenizer(CAPTIONS))
+        )
+
+
+def _run(module: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "package")}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=120)
+
+
+@pytest.mark.parametrize(("module", "reference", "message"), [
+    ("clipsearch.cli.search", "ViT-L/14", "unknown model name"),
+    ("clipsearch.cli.encode", "models/nowhere/best.ckpt", "no such file"),
+    ("clipsearch.cli.encode", "RN50x4", "is not at models/openai/RN50x4.pt"),
+    ("clipsearch.cli.search", "openai/clip-vit-base-patch32", "HF_HUB_OFFLINE=1"),
+    ("clipsearch.export", "open_clip:ViT-B-32/laion2b_s34b_b79k", "HF_HUB_OFFLINE=1 forbids downloading"),
+    ("clipsearch.export", "open_clip:ViT-B-32/no_such_tag", "its tags: openai"),
+])
+def test_bad_references_fail_with_one_line(tmp_path, module, reference, message):
+    extra = ["--out", str(tmp_path / "x.ckpt")] if module == "clipsearch.export" else []
+    completed = _run(module, "--load_model", reference, *extra, cwd=tmp_path)
+    assert completed.returncode == 1
+    lines = [line for line in completed.stderr.splitlines() if line.strip() and "Warning" not in line]
+    assert len(lines) == 1 and lines[0].startswith("error: --load_model"), completed.stderr
+    assert message in lines[0]

@@ -184,6 +184,25 @@ def test_export_gives_the_same_model(hf_clip_folder, tmp_path, source):
         )
 
 
+def test_finetuning_starts_from_an_export(hf_clip_folder, tmp_path):
+    from clipsearch.checkpoint import load_bundle
+    from clipsearch.sample_data import ensure_sample_dataset
+    from src_openai_finetune.main import main as finetune_main
+
+    dataset = ensure_sample_dataset(tmp_path / "sample", num_train=16, num_dev=8, image_size=32)
+    exported = export_main(["--load_model", str(hf_clip_folder), "--out", str(tmp_path / "exported.ckpt")])
+    result = finetune_main([
+        f"--clip_checkpoint={exported}", "--lock_image", f"--dataset_path={dataset}",
+        f"--models_dir={tmp_path / 'models'}", f"--logs_dir={tmp_path / 'logs'}", "--run_name=from-export",
+        "--max_steps=2", "--batch_size=8", "--num_workers=0", "--val_check_interval=2", "--warmup_steps=1",
+    ])
+    finetuned, original = load_bundle(result.run_dir / "last.ckpt"), load_model(str(exported))
+    assert finetuned.spec == original.spec
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # the image tower was locked, so it still holds the exported weights
+        torch.testing.assert_close(finetuned.model.encode_image(images), original.model.encode_image(images))
+
+
 def _run(module: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "package")}
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, cwd=cwd,

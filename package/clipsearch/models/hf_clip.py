@@ -70,6 +70,27 @@ class HFCLIP(nn.Module):
     def logit_scale(self) -> nn.Parameter:
         return self.model.logit_scale
 
+    def lock_image_tower(self, unlocked_groups: int = 0) -> None:
+        """Freeze the vision tower and its projection except its last `unlocked_groups` layers (LiT when 0)."""
+        self._lock(self.model.vision_model, getattr(self.model, "visual_projection", None), unlocked_groups)
+
+    def lock_text_tower(self, unlocked_layers: int = 0) -> None:
+        """Freeze the text tower and its projection except its last `unlocked_layers` layers."""
+        self._lock(self.model.text_model, getattr(self.model, "text_projection", None), unlocked_layers)
+
+    @staticmethod
+    def _lock(tower: nn.Module, projection: nn.Module | None, unlocked_layers: int) -> None:
+        # SigLIP keeps its projection ("head") inside the tower; CLIP beside it.
+        tower.requires_grad_(False)
+        if projection is not None:
+            projection.requires_grad_(unlocked_layers > 0)
+        if unlocked_layers > 0:
+            for layer in list(tower.encoder.layers)[-unlocked_layers:]:
+                layer.requires_grad_(True)
+            for name, module in tower.named_children():
+                if name.startswith(("post_", "final_", "head")):  # what follows the last layer
+                    module.requires_grad_(True)
+
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         features = self.model.get_image_features(pixel_values=images).pooler_output
         return nn.functional.normalize(features, dim=-1) if normalize else features

@@ -57,12 +57,28 @@ def _with_weights(spec: dict, model: torch.nn.Module) -> ModelBundle:
 # ---------------------------------------------------------------------------------------------
 
 
+def _peek(path: Path):
+    # mmap: telling a checkpoint from a state dict reads the keys, not the tensors.
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def is_clipsearch_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a checkpoint this project wrote (a training run's or an export's)."""
+    path = Path(path)
+    if not path.is_file() or _is_torchscript_archive(path):
+        return False
+    try:
+        content = _peek(path)
+    except Exception:  # noqa: BLE001 - anything unreadable is simply not one of ours
+        return False
+    return isinstance(content, dict) and META_KEY in content
+
+
 def _load_file(reference: ModelReference) -> ModelBundle:
     path = Path(reference.location)
     if not _is_torchscript_archive(path):
         try:
-            # mmap: telling a checkpoint from a state dict reads the keys, not the tensors.
-            content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            content = _peek(path)
         except Exception as error:  # noqa: BLE001 - torch raises several types for foreign files
             raise ModelReferenceError(
                 f"--load_model {reference.text} is neither a clipsearch checkpoint nor an OpenAI CLIP file "

@@ -114,6 +114,34 @@ def test_hf_clip_encodes_and_searches_like_transformers(hf_clip_folder, photos, 
     assert (tmp_path / "grids" / "a red circle.png").is_file()
 
 
+def test_hf_siglip_embeds_like_transformers(photos, tmp_path):
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    tokenizer = _tiny_clip_tokenizer()
+    torch.manual_seed(4)
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    config = SiglipConfig(
+        text_config={**tower, "vocab_size": len(tokenizer), "max_position_embeddings": 16,
+                     "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+                     "bos_token_id": tokenizer.bos_token_id},
+        vision_config={**tower, "image_size": 32, "patch_size": 8},
+    )
+    reference = SiglipModel(config).eval()
+    processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+    for part in (reference, tokenizer, processor):
+        part.save_pretrained(tmp_path)
+
+    bundle = load_model(str(tmp_path))
+    images = [Image.open(p).convert("RGB") for p in photos]
+    tokens = tokenizer(CAPTIONS, padding="max_length", truncation=True, max_length=16, return_tensors="pt")["input_ids"]
+    with torch.no_grad():  # SigLIP is used with max-length padding and no attention mask
+        expected_images = reference.get_image_features(**processor(images=images, return_tensors="pt")).pooler_output
+        expected_texts = reference.get_text_features(input_ids=tokens).pooler_output
+        pixels = torch.stack([bundle.eval_transform(image) for image in images])
+        torch.testing.assert_close(bundle.model.encode_image(pixels), expected_images, rtol=0, atol=1e-5)
+        torch.testing.assert_close(bundle.model.encode_text(bundle.tokenizer(CAPTIONS)), expected_texts, rtol=0, atol=1e-5)
+
+
 def _tiny_openai_clip(config_name: str | None) -> torch.nn.Module:
     """A random CLIP in OpenAI's layout: a known local config, or one with OpenAI's 64-wide heads."""
     torch.manual_seed(2)

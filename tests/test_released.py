@@ -142,6 +142,47 @@ def test_hf_siglip_embeds_like_transformers(photos, tmp_path):
         torch.testing.assert_close(bundle.model.encode_text(bundle.tokenizer(CAPTIONS)), expected_texts, rtol=0, atol=1e-5)
 
 
+def test_open_clip_local_dir_matches_open_clip_and_exports(photos, tmp_path):
+    from clipsearch.models.openai_clip import load_architecture_config
+
+    folder = tmp_path / "open_clip_model"
+    folder.mkdir()
+    model_config = load_architecture_config("ViT-Tiny-16")
+    preprocess = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bilinear", "resize_mode": "squash"}
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_config, "preprocess_cfg": preprocess}))
+    torch.manual_seed(5)
+    torch.save(open_clip.CLIP(**model_config).state_dict(), folder / "open_clip_pytorch_model.bin")
+
+    reference, _, transform = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    reference_tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    bundle = load_model(f"open_clip:local-dir:{folder}")
+    exported = load_model(str(export_main(["--load_model", f"open_clip:local-dir:{folder}", "--out", str(tmp_path / "e.ckpt")])))
+    images = [Image.open(p).convert("RGB") for p in photos]
+    expected_pixels = torch.stack([transform(image) for image in images])
+    with torch.no_grad():
+        expected_images = reference.eval().encode_image(expected_pixels)
+        expected_texts = reference.encode_text(reference_tokenizer(CAPTIONS))
+        for loaded in (bundle, exported):
+            pixels = torch.stack([loaded.eval_transform(image) for image in images])
+            torch.testing.assert_close(pixels, expected_pixels)
+            torch.testing.assert_close(loaded.model.encode_image(pixels), expected_images)
+            torch.testing.assert_close(loaded.model.encode_text(loaded.tokenizer(CAPTIONS)), expected_texts)
+    assert model_fingerprint(exported) == model_fingerprint(bundle)
+
+
+def test_an_embedding_folder_never_mixes_models(hf_clip_folder, photos, tmp_path):
+    from clipsearch.encoding.runner import EncodingMismatchError
+
+    exported = export_main(["--load_model", str(hf_clip_folder), "--out", str(tmp_path / "hf.ckpt")])
+    other = _save_openai_formats(_tiny_openai_clip(None), tmp_path)["state_dict"]
+    flags = ["--dataset_path", str(photos[0].parent), "--emb_path", str(tmp_path / "emb"), "--num_workers", "0",
+             "--accelerator", "cpu", "--no_progress"]
+    encode_main(["--load_model", str(hf_clip_folder), *flags])
+    encode_main(["--load_model", str(exported), *flags])  # the same model, exported: resumes
+    with pytest.raises(EncodingMismatchError, match="holds embeddings of another model"):
+        encode_main(["--load_model", str(other), *flags])
+
+
 def _tiny_openai_clip(config_name: str | None) -> torch.nn.Module:
     """A random CLIP in OpenAI's layout: a known local config, or one with OpenAI's 64-wide heads."""
     torch.manual_seed(2)

@@ -17,7 +17,7 @@ from clipsearch.cli.export import main as export_main
 from clipsearch.cli.search import main as search_main
 from clipsearch.models import build_from_spec
 from clipsearch.models.openai_clip import openai_clip_spec
-from clipsearch.models.released import load_model
+from clipsearch.models.released import ModelReferenceError, load_model
 from clipsearch.search import SearchEngine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,6 +170,13 @@ def test_open_clip_local_dir_matches_open_clip_and_exports(photos, tmp_path):
     assert model_fingerprint(exported) == model_fingerprint(bundle)
 
 
+def test_unknown_open_clip_names_and_tags_are_named():
+    with pytest.raises(ModelReferenceError, match="its tags: openai"):
+        load_model("open_clip:ViT-B-32/no_such_tag")
+    with pytest.raises(ModelReferenceError, match="did you mean"):
+        load_model("open_clip:ViT-B-33/openai")
+
+
 def test_an_embedding_folder_never_mixes_models(hf_clip_folder, photos, tmp_path):
     from clipsearch.encoding.runner import EncodingMismatchError
 
@@ -284,7 +291,6 @@ def _run(module: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProce
     ("clipsearch.cli.encode", "RN50x4", "is not at models/openai/RN50x4.pt"),
     ("clipsearch.cli.search", "openai/clip-vit-base-patch32", "HF_HUB_OFFLINE=1"),
     ("clipsearch.export", "open_clip:ViT-B-32/laion2b_s34b_b79k", "HF_HUB_OFFLINE=1 forbids downloading"),
-    ("clipsearch.export", "open_clip:ViT-B-32/no_such_tag", "its tags: openai"),
 ])
 def test_bad_references_fail_with_one_line(tmp_path, module, reference, message):
     extra = ["--out", str(tmp_path / "x.ckpt")] if module == "clipsearch.export" else []

@@ -10,13 +10,16 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from clipsearch.models.our_clip import HFTokenizer, _pack_tokenizer_files, _unpack_tokenizer
-from clipsearch.models.registry import SPEC_VERSION, register_family
+from clipsearch.models.registry import register_family
 from clipsearch.models.transforms import make_image_transform
 
 FAMILY = "hf_clip"
 # Model types whose `get_image_features` / `get_text_features` give the embeddings we compare.
 SUPPORTED_MODEL_TYPES = ("clip", "siglip")
 # PIL's resample codes, as image processor configs store them.
+# Config entries that describe the file rather than the model: kept out of the spec (and so out of
+# the fingerprint), or a transformers upgrade would make the same weights look like another model.
+VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "architectures")
 PIL_RESAMPLE = {0: InterpolationMode.NEAREST, 2: InterpolationMode.BILINEAR, 3: InterpolationMode.BICUBIC}
 
 
@@ -123,8 +126,18 @@ def _image_spec(processor_config: dict) -> dict:
     }
 
 
+def _stable_config(config: dict) -> dict:
+    return {
+        key: _stable_config(value) if isinstance(value, dict) else value
+        for key, value in config.items()
+        if key not in VOLATILE_CONFIG_KEYS
+    }
+
+
 def hf_clip_spec(config, tokenizer, processor_config: dict, released: str) -> dict:
     """The self-describing spec of a transformers CLIP: its config, tokenizer files and preprocessing."""
+    from clipsearch.models import SPEC_VERSION
+
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"{released} is a {config.model_type!r} model; supported HuggingFace types: {', '.join(SUPPORTED_MODEL_TYPES)}"
@@ -135,7 +148,8 @@ def hf_clip_spec(config, tokenizer, processor_config: dict, released: str) -> di
         "spec_version": SPEC_VERSION,
         "family": FAMILY,
         "released": released,
-        "config": json.loads(config.to_json_string(use_diff=False)),
+        "architecture": released,
+        "config": _stable_config(json.loads(config.to_json_string(use_diff=False))),
         "embed_dim": int(embed_dim),
         "text": {
             "context_length": int(text_config.max_position_embeddings),

@@ -8,7 +8,7 @@ import open_clip
 import torch
 
 from clipsearch.models.our_clip import HFTokenizer, _pack_tokenizer_files, _unpack_tokenizer
-from clipsearch.models.registry import SPEC_VERSION, register_family
+from clipsearch.models.registry import register_family
 from clipsearch.models.transforms import make_image_transform
 
 logger = logging.getLogger(__name__)
@@ -18,6 +18,8 @@ FAMILY = "open_clip"
 
 def open_clip_spec(model: torch.nn.Module, model_config: dict, tokenizer, released: str) -> dict:
     """The self-describing spec of an open_clip model: its config, tokenizer and preprocessing."""
+    from clipsearch.models import SPEC_VERSION
+
     preprocess = model.visual.preprocess_cfg
     size = preprocess["size"]
     size = size if isinstance(size, int) else size[0]
@@ -31,6 +33,7 @@ def open_clip_spec(model: torch.nn.Module, model_config: dict, tokenizer, releas
         "spec_version": SPEC_VERSION,
         "family": FAMILY,
         "released": released,
+        "architecture": released,
         "model_config": model_config,
         "embed_dim": int(model_config["embed_dim"]),
         "text": {"context_length": int(tokenizer.context_length), "tokenizer": tokenizer_spec},

@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None):
     model.add_argument("--finetune_clip", default="ViT-B/32",
                        help=f"architecture of the weights: {', '.join(OPENAI_RELEASES)} (or a small local config for tests)")
     model.add_argument("--clip_checkpoint", default=None,
-                       help=f"OpenAI's .pt archive, a state dict, or a clipsearch checkpoint such as an export, whose own architecture is used (default: {LOCAL_WEIGHTS_DIR}/<name>.pt, then open_clip's download when online)")
+                       help=f"OpenAI's .pt archive (read with torch.jit.load: not safe on untrusted files), a state dict, or a clipsearch checkpoint such as an export, whose own architecture is used (default: {LOCAL_WEIGHTS_DIR}/<name>.pt, then open_clip's download when online)")
     model.add_argument("--text_length", type=int, default=None, help="context length (default 77; other values resize position embeddings)")
     model.add_argument("--image_resolution", type=int, default=None, help="input size (default: the release's; others interpolate)")
     add_lock_args(model)

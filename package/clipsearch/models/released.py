@@ -29,7 +29,7 @@ from clipsearch.models.transforms import OPENAI_MEAN, OPENAI_STD
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ModelReferenceError", "check_model_reference", "load_model"]
+__all__ = ["ModelReferenceError", "check_model_reference", "is_clipsearch_checkpoint", "load_model"]
 
 # Config keys that only size tensors; a known config with other keys may behave differently at equal shapes.
 PLAIN_VISION_KEYS = {"image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio"}

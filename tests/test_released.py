@@ -156,7 +156,7 @@ def test_open_clip_local_dir_matches_open_clip_and_exports(photos, tmp_path):
     reference, _, transform = open_clip.create_model_and_transforms(f"local-dir:{folder}")
     reference_tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
     bundle = load_model(f"open_clip:local-dir:{folder}")
-    exported = load_model(str(export_main(["--load_model", f"open_clip:local-dir:{folder}", "--out", str(tmp_path / "e.ckpt")])))
+    exported = load_model(str(_export(f"open_clip:local-dir:{folder}", tmp_path / "e.ckpt")))
     images = [Image.open(p).convert("RGB") for p in photos]
     expected_pixels = torch.stack([transform(image) for image in images])
     with torch.no_grad():
@@ -180,7 +180,7 @@ def test_unknown_open_clip_names_and_tags_are_named():
 def test_an_embedding_folder_never_mixes_models(hf_clip_folder, photos, tmp_path):
     from clipsearch.encoding.runner import EncodingMismatchError
 
-    exported = export_main(["--load_model", str(hf_clip_folder), "--out", str(tmp_path / "hf.ckpt")])
+    exported = _export(str(hf_clip_folder), tmp_path / "hf.ckpt")
     other = _save_openai_formats(_tiny_openai_clip(None), tmp_path)["state_dict"]
     flags = ["--dataset_path", str(photos[0].parent), "--emb_path", str(tmp_path / "emb"), "--num_workers", "0",
              "--accelerator", "cpu", "--no_progress"]
@@ -246,7 +246,7 @@ def test_export_gives_the_same_model(hf_clip_folder, tmp_path, source):
     else:
         reference = str(_save_openai_formats(_tiny_openai_clip(None), tmp_path)["torchscript"])
     original = load_model(reference)
-    exported = load_model(str(export_main(["--load_model", reference, "--out", str(tmp_path / "exported.ckpt")])))
+    exported = load_model(str(_export(reference, tmp_path / "exported.ckpt")))
     assert model_fingerprint(exported) == model_fingerprint(original)
     size = original.spec["image"]["size"]
     images = [Image.fromarray(np.random.default_rng(3).integers(0, 256, (size + 9, size + 4, 3), dtype=np.uint8))]
@@ -266,7 +266,7 @@ def test_finetuning_starts_from_an_export(hf_clip_folder, tmp_path):
     from src_openai_finetune.main import main as finetune_main
 
     dataset = ensure_sample_dataset(tmp_path / "sample", num_train=16, num_dev=8, image_size=32)
-    exported = export_main(["--load_model", str(hf_clip_folder), "--out", str(tmp_path / "exported.ckpt")])
+    exported = _export(str(hf_clip_folder), tmp_path / "exported.ckpt")
     result = finetune_main([
         f"--clip_checkpoint={exported}", "--lock_image", f"--dataset_path={dataset}",
         f"--models_dir={tmp_path / 'models'}", f"--logs_dir={tmp_path / 'logs'}", "--run_name=from-export",
@@ -277,6 +277,11 @@ def test_finetuning_starts_from_an_export(hf_clip_folder, tmp_path):
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():  # the image tower was locked, so it still holds the exported weights
         torch.testing.assert_close(finetuned.model.encode_image(images), original.model.encode_image(images))
+
+
+def _export(reference: str, out: Path) -> Path:
+    export_main(["--load_model", reference, "--out", str(out)])
+    return out
 
 
 def _run(module: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:

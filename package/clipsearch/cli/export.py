@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from clipsearch.cli.common import CommandParser, UserError, run_command
-from clipsearch.model_reference import HELP, exit_on_bad_model
+from clipsearch.model_reference import HELP, check_model_reference
 
 EPILOG = """\
 Examples (where the hub is reachable), then carry model.ckpt to any machine:
@@ -24,11 +24,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if Path(args.out).exists() and not args.overwrite:
         raise UserError(f"--out {args.out} exists; pass --overwrite to replace it")
-    exit_on_bad_model(args.load_model)
+    check_model_reference(args.load_model)
     return args
 
 
-def main(argv: list[str]) -> Path:
+def main(argv: list[str]) -> None:
     args = parse_args(argv)
     from clipsearch.checkpoint import load_bundle, model_fingerprint, save_bundle
     from clipsearch.models.released import load_model
@@ -40,7 +40,6 @@ def main(argv: list[str]) -> Path:
         path.unlink()
         raise UserError(f"{args.load_model} did not survive export: the reloaded model differs; nothing written")
     print(f"wrote {path} ({bundle.spec.get('released', bundle.spec['family'])}, {bundle.embed_dim}-d embeddings)")
-    return path
 
 
 if __name__ == "__main__":

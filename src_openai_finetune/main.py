@@ -12,6 +12,7 @@ from clipsearch.models.openai_clip import (
     load_openai_weights,
     openai_clip_spec,
 )
+from clipsearch.models.released import is_clipsearch_checkpoint, load_model
 from clipsearch.train import (
     VariantDefaults,
     add_common_args,
@@ -34,7 +35,7 @@ def parse_args(argv: list[str] | None = None):
     model.add_argument("--finetune_clip", default="ViT-B/32",
                        help=f"architecture of the weights: {', '.join(OPENAI_RELEASES)} (or a small local config for tests)")
     model.add_argument("--clip_checkpoint", default=None,
-                       help=f"OpenAI's .pt archive or a state dict (default: {LOCAL_WEIGHTS_DIR}/<name>.pt, then open_clip's download when online)")
+                       help=f"OpenAI's .pt archive (read with torch.jit.load: not safe on untrusted files), a state dict, or a clipsearch checkpoint such as an export, whose own architecture is used (default: {LOCAL_WEIGHTS_DIR}/<name>.pt, then open_clip's download when online)")
     model.add_argument("--text_length", type=int, default=None, help="context length (default 77; other values resize position embeddings)")
     model.add_argument("--image_resolution", type=int, default=None, help="input size (default: the release's; others interpolate)")
     add_lock_args(model)
@@ -69,6 +70,12 @@ def find_weights(name: str, given: str | None) -> str:
 
 
 def build_bundle(args):
+    if args.clip_checkpoint and is_clipsearch_checkpoint(args.clip_checkpoint):
+        # An export (python -m clipsearch.export) or an earlier run carries its own architecture.
+        bundle = load_model(args.clip_checkpoint)
+        bundle.model.train()
+        apply_locks(bundle.model, args)
+        return bundle
     try:
         spec = openai_clip_spec(args.finetune_clip, args.text_length, args.image_resolution, quick_gelu=True)
     except ValueError as error:

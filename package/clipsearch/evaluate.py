@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from clipsearch.data import DataReport, ImageGroupDataset, collate_groups, read_table
 from clipsearch.metrics import RECALL_KS, retrieval_metrics
+from clipsearch.model_reference import HELP, exit_on_bad_model, model_label, results_stem
 from clipsearch.models import ModelBundle
 
 logger = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--batch_size", type=int, default=64, help="images per batch (each brings all its captions)")
     data.add_argument("--num_workers", type=int, default=2, help="DataLoader processes decoding images")
     model = parser.add_argument_group("model")
-    model.add_argument("--load_model", required=True, help="checkpoint written by any of the training scripts")
+    model.add_argument("--load_model", required=True, help=HELP)
     model.add_argument("--device", default=None, help="torch device; None picks cuda when available, else cpu")
     program = parser.add_argument_group("program")
     program.add_argument(
@@ -163,14 +164,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
-    from clipsearch.checkpoint import load_bundle
+    exit_on_bad_model(args.load_model)
+    from clipsearch.models.released import load_model
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    bundle = load_bundle(args.load_model)
+    bundle = load_model(args.load_model)
     bundle.model.to(device)
     result = evaluate(bundle, args.dataset_path, args.split, args.batch_size, args.num_workers, device)
-    result = {"checkpoint": str(Path(args.load_model).resolve()), **result}
-    out = Path(args.out) if args.out else default_output_path(args.load_model, args.dataset_path, args.split)
+    result = {"checkpoint": model_label(args.load_model), **result}
+    out = Path(args.out) if args.out else default_output_path(results_stem(args.load_model), args.dataset_path, args.split)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 

@@ -285,9 +285,10 @@ class SearchEngine:
         index_path: str | os.PathLike | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> SearchEngine:
-        from clipsearch.checkpoint import load_bundle, model_fingerprint
+        from clipsearch.checkpoint import model_fingerprint
+        from clipsearch.models.released import load_model as load_any_model
 
-        bundle = load_bundle(load_model)
+        bundle = load_any_model(load_model)
         try:
             searcher = Searcher.from_shards(
                 emb_path,

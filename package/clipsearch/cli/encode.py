@@ -7,6 +7,7 @@ import os
 import sys
 
 from clipsearch.encoding.mapper import PRECISIONS
+from clipsearch.model_reference import HELP, exit_on_bad_model
 
 DEFAULT_DATASET = "dataset/sample"
 EPILOG = """\
@@ -44,7 +45,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     model = parser.add_argument_group("model")
-    model.add_argument("--load_model", default="models/latest/best.ckpt", help="checkpoint to encode with")
+    model.add_argument("--load_model", default="models/latest/best.ckpt", help=HELP)
     model.add_argument(
         "--precision", default="32", choices=list(PRECISIONS), help="32, or autocast to 16-mixed / bf16-mixed"
     )
@@ -109,6 +110,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    exit_on_bad_model(args.load_model)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from clipsearch.encoding.runner import EncodeConfig, EncodingMismatchError, run
 

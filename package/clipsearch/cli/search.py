@@ -19,6 +19,8 @@ from clipsearch.cli.common import (
     positive_int,
     run_command,
 )
+from clipsearch.model_reference import HELP as LOAD_MODEL_HELP
+from clipsearch.model_reference import check_model_reference
 
 EPILOG = """\
 Examples:
@@ -39,7 +41,7 @@ RECORD_FILES = ("manifest.json", "model.json")
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = CommandParser(prog="3_inference_search.sh", description=__doc__, epilog=EPILOG)
     model = parser.add_argument_group("model")
-    model.add_argument("--load_model", default=DEFAULT_MODEL, help="checkpoint that embeds the queries")
+    model.add_argument("--load_model", default=DEFAULT_MODEL, help=LOAD_MODEL_HELP)
 
     data = parser.add_argument_group("data")
     data.add_argument("--emb_path", default=DEFAULT_EMB_PATH, help="folder of embedding shards to search")
@@ -90,8 +92,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def check_inputs(args: argparse.Namespace) -> None:
     """Stop on a missing file before the model loads (seconds), naming the flag to fix."""
     # Checkpoint files are checked here; other model names are the model loader's to resolve.
-    if args.load_model.endswith(".ckpt") and not os.path.isfile(args.load_model):
-        raise UserError(f"--load_model {args.load_model}: no such checkpoint (train one, or pass its path)")
+    check_model_reference(args.load_model)
     if not os.path.isdir(args.emb_path):
         raise UserError(f"--emb_path {args.emb_path}: no such folder (make it with 2_inference_encode.sh)")
     if args.index_path is not None and not os.path.exists(args.index_path):

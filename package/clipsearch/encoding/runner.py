@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from clipsearch.checkpoint import load_bundle, model_fingerprint
+from clipsearch.checkpoint import model_fingerprint
 from clipsearch.data import IMAGE_EXTENSIONS
 from clipsearch.encoding.mapper import ImageEmbedder
 from clipsearch.encoding.reader import (
@@ -35,6 +35,8 @@ from clipsearch.encoding.writer import (
     remove_stale_tmp,
     write_json,
 )
+from clipsearch.model_reference import model_label
+from clipsearch.models.released import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +181,7 @@ def encode_rank(config: EncodeConfig, layout: ProcessLayout) -> dict:
     if device.type == "cpu":
         # Ranks on one machine share its cores; oversubscribed BLAS threads slow every rank down.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // layout.local_world_size))
-    bundle = load_bundle(config.load_model)
+    bundle = load_model(config.load_model)
     image_paths = collect_image_paths(config.dataset_path, config.split)
     if not image_paths:
         raise FileNotFoundError(
@@ -187,7 +189,7 @@ def encode_rank(config: EncodeConfig, layout: ProcessLayout) -> dict:
             f"{', '.join(IMAGE_EXTENSIONS)} files or split tables)"
         )
     identity = {
-        "load_model": os.path.abspath(config.load_model),
+        "load_model": model_label(config.load_model),
         "fingerprint": model_fingerprint(bundle),
         "embed_dim": bundle.embed_dim,
         "world_size": world_size,

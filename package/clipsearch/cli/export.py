@@ -1,0 +1,46 @@
+"""Write any model --load_model accepts as a self-describing clipsearch checkpoint (weights, spec, tokenizer files)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from clipsearch.cli.common import CommandParser, UserError, run_command
+from clipsearch.model_reference import HELP, check_model_reference
+
+EPILOG = """\
+Examples (where the hub is reachable), then carry model.ckpt to any machine:
+  python -m clipsearch.export --load_model open_clip:ViT-B-32/laion2b_s34b_b79k --out models/vit-b-32-laion.ckpt
+  python -m clipsearch.export --load_model openai/clip-vit-base-patch32 --out models/hf-clip-b32.ckpt
+The checkpoint loads like a trained one: 2_inference_encode.sh, 3_inference_search.sh and 4_evaluate.sh take
+it as --load_model, and 1_finetune_openai.sh --clip_checkpoint=<it> finetunes it.
+"""
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = CommandParser(prog="python -m clipsearch.export", description=__doc__, epilog=EPILOG)
+    parser.add_argument("--load_model", required=True, help=HELP)
+    parser.add_argument("--out", required=True, help="checkpoint file to write (e.g. models/<name>.ckpt)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    args = parser.parse_args(argv)
+    if Path(args.out).exists() and not args.overwrite:
+        raise UserError(f"--out {args.out} exists; pass --overwrite to replace it")
+    check_model_reference(args.load_model)
+    return args
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    from clipsearch.checkpoint import load_bundle, model_fingerprint, save_bundle
+    from clipsearch.models.released import load_model
+
+    bundle = load_model(args.load_model)
+    path = save_bundle(bundle, args.out)
+    # Reload as every command will, so a checkpoint that would not rebuild is never left behind.
+    if model_fingerprint(load_bundle(path)) != model_fingerprint(bundle):
+        path.unlink()
+        raise UserError(f"{args.load_model} did not survive export: the reloaded model differs; nothing written")
+    print(f"wrote {path} ({bundle.spec.get('released', bundle.spec['family'])}, {bundle.embed_dim}-d embeddings)")
+
+
+if __name__ == "__main__":
+    run_command(main)

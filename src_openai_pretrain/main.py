@@ -35,7 +35,7 @@ def build_bundle(args):
 def main(argv: list[str] | None = None):
     args = parse_args(argv)
     tag = f"openai-scratch-{args.pretrain_clip.replace('/', '-')}"
-    return run_training(args, build_bundle(args), variant_tag=tag)
+    return run_training(args, build_bundle, variant_tag=tag)
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None):
     tag = f"our-{args.pretrain_image}-{args.image_resolution or 'default'}px"
     if args.train_resolution:
         tag += f"-train{args.train_resolution}px"
-    return run_training(args, build_bundle(args), variant_tag=tag)
+    return run_training(args, build_bundle, variant_tag=tag)
 
 
 if __name__ == "__main__":

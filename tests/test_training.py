@@ -212,7 +212,7 @@ def test_two_process_ddp_training_validates_the_whole_dev_split(tiny_dataset, tm
     command = [sys.executable, str(REPO / "src_openai_pretrain" / "main.py"), "--pretrain_clip=ViT-Tiny-16",
                "--image_resolution=32", "--devices=2", "--accelerator=cpu", "--strategy=ddp",
                *common_flags(tiny_dataset, tmp_path, "ddp", steps=2)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'package'}", "HF_HUB_OFFLINE": "1"}
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
     run_dir = tmp_path / "models" / "ddp"
@@ -243,3 +243,75 @@ def test_training_reads_webdataset_shards(tiny_dataset, tmp_path):
                             *common_flags(tiny_dataset, tmp_path, "shards", steps=2), f"--dataset_path={shards}"])
     assert result.global_step == 2
     assert "val/text_to_image_R@1" in result.metrics
+
+
+def _record_initial_weights_and_batches(monkeypatch, door_module):
+    """Wrap a door's build_bundle and the training step to see what a real run started from and read."""
+    from clipsearch import lightning_module
+
+    seen = {"initial": [], "batches": []}
+    build = door_module.build_bundle
+
+    def recording_build(args):
+        bundle = build(args)
+        seen["initial"].append({k: v.clone() for k, v in bundle.model.state_dict().items()})
+        return bundle
+
+    step = lightning_module.CLIPModule.training_step
+
+    def recording_step(self, batch, batch_idx):
+        seen["batches"].append(list(batch["image_paths"]))
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(door_module, "build_bundle", recording_build)
+    monkeypatch.setattr(lightning_module.CLIPModule, "training_step", recording_step)
+    return seen
+
+
+def test_same_seed_same_start_same_order_same_metrics(tiny_dataset, tmp_path, monkeypatch):
+    import src_openai_pretrain.main as door
+
+    seen = _record_initial_weights_and_batches(monkeypatch, door)
+    flags = ["--pretrain_clip=ViT-Tiny-16", "--image_resolution=32", "--seed=7"]
+    first = door.main([*flags, *common_flags(tiny_dataset, tmp_path, "seed-a", steps=3)])
+    torch.manual_seed(12345)  # whatever ran before must not matter
+    second = door.main([*flags, *common_flags(tiny_dataset, tmp_path, "seed-b", steps=3)])
+    door.main([*flags, "--seed=8", *common_flags(tiny_dataset, tmp_path, "seed-c", steps=3)])
+    first_weights, second_weights, other_weights = seen["initial"]
+    for name, value in first_weights.items():
+        torch.testing.assert_close(second_weights[name], value, rtol=0, atol=0)
+    assert any(not torch.equal(other_weights[name], value) for name, value in first_weights.items())
+    assert seen["batches"][:3] == seen["batches"][3:6] and seen["batches"][:3] != seen["batches"][6:]
+    assert first.metrics and first.metrics == second.metrics
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tiny_dataset, tmp_path, monkeypatch):
+    """Killed mid-epoch after the step-3 checkpoint, resumed to step 8 across an epoch end (6 batches)."""
+    from clipsearch import train
+
+    flags = ["--pretrain_clip=ViT-Tiny-16", "--image_resolution=32", "--num_workers=1"]
+    uninterrupted = pretrain_main([*flags, *common_flags(tiny_dataset, tmp_path, "whole", steps=8),
+                                   "--checkpoint_every_steps=3"])
+    interrupted = [*flags, *common_flags(tiny_dataset, tmp_path, "killed", steps=8), "--checkpoint_every_steps=3"]
+    original_end = train.ReproducibleSteps.on_train_batch_end
+
+    def die_after_step_4(self, trainer, *args):
+        original_end(self, trainer, *args)
+        if trainer.global_step == 4:
+            raise _Killed
+
+    monkeypatch.setattr(train.ReproducibleSteps, "on_train_batch_end", die_after_step_4)
+    with pytest.raises(_Killed):
+        pretrain_main(interrupted)
+    assert read_checkpoint(tmp_path / "models" / "killed" / "last.ckpt")["global_step"] == 3
+    monkeypatch.setattr(train.ReproducibleSteps, "on_train_batch_end", original_end)
+    resumed = pretrain_main(interrupted)
+    assert resumed.start_step == 3 and resumed.global_step == 8
+    expected = read_checkpoint(uninterrupted.run_dir / "last.ckpt")["state_dict"]
+    got = read_checkpoint(resumed.run_dir / "last.ckpt")["state_dict"]
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6)

@@ -17,6 +17,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from clipsearch.training_order import seeded_randomness
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
@@ -358,9 +360,12 @@ class ImageCaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.image_paths)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        # A ResumableSampler draws (index, augmentation seed): the crop then depends on the draw alone.
+        index, augment_seed = key if isinstance(key, tuple) else (key, None)
         image_path, caption = self.image_paths[index], self.captions[index]
-        image, item_counts = _load_for_item(image_path, self.image_transform)
+        with seeded_randomness(augment_seed):
+            image, item_counts = _load_for_item(image_path, self.image_transform)
         if image is None:
             return _skip_marker(image_path, item_counts)
         return {

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from clipsearch.data import (
 )
 from clipsearch.lightning_module import CLIPModule
 from clipsearch.models import ModelBundle
+from clipsearch.training_order import ResumableLoader, ResumableSampler
 from clipsearch.webdataset_source import is_webdataset_path, make_webdataset
 
 logger = logging.getLogger(__name__)
@@ -133,6 +135,27 @@ def default_run_name(args: argparse.Namespace, variant_tag: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", name)
 
 
+class ReproducibleSteps(Callback):
+    """Makes each step's randomness a function of (seed, step, rank), and tracks the sampler.
+
+    Dropout draws from torch's global generator, whose state no checkpoint holds; seeding it per
+    step means a resumed run draws what the uninterrupted one drew. The sampler learns how far
+    the epoch got from the batches the loop finished (not from what the loader fetched ahead), so
+    a checkpoint resumes at the next pair.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        torch.manual_seed(self.seed * 1_000_003 + trainer.global_step * 1_009 + trainer.global_rank)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        loader = trainer.train_dataloader
+        if isinstance(loader, ResumableLoader):
+            loader.sampler.position = (batch_idx + 1) * loader.batch_size
+
+
 class ThroughputLogger(Callback):
     """Samples per second over the last logging window, the figure the benchmarks compare."""
 
@@ -188,7 +211,11 @@ def make_loaders(args: argparse.Namespace, bundle: ModelBundle):
         "persistent_workers": workers > 0,
         "pin_memory": torch.cuda.is_available(),
     }
-    train_loader = DataLoader(train_set, shuffle=not streaming, drop_last=True, collate_fn=collate_pairs, **loader_options)
+    if streaming:
+        train_loader = DataLoader(train_set, drop_last=True, collate_fn=collate_pairs, **loader_options)
+    else:
+        train_loader = ResumableLoader(train_set, sampler=ResumableSampler(len(train_set), args.seed), drop_last=True,
+                                       collate_fn=collate_pairs, **loader_options)
     val_path = args.val_path or args.dataset_path
     val_set = None
     try:
@@ -231,9 +258,15 @@ class RunResult:
     metrics: dict  # final validation metrics, empty without a dev split
 
 
-def run_training(args: argparse.Namespace, bundle: ModelBundle, variant_tag: str) -> RunResult:
-    """Train `bundle.model` and write its checkpoints; returns where, from which step, and how well."""
-    L.seed_everything(args.seed, workers=True)
+def run_training(args: argparse.Namespace, build: Callable[[argparse.Namespace], ModelBundle],
+                 variant_tag: str) -> RunResult:
+    """Build the model with `build(args)`, train it and write its checkpoints.
+
+    Returns where, from which step, and how well. Seeds before building, so new layers start
+    from the same weights in every run with the same --seed.
+    """
+    L.seed_everything(args.seed, workers=True, verbose=False)
+    bundle = build(args)
     run_name = args.run_name or default_run_name(args, variant_tag)
     run_dir = Path(args.models_dir) / run_name
     resume_from = _resume_path(args, run_dir)
@@ -253,7 +286,8 @@ def run_training(args: argparse.Namespace, bundle: ModelBundle, variant_tag: str
                                       save_top_k=1, enable_version_counter=False, auto_insert_metric_name=False)
     last_checkpoint = ModelCheckpoint(dirpath=run_dir, save_top_k=0, save_last=True,
                                       every_n_train_steps=args.checkpoint_every_steps, enable_version_counter=False)
-    callbacks = [last_checkpoint, LearningRateMonitor(logging_interval="step"), ThroughputLogger(args.log_every_n_steps)]
+    callbacks = [last_checkpoint, LearningRateMonitor(logging_interval="step"), ThroughputLogger(args.log_every_n_steps),
+                 ReproducibleSteps(args.seed)]
     if val_loader is not None:
         callbacks.insert(0, best_checkpoint)
     interval = args.val_check_interval

@@ -126,8 +126,13 @@ def _as_text(value: object) -> str:
     if value is pd.NA or value is pd.NaT:
         return ""
     if isinstance(value, bytes | bytearray):
-        value = bytes(value).decode("utf-8", errors="replace")
+        value = bytes(value).decode("utf-8", errors="surrogateescape")
     return str(value).strip()
+
+
+def _has_undecodable_bytes(text: str) -> bool:
+    """True when surrogateescape kept bytes that were not UTF-8 (as U+DC80..U+DCFF)."""
+    return any("\udc80" <= character <= "\udcff" for character in text)
 
 
 def read_table(
@@ -136,11 +141,16 @@ def read_table(
     image_column: str = "image",
     caption_column: str = "caption",
     report: DataReport | None = None,
+    require_caption: bool = True,
 ) -> pd.DataFrame:
     """Read a split's table as columns `image` (absolute path) and `caption` (stripped text).
 
-    Rows with an empty or undecodable caption or image path are dropped, logged and counted in
-    `report`; missing image files are left for `load_image` to find.
+    Cells are text as written: "NA", "NaN", "null" or "N/A" are captions, not missing values.
+    Bytes that are not UTF-8 are kept (surrogateescape), so such a file name still opens on
+    Linux. Rows without an image path are dropped; so are rows with an empty or non-UTF-8
+    caption and malformed rows (too many fields) unless `require_caption` is False (encoding
+    needs only the image: such rows keep it, with caption ""). Every drop is logged and counted
+    in `report`; missing image files are left for `load_image` to find.
     """
     table_path = find_table(dataset_path, split)
     malformed_rows: list[list[str]] = []
@@ -151,15 +161,18 @@ def read_table(
             malformed_rows.append(fields)
             return None
 
-        # Bytes that are not UTF-8 become U+FFFD, so one bad row is dropped below instead of
-        # failing the whole read. QUOTE_NONE keeps quotes inside TSV captions verbatim.
+        # One bad row must not fail the whole read: undecodable bytes are kept as surrogates and
+        # rows with extra fields set aside. QUOTE_NONE keeps quotes inside TSV captions verbatim;
+        # na_filter=False keeps "NA", "NaN" and "null" as the text they are.
         frame = pd.read_csv(
             table_path,
             sep="\t" if table_path.suffix == ".tsv" else ",",
             quoting=csv.QUOTE_NONE if table_path.suffix == ".tsv" else csv.QUOTE_MINIMAL,
-            dtype=str,
+            dtype=object,  # Arrow-backed strings cannot hold the surrogates of non-UTF-8 bytes
+            keep_default_na=False,
+            na_filter=False,
             encoding="utf-8-sig",
-            encoding_errors="replace",
+            encoding_errors="surrogateescape",
             on_bad_lines=keep_aside,
             engine="python",
         )
@@ -175,18 +188,22 @@ def read_table(
     images = [_as_text(value) for value in frame[image_column]]
     captions = [_as_text(value) for value in frame[caption_column]]
     drop_reasons: Counter[str] = Counter()
-    if malformed_rows:
-        drop_reasons["malformed row"] = len(malformed_rows)
+    if require_caption:
+        if malformed_rows:
+            drop_reasons["malformed row"] = len(malformed_rows)
+    else:
+        image_field = list(frame.columns).index(image_column)
+        for fields in malformed_rows:
+            images.append(_as_text(fields[image_field]) if image_field < len(fields) else "")
+            captions.append("")
     dataset_dir = os.path.abspath(dataset_path)
     kept_images, kept_captions = [], []
     for image, caption in zip(images, captions):
-        if "\ufffd" in image:
-            drop_reasons["non-utf8 image path"] += 1
-        elif not image:
+        if not image:
             drop_reasons["empty image path"] += 1
-        elif "\ufffd" in caption:
+        elif require_caption and _has_undecodable_bytes(caption):
             drop_reasons["non-utf8 caption"] += 1
-        elif not caption:
+        elif require_caption and not caption:
             drop_reasons["empty caption"] += 1
         else:
             kept_images.append(os.path.join(dataset_dir, os.path.expanduser(image)))
@@ -197,7 +214,7 @@ def read_table(
             report.add(reason, table_path, count=count)
         else:
             logger.warning("skipped, %s (%d rows): %s", reason, count, table_path)
-    return pd.DataFrame({"image": kept_images, "caption": kept_captions})
+    return pd.DataFrame({"image": kept_images, "caption": kept_captions}, dtype=object)
 
 
 # ---------------------------------------------------------------------------------------------

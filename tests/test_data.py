@@ -16,15 +16,8 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from clipsearch import data
-from clipsearch.data import (
-    DataReport,
-    ImageCaptionDataset,
-    ImageGroupDataset,
-    collate_groups,
-    collate_pairs,
-    load_image,
-    read_table,
-)
+from clipsearch.data import DataReport, load_image, read_table
+from clipsearch.datasets import ImageCaptionDataset, ImageGroupDataset, collate_groups, collate_pairs
 
 TOKEN_LENGTH = 8
 image_transform = transforms.Compose([transforms.Resize((8, 8)), transforms.ToTensor()])

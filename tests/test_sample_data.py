@@ -4,7 +4,8 @@ import hashlib
 import numpy as np
 import pytest
 
-from clipsearch.data import ImageGroupDataset, load_image, read_table
+from clipsearch.data import load_image, read_table
+from clipsearch.datasets import ImageGroupDataset
 from clipsearch.sample_data import (
     BACKGROUNDS,
     COLOURS,

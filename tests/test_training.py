@@ -15,8 +15,11 @@ import torch.multiprocessing as mp
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from clipsearch import train, variants
 from clipsearch.checkpoint import load_bundle, read_checkpoint
-from clipsearch.data import ImageCaptionDataset, collate_pairs, read_table
+from clipsearch.cli.common import UserError
+from clipsearch.data import read_table
+from clipsearch.datasets import ImageCaptionDataset, collate_pairs
 from clipsearch.evaluate import evaluate
 from clipsearch.lightning_module import CLIPModule
 from clipsearch.loss import ContrastiveLoss
@@ -25,7 +28,6 @@ from clipsearch.models.openai_clip import openai_clip_spec
 from clipsearch.sample_data import ensure_sample_dataset
 from src_openai_finetune.main import main as finetune_main
 from src_openai_pretrain.main import main as pretrain_main
-from src_our.main import build_bundle as our_build_bundle
 from src_our.main import main as our_main
 from src_our.main import parse_args as our_parse_args
 
@@ -49,8 +51,8 @@ def test_pretrain_openai_trains_and_writes_self_describing_checkpoints(tiny_data
     result = pretrain_main(["--pretrain_clip=ViT-Tiny-16", "--text_length=20", "--image_resolution=32",
                             *common_flags(tiny_dataset, tmp_path, "scratch")])
     assert result.global_step == 4
-    assert {"best.ckpt", "last.ckpt", "params.json"} <= {p.name for p in result.run_dir.iterdir()}
-    assert (tmp_path / "models" / "latest").resolve() == result.run_dir.resolve()
+    assert {"best.ckpt", "last.ckpt", "params.json", "run.json"} <= {p.name for p in result.run_dir.iterdir()}
+    assert not (tmp_path / "models" / "latest").exists(), "a 4-step smoke run must not become models/latest"
     assert list((tmp_path / "logs" / "scratch").glob("events.out.tfevents.*"))
     bundle = load_bundle(result.run_dir / "best.ckpt")
     # --text_length and --image_resolution really change the model.
@@ -71,7 +73,7 @@ def test_reloaded_checkpoint_gives_the_validated_numbers(tiny_dataset, tmp_path)
 def test_our_clip_trains_from_packaged_towers(tiny_dataset, tmp_path):
     flags = ["--image_resolution=32", "--train_resolution=24", "--embed_dim=32", "--text_length=24", "--lock_text",
              "--lock_text_unlocked_layers=1", *common_flags(tiny_dataset, tmp_path, "our", steps=2)]
-    trained_on = our_build_bundle(our_parse_args(flags)).train_transform(Image.new("RGB", (40, 30)))
+    trained_on = variants.build_our_clip(our_parse_args(flags).model_args).train_transform(Image.new("RGB", (40, 30)))
     assert trained_on.shape == (3, 24, 24)
     result = our_main(flags)
     checkpoint = read_checkpoint(result.run_dir / "best.ckpt")
@@ -92,7 +94,7 @@ def test_resume_continues_global_step_and_optimizer(tiny_dataset, tmp_path):
     state = read_checkpoint(second.run_dir / "last.ckpt")
     assert state["global_step"] == 6
     assert state["optimizer_states"][0]["state"], "optimizer moments must be saved for resuming"
-    with pytest.raises(SystemExit, match="already holds a run"):
+    with pytest.raises(UserError, match="already holds a run"):
         pretrain_main([*flags, "--resume=none", *common_flags(tiny_dataset, tmp_path, "resume", steps=8)])
 
 
@@ -199,9 +201,9 @@ def test_clear_errors_for_bad_weights_names_and_flags(tiny_dataset, tmp_path):
         finetune_main(["--finetune_clip=ViT-Tiny-16", f"--clip_checkpoint={garbage}", *flags])
     with pytest.raises(SystemExit, match="unknown CLIP architecture 'ViT-Q/99'"):
         pretrain_main(["--pretrain_clip=ViT-Q/99", *flags])
-    with pytest.raises(SystemExit, match="16-mixed needs a CUDA GPU"):
+    with pytest.raises(UserError, match="16-mixed needs a CUDA GPU"):
         pretrain_main(["--pretrain_clip=ViT-Tiny-16", "--precision=16-mixed", "--accelerator=cpu", *flags])
-    with pytest.raises(SystemExit, match="--warmup_steps"):
+    with pytest.raises(UserError, match="--warmup_steps"):
         pretrain_main(["--pretrain_clip=ViT-Tiny-16", *flags, "--warmup_steps=5"])
     with pytest.raises(SystemExit, match="unknown timm image model"):
         our_main(["--pretrain_image=not_a_model", *flags])
@@ -220,7 +222,8 @@ def test_two_process_ddp_training_validates_the_whole_dev_split(tiny_dataset, tm
     validated = read_checkpoint(run_dir / "last.ckpt")["callbacks"]
     assert validated, "checkpoint callbacks state missing"
     assert "dev" in completed.stdout and "step 2" in completed.stdout
-    assert f"text_to_image_R@1 {single['text_to_image_R@1']:.1f}" in completed.stdout
+    table_row = next(line for line in completed.stdout.splitlines() if line.startswith("text->image"))
+    assert table_row.split()[1] == f"{single['text_to_image_R@1']:.2f}"
 
 
 def test_training_reads_webdataset_shards(tiny_dataset, tmp_path):
@@ -245,12 +248,12 @@ def test_training_reads_webdataset_shards(tiny_dataset, tmp_path):
     assert "val/text_to_image_R@1" in result.metrics
 
 
-def _record_initial_weights_and_batches(monkeypatch, door_module):
-    """Wrap a door's build_bundle and the training step to see what a real run started from and read."""
+def _record_initial_weights_and_batches(monkeypatch, build_name):
+    """Wrap a door's build function and the training step to see what a real run started from and read."""
     from clipsearch import lightning_module
 
     seen = {"initial": [], "batches": []}
-    build = door_module.build_bundle
+    build = getattr(variants, build_name)
 
     def recording_build(args):
         bundle = build(args)
@@ -263,7 +266,7 @@ def _record_initial_weights_and_batches(monkeypatch, door_module):
         seen["batches"].append(list(batch["image_paths"]))
         return step(self, batch, batch_idx)
 
-    monkeypatch.setattr(door_module, "build_bundle", recording_build)
+    monkeypatch.setattr(variants, build_name, recording_build)
     monkeypatch.setattr(lightning_module.CLIPModule, "training_step", recording_step)
     return seen
 
@@ -271,7 +274,7 @@ def _record_initial_weights_and_batches(monkeypatch, door_module):
 def test_same_seed_same_start_same_order_same_metrics(tiny_dataset, tmp_path, monkeypatch):
     import src_openai_pretrain.main as door
 
-    seen = _record_initial_weights_and_batches(monkeypatch, door)
+    seen = _record_initial_weights_and_batches(monkeypatch, "build_openai_scratch")
     flags = ["--pretrain_clip=ViT-Tiny-16", "--image_resolution=32", "--seed=7"]
     first = door.main([*flags, *common_flags(tiny_dataset, tmp_path, "seed-a", steps=3)])
     torch.manual_seed(12345)  # whatever ran before must not matter
@@ -291,8 +294,6 @@ class _Killed(Exception):
 
 def test_resumed_run_equals_an_uninterrupted_one(tiny_dataset, tmp_path, monkeypatch):
     """Killed mid-epoch after the step-3 checkpoint, resumed to step 8 across an epoch end (6 batches)."""
-    from clipsearch import train
-
     flags = ["--pretrain_clip=ViT-Tiny-16", "--image_resolution=32", "--num_workers=1"]
     uninterrupted = pretrain_main([*flags, *common_flags(tiny_dataset, tmp_path, "whole", steps=8),
                                    "--checkpoint_every_steps=3"])

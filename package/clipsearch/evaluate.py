@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from clipsearch.data import DataReport, ImageGroupDataset, collate_groups, read_table
+from clipsearch.data import DataReport, read_table
+from clipsearch.datasets import ImageGroupDataset, collate_groups
 from clipsearch.metrics import RECALL_KS, retrieval_metrics
 from clipsearch.models import ModelBundle
 

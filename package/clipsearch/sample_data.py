@@ -13,12 +13,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from clipsearch.cli.common import DEFAULT_DATASET
+
 logger = logging.getLogger(__name__)
 
 # Bump when the scenes, captions or file layout change, so existing copies are regenerated.
 GENERATOR_VERSION = 1
 COMPLETE_MARKER = ".complete"
 META_FILE = "meta.json"
+SAMPLE_IMAGE_SIZE = 96
 SPLIT_SEED_OFFSETS = {"train": 0, "dev": 1}
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
@@ -276,7 +279,7 @@ def ensure_sample_dataset(
     path: str | os.PathLike = "dataset/sample",
     num_train: int = 4000,
     num_dev: int = 300,
-    image_size: int = 96,
+    image_size: int = SAMPLE_IMAGE_SIZE,
     seed: int = 0,
     force: bool = False,
 ) -> Path:
@@ -315,6 +318,23 @@ def generated_image_size(dataset_path: str | os.PathLike) -> int | None:
     except (OSError, ValueError):
         return None
     return int(meta["image_size"]) if "generator_version" in meta and "image_size" in meta else None
+
+
+def sample_image_size(dataset_path: str | os.PathLike) -> int | None:
+    """`generated_image_size`, or the default size for the default sample folder not generated yet."""
+    size = generated_image_size(dataset_path)
+    if size is None and str(dataset_path).rstrip("/") == DEFAULT_DATASET and not Path(dataset_path, META_FILE).exists():
+        return SAMPLE_IMAGE_SIZE
+    return size
+
+
+def prepare_default_sample(dataset_path: str | os.PathLike) -> None:
+    """Generate the default sample data when training asks for it and no complete copy is there.
+
+    A complete copy made with other settings (e.g. more images) is used as it is, not regenerated.
+    """
+    if str(dataset_path).rstrip("/") == DEFAULT_DATASET and not Path(dataset_path, COMPLETE_MARKER).is_file():
+        ensure_sample_dataset(DEFAULT_DATASET)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,8 +1,8 @@
-"""Retrieval recall of a model on a dataset split: each image encoded once, every caption encoded."""
+"""Retrieval recall of a model on a dataset split: each image encoded once, every caption encoded.
+
+The command is `clipsearch/cli/evaluate.py` (4_evaluate.sh)."""
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 from pathlib import Path
@@ -56,7 +56,7 @@ def _encode(bundle, dataset_path, split, batch_size, num_workers, device):
     )
     model = bundle.model
     device = torch.device(device) if device is not None else model_device(model)
-    # Training calls this for validation mid-run; dropout must be off and the mode put back after.
+    # The caller may hold the model in training mode: dropout must be off here and the mode put back after.
     was_training = model.training
     model.eval()
     image_embeddings, text_embeddings, caption_image_ids = [], [], []
@@ -134,58 +134,3 @@ def default_output_path(checkpoint: str | os.PathLike, dataset_path: str | os.Pa
     dataset_name = dataset.parent.name if dataset.name == "data" else dataset.name
     checkpoint = Path(checkpoint)
     return checkpoint.with_name(f"{checkpoint.stem}.{dataset_name}.{split}.eval.json")
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset_path", default="dataset/sample",
-                      help="dataset folder holding <split>.tsv/.csv/.parquet (default: the generated sample data)")
-    data.add_argument("--split", default="dev", help="table to evaluate on, e.g. dev or test")
-    data.add_argument("--batch_size", type=int, default=64, help="images per batch (each brings all its captions)")
-    data.add_argument("--num_workers", type=int, default=2, help="DataLoader processes decoding images")
-    model = parser.add_argument_group("model")
-    model.add_argument("--load_model", required=True, help="checkpoint written by any of the training scripts")
-    model.add_argument("--device", default=None, help="torch device; None picks cuda when available, else cpu")
-    program = parser.add_argument_group("program")
-    program.add_argument(
-        "--out", default=None, help="JSON file for the results; None writes <checkpoint>.<dataset>.<split>.eval.json"
-    )
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error("--batch_size must be at least 1")
-    if args.num_workers < 0:
-        parser.error("--num_workers must be 0 or more")
-    if not Path(args.dataset_path).is_dir():
-        parser.error(f"--dataset_path {args.dataset_path} is not a folder (prepare one, e.g. dataset/flickr8k/prepare.py)")
-    return args
-
-
-def main(argv: list[str] | None = None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv)
-    from clipsearch.checkpoint import load_bundle
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    bundle = load_bundle(args.load_model)
-    bundle.model.to(device)
-    result = evaluate(bundle, args.dataset_path, args.split, args.batch_size, args.num_workers, device)
-    result = {"checkpoint": str(Path(args.load_model).resolve()), **result}
-    out = Path(args.out) if args.out else default_output_path(args.load_model, args.dataset_path, args.split)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-
-    counts = result["counts"]
-    print(
-        f"{result['split']} split of {result['dataset']}: {counts['images']} images, "
-        f"{counts['captions']} captions, {counts['skipped_images']} images skipped"
-    )
-    if counts["skipped"]:
-        print("skipped: " + ", ".join(f"{count} {reason}" for reason, count in counts["skipped"].items()))
-    print(format_metrics(result["metrics"]))
-    print(f"written to {out}")
-    return result
-
-
-if __name__ == "__main__":
-    main()

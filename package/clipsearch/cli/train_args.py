@@ -188,9 +188,14 @@ def _devices(text: str) -> int | str:
     return devices
 
 
-def check_dataset(dataset_path: str, split: str, flag: str = "--dataset_path") -> None:
-    """One line naming the flag when the dataset cannot be read; the sample data is generated later."""
-    if dataset_path.rstrip("/") == DEFAULT_DATASET or is_webdataset_path(dataset_path):
+def check_dataset(dataset_path: str, split: str, flag: str = "--dataset_path", shards_allowed: bool = True) -> None:
+    """One line naming the flag when the split's table cannot be found.
+
+    The default sample data passes when it is not there yet: training generates it.
+    """
+    if dataset_path.rstrip("/") == DEFAULT_DATASET and not Path(dataset_path).is_dir():
+        return
+    if shards_allowed and is_webdataset_path(dataset_path):
         return
     folder = Path(dataset_path)
     if not folder.exists():

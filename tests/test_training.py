@@ -1,6 +1,7 @@
 """Training through the three real entry points, on tiny models and a tiny generated dataset."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -28,6 +29,7 @@ from clipsearch.models.openai_clip import openai_clip_spec
 from clipsearch.sample_data import ensure_sample_dataset
 from src_openai_finetune.main import main as finetune_main
 from src_openai_pretrain.main import main as pretrain_main
+from src_openai_pretrain.main import parse_args as pretrain_parse_args
 from src_our.main import main as our_main
 from src_our.main import parse_args as our_parse_args
 
@@ -316,3 +318,112 @@ def test_resumed_run_equals_an_uninterrupted_one(tiny_dataset, tmp_path, monkeyp
     got = read_checkpoint(resumed.run_dir / "last.ckpt")["state_dict"]
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6)
+
+
+def our_tiny_flags(dataset: Path, tmp_path: Path) -> list[str]:
+    """The README's `bash 1_pretrain_our.sh` on tiny settings, run names left to the default."""
+    return [f"--dataset_path={dataset}", f"--models_dir={tmp_path / 'models'}", f"--logs_dir={tmp_path / 'logs'}",
+            "--image_resolution=32", "--text_length=16", "--embed_dim=32", "--batch_size=8", "--num_workers=0",
+            "--max_steps=2", "--warmup_steps=1"]
+
+
+def test_readme_sequence_gets_one_run_folder_per_setting(tiny_dataset, tmp_path):
+    """`--max_steps 5`, then `--lock_image`, then `--text_pooling cls --embed_dim 512` in a row: three runs, no crash."""
+    flags = our_tiny_flags(tiny_dataset, tmp_path)
+    first = our_main(flags)
+    locked = our_main([*flags, "--lock_image"])
+    pooled = our_main([*flags, "--text_pooling=cls", "--embed_dim=48"])
+    assert len({first.run_dir, locked.run_dir, pooled.run_dir}) == 3
+    assert locked.start_step == 0 and pooled.start_step == 0
+    assert read_checkpoint(pooled.run_dir / "best.ckpt")["clipsearch"]["spec"]["embed_dim"] == 48
+    run_record = json.loads((locked.run_dir / "run.json").read_text())
+    assert run_record["identity"]["model"]["lock_image"] is True and run_record["finished"] is True
+    # Same flags again: the same run folder, resumed (already at max_steps), not a new one.
+    assert our_main(flags).run_dir == first.run_dir
+    # A named run with other model settings stops at once with one line saying what differs and what to do.
+    with pytest.raises(UserError, match=r"--lock_image False -> True.*another --run_name"):
+        our_main([*flags, f"--run_name={first.run_dir.name}", "--lock_image"])
+
+
+def test_fast_dev_run_writes_nothing(tiny_dataset, tmp_path):
+    result = pretrain_main(["--pretrain_clip=ViT-Tiny-16", "--image_resolution=32", "--fast_dev_run=1",
+                            *common_flags(tiny_dataset, tmp_path, "smoke")])
+    assert result.global_step == 1
+    assert not (tmp_path / "models").exists() and not (tmp_path / "logs").exists()
+
+
+def test_latest_is_the_newest_finished_run_that_is_not_a_smoke_run(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "SMOKE_STEPS", 3)
+    flags = ["--pretrain_clip=ViT-Tiny-16", "--image_resolution=32"]
+    real = pretrain_main([*flags, *common_flags(tiny_dataset, tmp_path, "real", steps=3)])
+    latest = tmp_path / "models" / "latest"
+    assert latest.resolve() == real.run_dir.resolve()
+    pretrain_main([*flags, *common_flags(tiny_dataset, tmp_path, "smoke", steps=2)])
+    assert latest.resolve() == real.run_dir.resolve()
+    assert json.loads((tmp_path / "models" / "smoke" / "run.json").read_text())["smoke"] is True
+
+
+def test_best_checkpoint_holds_weights_only_and_last_what_resuming_needs(tiny_dataset, tmp_path):
+    result = pretrain_main(["--pretrain_clip=ViT-Tiny-16", "--image_resolution=32",
+                            *common_flags(tiny_dataset, tmp_path, "sizes", steps=2)])
+    best, last = read_checkpoint(result.run_dir / "best.ckpt"), read_checkpoint(result.run_dir / "last.ckpt")
+    assert "optimizer_states" not in best and "clipsearch" in best
+    assert last["optimizer_states"]
+    # The final last.ckpt (saved after fit) still knows where the data order stands.
+    sampler_state = next(state["sampler"] for name, state in last["callbacks"].items() if "ReproducibleSteps" in name)
+    assert sampler_state["position"] == 16 and sampler_state["epoch"] == 0
+    assert (result.run_dir / "best.ckpt").stat().st_size < 0.6 * (result.run_dir / "last.ckpt").stat().st_size
+
+
+def test_short_runs_validate_rarely_and_always_at_the_end(tiny_dataset, tmp_path):
+    from clipsearch.cli.train_args import MIN_VAL_INTERVAL
+
+    flags = ["--pretrain_clip=ViT-Tiny-16", "--image_resolution=32", f"--dataset_path={tiny_dataset}"]
+    assert pretrain_parse_args([*flags, "--max_steps=5"]).val_check_interval == MIN_VAL_INTERVAL
+    assert pretrain_parse_args([*flags, "--max_steps=1000"]).val_check_interval == 200
+    validations = []
+    original = CLIPModule.on_validation_epoch_end
+    without_interval = [flag for flag in common_flags(tiny_dataset, tmp_path, "short", steps=5)
+                        if not flag.startswith("--val_check_interval")]
+    try:
+        CLIPModule.on_validation_epoch_end = lambda self: (validations.append(self.global_step), original(self))
+        result = pretrain_main([*flags, *without_interval])
+    finally:
+        CLIPModule.on_validation_epoch_end = original
+    assert validations == [5] and "val/mean_recall" in result.metrics
+
+
+def run_door(door: str, *flags: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'package'}", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(REPO / door / "main.py"), *flags], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=cwd)
+
+
+def test_a_short_run_prints_only_what_the_user_needs(tiny_dataset, tmp_path):
+    completed = run_door("src_openai_pretrain", "--pretrain_clip=ViT-Tiny-16", "--image_resolution=32",
+                         *common_flags(tiny_dataset, tmp_path, "quiet", steps=2), cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    lines = [line for line in (completed.stdout + completed.stderr).replace("\r", "\n").splitlines() if line.strip()]
+    assert any(line.startswith("run quiet: checkpoints in") for line in lines)
+    assert any(line.startswith("text->image") for line in lines)
+    noise = [line for line in lines if "Warning" in line or "Tip" in line or "LOAD REPORT" in line or "FLOPs" in line]
+    assert not noise, noise
+    assert len(lines) <= 12, "\n".join(lines)
+
+
+@pytest.mark.parametrize("door", ["src_our", "src_openai_pretrain", "src_openai_finetune"])
+def test_mistyped_flags_and_missing_data_answer_in_one_line_before_torch_loads(door, tmp_path):
+    (tmp_path / "empty").mkdir()
+    for flags, expected in ((["--batchsize", "8"], "did you mean --batch_size?"),
+                            (["--dataset_path", str(tmp_path / "missing")], "no such folder"),
+                            (["--dataset_path", str(tmp_path / "empty")], "holds no 'train' table")):
+        completed = run_door(door, *flags, cwd=tmp_path)
+        assert completed.returncode != 0
+        lines = completed.stderr.strip().splitlines()
+        assert len(lines) <= 2 and expected in lines[-1], completed.stderr
+    module = {"src_our": "pretrain_our", "src_openai_pretrain": "pretrain_openai", "src_openai_finetune": "finetune_openai"}
+    code = (f"import sys\nfrom clipsearch.cli.{module[door]} import parse_args\nparse_args(['--max_steps', '3'])\n"
+            "print(sorted(name for name in ('torch', 'lightning', 'transformers') if name in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "package")}
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert completed.stdout.strip() == "[]", completed.stderr

@@ -66,24 +66,32 @@ def quiet_libraries(verbose: bool) -> None:
 
 
 class ReproducibleSteps(Callback):
-    """Makes each step's randomness a function of (seed, step, rank), and tracks the sampler.
+    """Makes each step's randomness a function of (seed, step, rank), and keeps the sampler's place.
 
     Dropout draws from torch's global generator, whose state no checkpoint holds; seeding it per
     step means a resumed run draws what the uninterrupted one drew. The sampler learns how far
-    the epoch got from the batches the loop finished (not from what the loader fetched ahead), so
-    a checkpoint resumes at the next pair.
+    the epoch got from the batches the loop finished (not from what the loader fetched ahead),
+    and its state travels in this callback's checkpoint entry: Lightning's own loader entry is
+    missing from a checkpoint saved after `fit` returns, as the final last.ckpt is.
     """
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, sampler: ResumableSampler | None):
         self.seed = seed
+        self.sampler = sampler
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         torch.manual_seed(self.seed * 1_000_003 + trainer.global_step * 1_009 + trainer.global_rank)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        loader = trainer.train_dataloader
-        if isinstance(loader, ResumableLoader):
-            loader.sampler.position = (batch_idx + 1) * loader.batch_size
+        if self.sampler is not None:
+            self.sampler.position = (batch_idx + 1) * trainer.train_dataloader.batch_size
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict()} if self.sampler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.sampler is not None and "sampler" in state:
+            self.sampler.load_state_dict(state["sampler"])
 
 
 class ThroughputLogger(Callback):
@@ -259,10 +267,11 @@ def run_training(config: TrainConfig, build: Callable[[object], ModelBundle]) ->
                                       auto_insert_metric_name=False)
     last_checkpoint = ModelCheckpoint(dirpath=run_dir, save_top_k=0, save_last=True,
                                       every_n_train_steps=config.checkpoint_every_steps, enable_version_counter=False)
-    callbacks = [LearningRateMonitor(logging_interval="step"), ThroughputLogger(config.log_every_n_steps),
-                 ReproducibleSteps(config.seed)]
+    sampler = train_loader.sampler if isinstance(train_loader, ResumableLoader) else None
+    callbacks = [ThroughputLogger(config.log_every_n_steps), ReproducibleSteps(config.seed, sampler)]
     if not smoke_test:
-        callbacks += [best_checkpoint, last_checkpoint] if val_loader is not None else [last_checkpoint]
+        callbacks += [LearningRateMonitor(logging_interval="step"), last_checkpoint]
+        callbacks += [best_checkpoint] if val_loader is not None else []
     if StepProgressBar is not None:
         callbacks.append(StepProgressBar())
     interval = config.val_check_interval

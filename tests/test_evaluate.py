@@ -167,3 +167,25 @@ def test_wrapper_script_passes_flags_through():
     completed = run_evaluate_script("--help")
     assert completed.returncode == 0, completed.stderr
     assert "--load_model" in completed.stdout and "--accelerator" in completed.stdout and "--devices" in completed.stdout
+
+
+def test_split_embeddings_drop_the_groups_a_distributed_sampler_repeats():
+    """Two ranks gathered: image 0 (two captions) came twice as padding; image 2 was skipped (no rows)."""
+    from clipsearch.evaluate import split_embeddings
+
+    image_embedding = {0: [1.0, 0.0], 1: [0.0, 1.0], 3: [1.0, 1.0]}
+    caption_embedding = {(0, 0): [0.9, 0.1], (0, 1): [0.8, 0.2], (1, 0): [0.1, 0.9], (3, 0): [0.5, 0.5]}
+    arrivals = [0, 3, 1, 0]  # rank 0 held images 0 and 3, rank 1 held 1 and the padding copy of 0
+    encoded = {
+        "image_ids": torch.tensor(arrivals),
+        "image_embeddings": torch.tensor([image_embedding[i] for i in arrivals]),
+        "caption_image_ids": torch.tensor([i for i in arrivals for _ in range(2 if i == 0 else 1)]),
+        "text_embeddings": torch.tensor([caption_embedding[(i, p)] for i in arrivals for p in range(2 if i == 0 else 1)]),
+    }
+    image_ids, images, texts, caption_rows = split_embeddings(encoded)
+    assert image_ids.tolist() == [0, 1, 3]
+    assert images.tolist() == [image_embedding[0], image_embedding[1], image_embedding[3]]
+    kept = sorted(zip(caption_rows.tolist(), (tuple(round(value, 4) for value in row) for row in texts.tolist())))
+    expected = sorted([(0, tuple(caption_embedding[(0, 0)])), (0, tuple(caption_embedding[(0, 1)])),
+                       (2, tuple(caption_embedding[(3, 0)])), (1, tuple(caption_embedding[(1, 0)]))])
+    assert kept == expected

@@ -55,7 +55,12 @@ def test_pretrain_openai_trains_and_writes_self_describing_checkpoints(tiny_data
     assert result.global_step == 4
     assert {"best.ckpt", "last.ckpt", "params.json", "run.json"} <= {p.name for p in result.run_dir.iterdir()}
     assert not (tmp_path / "models" / "latest").exists(), "a 4-step smoke run must not become models/latest"
-    assert list((tmp_path / "logs" / "scratch").glob("events.out.tfevents.*"))
+    events = list((tmp_path / "logs" / "scratch").glob("events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # The result panel (a callback) drew the top dev images after validation.
+    assert "val/top_images_0" in EventAccumulator(str(events[0])).Reload().Tags()["images"]
     bundle = load_bundle(result.run_dir / "best.ckpt")
     # --text_length and --image_resolution really change the model.
     assert bundle.model.positional_embedding.shape[0] == 20

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -84,9 +84,6 @@ class Scene:
     layout: str  # a POSITIONS key for one object, a RELATIONS key for two
     objects: tuple[SceneObject, ...]
     noise_std: float
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 def _jitter_rgb(rng: np.random.Generator, rgb: tuple[int, int, int], amount: int) -> tuple[int, int, int]:

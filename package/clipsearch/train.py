@@ -25,6 +25,7 @@ from clipsearch.datasets import ImageCaptionDataset, ImageGroupDataset, collate_
 from clipsearch.evaluate import format_metrics
 from clipsearch.lightning_module import CLIPModule
 from clipsearch.models import ModelBundle
+from clipsearch.result_panel import ResultPanel
 from clipsearch.sample_data import prepare_default_sample
 from clipsearch.tables import find_table, is_webdataset_path, read_table
 from clipsearch.training_order import ResumableLoader, ResumableSampler
@@ -257,8 +258,6 @@ def run_training(config: TrainConfig, build: Callable[[object], ModelBundle]) ->
         weight_decay=config.weight_decay,
         warmup_steps=config.warmup_steps,
         max_steps=config.max_steps,
-        panel_image_paths=val_set.image_paths if val_set is not None else None,
-        panel_captions=val_set.captions_per_image if val_set is not None else None,
     )
     run_dir = config.run_dir
     # best.ckpt holds the weights alone (a third of last.ckpt's size); last.ckpt keeps what resuming needs.
@@ -271,7 +270,8 @@ def run_training(config: TrainConfig, build: Callable[[object], ModelBundle]) ->
     callbacks = [ThroughputLogger(config.log_every_n_steps), ReproducibleSteps(config.seed, sampler)]
     if not smoke_test:
         callbacks += [LearningRateMonitor(logging_interval="step"), last_checkpoint]
-        callbacks += [best_checkpoint] if val_loader is not None else []
+        if val_set is not None:
+            callbacks += [best_checkpoint, ResultPanel(val_set.image_paths, val_set.captions_per_image)]
     if StepProgressBar is not None:
         callbacks.append(StepProgressBar())
     interval = config.val_check_interval

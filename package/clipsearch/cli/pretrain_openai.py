@@ -6,6 +6,7 @@ from clipsearch.cli.train_args import (
     TrainConfig,
     VariantDefaults,
     add_training_args,
+    train_with,
     training_config,
     training_parser,
 )
@@ -28,11 +29,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None):
-    config = parse_args(argv)
-    from clipsearch.train import run_training
-    from clipsearch.variants import build_openai_scratch
-
-    return run_training(config, build_openai_scratch)
+    return train_with(parse_args(argv), "build_openai_scratch")
 
 
 if __name__ == "__main__":

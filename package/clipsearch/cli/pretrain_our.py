@@ -7,6 +7,7 @@ from clipsearch.cli.train_args import (
     VariantDefaults,
     add_lock_args,
     add_training_args,
+    train_with,
     training_config,
     training_parser,
 )
@@ -48,11 +49,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None):
-    config = parse_args(argv)
-    from clipsearch.train import run_training
-    from clipsearch.variants import build_our_clip
-
-    return run_training(config, build_our_clip)
+    return train_with(parse_args(argv), "build_our_clip")
 
 
 if __name__ == "__main__":

@@ -253,3 +253,11 @@ def training_config(args: argparse.Namespace, model_group, variant: str,
     run_name = settings.pop("run_name") or default_run_name(
         variant, settings["dataset_path"], batch_size, lr, max_steps, identity)
     return TrainConfig(variant=variant, model=model, tower_lr=tower_lr, run_name=run_name, identity=identity, **settings)
+
+
+def train_with(config: TrainConfig, build_name: str):
+    """Run training with the named build function of `clipsearch.variants`, importing torch only now."""
+    from clipsearch import variants
+    from clipsearch.train import run_training
+
+    return run_training(config, getattr(variants, build_name))

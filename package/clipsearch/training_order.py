@@ -67,10 +67,12 @@ class ResumableSampler(DistributedSampler):
 
 
 class ResumableLoader(DataLoader):
-    """A DataLoader over a ResumableSampler whose position Lightning saves in checkpoints.
+    """A DataLoader over a ResumableSampler, stateful in Lightning's sense.
 
     Lightning stores the `state_dict` of every training loader that has one (the fit loop's
-    "combined_loader" entry) and hands it back before the first batch of a resumed run.
+    "combined_loader" entry), hands it back before the first batch of a resumed run, and warns
+    that a loader without one is not resumable. That entry is missing from checkpoints saved
+    after `fit` returns, so the training run also keeps the sampler's state in a callback.
     """
 
     def state_dict(self) -> dict:

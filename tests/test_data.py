@@ -1,6 +1,7 @@
 """Tests for dataset tables, robust image loading, the datasets and their collate functions."""
 import io
 import logging
+import os
 import pickle
 import struct
 import zlib
@@ -15,15 +16,8 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from clipsearch import images
-from clipsearch.data import (
-    DataReport,
-    ImageCaptionDataset,
-    ImageGroupDataset,
-    collate_groups,
-    collate_pairs,
-    load_image,
-    read_table,
-)
+from clipsearch.data import DataReport, load_image, read_table
+from clipsearch.datasets import ImageCaptionDataset, ImageGroupDataset, collate_groups, collate_pairs
 
 TOKEN_LENGTH = 8
 image_transform = transforms.Compose([transforms.Resize((8, 8)), transforms.ToTensor()])
@@ -230,26 +224,57 @@ def test_read_tsv_resolves_paths_strips_and_keeps_quotes(tmp_path):
     assert table["caption"].tolist() == ['a "quoted" dog', "it's a cat"]
 
 
+HOSTILE_ROWS = [
+    b"image\tcaption",
+    b"a.jpg\tgood one",
+    b"b.jpg\t",
+    b"c.jpg\t   ",
+    b"d.jpg\tNaN",
+    b"e.jpg",
+    b"f.jpg\tcaf\xe9 latin-1",
+    b"g.jpg\tbroken \xff\xfe bytes",
+    b"h.jpg\tgood two",
+    b"i.jpg\tone\ttoo many fields",
+    b"j.jpg\tNA",
+    b"k.jpg\tnull",
+    b"l.jpg\tN/A",
+    b"caf\xe9.jpg\tlatin-1 file name",
+    b"\tno image",
+]
+
+
 def test_read_tsv_drops_bad_captions_and_counts_them(tmp_path, caplog):
-    rows = [
-        b"image\tcaption",
-        b"a.jpg\tgood one",
-        b"b.jpg\t",
-        b"c.jpg\t   ",
-        b"d.jpg\tNaN",
-        b"e.jpg",
-        b"f.jpg\tcaf\xe9 latin-1",
-        b"g.jpg\tbroken \xff\xfe bytes",
-        b"h.jpg\tgood two",
-        b"i.jpg\tone\ttoo many fields",
-    ]
-    (tmp_path / "dev.tsv").write_bytes(b"\n".join(rows) + b"\n")
+    (tmp_path / "dev.tsv").write_bytes(b"\n".join(HOSTILE_ROWS) + b"\n")
     report = DataReport()
     with caplog.at_level(logging.WARNING, logger="clipsearch.data"):
         table = read_table(tmp_path, "dev", report=report)
-    assert table["caption"].tolist() == ["good one", "good two"]
-    assert report.as_dict() == {"empty caption": 4, "non-utf8 caption": 2, "malformed row": 1}
+    # "NaN", "NA", "null" and "N/A" are words someone wrote, not missing values.
+    assert table["caption"].tolist() == ["good one", "NaN", "good two", "NA", "null", "N/A", "latin-1 file name"]
+    assert report.as_dict() == {"empty caption": 3, "non-utf8 caption": 2, "malformed row": 1, "empty image path": 1}
     assert "non-utf8 caption" in caplog.text and "dev.tsv" in caplog.text
+    # A file name that is not UTF-8 keeps its bytes, so it still opens.
+    assert table["image"].iloc[-1] == os.fsdecode(bytes(tmp_path) + b"/caf\xe9.jpg")
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".csv"])
+def test_na_strings_stay_captions_in_tsv_and_csv(tmp_path, suffix):
+    separator = "\t" if suffix == ".tsv" else ","
+    words = ["NA", "NaN", "null", "N/A", "nan", "None", "#N/A", "-NaN"]
+    (tmp_path / f"train{suffix}").write_text(
+        f"image{separator}caption\n" + "".join(f"{index}.jpg{separator}{word}\n" for index, word in enumerate(words))
+    )
+    assert read_table(tmp_path, "train")["caption"].tolist() == words
+
+
+def test_encoding_lists_every_image_of_a_table_whatever_its_caption(tmp_path):
+    """Encoding needs no caption: empty, NA-like, non-UTF-8 captions and malformed rows keep their image."""
+    from clipsearch.encoding.reader import collect_image_paths
+
+    (tmp_path / "train.tsv").write_bytes(b"\n".join(HOSTILE_ROWS) + b"\n")
+    listed = collect_image_paths(tmp_path, "train")
+    names = [os.fsencode(path).rsplit(b"/", 1)[1] for path in listed]
+    expected = [f"{letter}.jpg".encode() for letter in "abcdefghijkl"] + [b"caf\xe9.jpg"]
+    assert sorted(names) == sorted(expected)
 
 
 def test_read_table_names_columns_found_and_expected(tmp_path):

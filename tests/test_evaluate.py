@@ -1,6 +1,8 @@
 """Tests for retrieval evaluation: the CLI on a tiny checkpoint, and a model whose recall must be 100."""
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,9 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms
 
-from clipsearch.evaluate import encode_split, evaluate, main
+from clipsearch.cli.common import UserError
+from clipsearch.cli.evaluate import main
+from clipsearch.evaluate import encode_split, evaluate
 from clipsearch.models import ModelBundle
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,14 +121,71 @@ def test_cli_default_output_sits_beside_the_checkpoint(tiny_checkpoint, tmp_path
     assert (tmp_path / "models" / "tiny.colours.dev.eval.json").is_file()
 
 
-def test_bad_flags_are_rejected(tmp_path):
+def test_bad_flags_are_rejected(tiny_checkpoint, tmp_path):
+    with pytest.raises(UserError, match="no such folder"):
+        main(["--load_model", str(tiny_checkpoint), "--dataset_path", str(tmp_path / "nowhere")])
     with pytest.raises(SystemExit):
-        main(["--load_model", "x.ckpt", "--dataset_path", str(tmp_path / "nowhere")])
-    with pytest.raises(SystemExit):
-        main(["--load_model", "x.ckpt", "--dataset_path", str(tmp_path), "--batch_size", "0"])
+        main(["--load_model", str(tiny_checkpoint), "--dataset_path", str(tmp_path), "--batch_size", "0"])
+    with pytest.raises(UserError, match="one device"):
+        main(["--load_model", str(tiny_checkpoint), "--devices", "2"])
+
+
+def run_evaluate_script(*flags: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "package"), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(["bash", str(REPO / "4_evaluate.sh"), *flags], capture_output=True, text=True, env=env)
+
+
+def test_user_mistakes_get_one_line_and_a_failing_exit(tiny_checkpoint, tmp_path):
+    """A missing checkpoint, a shard given as the model, an empty folder: one line each, exit 1, no traceback."""
+    from clipsearch.encoding.writer import write_shard
+
+    dataset = write_colour_dataset(tmp_path / "colours")
+    shard = write_shard(tmp_path / "0-000-2.ckpt", ["a.png", "b.png"], torch.randn(2, 4))
+    (tmp_path / "empty").mkdir()
+    cases = {
+        "no checkpoint at": ["--load_model", str(tmp_path / "missing.ckpt"), "--dataset_path", str(dataset)],
+        "not an embedding shard": ["--load_model", str(shard), "--dataset_path", str(dataset), "--device", "cpu"],
+        "holds no 'dev' table": ["--load_model", str(tiny_checkpoint), "--dataset_path", str(tmp_path / "empty")],
+    }
+    for expected, flags in cases.items():
+        completed = run_evaluate_script(*flags)
+        assert completed.returncode == 1, completed.stderr
+        lines = completed.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], completed.stderr
+
+
+def test_flags_are_checked_before_torch_loads(tmp_path):
+    code = ("import sys\nfrom clipsearch.cli.common import UserError\nfrom clipsearch.cli.evaluate import parse_args\n"
+            f"try:\n    parse_args(['--load_model', {str(tmp_path / 'missing.ckpt')!r}])\nexcept UserError:\n    pass\n"
+            "print(sorted(name for name in ('torch', 'lightning', 'pandas') if name in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "package")}
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert completed.stdout.strip() == "[]", completed.stderr
 
 
 def test_wrapper_script_passes_flags_through():
-    completed = subprocess.run(["bash", str(REPO / "4_evaluate.sh"), "--help"], capture_output=True, text=True)
+    completed = run_evaluate_script("--help")
     assert completed.returncode == 0, completed.stderr
-    assert "--load_model" in completed.stdout
+    assert "--load_model" in completed.stdout and "--accelerator" in completed.stdout and "--devices" in completed.stdout
+
+
+def test_split_embeddings_drop_the_groups_a_distributed_sampler_repeats():
+    """Two ranks gathered: image 0 (two captions) came twice as padding; image 2 was skipped (no rows)."""
+    from clipsearch.evaluate import split_embeddings
+
+    image_embedding = {0: [1.0, 0.0], 1: [0.0, 1.0], 3: [1.0, 1.0]}
+    caption_embedding = {(0, 0): [0.9, 0.1], (0, 1): [0.8, 0.2], (1, 0): [0.1, 0.9], (3, 0): [0.5, 0.5]}
+    arrivals = [0, 3, 1, 0]  # rank 0 held images 0 and 3, rank 1 held 1 and the padding copy of 0
+    encoded = {
+        "image_ids": torch.tensor(arrivals),
+        "image_embeddings": torch.tensor([image_embedding[i] for i in arrivals]),
+        "caption_image_ids": torch.tensor([i for i in arrivals for _ in range(2 if i == 0 else 1)]),
+        "text_embeddings": torch.tensor([caption_embedding[(i, p)] for i in arrivals for p in range(2 if i == 0 else 1)]),
+    }
+    image_ids, images, texts, caption_rows = split_embeddings(encoded)
+    assert image_ids.tolist() == [0, 1, 3]
+    assert images.tolist() == [image_embedding[0], image_embedding[1], image_embedding[3]]
+    kept = sorted(zip(caption_rows.tolist(), (tuple(round(value, 4) for value in row) for row in texts.tolist())))
+    expected = sorted([(0, tuple(caption_embedding[(0, 0)])), (0, tuple(caption_embedding[(0, 1)])),
+                       (2, tuple(caption_embedding[(3, 0)])), (1, tuple(caption_embedding[(1, 0)]))])
+    assert kept == expected

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from clipsearch.cli.sample_data import main
-from clipsearch.data import ImageGroupDataset, load_image, read_table
+from clipsearch.data import load_image, read_table
+from clipsearch.datasets import ImageGroupDataset
 from clipsearch.sample_data import (
     BACKGROUNDS,
     COLOURS,

@@ -1,6 +1,7 @@
 """Training through the three real entry points, on tiny models and a tiny generated dataset."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -15,8 +16,11 @@ import torch.multiprocessing as mp
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from clipsearch import train, variants
 from clipsearch.checkpoint import load_bundle, read_checkpoint
-from clipsearch.data import ImageCaptionDataset, collate_pairs, read_table
+from clipsearch.cli.common import UserError
+from clipsearch.data import read_table
+from clipsearch.datasets import ImageCaptionDataset, collate_pairs
 from clipsearch.evaluate import evaluate
 from clipsearch.lightning_module import CLIPModule
 from clipsearch.loss import ContrastiveLoss
@@ -25,7 +29,7 @@ from clipsearch.models.openai_clip import openai_clip_spec
 from clipsearch.sample_data import ensure_sample_dataset
 from src_openai_finetune.main import main as finetune_main
 from src_openai_pretrain.main import main as pretrain_main
-from src_our.main import build_bundle as our_build_bundle
+from src_openai_pretrain.main import parse_args as pretrain_parse_args
 from src_our.main import main as our_main
 from src_our.main import parse_args as our_parse_args
 
@@ -49,9 +53,14 @@ def test_pretrain_openai_trains_and_writes_self_describing_checkpoints(tiny_data
     result = pretrain_main(["--pretrain_clip=ViT-Tiny-16", "--text_length=20", "--image_resolution=32",
                             *common_flags(tiny_dataset, tmp_path, "scratch")])
     assert result.global_step == 4
-    assert {"best.ckpt", "last.ckpt", "params.json"} <= {p.name for p in result.run_dir.iterdir()}
-    assert (tmp_path / "models" / "latest").resolve() == result.run_dir.resolve()
-    assert list((tmp_path / "logs" / "scratch").glob("events.out.tfevents.*"))
+    assert {"best.ckpt", "last.ckpt", "params.json", "run.json"} <= {p.name for p in result.run_dir.iterdir()}
+    assert not (tmp_path / "models" / "latest").exists(), "a 4-step smoke run must not become models/latest"
+    events = list((tmp_path / "logs" / "scratch").glob("events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # The result panel (a callback) drew the top dev images after validation.
+    assert "val/top_images_0" in EventAccumulator(str(events[0])).Reload().Tags()["images"]
     bundle = load_bundle(result.run_dir / "best.ckpt")
     # --text_length and --image_resolution really change the model.
     assert bundle.model.positional_embedding.shape[0] == 20
@@ -71,7 +80,7 @@ def test_reloaded_checkpoint_gives_the_validated_numbers(tiny_dataset, tmp_path)
 def test_our_clip_trains_from_packaged_towers(tiny_dataset, tmp_path):
     flags = ["--image_resolution=32", "--train_resolution=24", "--embed_dim=32", "--text_length=24", "--lock_text",
              "--lock_text_unlocked_layers=1", *common_flags(tiny_dataset, tmp_path, "our", steps=2)]
-    trained_on = our_build_bundle(our_parse_args(flags)).train_transform(Image.new("RGB", (40, 30)))
+    trained_on = variants.build_our_clip(our_parse_args(flags).model_args).train_transform(Image.new("RGB", (40, 30)))
     assert trained_on.shape == (3, 24, 24)
     result = our_main(flags)
     checkpoint = read_checkpoint(result.run_dir / "best.ckpt")
@@ -92,7 +101,7 @@ def test_resume_continues_global_step_and_optimizer(tiny_dataset, tmp_path):
     state = read_checkpoint(second.run_dir / "last.ckpt")
     assert state["global_step"] == 6
     assert state["optimizer_states"][0]["state"], "optimizer moments must be saved for resuming"
-    with pytest.raises(SystemExit, match="already holds a run"):
+    with pytest.raises(UserError, match="already holds a run"):
         pretrain_main([*flags, "--resume=none", *common_flags(tiny_dataset, tmp_path, "resume", steps=8)])
 
 
@@ -199,9 +208,9 @@ def test_clear_errors_for_bad_weights_names_and_flags(tiny_dataset, tmp_path):
         finetune_main(["--finetune_clip=ViT-Tiny-16", f"--clip_checkpoint={garbage}", *flags])
     with pytest.raises(SystemExit, match="unknown CLIP architecture 'ViT-Q/99'"):
         pretrain_main(["--pretrain_clip=ViT-Q/99", *flags])
-    with pytest.raises(SystemExit, match="16-mixed needs a CUDA GPU"):
+    with pytest.raises(UserError, match="16-mixed needs a CUDA GPU"):
         pretrain_main(["--pretrain_clip=ViT-Tiny-16", "--precision=16-mixed", "--accelerator=cpu", *flags])
-    with pytest.raises(SystemExit, match="--warmup_steps"):
+    with pytest.raises(UserError, match="--warmup_steps"):
         pretrain_main(["--pretrain_clip=ViT-Tiny-16", *flags, "--warmup_steps=5"])
     with pytest.raises(SystemExit, match="unknown timm image model"):
         our_main(["--pretrain_image=not_a_model", *flags])
@@ -212,7 +221,7 @@ def test_two_process_ddp_training_validates_the_whole_dev_split(tiny_dataset, tm
     command = [sys.executable, str(REPO / "src_openai_pretrain" / "main.py"), "--pretrain_clip=ViT-Tiny-16",
                "--image_resolution=32", "--devices=2", "--accelerator=cpu", "--strategy=ddp",
                *common_flags(tiny_dataset, tmp_path, "ddp", steps=2)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'package'}", "HF_HUB_OFFLINE": "1"}
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
     run_dir = tmp_path / "models" / "ddp"
@@ -220,7 +229,8 @@ def test_two_process_ddp_training_validates_the_whole_dev_split(tiny_dataset, tm
     validated = read_checkpoint(run_dir / "last.ckpt")["callbacks"]
     assert validated, "checkpoint callbacks state missing"
     assert "dev" in completed.stdout and "step 2" in completed.stdout
-    assert f"text_to_image_R@1 {single['text_to_image_R@1']:.1f}" in completed.stdout
+    table_row = next(line for line in completed.stdout.splitlines() if line.startswith("text->image"))
+    assert table_row.split()[1] == f"{single['text_to_image_R@1']:.2f}"
 
 
 def test_training_reads_webdataset_shards(tiny_dataset, tmp_path):
@@ -243,3 +253,182 @@ def test_training_reads_webdataset_shards(tiny_dataset, tmp_path):
                             *common_flags(tiny_dataset, tmp_path, "shards", steps=2), f"--dataset_path={shards}"])
     assert result.global_step == 2
     assert "val/text_to_image_R@1" in result.metrics
+
+
+def _record_initial_weights_and_batches(monkeypatch, build_name):
+    """Wrap a door's build function and the training step to see what a real run started from and read."""
+    from clipsearch import lightning_module
+
+    seen = {"initial": [], "batches": []}
+    build = getattr(variants, build_name)
+
+    def recording_build(args):
+        bundle = build(args)
+        seen["initial"].append({k: v.clone() for k, v in bundle.model.state_dict().items()})
+        return bundle
+
+    step = lightning_module.CLIPModule.training_step
+
+    def recording_step(self, batch, batch_idx):
+        seen["batches"].append(list(batch["image_paths"]))
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(variants, build_name, recording_build)
+    monkeypatch.setattr(lightning_module.CLIPModule, "training_step", recording_step)
+    return seen
+
+
+def test_same_seed_same_start_same_order_same_metrics(tiny_dataset, tmp_path, monkeypatch):
+    import src_openai_pretrain.main as door
+
+    seen = _record_initial_weights_and_batches(monkeypatch, "build_openai_scratch")
+    flags = ["--pretrain_clip=ViT-Tiny-16", "--image_resolution=32", "--seed=7"]
+    first = door.main([*flags, *common_flags(tiny_dataset, tmp_path, "seed-a", steps=3)])
+    torch.manual_seed(12345)  # whatever ran before must not matter
+    second = door.main([*flags, *common_flags(tiny_dataset, tmp_path, "seed-b", steps=3)])
+    door.main([*flags, "--seed=8", *common_flags(tiny_dataset, tmp_path, "seed-c", steps=3)])
+    first_weights, second_weights, other_weights = seen["initial"]
+    for name, value in first_weights.items():
+        torch.testing.assert_close(second_weights[name], value, rtol=0, atol=0)
+    assert any(not torch.equal(other_weights[name], value) for name, value in first_weights.items())
+    assert seen["batches"][:3] == seen["batches"][3:6] and seen["batches"][:3] != seen["batches"][6:]
+    assert first.metrics and first.metrics == second.metrics
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tiny_dataset, tmp_path, monkeypatch):
+    """Killed mid-epoch after the step-3 checkpoint, resumed to step 8 across an epoch end (6 batches)."""
+    flags = ["--pretrain_clip=ViT-Tiny-16", "--image_resolution=32", "--num_workers=1"]
+    uninterrupted = pretrain_main([*flags, *common_flags(tiny_dataset, tmp_path, "whole", steps=8),
+                                   "--checkpoint_every_steps=3"])
+    interrupted = [*flags, *common_flags(tiny_dataset, tmp_path, "killed", steps=8), "--checkpoint_every_steps=3"]
+    original_end = train.ReproducibleSteps.on_train_batch_end
+
+    def die_after_step_4(self, trainer, *args):
+        original_end(self, trainer, *args)
+        if trainer.global_step == 4:
+            raise _Killed
+
+    monkeypatch.setattr(train.ReproducibleSteps, "on_train_batch_end", die_after_step_4)
+    with pytest.raises(_Killed):
+        pretrain_main(interrupted)
+    assert read_checkpoint(tmp_path / "models" / "killed" / "last.ckpt")["global_step"] == 3
+    monkeypatch.setattr(train.ReproducibleSteps, "on_train_batch_end", original_end)
+    resumed = pretrain_main(interrupted)
+    assert resumed.start_step == 3 and resumed.global_step == 8
+    expected = read_checkpoint(uninterrupted.run_dir / "last.ckpt")["state_dict"]
+    got = read_checkpoint(resumed.run_dir / "last.ckpt")["state_dict"]
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6)
+
+
+def our_tiny_flags(dataset: Path, tmp_path: Path) -> list[str]:
+    """The README's `bash 1_pretrain_our.sh` on tiny settings, run names left to the default."""
+    return [f"--dataset_path={dataset}", f"--models_dir={tmp_path / 'models'}", f"--logs_dir={tmp_path / 'logs'}",
+            "--image_resolution=32", "--text_length=16", "--embed_dim=32", "--batch_size=8", "--num_workers=0",
+            "--max_steps=2", "--warmup_steps=1"]
+
+
+def test_readme_sequence_gets_one_run_folder_per_setting(tiny_dataset, tmp_path):
+    """`--max_steps 5`, then `--lock_image`, then `--text_pooling cls --embed_dim 512` in a row: three runs, no crash."""
+    flags = our_tiny_flags(tiny_dataset, tmp_path)
+    first = our_main(flags)
+    locked = our_main([*flags, "--lock_image"])
+    pooled = our_main([*flags, "--text_pooling=cls", "--embed_dim=48"])
+    assert len({first.run_dir, locked.run_dir, pooled.run_dir}) == 3
+    assert locked.start_step == 0 and pooled.start_step == 0
+    assert read_checkpoint(pooled.run_dir / "best.ckpt")["clipsearch"]["spec"]["embed_dim"] == 48
+    run_record = json.loads((locked.run_dir / "run.json").read_text())
+    assert run_record["identity"]["model"]["lock_image"] is True and run_record["finished"] is True
+    # Same flags again: the same run folder, resumed (already at max_steps), not a new one.
+    assert our_main(flags).run_dir == first.run_dir
+    # A named run with other model settings stops at once with one line saying what differs and what to do.
+    with pytest.raises(UserError, match=r"--lock_image False -> True.*another --run_name"):
+        our_main([*flags, f"--run_name={first.run_dir.name}", "--lock_image"])
+
+
+def test_fast_dev_run_writes_nothing(tiny_dataset, tmp_path):
+    result = pretrain_main(["--pretrain_clip=ViT-Tiny-16", "--image_resolution=32", "--fast_dev_run=1",
+                            *common_flags(tiny_dataset, tmp_path, "smoke")])
+    assert result.global_step == 1
+    assert not (tmp_path / "models").exists() and not (tmp_path / "logs").exists()
+
+
+def test_latest_is_the_newest_finished_run_that_is_not_a_smoke_run(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "SMOKE_STEPS", 3)
+    flags = ["--pretrain_clip=ViT-Tiny-16", "--image_resolution=32"]
+    real = pretrain_main([*flags, *common_flags(tiny_dataset, tmp_path, "real", steps=3)])
+    latest = tmp_path / "models" / "latest"
+    assert latest.resolve() == real.run_dir.resolve()
+    pretrain_main([*flags, *common_flags(tiny_dataset, tmp_path, "smoke", steps=2)])
+    assert latest.resolve() == real.run_dir.resolve()
+    assert json.loads((tmp_path / "models" / "smoke" / "run.json").read_text())["smoke"] is True
+
+
+def test_best_checkpoint_holds_weights_only_and_last_what_resuming_needs(tiny_dataset, tmp_path):
+    result = pretrain_main(["--pretrain_clip=ViT-Tiny-16", "--image_resolution=32",
+                            *common_flags(tiny_dataset, tmp_path, "sizes", steps=2)])
+    best, last = read_checkpoint(result.run_dir / "best.ckpt"), read_checkpoint(result.run_dir / "last.ckpt")
+    assert "optimizer_states" not in best and "clipsearch" in best
+    assert last["optimizer_states"]
+    # The final last.ckpt (saved after fit) still knows where the data order stands.
+    sampler_state = next(state["sampler"] for name, state in last["callbacks"].items() if "ReproducibleSteps" in name)
+    assert sampler_state["position"] == 16 and sampler_state["epoch"] == 0
+    assert (result.run_dir / "best.ckpt").stat().st_size < 0.6 * (result.run_dir / "last.ckpt").stat().st_size
+
+
+def test_short_runs_validate_rarely_and_always_at_the_end(tiny_dataset, tmp_path):
+    from clipsearch.cli.train_args import MIN_VAL_INTERVAL
+
+    flags = ["--pretrain_clip=ViT-Tiny-16", "--image_resolution=32", f"--dataset_path={tiny_dataset}"]
+    assert pretrain_parse_args([*flags, "--max_steps=5"]).val_check_interval == MIN_VAL_INTERVAL
+    assert pretrain_parse_args([*flags, "--max_steps=1000"]).val_check_interval == 200
+    validations = []
+    original = CLIPModule.on_validation_epoch_end
+    without_interval = [flag for flag in common_flags(tiny_dataset, tmp_path, "short", steps=5)
+                        if not flag.startswith("--val_check_interval")]
+    try:
+        CLIPModule.on_validation_epoch_end = lambda self: (validations.append(self.global_step), original(self))
+        result = pretrain_main([*flags, *without_interval])
+    finally:
+        CLIPModule.on_validation_epoch_end = original
+    assert validations == [5] and "val/mean_recall" in result.metrics
+
+
+def run_door(door: str, *flags: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'package'}", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(REPO / door / "main.py"), *flags], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=cwd)
+
+
+def test_a_short_run_prints_only_what_the_user_needs(tiny_dataset, tmp_path):
+    completed = run_door("src_openai_pretrain", "--pretrain_clip=ViT-Tiny-16", "--image_resolution=32",
+                         *common_flags(tiny_dataset, tmp_path, "quiet", steps=2), cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    lines = [line for line in (completed.stdout + completed.stderr).replace("\r", "\n").splitlines() if line.strip()]
+    assert any(line.startswith("run quiet: checkpoints in") for line in lines)
+    assert any(line.startswith("text->image") for line in lines)
+    noise = [line for line in lines if "Warning" in line or "Tip" in line or "LOAD REPORT" in line or "FLOPs" in line]
+    assert not noise, noise
+    assert len(lines) <= 12, "\n".join(lines)
+
+
+@pytest.mark.parametrize("door", ["src_our", "src_openai_pretrain", "src_openai_finetune"])
+def test_mistyped_flags_and_missing_data_answer_in_one_line_before_torch_loads(door, tmp_path):
+    (tmp_path / "empty").mkdir()
+    for flags, expected in ((["--batchsize", "8"], "did you mean --batch_size?"),
+                            (["--dataset_path", str(tmp_path / "missing")], "no such folder"),
+                            (["--dataset_path", str(tmp_path / "empty")], "holds no 'train' table")):
+        completed = run_door(door, *flags, cwd=tmp_path)
+        assert completed.returncode != 0
+        lines = completed.stderr.strip().splitlines()
+        assert len(lines) <= 2 and expected in lines[-1], completed.stderr
+    module = {"src_our": "pretrain_our", "src_openai_pretrain": "pretrain_openai", "src_openai_finetune": "finetune_openai"}
+    code = (f"import sys\nfrom clipsearch.cli.{module[door]} import parse_args\nparse_args(['--max_steps', '3'])\n"
+            "print(sorted(name for name in ('torch', 'lightning', 'transformers') if name in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "package")}
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert completed.stdout.strip() == "[]", completed.stderr

@@ -10,8 +10,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from clipsearch.data import DataReport, ImageCaptionDataset, collate_pairs
-from clipsearch.webdataset_source import expand_shards, is_webdataset_path, make_webdataset
+from clipsearch.data import DataReport
+from clipsearch.datasets import ImageCaptionDataset, collate_pairs
+from clipsearch.tables import is_webdataset_path
+from clipsearch.webdataset_source import expand_shards, make_webdataset
 
 TOKEN_LENGTH = 6
 image_transform = transforms.Compose([transforms.Resize((8, 8)), transforms.ToTensor()])

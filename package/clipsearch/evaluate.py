@@ -1,8 +1,8 @@
-"""Retrieval recall of a model on a dataset split: each image encoded once, every caption encoded."""
+"""Retrieval recall of a model on a dataset split: each image encoded once, every caption encoded.
+
+The command is `clipsearch/cli/evaluate.py` (4_evaluate.sh)."""
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 from pathlib import Path
@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from clipsearch.data import DataReport, ImageGroupDataset, collate_groups, read_table
+from clipsearch.data import DataReport, read_table
+from clipsearch.datasets import ImageGroupDataset, collate_groups
 from clipsearch.metrics import RECALL_KS, retrieval_metrics
-from clipsearch.model_reference import HELP, exit_on_bad_model, model_label, results_stem
 from clipsearch.models import ModelBundle
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,62 @@ def encode_split(
     return _encode(bundle, dataset_path, split, batch_size, num_workers, device)[:4]
 
 
+def encode_groups(model: torch.nn.Module, batch: dict, device: torch.device | str | None = None) -> dict:
+    """One batch of `collate_groups` encoded, as float32 tensors on the model's device.
+
+    Returns {"image_ids" [B], "image_embeddings" [B, D], "caption_image_ids" [M], "text_embeddings"
+    [M, D]}, ids being the dataset's image ids. Validation and `evaluate` both encode this way.
+    """
+    device = device if device is not None else model_device(model)
+    return {
+        "image_ids": batch["image_ids"].to(device),
+        "image_embeddings": model.encode_image(batch["images"].to(device)).float(),
+        "caption_image_ids": batch["caption_image_ids"].to(device),
+        "text_embeddings": model.encode_text(batch["tokens"].to(device)).float(),
+    }
+
+
+def concat_encoded(encoded: list[dict], embed_dim: int, device: torch.device | str) -> dict:
+    """The batches of `encode_groups` as one dict of tensors (empty tensors for no batch)."""
+    empty = {"image_ids": torch.zeros(0, dtype=torch.long, device=device),
+             "image_embeddings": torch.zeros((0, embed_dim), device=device),
+             "caption_image_ids": torch.zeros(0, dtype=torch.long, device=device),
+             "text_embeddings": torch.zeros((0, embed_dim), device=device)}
+    return {key: torch.cat([batch[key] for batch in encoded]) if encoded else value for key, value in empty.items()}
+
+
+def _first_occurrences(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sorted unique keys, the row of each one's first occurrence, and each row's index into them."""
+    unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)
+    rows = torch.full((unique.numel(),), keys.numel(), dtype=torch.long, device=keys.device)
+    rows = rows.scatter_reduce(0, inverse, torch.arange(keys.numel(), device=keys.device), reduce="amin")
+    return unique, rows, inverse
+
+
+def split_embeddings(encoded: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(image_ids [N], image_embeddings [N, D], text_embeddings [M, D], caption_rows [M]) from encoded groups.
+
+    Each image keeps one row, in image-id order, and each caption the row of its image; the
+    captions of one image stay in their table order. A
+    distributed sampler pads the last batches with repeats of whole groups (an image with all
+    its captions): an image seen k times brought each caption k times, so the first 1/k of
+    them are kept.
+    """
+    image_ids, image_rows, _ = _first_occurrences(encoded["image_ids"])
+    caption_ids = encoded["caption_image_ids"]
+    _, _, caption_group = _first_occurrences(caption_ids)
+    occurrences = torch.bincount(torch.searchsorted(image_ids, encoded["image_ids"]), minlength=image_ids.numel())
+    # Each caption's rank among the captions of its image, in arrival order.
+    order = torch.argsort(caption_group, stable=True)
+    group_sizes = torch.bincount(caption_group)
+    group_starts = torch.cumsum(group_sizes, 0) - group_sizes
+    rank_in_group = torch.empty_like(order)
+    rank_in_group[order] = torch.arange(order.numel(), device=order.device) - group_starts[caption_group[order]]
+    caption_rows = torch.searchsorted(image_ids, caption_ids)
+    keep = rank_in_group < group_sizes[caption_group] // occurrences[caption_rows]
+    return image_ids, encoded["image_embeddings"][image_rows], encoded["text_embeddings"][keep], caption_rows[keep]
+
+
 @torch.no_grad()
 def _encode(bundle, dataset_path, split, batch_size, num_workers, device):
     """encode_split, plus the number of unique images the table listed."""
@@ -56,31 +112,22 @@ def _encode(bundle, dataset_path, split, batch_size, num_workers, device):
     )
     model = bundle.model
     device = torch.device(device) if device is not None else model_device(model)
-    # Training calls this for validation mid-run; dropout must be off and the mode put back after.
+    # The caller may hold the model in training mode: dropout must be off here and the mode put back after.
     was_training = model.training
     model.eval()
-    image_embeddings, text_embeddings, caption_image_ids = [], [], []
-    row_of_image_id: dict[int, int] = {}
+    encoded = []
     try:
         for batch in loader:
             report.merge(batch["skipped"])
             report.merge(batch["conversions"])
-            if not batch["image_paths"]:
-                continue
-            # Dataset image ids count skipped images too; rows of the result do not.
-            for image_id in batch["image_ids"].tolist():
-                row_of_image_id[image_id] = len(row_of_image_id)
-            rows = [row_of_image_id[image_id] for image_id in batch["caption_image_ids"].tolist()]
-            image_embeddings.append(model.encode_image(batch["images"].to(device)).float().cpu())
-            text_embeddings.append(model.encode_text(batch["tokens"].to(device)).float().cpu())
-            caption_image_ids.append(torch.tensor(rows, dtype=torch.long))
+            if batch["image_paths"]:
+                encoded.append({key: value.cpu() for key, value in encode_groups(model, batch, device).items()})
     finally:
         model.train(was_training)
-    if not image_embeddings:
+    if not encoded:
         raise ValueError(f"{dataset_path}: no image of split {split!r} could be read ({report.summary()})")
-    return (
-        torch.cat(image_embeddings), torch.cat(text_embeddings), torch.cat(caption_image_ids), report, len(dataset)
-    )
+    _, image_embeddings, text_embeddings, caption_rows = split_embeddings(concat_encoded(encoded, bundle.embed_dim, "cpu"))
+    return image_embeddings, text_embeddings, caption_rows, report, len(dataset)
 
 
 def evaluate(
@@ -134,59 +181,3 @@ def default_output_path(checkpoint: str | os.PathLike, dataset_path: str | os.Pa
     dataset_name = dataset.parent.name if dataset.name == "data" else dataset.name
     checkpoint = Path(checkpoint)
     return checkpoint.with_name(f"{checkpoint.stem}.{dataset_name}.{split}.eval.json")
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset_path", default="dataset/sample",
-                      help="dataset folder holding <split>.tsv/.csv/.parquet (default: the generated sample data)")
-    data.add_argument("--split", default="dev", help="table to evaluate on, e.g. dev or test")
-    data.add_argument("--batch_size", type=int, default=64, help="images per batch (each brings all its captions)")
-    data.add_argument("--num_workers", type=int, default=2, help="DataLoader processes decoding images")
-    model = parser.add_argument_group("model")
-    model.add_argument("--load_model", required=True, help=HELP)
-    model.add_argument("--device", default=None, help="torch device; None picks cuda when available, else cpu")
-    program = parser.add_argument_group("program")
-    program.add_argument(
-        "--out", default=None, help="JSON file for the results; None writes <checkpoint>.<dataset>.<split>.eval.json"
-    )
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error("--batch_size must be at least 1")
-    if args.num_workers < 0:
-        parser.error("--num_workers must be 0 or more")
-    if not Path(args.dataset_path).is_dir():
-        parser.error(f"--dataset_path {args.dataset_path} is not a folder (prepare one, e.g. dataset/flickr8k/prepare.py)")
-    return args
-
-
-def main(argv: list[str] | None = None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv)
-    exit_on_bad_model(args.load_model)
-    from clipsearch.models.released import load_model
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    bundle = load_model(args.load_model)
-    bundle.model.to(device)
-    result = evaluate(bundle, args.dataset_path, args.split, args.batch_size, args.num_workers, device)
-    result = {"checkpoint": model_label(args.load_model), **result}
-    out = Path(args.out) if args.out else default_output_path(results_stem(args.load_model), args.dataset_path, args.split)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-
-    counts = result["counts"]
-    print(
-        f"{result['split']} split of {result['dataset']}: {counts['images']} images, "
-        f"{counts['captions']} captions, {counts['skipped_images']} images skipped"
-    )
-    if counts["skipped"]:
-        print("skipped: " + ", ".join(f"{count} {reason}" for reason, count in counts["skipped"].items()))
-    print(format_metrics(result["metrics"]))
-    print(f"written to {out}")
-    return result
-
-
-if __name__ == "__main__":
-    main()

@@ -5,19 +5,15 @@ import logging
 import math
 
 import lightning as L
-import numpy as np
 import torch
 
 from clipsearch.checkpoint import META_KEY
-from clipsearch.data import DataReport
+from clipsearch.data_report import DataReport
+from clipsearch.evaluate import concat_encoded, encode_groups, split_embeddings
 from clipsearch.loss import MAX_LOGIT_SCALE, ContrastiveLoss
 from clipsearch.metrics import retrieval_metrics
 
 logger = logging.getLogger(__name__)
-
-# Captions whose top images are drawn into TensorBoard after each validation.
-PANEL_CAPTIONS = 3
-PANEL_TOP_K = 5
 
 
 def is_no_decay(name: str, parameter: torch.Tensor) -> bool:
@@ -52,38 +48,40 @@ class CLIPModule(L.LightningModule):
         max_steps: int = 1000,
         betas: tuple[float, float] = (0.9, 0.98),
         eps: float = 1e-6,
-        panel_image_paths: list[str] | None = None,
-        panel_captions: list[list[str]] | None = None,
     ):
         super().__init__()
         self.model = model
         self.spec = spec
-        self.save_hyperparameters(ignore=["model", "spec", "panel_image_paths", "panel_captions"])
-        # Dev images and their captions, in the validation dataset's image-id order, for the panel.
-        self.panel_image_paths = panel_image_paths or []
-        self.panel_captions = panel_captions or []
+        self.save_hyperparameters(ignore=["model", "spec"])
         self.loss_fn = ContrastiveLoss()
         self.data_report = DataReport()
         self._validation_outputs: list[dict] = []
         self.last_validated_step: int | None = None
+        # The last validation's `split_embeddings` (image_ids, image_embeddings, text_embeddings,
+        # caption_rows), for callbacks that show results (the TensorBoard panel).
+        self.last_validation: tuple[torch.Tensor, ...] | None = None
         self.start_step = 0
 
     # ---- training -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        self.loss_fn = ContrastiveLoss(world_size=self.trainer.world_size, gather=self._gather_with_grad)
+        self.loss_fn = ContrastiveLoss(world_size=self.trainer.world_size,
+                                       gather=lambda features: self._gather(features, sync_grads=True))
 
-    def _gather_with_grad(self, features: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """All ranks' rows (gradients flow back to each rank) and where this rank's rows start.
+    def _gather(self, rows: torch.Tensor, sync_grads: bool = False) -> tuple[torch.Tensor, int]:
+        """All ranks' rows in rank order, and where this rank's rows start.
 
-        Ranks normally hold equal batches (drop_last), but a skipped bad image shrinks one, and
-        all_gather needs equal shapes: so sizes travel first and short batches are padded.
+        Ranks may hold different numbers of rows (a skipped bad image shrinks a training batch; a
+        split rarely divides evenly), and all_gather needs equal shapes: so sizes travel first and
+        short tensors are padded. With `sync_grads`, gradients flow back to each rank's rows.
         """
-        sizes = self.all_gather(torch.tensor([features.shape[0]], device=features.device)).flatten().tolist()
+        if self.trainer.world_size == 1:
+            return rows, 0
+        sizes = self.all_gather(torch.tensor([rows.shape[0]], device=rows.device)).flatten().tolist()
         offset = sum(sizes[: self.global_rank])
         if len(set(sizes)) == 1:
-            return self.all_gather(features, sync_grads=True).flatten(0, 1), offset
-        padded = torch.cat([features, features.new_zeros((max(sizes) - features.shape[0], *features.shape[1:]))])
-        gathered = self.all_gather(padded, sync_grads=True)
+            return self.all_gather(rows, sync_grads=sync_grads).flatten(0, 1), offset
+        padded = torch.cat([rows, rows.new_zeros((max(sizes) - rows.shape[0], *rows.shape[1:]))])
+        gathered = self.all_gather(padded, sync_grads=sync_grads)
         return torch.cat([gathered[rank, :size] for rank, size in enumerate(sizes)]), offset
 
     def on_train_start(self) -> None:
@@ -101,14 +99,11 @@ class CLIPModule(L.LightningModule):
         loss = self.loss_fn(image_features, text_features, self.model.logit_scale)
         batch_size = len(batch["image_paths"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        self.log("train/logit_scale", self.model.logit_scale.detach().exp(), batch_size=batch_size)
+        # The loss clamps the scale it applies at MAX_LOGIT_SCALE (OpenAI's 100); this is that value.
+        self.log("train/logit_scale", self.model.logit_scale.detach().exp().clamp(max=MAX_LOGIT_SCALE),
+                 batch_size=batch_size)
         self.log("train/skipped", float(self.data_report.total_skipped()), batch_size=batch_size)
         return loss
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # OpenAI's clamp: keep the learnable temperature where logits stay below 100.
-        with torch.no_grad():
-            self.model.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
 
     def configure_optimizers(self):
         head_prefixes = tuple(getattr(self.model, "new_parameter_prefixes", ()))
@@ -133,94 +128,34 @@ class CLIPModule(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # ---- validation -----------------------------------------------------------------------
+    # ---- validation ----------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self._validation_outputs = []
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if len(batch["image_paths"]) == 0:
             return
-        image_features = self.model.encode_image(batch["images"]).float()
-        text_features = self.model.encode_text(batch["tokens"]).float()
-        caption_image_ids = batch["caption_image_ids"]
-        # Within-image caption positions make (image, caption) keys unique, so the copies that a
-        # distributed sampler pads with can be dropped after gathering.
-        positions = torch.zeros_like(caption_image_ids)
-        for index in range(1, len(caption_image_ids)):
-            if caption_image_ids[index] == caption_image_ids[index - 1]:
-                positions[index] = positions[index - 1] + 1
-        first_caption = torch.cat([torch.ones(1, dtype=torch.bool, device=positions.device), positions[1:] == 0])
-        loss = ContrastiveLoss()(image_features, text_features[first_caption], self.model.logit_scale)
+        encoded = encode_groups(self.model, batch, self.device)
+        caption_image_ids = encoded["caption_image_ids"]
+        # The loss pairs each image with its first caption (captions of one image arrive together).
+        first_caption = torch.ones_like(caption_image_ids, dtype=torch.bool)
+        first_caption[1:] = caption_image_ids[1:] != caption_image_ids[:-1]
+        loss = ContrastiveLoss()(encoded["image_embeddings"], encoded["text_embeddings"][first_caption],
+                                 self.model.logit_scale)
         self.log("val/loss", loss, batch_size=len(batch["image_paths"]), sync_dist=True)
-        self._validation_outputs.append({
-            "image_ids": batch["image_ids"],
-            "image_features": image_features,
-            "caption_keys": caption_image_ids * 1_000_000 + positions,
-            "caption_image_ids": caption_image_ids,
-            "text_features": text_features,
-        })
-
-    def _gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Concatenate a tensor whose first dimension differs across ranks."""
-        if self.trainer.world_size == 1:
-            return tensor
-        sizes = self.all_gather(torch.tensor([tensor.shape[0]], device=self.device)).flatten().tolist()
-        padded = torch.zeros((max(sizes), *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-        padded[: tensor.shape[0]] = tensor
-        gathered = self.all_gather(padded)
-        return torch.cat([gathered[rank, :size] for rank, size in enumerate(sizes)])
+        self._validation_outputs.append(encoded)
 
     def on_validation_epoch_end(self) -> None:
-        outputs = self._validation_outputs
-        empty_features = torch.zeros((0, self.spec["embed_dim"]), device=self.device)
-        empty_ids = torch.zeros(0, dtype=torch.long, device=self.device)
-
-        def collect(key: str, empty: torch.Tensor) -> torch.Tensor:
-            return self._gather_rows(torch.cat([o[key] for o in outputs]) if outputs else empty)
-
-        image_ids = collect("image_ids", empty_ids)
-        image_features = collect("image_features", empty_features)
-        caption_keys = collect("caption_keys", empty_ids)
-        caption_image_ids = collect("caption_image_ids", empty_ids)
-        text_features = collect("text_features", empty_features)
+        local = concat_encoded(self._validation_outputs, int(self.spec["embed_dim"]), self.device)
         self._validation_outputs = []
-        if image_ids.numel() == 0 or caption_keys.numel() == 0:
+        encoded = {key: self._gather(value)[0] for key, value in local.items()}
+        if encoded["image_ids"].numel() == 0 or encoded["caption_image_ids"].numel() == 0:
             return
         self.last_validated_step = self.global_step
-        image_ids, image_rows = _first_occurrences(image_ids)
-        image_features = image_features[image_rows]
-        caption_keys, caption_rows = _first_occurrences(caption_keys)
-        text_features, caption_image_ids = text_features[caption_rows], caption_image_ids[caption_rows]
-        caption_rows_in_images = torch.searchsorted(image_ids, caption_image_ids)
-        metrics = retrieval_metrics(image_features, text_features, caption_rows_in_images)
+        self.last_validation = split_embeddings(encoded)
+        metrics = retrieval_metrics(*self.last_validation[1:])
         for name, value in metrics.items():
             self.log(f"val/{name}", value, rank_zero_only=True, sync_dist=False)
-        if self.global_rank == 0 and not self.trainer.sanity_checking:
-            self._log_result_panel(image_ids, image_features, text_features, caption_keys, caption_rows_in_images)
-
-    def _log_result_panel(self, image_ids, image_features, text_features, caption_keys, caption_rows_in_images) -> None:
-        """Top dev images for a few fixed dev captions, so progress can be seen, not only read."""
-        experiment = getattr(self.logger, "experiment", None)
-        if experiment is None or not hasattr(experiment, "add_image") or not self.panel_image_paths:
-            return
-        from clipsearch.grid import make_grid
-
-        chosen = torch.linspace(0, len(caption_rows_in_images) - 1, PANEL_CAPTIONS).long().unique()
-        scores = torch.nn.functional.normalize(text_features[chosen], dim=-1) @ torch.nn.functional.normalize(
-            image_features, dim=-1
-        ).T
-        top = scores.topk(min(PANEL_TOP_K, scores.shape[1]), dim=1)
-        for panel, caption_row in enumerate(chosen.tolist()):
-            target = int(image_ids[caption_rows_in_images[caption_row]])
-            found = [int(image_ids[i]) for i in top.indices[panel]]
-            labels = [
-                f"{rank + 1}: {score:.2f}{' *' if image_id == target else ''}"
-                for rank, (image_id, score) in enumerate(zip(found, top.values[panel].tolist()))
-            ]
-            image_id, position = divmod(int(caption_keys[caption_row]), 1_000_000)
-            title = f"{self.panel_captions[image_id][position]}  (* = its image)"
-            grid = make_grid([self.panel_image_paths[i] for i in found], labels, title=title, thumb_size=96)
-            experiment.add_image(f"val/top_images_{panel}", np.asarray(grid), self.global_step, dataformats="HWC")
 
     # ---- checkpoints ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -230,10 +165,3 @@ class CLIPModule(L.LightningModule):
         if self.data_report.total_skipped():
             logger.warning("training skipped bad samples: %s", self.data_report.summary())
 
-
-def _first_occurrences(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted unique keys and, for each, the row of its first occurrence."""
-    unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)
-    rows = torch.full((unique.numel(),), keys.numel(), dtype=torch.long, device=keys.device)
-    rows = rows.scatter_reduce(0, inverse, torch.arange(keys.numel(), device=keys.device), reduce="amin")
-    return unique, rows

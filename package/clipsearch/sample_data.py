@@ -6,11 +6,13 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from clipsearch.cli.common import DEFAULT_DATASET
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +20,7 @@ logger = logging.getLogger(__name__)
 GENERATOR_VERSION = 1
 COMPLETE_MARKER = ".complete"
 META_FILE = "meta.json"
+SAMPLE_IMAGE_SIZE = 96
 SPLIT_SEED_OFFSETS = {"train": 0, "dev": 1}
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
@@ -80,9 +83,6 @@ class Scene:
     layout: str  # a POSITIONS key for one object, a RELATIONS key for two
     objects: tuple[SceneObject, ...]
     noise_std: float
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 def _jitter_rgb(rng: np.random.Generator, rgb: tuple[int, int, int], amount: int) -> tuple[int, int, int]:
@@ -275,7 +275,7 @@ def ensure_sample_dataset(
     path: str | os.PathLike = "dataset/sample",
     num_train: int = 4000,
     num_dev: int = 300,
-    image_size: int = 96,
+    image_size: int = SAMPLE_IMAGE_SIZE,
     seed: int = 0,
     force: bool = False,
 ) -> Path:
@@ -321,6 +321,23 @@ def needs_generation(
 ) -> bool:
     """Whether `ensure_sample_dataset` with these settings would (re)write the files at `path`."""
     return force or not is_complete(Path(path), _expected_meta(num_train, num_dev, image_size, seed))
+
+
+def sample_image_size(dataset_path: str | os.PathLike) -> int | None:
+    """`generated_image_size`, or the default size for the default sample folder not generated yet."""
+    size = generated_image_size(dataset_path)
+    if size is None and str(dataset_path).rstrip("/") == DEFAULT_DATASET and not Path(dataset_path, META_FILE).exists():
+        return SAMPLE_IMAGE_SIZE
+    return size
+
+
+def prepare_default_sample(dataset_path: str | os.PathLike) -> None:
+    """Generate the default sample data when training asks for it and no complete copy is there.
+
+    A complete copy made with other settings (e.g. more images) is used as it is, not regenerated.
+    """
+    if str(dataset_path).rstrip("/") == DEFAULT_DATASET and not Path(dataset_path, COMPLETE_MARKER).is_file():
+        ensure_sample_dataset(DEFAULT_DATASET)
 
 
 if __name__ == "__main__":  # a door kept for old command lines; the command lives in clipsearch.cli.sample_data

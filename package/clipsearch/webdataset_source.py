@@ -13,24 +13,14 @@ from torch.utils.data import IterableDataset
 from webdataset.shardlists import expand_urls
 from webdataset.utils import pytorch_worker_info
 
-from clipsearch.data import DataReport, ImageTransform, Tokenizer, decode_image
+from clipsearch.data import DataReport, decode_image
+from clipsearch.datasets import ImageTransform, Tokenizer
+from clipsearch.tables import SHARD_SUFFIX
 
 logger = logging.getLogger(__name__)
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 CAPTION_MEMBER = "txt"
-SHARD_SUFFIX = ".tar"
-
-
-def is_webdataset_path(path: str | os.PathLike) -> bool:
-    """True for a .tar file, a brace pattern or '::' list of them, or a folder holding .tar files."""
-    text = str(path)
-    if text.endswith(SHARD_SUFFIX):
-        return True
-    if "::" in text:
-        return all(is_webdataset_path(part) for part in text.split("::") if part)
-    folder = Path(text)
-    return folder.is_dir() and any(child.suffix == SHARD_SUFFIX for child in folder.iterdir())
 
 
 def expand_shards(urls_or_pattern: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:

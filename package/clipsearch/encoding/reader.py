@@ -66,7 +66,7 @@ def collect_image_paths(dataset_path: str | os.PathLike, split: str = "auto") ->
         return scan_image_folder(dataset_path)
     unique_paths: set[str] = set()
     for split_name in splits:
-        table = read_table(dataset_path, split_name)
+        table = read_table(dataset_path, split_name, require_caption=False)  # encoding needs only the image
         unique_paths.update(os.path.normpath(str(path)) for path in table["image"])
     return sorted(unique_paths)
 

@@ -1,0 +1,56 @@
+"""Pretrain "our" CLIP: a pretrained HuggingFace text model and a pretrained timm image model."""
+from __future__ import annotations
+
+from clipsearch.cli.common import run_command
+from clipsearch.cli.train_args import (
+    TrainConfig,
+    VariantDefaults,
+    add_lock_args,
+    add_training_args,
+    train_with,
+    training_config,
+    training_parser,
+)
+
+# Fresh projections learn fast; the pretrained towers move ten times slower so they keep what they know.
+DEFAULTS = VariantDefaults(lr=5e-4, max_steps=150, tower_lr_ratio=0.1)
+# clipsearch.models.our_clip's default, named here: importing it would load torch before parsing.
+DEFAULT_IMAGE_MODEL = "efficientnet_lite0"
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    parser, model = training_parser(__doc__)
+    model.add_argument("--pretrain_text", default=None,
+                       help="HuggingFace text model: hub id (e.g. bert-base-uncased) or local folder "
+                            "(default: the packaged all-MiniLM-L6-v2, offline)")
+    model.add_argument("--pretrain_image", default=DEFAULT_IMAGE_MODEL,
+                       help="timm image model name (e.g. resnet50); weights from --image_weights, the packaged file, or timm's hub")
+    model.add_argument("--image_weights", default=None, help="local .pth/.safetensors file or folder with the image tower's weights")
+    model.add_argument("--text_pooling", default="mean", choices=("mean", "cls"), help="how token states become one caption vector")
+    model.add_argument("--embed_dim", type=int, default=256, help="size of the shared embedding space")
+    model.add_argument("--text_length", type=int, default=64, help="caption tokens kept (context length)")
+    model.add_argument("--image_resolution", type=int, default=None,
+                       help="input image size (default: the timm model's; on the generated sample data, its 96 px)")
+    model.add_argument("--train_resolution", type=int, default=None,
+                       help="train on crops of this size, encode at --image_resolution (default: the same). A CNN "
+                            "tower trained below its test size is cheaper per step and scores better at the larger "
+                            "test size (FixRes, Touvron et al. 2019)")
+    add_lock_args(model)
+    add_training_args(parser, pretrained_towers=True)
+    args = parser.parse_args(argv)
+    if args.image_resolution is None:
+        from clipsearch.sample_data import sample_image_size
+
+        args.image_resolution = sample_image_size(args.dataset_path)
+    variant = f"our-{args.pretrain_image}-{args.image_resolution or 'default'}px"
+    if args.train_resolution:
+        variant += f"-train{args.train_resolution}px"
+    return training_config(args, model, variant, DEFAULTS)
+
+
+def main(argv: list[str] | None = None):
+    return train_with(parse_args(argv), "build_our_clip")
+
+
+if __name__ == "__main__":
+    run_command(main)

@@ -1,0 +1,263 @@
+"""The flags every training door shares, checked and frozen into a TrainConfig; imports nothing heavy."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from clipsearch.cli.common import (
+    DEFAULT_DATASET,
+    PRECISIONS,
+    CommandParser,
+    UserError,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
+from clipsearch.tables import TABLE_EXTENSIONS, find_table, is_webdataset_path
+
+RESUME_CHOICES = ("auto", "last", "none")
+# Where a downloaded OpenAI archive is looked for when --clip_checkpoint is not given.
+LOCAL_WEIGHTS_DIR = Path("models/openai")
+# Validation over the dev split is a whole pass: a 5-step run validating after every step spent
+# 7 of its minutes there. The default interval is a fifth of the run but never below this, and
+# the last step is always validated.
+MIN_VAL_INTERVAL = 25
+# Flags that set how long, where and how a run executes, not what it learns: a run resumes
+# whatever they are. Every other flag (model, optimiser, the training stream) is its identity.
+NOT_IDENTITY = frozenset({
+    "max_steps", "val_path", "val_split", "num_workers", "accelerator", "devices", "num_nodes", "strategy",
+    "precision", "val_check_interval", "fast_dev_run", "log_every_n_steps", "checkpoint_every_steps",
+    "run_name", "resume", "models_dir", "logs_dir", "verbose",
+})
+
+
+def add_training_args(parser: argparse.ArgumentParser, pretrained_towers: bool = False) -> argparse.ArgumentParser:
+    """Flags every variant has (and --tower_lr for those with pretrained towers); each door adds a 'model' group."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_path", default=DEFAULT_DATASET,
+                      help="dataset folder with train/dev tables, or webdataset shards (a .tar, a folder of them, "
+                           "or a brace pattern like shards/{00000..00099}.tar) (default: the generated sample data)")
+    data.add_argument("--val_path", default=None,
+                      help="dataset folder holding the validation table (default: --dataset_path when it has one)")
+    data.add_argument("--train_split", default="train", help="table name for training pairs")
+    data.add_argument("--val_split", default="dev", help="table name for validation; missing -> no validation")
+    data.add_argument("--batch_size", type=positive_int, default=64,
+                      help="pairs per device per step (the contrastive batch is this x devices x nodes)")
+    data.add_argument("--num_workers", type=non_negative_int, default=None,
+                      help="DataLoader workers per device (default: cores/devices - 1, at most 8)")
+    data.add_argument("--sample_num", type=positive_int, default=None, help="use only the first N training pairs (quick runs)")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: the variant's)")
+    if pretrained_towers:
+        optim.add_argument("--tower_lr", type=positive_float, default=None,
+                           help="learning rate of the pretrained towers; the new projections and the logit scale "
+                                "train at --lr (default: --lr / 10 for \"our\" CLIP, --lr when finetuning)")
+    optim.add_argument("--weight_decay", type=float, default=0.2,
+                       help="AdamW weight decay (never on biases, norms, embeddings, logit scale)")
+    optim.add_argument("--warmup_steps", type=non_negative_int, default=None,
+                       help="linear warmup steps before cosine decay (default: 10%% of max_steps)")
+    optim.add_argument("--max_steps", type=positive_int, default=None, help="optimiser steps to train (default: the variant's)")
+    optim.add_argument("--gradient_clip_val", type=positive_float, default=None, help="clip gradient norm to this value")
+    optim.add_argument("--accumulate_grad_batches", type=positive_int, default=1, help="optimiser step every N batches")
+
+    trainer = parser.add_argument_group("trainer")
+    trainer.add_argument("--accelerator", default="auto", help="auto, cpu, gpu, mps")
+    trainer.add_argument("--devices", "--num_gpus", dest="devices", default="auto",
+                         help="devices (processes) per node, an int or 'auto'; --num_gpus is an alias")
+    trainer.add_argument("--num_nodes", type=positive_int, default=1, help="machines in the job (set by SLURM/torchrun launchers)")
+    trainer.add_argument("--strategy", default="auto", help="Lightning strategy: auto, ddp, ddp_spawn, fsdp, ...")
+    trainer.add_argument("--precision", default=None, choices=PRECISIONS,
+                         help="32, 16-mixed (CUDA) or bf16-mixed; native torch AMP, no apex "
+                              "(default: 16-mixed on CUDA, else 32)")
+    trainer.add_argument("--val_check_interval", type=positive_float, default=None,
+                         help="validate every N steps (>= 1) or fraction of an epoch (< 1) "
+                              f"(default: 5 times per run, at most every {MIN_VAL_INTERVAL} steps; the last step always)")
+    trainer.add_argument("--fast_dev_run", type=non_negative_int, default=0,
+                         help="run N train and val batches only, write nothing (no checkpoint, log or run folder)")
+    trainer.add_argument("--log_every_n_steps", type=positive_int, default=10, help="scalar logging interval")
+    trainer.add_argument("--checkpoint_every_steps", type=positive_int, default=100,
+                         help="write last.ckpt this often (what a killed run resumes from)")
+
+    program = parser.add_argument_group("program")
+    program.add_argument("--seed", type=int, default=0,
+                         help="random seed: the same seed and flags give the same initial weights, data order and metrics")
+    program.add_argument("--run_name", default=None,
+                         help="run folder name under models/ and logs/ (default: from key settings and a hash of "
+                              "every model, optimiser and data flag)")
+    program.add_argument("--resume", default="auto",
+                         help="'auto' (continue models/<run>/last.ckpt when it was made with the same model, optimiser "
+                              "and data flags), 'last', 'none', or a checkpoint path")
+    program.add_argument("--models_dir", default="models", help="where run folders with checkpoints go")
+    program.add_argument("--logs_dir", default="logs", help="where TensorBoard run folders go")
+    program.add_argument("--verbose", action="store_true",
+                         help="show library messages too (model summary, Lightning tips and warnings, weight loading)")
+    return parser
+
+
+def add_lock_args(group) -> None:
+    """Tower freezing flags for variants that start from pretrained towers (LiT and partial unlocking)."""
+    group.add_argument("--lock_image", action="store_true", help="freeze the image tower (LiT)")
+    group.add_argument("--lock_image_unlocked_groups", type=non_negative_int, default=0,
+                       help="with --lock_image, leave the last N stages of the image tower trainable")
+    group.add_argument("--lock_text", action="store_true", help="freeze the text tower")
+    group.add_argument("--lock_text_unlocked_layers", type=non_negative_int, default=0,
+                       help="with --lock_text, leave the last N transformer layers trainable")
+
+
+def training_parser(description: str) -> tuple[CommandParser, argparse._ArgumentGroup]:
+    """A door's parser and its empty 'model' group, shown first in --help."""
+    # Forty flags make a 28-line usage; an error should stay one line plus this.
+    parser = CommandParser(description=description, usage="%(prog)s [flags]   (all flags: --help)")
+    return parser, parser.add_argument_group("model")
+
+
+@dataclass(frozen=True)
+class VariantDefaults:
+    """What a door sets as its own defaults for flags left as None."""
+
+    lr: float
+    max_steps: int
+    # --tower_lr as a fraction of --lr; None: the towers train at --lr.
+    tower_lr_ratio: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs, checked once after parsing; `model` holds the door's flags."""
+
+    variant: str
+    model: dict
+    dataset_path: str
+    val_path: str | None
+    train_split: str
+    val_split: str
+    batch_size: int
+    num_workers: int | None
+    sample_num: int | None
+    lr: float
+    tower_lr: float | None
+    weight_decay: float
+    warmup_steps: int
+    max_steps: int
+    gradient_clip_val: float | None
+    accumulate_grad_batches: int
+    accelerator: str
+    devices: int | str
+    num_nodes: int
+    strategy: str
+    precision: str | None
+    val_check_interval: float
+    fast_dev_run: int
+    log_every_n_steps: int
+    checkpoint_every_steps: int
+    seed: int
+    run_name: str
+    resume: str
+    models_dir: str
+    logs_dir: str
+    verbose: bool
+    identity: dict = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.models_dir) / self.run_name
+
+    @property
+    def model_args(self) -> argparse.Namespace:
+        """The door's model flags as the namespace its build function reads."""
+        return argparse.Namespace(**self.model)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _devices(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        devices = int(text)
+    except ValueError:
+        raise UserError(f"--devices must be an integer or 'auto', not {text!r}") from None
+    if devices < 1:
+        raise UserError("--devices must be at least 1")
+    return devices
+
+
+def check_dataset(dataset_path: str, split: str, flag: str = "--dataset_path", shards_allowed: bool = True) -> None:
+    """One line naming the flag when the split's table cannot be found.
+
+    The default sample data passes when it is not there yet: training generates it.
+    """
+    if dataset_path.rstrip("/") == DEFAULT_DATASET and not Path(dataset_path).is_dir():
+        return
+    if shards_allowed and is_webdataset_path(dataset_path):
+        return
+    folder = Path(dataset_path)
+    if not folder.exists():
+        raise UserError(f"{flag} {dataset_path}: no such folder (prepare one, e.g. python dataset/flickr8k/prepare.py)")
+    if not folder.is_dir():
+        raise UserError(f"{flag} {dataset_path} is not a folder of tables or webdataset shards")
+    try:
+        find_table(folder, split)
+    except FileNotFoundError:
+        tried = ", ".join(f"{split}{extension}" for extension in TABLE_EXTENSIONS)
+        raise UserError(f"{flag} {dataset_path} holds no '{split}' table (looked for {tried})") from None
+
+
+def _identity_hash(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:6]
+
+
+def default_run_name(variant: str, dataset_path: str, batch_size: int, lr: float, max_steps: int, identity: dict) -> str:
+    """Readable key settings, then a hash of the whole identity so runs that differ never share a folder."""
+    dataset = Path(dataset_path.rstrip("/")).name or "data"
+    name = f"{variant}-{dataset}-bs{batch_size}-lr{lr:g}-steps{max_steps}-{_identity_hash(identity)}"
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", name)
+
+
+def training_config(args: argparse.Namespace, model_group, variant: str,
+                    defaults: VariantDefaults) -> TrainConfig:
+    """Fill the variant's defaults, check every flag and path (one line on error), freeze the result."""
+    settings = vars(args).copy()
+    model_flags = {action.dest for action in model_group._group_actions}
+    model = {name: settings.pop(name) for name in sorted(model_flags)}
+    lr = defaults.lr if settings["lr"] is None else settings["lr"]
+    max_steps = defaults.max_steps if settings["max_steps"] is None else settings["max_steps"]
+    tower_lr = settings.pop("tower_lr", None)
+    if tower_lr is None and defaults.tower_lr_ratio is not None:
+        tower_lr = lr * defaults.tower_lr_ratio
+    warmup_steps = max_steps // 10 if settings["warmup_steps"] is None else settings["warmup_steps"]
+    if warmup_steps >= max_steps:
+        raise UserError(f"--warmup_steps ({warmup_steps}) must be below --max_steps ({max_steps})")
+    batch_size = settings["batch_size"]
+    if settings["sample_num"] is not None and settings["sample_num"] < batch_size:
+        raise UserError(f"--sample_num ({settings['sample_num']}) is smaller than one batch ({batch_size})")
+    resume = settings["resume"]
+    if resume not in RESUME_CHOICES and not Path(resume).is_file():
+        raise UserError(f"--resume: no checkpoint at {resume} (or pass one of {', '.join(RESUME_CHOICES)})")
+    check_dataset(settings["dataset_path"], settings["train_split"])
+    if settings["val_path"] is not None:
+        check_dataset(settings["val_path"], settings["val_split"], flag="--val_path")
+    interval = settings["val_check_interval"]
+    if interval is None:
+        interval = max(MIN_VAL_INTERVAL, max_steps // 5)
+    settings.update(lr=lr, max_steps=max_steps, warmup_steps=warmup_steps, val_check_interval=interval,
+                    devices=_devices(str(settings["devices"])))
+    identity = {"variant": variant, "model": model, "tower_lr": tower_lr}
+    identity |= {name: value for name, value in settings.items() if name not in NOT_IDENTITY}
+    run_name = settings.pop("run_name") or default_run_name(
+        variant, settings["dataset_path"], batch_size, lr, max_steps, identity)
+    return TrainConfig(variant=variant, model=model, tower_lr=tower_lr, run_name=run_name, identity=identity, **settings)
+
+
+def train_with(config: TrainConfig, build_name: str):
+    """Run training with the named build function of `clipsearch.variants`, importing torch only now."""
+    from clipsearch import variants
+    from clipsearch.train import run_training
+
+    return run_training(config, getattr(variants, build_name))

@@ -1,0 +1,147 @@
+"""Dataset folders: finding a split's table, reading it as (image, caption) rows, telling shards apart.
+
+Imports nothing heavy at module level (pandas is loaded by `read_table`), so commands can check
+a dataset folder before loading torch.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from clipsearch.data_report import DataReport
+
+logger = logging.getLogger(__name__)
+
+TABLE_EXTENSIONS = (".tsv", ".csv", ".parquet")
+SHARD_SUFFIX = ".tar"
+
+
+def is_webdataset_path(path: str | os.PathLike) -> bool:
+    """True for a .tar file, a brace pattern or '::' list of them, or a folder holding .tar files."""
+    text = str(path)
+    if text.endswith(SHARD_SUFFIX):
+        return True
+    if "::" in text:
+        return all(is_webdataset_path(part) for part in text.split("::") if part)
+    folder = Path(text)
+    return folder.is_dir() and any(child.suffix == SHARD_SUFFIX for child in folder.iterdir())
+
+
+def find_table(dataset_path: str | os.PathLike, split: str) -> Path:
+    """The first of `<split>.tsv`, `.csv`, `.parquet` that exists in the dataset folder."""
+    candidates = [Path(dataset_path) / f"{split}{extension}" for extension in TABLE_EXTENSIONS]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    tried = ", ".join(str(candidate) for candidate in candidates)
+    raise FileNotFoundError(f"no table for split {split!r}; tried {tried}")
+
+
+def _as_text(value: object) -> str:
+    """A table cell as a stripped string; missing values become the empty string."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if type(value).__name__ in ("NAType", "NaTType"):  # pandas' missing markers, named to leave pandas unloaded
+        return ""
+    if isinstance(value, bytes | bytearray):
+        value = bytes(value).decode("utf-8", errors="surrogateescape")
+    return str(value).strip()
+
+
+def _has_undecodable_bytes(text: str) -> bool:
+    """True when surrogateescape kept bytes that were not UTF-8 (as U+DC80..U+DCFF)."""
+    return any("\udc80" <= character <= "\udcff" for character in text)
+
+
+def read_table(
+    dataset_path: str | os.PathLike,
+    split: str,
+    image_column: str = "image",
+    caption_column: str = "caption",
+    report: DataReport | None = None,
+    require_caption: bool = True,
+) -> pd.DataFrame:
+    """Read a split's table as columns `image` (absolute path) and `caption` (stripped text).
+
+    Cells are text as written: "NA", "NaN", "null" or "N/A" are captions, not missing values.
+    Bytes that are not UTF-8 are kept (surrogateescape), so such a file name still opens on
+    Linux. Rows without an image path are dropped; so are rows with an empty or non-UTF-8
+    caption and malformed rows (too many fields) unless `require_caption` is False (encoding
+    needs only the image: such rows keep it, with caption ""). Every drop is logged and counted
+    in `report`; missing image files are left for `load_image` to find.
+    """
+    import pandas as pd
+
+    table_path = find_table(dataset_path, split)
+    malformed_rows: list[list[str]] = []
+    if table_path.suffix == ".parquet":
+        frame = pd.read_parquet(table_path)
+    else:
+        def keep_aside(fields: list[str]) -> None:
+            malformed_rows.append(fields)
+            return None
+
+        # One bad row must not fail the whole read: undecodable bytes are kept as surrogates and
+        # rows with extra fields set aside. QUOTE_NONE keeps quotes inside TSV captions verbatim;
+        # na_filter=False keeps "NA", "NaN" and "null" as the text they are.
+        frame = pd.read_csv(
+            table_path,
+            sep="\t" if table_path.suffix == ".tsv" else ",",
+            quoting=csv.QUOTE_NONE if table_path.suffix == ".tsv" else csv.QUOTE_MINIMAL,
+            dtype=object,  # Arrow-backed strings cannot hold the surrogates of non-UTF-8 bytes
+            keep_default_na=False,
+            na_filter=False,
+            encoding="utf-8-sig",
+            encoding_errors="surrogateescape",
+            on_bad_lines=keep_aside,
+            engine="python",
+        )
+
+    expected = [image_column, caption_column]
+    missing = [column for column in expected if column not in frame.columns]
+    if missing:
+        found = [str(column) for column in frame.columns]
+        raise ValueError(
+            f"{table_path}: expected columns {expected} (missing {missing}), found columns {found}"
+        )
+
+    images = [_as_text(value) for value in frame[image_column]]
+    captions = [_as_text(value) for value in frame[caption_column]]
+    drop_reasons: Counter[str] = Counter()
+    if require_caption:
+        if malformed_rows:
+            drop_reasons["malformed row"] = len(malformed_rows)
+    else:
+        image_field = list(frame.columns).index(image_column)
+        for fields in malformed_rows:
+            images.append(_as_text(fields[image_field]) if image_field < len(fields) else "")
+            captions.append("")
+    dataset_dir = os.path.abspath(dataset_path)
+    kept_images, kept_captions = [], []
+    for image, caption in zip(images, captions):
+        if not image:
+            drop_reasons["empty image path"] += 1
+        elif require_caption and _has_undecodable_bytes(caption):
+            drop_reasons["non-utf8 caption"] += 1
+        elif require_caption and not caption:
+            drop_reasons["empty caption"] += 1
+        else:
+            kept_images.append(os.path.join(dataset_dir, os.path.expanduser(image)))
+            kept_captions.append(caption)
+
+    for reason, count in drop_reasons.items():
+        if report is not None:
+            report.add(reason, table_path, count=count)
+        else:
+            logger.warning("skipped, %s (%d rows): %s", reason, count, table_path)
+    return pd.DataFrame({"image": kept_images, "caption": kept_captions}, dtype=object)
+
+

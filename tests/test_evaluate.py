@@ -143,8 +143,8 @@ def test_user_mistakes_get_one_line_and_a_failing_exit(tiny_checkpoint, tmp_path
     shard = write_shard(tmp_path / "0-000-2.ckpt", ["a.png", "b.png"], torch.randn(2, 4))
     (tmp_path / "empty").mkdir()
     cases = {
-        "no checkpoint at": ["--load_model", str(tmp_path / "missing.ckpt"), "--dataset_path", str(dataset)],
-        "not an embedding shard": ["--load_model", str(shard), "--dataset_path", str(dataset), "--device", "cpu"],
+        "no such file": ["--load_model", str(tmp_path / "missing.ckpt"), "--dataset_path", str(dataset)],
+        "an embedding shard, not a model": ["--load_model", str(shard), "--dataset_path", str(dataset), "--device", "cpu"],
         "holds no 'dev' table": ["--load_model", str(tiny_checkpoint), "--dataset_path", str(tmp_path / "empty")],
     }
     for expected, flags in cases.items():

@@ -89,6 +89,11 @@ def _load_file(reference: ModelReference) -> ModelBundle:
                 return load_bundle(path)
             except ValueError as error:
                 raise ModelReferenceError(str(error)) from None
+        if isinstance(content, dict) and {"path", "emb"} <= set(content):
+            raise ModelReferenceError(
+                f"--load_model {reference.text} is an embedding shard, not a model: pass the checkpoint that encoded "
+                "it (e.g. models/<run>/best.ckpt) or released weights"
+            )
         if not _looks_like_openai(content):
             raise ModelReferenceError(
                 f"--load_model {reference.text} is neither a clipsearch checkpoint (it lacks '{META_KEY}') "

@@ -4,13 +4,8 @@ from __future__ import annotations
 import sys
 
 from clipsearch.models import build_from_spec
-from clipsearch.models.our_clip import (
-    DEFAULT_IMAGE_MODEL,
-    DEFAULT_TEXT_MODEL,
-    load_image_weights,
-    load_text_weights,
-    our_clip_spec,
-)
+from clipsearch.models.image_tower import DEFAULT_IMAGE_MODEL, load_image_weights
+from clipsearch.models.pretrained_towers import DEFAULT_TEXT_MODEL, load_text_weights, pretrained_towers_spec
 from clipsearch.models.transforms import make_image_transform
 from clipsearch.sample_data import generated_image_size
 from clipsearch.train import (
@@ -57,7 +52,7 @@ def parse_args(argv: list[str] | None = None):
 
 def build_bundle(args):
     try:
-        spec, _ = our_clip_spec(
+        spec, _ = pretrained_towers_spec(
             text_model=args.pretrain_text,
             image_model=args.pretrain_image,
             embed_dim=args.embed_dim,
@@ -67,7 +62,7 @@ def build_bundle(args):
         )
         bundle = build_from_spec(spec)
         load_text_weights(bundle.model, spec["text"]["source"])
-        load_image_weights(bundle.model, args.pretrain_image, args.image_weights)
+        load_image_weights(bundle.model.visual, args.pretrain_image, args.image_weights)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
     if args.train_resolution:

@@ -76,7 +76,7 @@ def test_our_clip_trains_from_packaged_towers(tiny_dataset, tmp_path):
     result = our_main(flags)
     checkpoint = read_checkpoint(result.run_dir / "best.ckpt")
     spec = checkpoint["clipsearch"]["spec"]
-    assert spec["family"] == "our" and spec["embed_dim"] == 32 and spec["image"]["timm_name"] == "efficientnet_lite0"
+    assert spec["family"] == "pretrained_towers" and spec["embed_dim"] == 32 and spec["image"]["timm_name"] == "tf_efficientnet_lite0"
     assert spec["image"]["size"] == 32  # trained on smaller crops, encodes at --image_resolution
     bundle = load_bundle(result.run_dir / "best.ckpt")
     assert bundle.model.encode_text(bundle.tokenizer(["a red circle"])).shape == (1, 32)

@@ -1,0 +1,56 @@
+"""Model families by name: each family module registers a builder, and a spec names its family."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from clipsearch.models.bundle import SPEC_VERSION, ModelBundle
+from clipsearch.models.transforms import make_image_transform
+
+# spec -> (model with random weights, tokenizer); the caller loads a state dict.
+FamilyBuilder = Callable[[dict], tuple[nn.Module, Callable]]
+
+_BUILDERS: dict[str, FamilyBuilder] = {}
+# Older names a family answers to, so checkpoints written under them keep loading.
+_ALIASES: dict[str, str] = {}
+
+
+def register_family(name: str, *aliases: str) -> Callable[[FamilyBuilder], FamilyBuilder]:
+    """Decorator: `build(spec) -> (model, tokenizer)` builds specs whose "family" is `name` or an alias."""
+
+    def register(build: FamilyBuilder) -> FamilyBuilder:
+        for key in (name, *aliases):
+            if key in _BUILDERS or key in _ALIASES:
+                raise ValueError(f"model family {key!r} is registered twice")
+        _BUILDERS[name] = build
+        _ALIASES.update(dict.fromkeys(aliases, name))
+        return build
+
+    return register
+
+
+def family_names() -> list[str]:
+    return sorted(_BUILDERS)
+
+
+def build_from_spec(spec: dict) -> ModelBundle:
+    """Rebuild the architecture (random weights) that `spec` describes; the caller loads a state dict."""
+    if spec.get("spec_version") != SPEC_VERSION:
+        raise ValueError(
+            f"model spec version {spec.get('spec_version')!r} is not supported (expected {SPEC_VERSION}); "
+            "was this checkpoint written by another version of clipsearch?"
+        )
+    family = spec.get("family")
+    build = _BUILDERS.get(_ALIASES.get(family, family))
+    if build is None:
+        raise ValueError(f"unknown model family {family!r} in model spec; known: {', '.join(family_names())}")
+    model, tokenizer = build(spec)
+    image = spec["image"]
+    return ModelBundle(
+        model=model,
+        train_transform=make_image_transform(image["size"], image["mean"], image["std"], is_train=True),
+        eval_transform=make_image_transform(image["size"], image["mean"], image["std"], is_train=False),
+        tokenizer=tokenizer,
+        spec=spec,
+    )

@@ -78,7 +78,9 @@ class OpenAICLIP(open_clip.CLIP):
     """open_clip's CLIP, telling the trainer which of its parameters start untrained."""
 
     # Set by `load_openai_weights`; a model pretrained from scratch has no pretrained weights at all.
-    towers_pretrained: bool = False
+    # Unannotated on purpose: a class annotation here would hide open_clip's `output_dict: Final`
+    # from TorchScript, which OpenAI-format archives are written with.
+    towers_pretrained = False
 
     def new_parameter_names(self) -> set[str]:
         """From scratch, every parameter; finetuning released weights, the projections into the shared

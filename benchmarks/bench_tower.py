@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
 def report_markdown(results: dict, argv: list[str] | None) -> str:
     settings = results["settings"]
     agreement_rows = "\n".join(
-        f"| {name} | {s['mean_cosine']:.3f} | {s['min_cosine']:.3f} | {s['top1_agreement_pct']:.1f} |"
+        f"| {name} | {s['mean_cosine']:.3f} | {s['min_cosine']:.3f} | {s['top1_agreement_pct']:.1f} | {s['max_abs_difference']:.2g} |"
         for name, s in results["agreement_with_reference"].items()
     )
     rates = results["forward_samples_per_sec"]
@@ -190,13 +190,13 @@ and inputs scaled by mean = std = 0.5 (the network and input scaling the TensorF
 trained with), on {settings['images']} Flickr8k dev photos at {settings['size']} px. Top-1: the file's
 own ImageNet classifier applied to each tower's pooled features, compared with the reference's.
 
-| tower as built from the file | mean cosine | min cosine | ImageNet top-1 agreement % |
-|---|---:|---:|---:|
+| tower as built from the file | mean cosine | min cosine | ImageNet top-1 agreement % | max abs difference |
+|---|---:|---:|---:|---:|
 {agreement_rows}
 
 Forward samples/s, batch {settings['batch_size']}, {settings['threads']} threads, median of {settings['repeats']}
 forwards, old and new measured interleaved in one run. The machine was shared with other jobs
-(load average above), so the absolute figures are low and noisy; the ratio is the result.
+(load average above), so the absolute figures are low and noisy; the ratios are the result.
 
 | layout | old | new | new / old |
 |---|---:|---:|---:|

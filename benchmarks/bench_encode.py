@@ -105,9 +105,9 @@ def build_checkpoint(name: str, folder: Path) -> Path:
     from clipsearch.models import build_from_spec
 
     if name == "our":
-        from clipsearch.models.our_clip import our_clip_spec
+        from clipsearch.models.pretrained_towers import pretrained_towers_spec
 
-        spec, _ = our_clip_spec()  # EfficientNet-Lite0 at its default 224 px
+        spec, _ = pretrained_towers_spec()  # EfficientNet-Lite0 at its default 224 px
     else:
         from clipsearch.models.openai_clip import openai_clip_spec
 

@@ -80,12 +80,12 @@ def test_reloaded_checkpoint_gives_the_validated_numbers(tiny_dataset, tmp_path)
 def test_our_clip_trains_from_packaged_towers(tiny_dataset, tmp_path):
     flags = ["--image_resolution=32", "--train_resolution=24", "--embed_dim=32", "--text_length=24", "--lock_text",
              "--lock_text_unlocked_layers=1", *common_flags(tiny_dataset, tmp_path, "our", steps=2)]
-    trained_on = variants.build_our_clip(our_parse_args(flags).model_args).train_transform(Image.new("RGB", (40, 30)))
+    trained_on = variants.build_pretrained_towers(our_parse_args(flags).model_args).train_transform(Image.new("RGB", (40, 30)))
     assert trained_on.shape == (3, 24, 24)
     result = our_main(flags)
     checkpoint = read_checkpoint(result.run_dir / "best.ckpt")
     spec = checkpoint["clipsearch"]["spec"]
-    assert spec["family"] == "our" and spec["embed_dim"] == 32 and spec["image"]["timm_name"] == "efficientnet_lite0"
+    assert spec["family"] == "pretrained_towers" and spec["embed_dim"] == 32 and spec["image"]["timm_name"] == "tf_efficientnet_lite0"
     assert spec["image"]["size"] == 32  # trained on smaller crops, encodes at --image_resolution
     bundle = load_bundle(result.run_dir / "best.ckpt")
     assert bundle.model.encode_text(bundle.tokenizer(["a red circle"])).shape == (1, 32)

@@ -67,7 +67,8 @@ def model_fingerprint(bundle: ModelBundle) -> str:
     digest = hashlib.sha256()
     spec = {k: v for k, v in bundle.spec.items() if k != "text"}
     digest.update(json.dumps(spec, sort_keys=True).encode())
-    digest.update(json.dumps({k: v for k, v in bundle.spec["text"].items() if k != "tokenizer_files"}, sort_keys=True).encode())
+    text = {k: v for k, v in bundle.spec.get("text", {}).items() if k != "tokenizer_files"}
+    digest.update(json.dumps(text, sort_keys=True).encode())
     with torch.no_grad():
         for name, tensor in bundle.model.state_dict().items():
             values = tensor.detach().double()

@@ -106,23 +106,32 @@ class CLIPModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        head_prefixes = tuple(getattr(self.model, "new_parameter_prefixes", ()))
-        groups: dict[tuple[bool, bool], list] = {}
+        """AdamW in up to four named groups: new (projections, temperature) at --lr, pretrained tower
+        weights at --tower_lr, each split into decayed and not decayed; frozen parameters stay out."""
+        lr = self.hparams.lr
+        tower_lr = self.hparams.tower_lr if self.hparams.tower_lr is not None else lr
+        declared = getattr(self.model, "new_parameter_names", None)
+        new_names = declared() if declared is not None else {name for name, _ in self.model.named_parameters()}
+        if declared is None and tower_lr != lr:
+            logger.warning("%s does not say which parameters are pretrained: all train at --lr, "
+                           "--tower_lr is ignored", type(self.model).__name__)
+        groups: dict[str, list] = {}
         for name, parameter in self.model.named_parameters():
-            if not parameter.requires_grad:
-                continue
-            key = (name.startswith(head_prefixes) if head_prefixes else True, is_no_decay(name, parameter))
-            groups.setdefault(key, []).append(parameter)
-        tower_lr = self.hparams.tower_lr if self.hparams.tower_lr is not None else self.hparams.lr
+            if parameter.requires_grad:
+                kind = "new" if name in new_names else "pretrained"
+                groups.setdefault(kind + ("_no_decay" if is_no_decay(name, parameter) else ""), []).append((name, parameter))
+        # Named parameters: the optimiser's state dict (and so every checkpoint) lists each group's
+        # parameter names, and LearningRateMonitor logs lr-AdamW/<group name>.
         param_groups = [
             {
-                "params": params,
-                "lr": self.hparams.lr if is_head else tower_lr,
-                "weight_decay": 0.0 if no_decay else self.hparams.weight_decay,
+                "name": group,
+                "params": named,
+                "lr": lr if group.startswith("new") else tower_lr,
+                "weight_decay": 0.0 if group.endswith("no_decay") else self.hparams.weight_decay,
             }
-            for (is_head, no_decay), params in sorted(groups.items())
+            for group, named in sorted(groups.items())
         ]
-        optimizer = torch.optim.AdamW(param_groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps)
+        optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_cosine(self.hparams.warmup_steps, self.hparams.max_steps)
         )

@@ -14,16 +14,17 @@ from pathlib import Path
 
 from clipsearch.cli.train_args import LOCAL_WEIGHTS_DIR
 from clipsearch.models import build_from_spec
+from clipsearch.models.image_tower import load_image_weights
 from clipsearch.models.openai_clip import canonical_name, load_openai_weights, openai_clip_spec
-from clipsearch.models.our_clip import load_image_weights, load_text_weights, our_clip_spec
+from clipsearch.models.pretrained_towers import load_text_weights, pretrained_towers_spec
 from clipsearch.models.transforms import make_image_transform
 
 logger = logging.getLogger(__name__)
 
 
-def build_our_clip(args):
+def build_pretrained_towers(args):
     try:
-        spec, _ = our_clip_spec(
+        spec, _ = pretrained_towers_spec(
             text_model=args.pretrain_text,
             image_model=args.pretrain_image,
             embed_dim=args.embed_dim,
@@ -33,7 +34,7 @@ def build_our_clip(args):
         )
         bundle = build_from_spec(spec)
         load_text_weights(bundle.model, spec["text"]["source"])
-        load_image_weights(bundle.model, args.pretrain_image, args.image_weights)
+        load_image_weights(bundle.model.visual, args.pretrain_image, args.image_weights)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
     if args.train_resolution:

@@ -14,8 +14,9 @@ from clipsearch.cli.train_args import (
 
 # Fresh projections learn fast; the pretrained towers move ten times slower so they keep what they know.
 DEFAULTS = VariantDefaults(lr=5e-4, max_steps=150, tower_lr_ratio=0.1)
-# clipsearch.models.our_clip's default, named here: importing it would load torch before parsing.
-DEFAULT_IMAGE_MODEL = "efficientnet_lite0"
+# clipsearch.models.image_tower's default, named here: importing it would load torch before parsing
+# (tests/test_models.py checks that the two agree).
+DEFAULT_IMAGE_MODEL = "tf_efficientnet_lite0"
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
@@ -49,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None):
-    return train_with(parse_args(argv), "build_our_clip")
+    return train_with(parse_args(argv), "build_pretrained_towers")
 
 
 if __name__ == "__main__":

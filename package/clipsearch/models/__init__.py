@@ -1,14 +1,10 @@
-"""Model families and the contract they share; importing this registers every family."""
-from __future__ import annotations
-
-from clipsearch.models.bundle import ModelBundle
-from clipsearch.models.registry import SPEC_VERSION, build_from_spec, register_family
-
-# Each family module registers itself on import.
-from clipsearch.models import openai_clip, our_clip  # noqa: E402, F401  isort: skip
-from clipsearch.models import hf_clip, open_clip_family  # noqa: E402, F401  isort: skip
-
-register_family("openai")(openai_clip.build_openai_clip)
-register_family("our")(our_clip.build_our_clip)
+"""CLIP model families behind one registry: `build_from_spec` rebuilds whichever family a spec names."""
+# One line per family: importing a family module registers it.
+import clipsearch.models.hf_clip  # noqa: F401
+import clipsearch.models.open_clip_family  # noqa: F401
+import clipsearch.models.openai_clip  # noqa: F401
+import clipsearch.models.pretrained_towers  # noqa: F401
+from clipsearch.models.bundle import SPEC_VERSION, ModelBundle
+from clipsearch.models.registry import build_from_spec, register_family
 
 __all__ = ["SPEC_VERSION", "ModelBundle", "build_from_spec", "register_family"]

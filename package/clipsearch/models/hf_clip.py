@@ -9,7 +9,7 @@ from torch import nn
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from clipsearch.models.our_clip import HFTokenizer, _pack_tokenizer_files, _unpack_tokenizer
+from clipsearch.models.pretrained_towers import HFTokenizer, _pack_tokenizer_files, _unpack_tokenizer
 from clipsearch.models.registry import register_family
 from clipsearch.models.transforms import make_image_transform
 

@@ -7,7 +7,7 @@ import logging
 import open_clip
 import torch
 
-from clipsearch.models.our_clip import HFTokenizer, _pack_tokenizer_files, _unpack_tokenizer
+from clipsearch.models.pretrained_towers import HFTokenizer, _pack_tokenizer_files, _unpack_tokenizer
 from clipsearch.models.registry import register_family
 from clipsearch.models.transforms import make_image_transform
 

@@ -11,6 +11,8 @@ import open_clip
 import torch
 from open_clip.model import resize_pos_embed, resize_text_pos_embed
 
+from clipsearch.models.bundle import SPEC_VERSION
+from clipsearch.models.registry import register_family
 from clipsearch.models.transforms import OPENAI_MEAN, OPENAI_STD
 
 logger = logging.getLogger(__name__)
@@ -55,8 +57,6 @@ def openai_clip_spec(
     quick_gelu defaults to True because OpenAI's released weights were trained with it; a
     from-scratch run may turn it off for the slightly faster nn.GELU.
     """
-    from clipsearch.models import SPEC_VERSION
-
     config = load_architecture_config(name)
     if context_length is not None:
         config["text_cfg"]["context_length"] = int(context_length)
@@ -74,17 +74,37 @@ def openai_clip_spec(
     }
 
 
+class OpenAICLIP(open_clip.CLIP):
+    """open_clip's CLIP, telling the trainer which of its parameters start untrained."""
+
+    # Set by `load_openai_weights`; a model pretrained from scratch has no pretrained weights at all.
+    # Unannotated on purpose: a class annotation here would hide open_clip's `output_dict: Final`
+    # from TorchScript, which OpenAI-format archives are written with.
+    towers_pretrained = False
+
+    def new_parameter_names(self) -> set[str]:
+        """From scratch, every parameter; finetuning released weights, the projections into the shared
+        space and the temperature (text_projection, visual.proj, logit_scale), so that `--lr` and
+        `--tower_lr` mean the same as in the pretrained-towers family (the door's --tower_lr
+        defaults to --lr, which keeps the whole model at one rate)."""
+        names = {name for name, _ in self.named_parameters()}
+        if not self.towers_pretrained:
+            return names
+        return names & {"text_projection", "visual.proj", "logit_scale"}
+
+
+@register_family("openai")
 def build_openai_clip(spec: dict):
     """Random-init open_clip CLIP and its BPE tokenizer, from a spec made by `openai_clip_spec`."""
     config = spec["model_config"]
-    model = open_clip.CLIP(
+    model = OpenAICLIP(
         embed_dim=config["embed_dim"],
         vision_cfg=config["vision_cfg"],
         text_cfg=config["text_cfg"],
         quick_gelu=spec["quick_gelu"],
     )
     if isinstance(config["vision_cfg"]["layers"], list | tuple):
-        # ResNet towers: NHWC convolutions run about twice as fast on the CPU (see our_clip.py).
+        # ResNet towers: NHWC convolutions run about twice as fast on the CPU (see image_tower.py).
         model.visual.to(memory_format=torch.channels_last)
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=spec["text"]["context_length"])
     return model, tokenizer
@@ -120,7 +140,7 @@ def read_openai_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {key.removeprefix("module."): value for key, value in state_dict.items()}
 
 
-def load_openai_weights(model: open_clip.CLIP, path: str | Path, architecture: str) -> None:
+def load_openai_weights(model: OpenAICLIP, path: str | Path, architecture: str) -> None:
     """Load OpenAI-format weights into `model`, resizing position embeddings if sizes were changed."""
     state_dict = read_openai_state_dict(path)
     state_dict = {key: value.float() for key, value in state_dict.items()}  # fp32 master weights
@@ -142,4 +162,5 @@ def load_openai_weights(model: open_clip.CLIP, path: str | Path, architecture: s
             f"{len(mismatched)} with other shapes (e.g. {mismatched[:3]})"
         )
     model.load_state_dict(state_dict)
+    model.towers_pretrained = True
     logger.info("loaded %s weights from %s", architecture, path)

@@ -1,38 +1,54 @@
-"""Model families by name: each family module registers its builder; specs are rebuilt through it."""
+"""Model families by name: each family module registers a builder, and a spec names its family."""
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from clipsearch.models.bundle import ModelBundle
+from torch import nn
+
+from clipsearch.models.bundle import SPEC_VERSION, ModelBundle
 from clipsearch.models.transforms import make_image_transform
 
-# Bumped when the meaning of a spec changes, so old checkpoints fail loudly instead of loading wrongly.
-SPEC_VERSION = 1
+# spec -> (model with random weights, tokenizer); the caller loads a state dict.
+FamilyBuilder = Callable[[dict], tuple[nn.Module, Callable]]
 
-_BUILDERS: dict[str, Callable] = {}
-_TRANSFORMS: dict[str, Callable] = {}
+# spec -> (train transform, eval transform), for a family that preprocesses otherwise than
+# `make_image_transform` (e.g. a HuggingFace image processor, whose crop floors where torchvision rounds).
+TransformsBuilder = Callable[[dict], tuple[Callable, Callable]]
+
+_BUILDERS: dict[str, FamilyBuilder] = {}
+_TRANSFORMS: dict[str, TransformsBuilder] = {}
+# Older names a family answers to, so checkpoints written under them keep loading.
+_ALIASES: dict[str, str] = {}
 
 
-def register_family(name: str, *aliases: str, transforms: Callable | None = None):
-    """Decorator on `build(spec) -> (model, tokenizer)`; `transforms(spec) -> (train, eval)` when a
-    family preprocesses otherwise than `make_image_transform` (e.g. a HuggingFace image processor)."""
+def register_family(
+    name: str, *aliases: str, transforms: TransformsBuilder | None = None
+) -> Callable[[FamilyBuilder], FamilyBuilder]:
+    """Decorator: `build(spec) -> (model, tokenizer)` builds specs whose "family" is `name` or an alias."""
 
-    def register(build: Callable) -> Callable:
+    def register(build: FamilyBuilder) -> FamilyBuilder:
         for key in (name, *aliases):
-            _BUILDERS[key] = build
-            if transforms is not None:
-                _TRANSFORMS[key] = transforms
+            if key in _BUILDERS or key in _ALIASES:
+                raise ValueError(f"model family {key!r} is registered twice")
+        _BUILDERS[name] = build
+        if transforms is not None:
+            _TRANSFORMS[name] = transforms
+        _ALIASES.update(dict.fromkeys(aliases, name))
         return build
 
     return register
 
 
-def _default_transforms(spec: dict):
+def _default_transforms(spec: dict) -> tuple[Callable, Callable]:
     image = spec["image"]
     return (
         make_image_transform(image["size"], image["mean"], image["std"], is_train=True),
         make_image_transform(image["size"], image["mean"], image["std"], is_train=False),
     )
+
+
+def family_names() -> list[str]:
+    return sorted(_BUILDERS)
 
 
 def build_from_spec(spec: dict) -> ModelBundle:
@@ -42,9 +58,12 @@ def build_from_spec(spec: dict) -> ModelBundle:
             f"model spec version {spec.get('spec_version')!r} is not supported (expected {SPEC_VERSION}); "
             "was this checkpoint written by another version of clipsearch?"
         )
-    family = spec.get("family")
-    if family not in _BUILDERS:
-        raise ValueError(f"unknown model family {family!r} in model spec; known: {', '.join(sorted(_BUILDERS))}")
-    model, tokenizer = _BUILDERS[family](spec)
+    family = _ALIASES.get(spec.get("family"), spec.get("family"))
+    build = _BUILDERS.get(family)
+    if build is None:
+        raise ValueError(f"unknown model family {spec.get('family')!r} in model spec; known: {', '.join(family_names())}")
+    model, tokenizer = build(spec)
     train_transform, eval_transform = _TRANSFORMS.get(family, _default_transforms)(spec)
-    return ModelBundle(model, train_transform, eval_transform, tokenizer, spec)
+    return ModelBundle(
+        model=model, train_transform=train_transform, eval_transform=eval_transform, tokenizer=tokenizer, spec=spec
+    )

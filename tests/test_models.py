@@ -1,0 +1,154 @@
+"""Model families: the registry, the default image tower against its reference, and what trains at which lr."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from timm.layers import Conv2dSame
+from torchvision import transforms as T
+
+from clipsearch.checkpoint import load_bundle, read_checkpoint, save_bundle
+from clipsearch.lightning_module import CLIPModule
+from clipsearch.models import build_from_spec, register_family
+from clipsearch.models.image_tower import CLASSIFIER_PREFIXES, load_image_weights, packaged_image_weights
+from clipsearch.models.openai_clip import load_openai_weights, openai_clip_spec
+from clipsearch.models.pretrained_towers import pretrained_towers_spec
+from clipsearch.models.transforms import IMAGENET_MEAN, IMAGENET_STD
+from clipsearch.sample_data import ensure_sample_dataset
+from src_our.main import main as our_main
+
+TOWER_SIZE = 128
+
+
+@pytest.fixture(scope="module")
+def default_spec() -> dict:
+    return pretrained_towers_spec(embed_dim=32, context_length=24, image_size=TOWER_SIZE)[0]
+
+
+def photo_like_image(seed: int) -> Image.Image:
+    """Smooth colour gradients plus noise at an aspect ratio that makes the transform resize and crop."""
+    generator = np.random.default_rng(seed)
+    y, x = np.mgrid[0:150, 0:200] / 150.0
+    channels = [np.sin(x * generator.uniform(2, 9) + y * generator.uniform(2, 9)) for _ in range(3)]
+    pixels = (np.stack(channels, axis=-1) * 80 + 128 + generator.normal(0, 20, (150, 200, 3))).clip(0, 255)
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def test_default_tower_is_tf_efficientnet_lite0_fed_half_half(default_spec):
+    assert default_spec["family"] == "pretrained_towers"
+    assert default_spec["image"] == {"timm_name": "tf_efficientnet_lite0", "size": TOWER_SIZE,
+                                     "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    bundle = build_from_spec(default_spec)
+    load_image_weights(bundle.model.visual, default_spec["image"]["timm_name"], None)
+    tower = bundle.model.visual.eval()
+    # The TensorFlow network: BatchNorm eps 1e-3 everywhere, "SAME" padding on the strided convolutions.
+    norms = [m for m in tower.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.eps == 1e-3 for m in norms)
+    assert isinstance(tower.conv_stem, Conv2dSame)
+    assert sum(isinstance(m, Conv2dSame) for m in tower.modules()) >= 5
+
+    # The reference: timm's tf_efficientnet_lite0 given the packaged tensors, fed inputs scaled to [-1, 1].
+    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0).eval()
+    packaged = torch.load(packaged_image_weights("tf_efficientnet_lite0"), map_location="cpu", weights_only=True)
+    tensors = [v for k, v in packaged.items() if not k.startswith(CLASSIFIER_PREFIXES)]
+    reference.load_state_dict(dict(zip(reference.state_dict(), tensors)))
+    resize = T.Compose([T.Resize(TOWER_SIZE, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(TOWER_SIZE),
+                        T.ToTensor()])
+    images = [photo_like_image(seed) for seed in range(3)]
+    with torch.no_grad():
+        ours = tower(torch.stack([bundle.eval_transform(image) for image in images]))
+        expected = reference(torch.stack([(resize(image) - 0.5) / 0.5 for image in images]))
+    assert ours.shape == (3, 1280)
+    assert (ours - expected).abs().max().item() < 1e-4
+
+
+def test_checkpoint_of_the_old_tower_loads_as_it_was_written(default_spec, tmp_path):
+    """Before the fix, specs said family "our", efficientnet_lite0 and ImageNet statistics."""
+    old_spec = pretrained_towers_spec(image_model="efficientnet_lite0", embed_dim=32, context_length=24, image_size=64)[0]
+    old_spec["family"] = "our"
+    assert old_spec["image"]["mean"] == list(IMAGENET_MEAN) and old_spec["image"]["std"] == list(IMAGENET_STD)
+    torch.manual_seed(0)
+    written = build_from_spec(old_spec)
+    loaded = load_bundle(save_bundle(written, tmp_path / "old.ckpt"))
+    assert loaded.spec == old_spec
+    tower = loaded.model.visual
+    assert tower.bn1.eps == 1e-5 and not any(isinstance(m, Conv2dSame) for m in tower.modules())
+    normalize = loaded.eval_transform.transforms[-1]
+    assert list(normalize.mean) == list(IMAGENET_MEAN) and list(normalize.std) == list(IMAGENET_STD)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.encode_image(images), written.model.eval().encode_image(images))
+
+
+@pytest.mark.parametrize(("image_model", "mean"), [("resnet18", list(IMAGENET_MEAN)),
+                                                    ("vit_tiny_patch16_224", [0.5, 0.5, 0.5])])
+def test_image_normalisation_is_the_one_the_weights_were_trained_with(image_model, mean):
+    spec = pretrained_towers_spec(image_model=image_model, embed_dim=32, context_length=24)[0]
+    assert spec["image"]["mean"] == mean and spec["image"]["size"] == 224
+
+
+def test_registry_names_known_families_and_refuses_duplicates(default_spec):
+    with pytest.raises(ValueError, match="unknown model family 'nope'.*openai, pretrained_towers"):
+        build_from_spec({**default_spec, "family": "nope"})
+    with pytest.raises(ValueError, match="'our' is registered twice"):
+        register_family("another", "our")(lambda spec: None)
+
+
+def optimiser_groups(module: CLIPModule) -> dict[str, set[str]]:
+    optimizer = module.configure_optimizers()["optimizer"]
+    return {group["name"]: set(group["param_names"]) for group in optimizer.state_dict()["param_groups"]}
+
+
+def test_openai_family_is_all_new_from_scratch_and_projections_new_when_finetuning(tmp_path):
+    torch.manual_seed(0)
+    bundle = build_from_spec(openai_clip_spec("ViT-Tiny-16"))
+    every = {name for name, _ in bundle.model.named_parameters()}
+    scratch = optimiser_groups(CLIPModule(bundle.model, bundle.spec, lr=1e-3, tower_lr=1e-4))
+    assert set(scratch) == {"new", "new_no_decay"} and scratch["new"] | scratch["new_no_decay"] == every
+    weights = tmp_path / "released.pt"
+    torch.save(bundle.model.state_dict(), weights)
+    finetuned = build_from_spec(bundle.spec)
+    load_openai_weights(finetuned.model, weights, "ViT-Tiny-16")
+    groups = optimiser_groups(CLIPModule(finetuned.model, finetuned.spec, lr=1e-3, tower_lr=1e-4))
+    assert groups["new"] | groups["new_no_decay"] == {"text_projection", "visual.proj", "logit_scale"}
+    assert groups["pretrained"] | groups["pretrained_no_decay"] == every - {"text_projection", "visual.proj", "logit_scale"}
+
+
+def test_trained_door_puts_projections_at_lr_and_towers_at_tower_lr(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    dataset = ensure_sample_dataset(tmp_path / "sample", num_train=24, num_dev=6, image_size=32)
+    result = our_main([
+        f"--dataset_path={dataset}", f"--models_dir={tmp_path / 'models'}", f"--logs_dir={tmp_path / 'logs'}",
+        "--run_name=lrs", "--max_steps=3", "--warmup_steps=1", "--batch_size=8", "--num_workers=0",
+        "--val_check_interval=3", "--log_every_n_steps=1", "--image_resolution=32", "--embed_dim=16",
+        "--text_length=16", "--lock_text", "--lock_text_unlocked_layers=1", "--lr=1e-3", "--tower_lr=2e-4",
+    ])
+    groups = {group["name"]: group for group in read_checkpoint(result.run_dir / "last.ckpt")["optimizer_states"][0]["param_groups"]}
+    assert set(groups) == {"new", "new_no_decay", "pretrained", "pretrained_no_decay"}
+    assert set(groups["new"]["param_names"]) == {"text_projection.weight", "image_projection.weight"}
+    assert groups["new_no_decay"]["param_names"] == ["logit_scale"]
+    pretrained = groups["pretrained"]["param_names"] + groups["pretrained_no_decay"]["param_names"]
+    assert any(name.startswith("visual.") for name in pretrained)
+    # The locked text tower stays out of the optimiser; only its last layer trains.
+    text = {name for name in pretrained if name.startswith("text.")}
+    assert text and all(name.startswith("text.encoder.layer.5.") for name in text)
+    assert {name: group["initial_lr"] for name, group in groups.items()} == pytest.approx(
+        {"new": 1e-3, "new_no_decay": 1e-3, "pretrained": 2e-4, "pretrained_no_decay": 2e-4})
+    assert groups["pretrained"]["weight_decay"] == 0.2 and groups["pretrained_no_decay"]["weight_decay"] == 0.0
+    # After the one warmup step the schedule is at its peak: each group at its own rate.
+    events = EventAccumulator(str(tmp_path / "logs" / "lrs"))
+    events.Reload()
+    after_warmup = {tag: next(e.value for e in events.Scalars(tag) if e.step == 1)
+                    for tag in ("lr-AdamW/new", "lr-AdamW/pretrained")}
+    assert after_warmup == pytest.approx({"lr-AdamW/new": 1e-3, "lr-AdamW/pretrained": 2e-4})
+
+
+def test_the_door_names_the_same_default_tower_as_the_models():
+    """cli/pretrain_our.py repeats the default so that parsing imports no torch; the two must agree."""
+    from clipsearch.cli.pretrain_our import DEFAULT_IMAGE_MODEL as door_default
+    from clipsearch.models.image_tower import DEFAULT_IMAGE_MODEL
+
+    assert door_default == DEFAULT_IMAGE_MODEL

@@ -5,11 +5,12 @@ import os
 import pytest
 import torch
 
+from clipsearch.cli.common import UserError
 from clipsearch.cli.encode import main as encode_main
 from clipsearch.cli.encode import parse_args
+from clipsearch.encoding.launcher import ProcessLayout, layout_from_env
 from clipsearch.encoding.reader import collect_image_paths, partition, shard_batches
-from clipsearch.encoding.runner import EncodingMismatchError, ProcessLayout, layout_from_env
-from clipsearch.encoding.writer import list_shards, read_shard, write_shard
+from clipsearch.store import EncodingMismatchError, list_shards, read_shard, write_shard
 
 
 def encode(checkpoint, dataset, emb_path, *extra):
@@ -88,7 +89,7 @@ def test_launcher_environments():
     srun = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "4(x2)"}
     assert layout_from_env(srun, devices=4, num_nodes=2) == ProcessLayout(5, 8, 1, 4, False)
     assert layout_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, devices=4, num_nodes=2) is None
-    with pytest.raises(ValueError, match="SLURM started 8 tasks"):
+    with pytest.raises(UserError, match="SLURM started 8 tasks"):
         layout_from_env(srun, devices=1, num_nodes=1)
     assert layout_from_env({}, devices=2, num_nodes=1) is None
 
@@ -160,8 +161,10 @@ def test_resume_after_kill_completes_without_duplicates(tmp_path, tiny_checkpoin
     assert not list(emb_path.glob("*.tmp"))
     assert {name: (emb_path / name).stat().st_mtime_ns for name in kept_times} == kept_times
 
-    with pytest.raises(EncodingMismatchError, match="batch_size=2.*batch_size=3.*--overwrite"):
-        encode(tiny_checkpoint, root, emb_path, "--batch_size", "3", "--shard_size", "2")
+    # Other settings on an unchanged collection: nothing to encode, nothing rewritten.
+    manifest = encode(tiny_checkpoint, root, emb_path, "--batch_size", "3", "--shard_size", "2")
+    assert manifest["this_update"]["encoded"] == 0 and manifest["counts"]["encoded"] == 12
+    assert {name: (emb_path / name).stat().st_mtime_ns for name in kept_times} == kept_times
     manifest = encode(tiny_checkpoint, root, emb_path, "--batch_size", "3", "--overwrite")
     assert [p.name for p in list_shards(emb_path)] == ["0-000-3.ckpt"]
     assert manifest["counts"]["encoded"] == 12
@@ -200,7 +203,7 @@ def test_bad_images_are_skipped_listed_and_counted(tmp_path, tiny_checkpoint, co
     manifest = encode(tiny_checkpoint, dataset, tmp_path / "emb", "--batch_size", "2")
     assert set(read_all(tmp_path / "emb")) == set(good)
     assert manifest["counts"]["encoded"] == 3 and manifest["counts"]["skipped"] == 4
-    lines = (tmp_path / "emb" / "errors-0.tsv").read_text().splitlines()
+    lines = (tmp_path / "emb" / "errors.tsv").read_text().splitlines()
     assert lines[0] == "path\treason"
     assert dict(line.split("\t") for line in lines[1:]) == bad
 
@@ -209,7 +212,7 @@ def test_concurrent_writers_of_one_json_file_never_collide(tmp_path):
     """Every rank writes model.json; each needs its own temporary, or a rename finds it gone."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from clipsearch.encoding.writer import read_json, write_json
+    from clipsearch.store import read_json, write_json
 
     target = tmp_path / "model.json"
     with ThreadPoolExecutor(8) as pool:

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +36,11 @@ FOLDER_FORMAT = 2
 NORMALISE_ROWS = 65_536
 
 
-class StoreError(UserError):
-    """The embedding folder cannot be used as it is; the message says which file and what to do."""
+class StoreError(UserError, ValueError):
+    """The embedding folder cannot be used as it is; the message says which file and what to do.
+
+    A ValueError too, so callers that catch bad input values that way print its one line as well.
+    """
 
 
 class MissingEmbeddingsError(StoreError, FileNotFoundError):
@@ -219,13 +223,15 @@ def read_shard(path: str | os.PathLike, mmap: bool = False) -> dict:
     """
     path = Path(path)
     try:
-        try:
-            shard = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError:
-            if not mmap:
-                raise
-            # Files saved in torch's legacy (non-zip) format cannot be memory-mapped.
-            shard = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a foreign pickle before refusing it
+            warnings.simplefilter("ignore")
+            try:
+                shard = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError:
+                if not mmap:
+                    raise
+                # Files saved in torch's legacy (non-zip) format cannot be memory-mapped.
+                shard = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - every way a file fails to load is the same answer
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         if "weights_only" in str(error) or "Unpickl" in type(error).__name__:

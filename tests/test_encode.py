@@ -1,6 +1,7 @@
 """Encoding: stages alone, the real CLI in one and two processes, resume after a kill, bad images."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -219,3 +220,50 @@ def test_concurrent_writers_of_one_json_file_never_collide(tmp_path):
         list(pool.map(lambda n: write_json(target, {"writer": n}), range(200)))
     assert read_json(target)["writer"] in range(200)
     assert [p.name for p in tmp_path.iterdir()] == ["model.json"]  # no temporaries left behind
+
+
+def test_missing_inputs_answer_before_torch_loads(tmp_path):
+    """A wrong path is one line, found before torch or the model load (so it answers at once)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from clipsearch.cli.common import UserError\n"
+        "from clipsearch.cli.encode import main\n"
+        "for argv in (['--dataset_path', sys.argv[1]], ['--dataset_path', sys.argv[2], '--load_model', sys.argv[1]]):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except UserError as error:\n"
+        "        print(error)\n"
+        "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "nowhere"), str(tmp_path)],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, check=True,
+    )
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"--dataset_path {tmp_path / 'nowhere'} is not a folder")
+    assert lines[1].startswith(f"--load_model {tmp_path / 'nowhere'} does not exist")
+    assert lines[2] == "torch not loaded"
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("(default: models/latest/best.ckpt)", "(default: dataset/sample)", "(default: 64)", "(default: 10000)"):
+        assert shown in text
+    with pytest.raises(SystemExit):
+        parse_args(["--batch-size", "0"])  # dashes accepted, and the value checked
+
+
+def test_model_json_records_the_resolved_checkpoint_and_its_run(tmp_path, tiny_checkpoint, colour_images):
+    root, _ = colour_images
+    run = tmp_path / "models" / "2026-11-29-run"
+    run.mkdir(parents=True)
+    shutil.copy(tiny_checkpoint, run / "best.ckpt")
+    (tmp_path / "models" / "latest").symlink_to(run.name)
+    encode(tmp_path / "models" / "latest" / "best.ckpt", root, tmp_path / "emb")
+    model = json.loads((tmp_path / "emb" / "model.json").read_text())
+    assert model["load_model"] == str((run / "best.ckpt").resolve()) and model["run"] == "2026-11-29-run"

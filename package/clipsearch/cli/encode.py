@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -130,19 +131,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         from clipsearch.sample_data import ensure_sample_dataset
 
         ensure_sample_dataset(DEFAULT_DATASET)
-    config = EncodeConfig(
-        load_model=args.load_model,
-        dataset_path=args.dataset_path,
-        emb_path=args.emb_path,
-        split=args.split,
-        batch_size=args.batch_size,
-        shard_size=args.shard_size,
-        num_workers=args.num_workers,
-        precision=args.precision,
-        accelerator=args.accelerator,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
+    # The flags carry the config's names; only the progress switch is phrased the other way round.
+    names = [field.name for field in dataclasses.fields(EncodeConfig) if field.name != "progress"]
+    config = EncodeConfig(**{name: getattr(args, name) for name in names}, progress=not args.no_progress)
     return run(config, devices=args.devices, num_nodes=args.num_nodes, node_rank=args.node_rank)
 
 

@@ -105,3 +105,27 @@ def test_catalog_applies_removals_and_newer_rows(tmp_path):
     assert read_catalog(tmp_path, upto=1).stat_of("b") == (1, 1)
     assert not collection.complete  # no manifest: a run in progress
     assert store.Collection.duplicate_groups(collection) == []
+
+
+def test_folders_of_older_versions_and_plain_shards(tmp_path, tiny_checkpoint, colour_images):
+    from clipsearch.store import EncodingMismatchError
+
+    # Written before update records: its done records list the shards, and only those are read.
+    older = tmp_path / "older"
+    older.mkdir()
+    write_shard(older / "0-000-2.ckpt", ["a", "b"], torch.randn(2, 4))
+    write_json(older / "model.json", {"fingerprint": "f", "embed_dim": 4})
+    write_json(older / "rank-0.done.json", {"shards": ["0-000-2.ckpt"]})
+    assert load_collection(older).paths == ["a", "b"]
+    write_shard(older / "1-000-2.ckpt", ["/etc/passwd"], torch.randn(1, 4))
+    with pytest.raises(ShardError, match="1-000-2.ckpt is not listed"):
+        load_collection(older)
+
+    # Plain interchange shards (no model.json) are searched as they are, but never encoded into.
+    root, _ = colour_images
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    write_shard(plain / "0-000-2.ckpt", ["a"], torch.randn(1, 64))
+    assert load_collection(plain).paths == ["a"]
+    with pytest.raises(EncodingMismatchError, match="without a model.json.*--overwrite"):
+        encode(tiny_checkpoint, root, plain)

@@ -281,6 +281,11 @@ def describe_model(identity: dict) -> str:
 def check_model(emb_path: Path, identity: dict, overwrite: bool) -> None:
     """Record which model fills this folder, or stop if it already holds another model's embeddings."""
     existing = read_json(emb_path / MODEL_FILE)
+    if existing is None and not overwrite and list_shards(emb_path):
+        raise EncodingMismatchError(
+            f"{emb_path} holds shards without a model.json, written by something other than this encoder; "
+            "use another --emb_path, or --overwrite to replace them"
+        )
     if existing is not None and not overwrite:
         if (existing.get("fingerprint"), existing.get("embed_dim")) != (identity["fingerprint"], identity["embed_dim"]):
             raise EncodingMismatchError(
@@ -390,9 +395,12 @@ def read_catalog(emb_path: str | os.PathLike, upto: int | None = None) -> Catalo
                 catalog.rows[f"{image_path}\0{number}:{row}" if image_path in catalog.rows else image_path] = (number, row)
         catalog.updates = updates
         return catalog
+    # Shards are listed before records are read: a rank writes an update's record before its first
+    # shard, so a shard seen here is always covered by a record read after it.
+    on_disk = list_shards(emb_path)
     updates = read_updates(emb_path) if model.get("format") == FOLDER_FORMAT else _legacy_updates(emb_path)
     listed = {name for update in updates for name in update["shards"]}
-    foreign = [path.name for path in list_shards(emb_path) if path.name not in listed]
+    foreign = [path.name for path in on_disk if path.name not in listed]
     if foreign:
         raise ShardError(
             f"{emb_path / foreign[0]} is not listed in the folder's records (update-*.json), so it was not "

@@ -90,15 +90,6 @@ def done_file(rank: int) -> str:
     return f"rank-{rank}.done.json"
 
 
-def paths_digest(paths: Iterable[str]) -> str:
-    """Identity of an ordered path list."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.encode("utf-8", errors="surrogateescape"))
-        digest.update(b"\n")
-    return digest.hexdigest()[:16]
-
-
 def order_fingerprint(paths: Sequence[str], dim: int) -> str:
     """Identity of a collection's row order, so an index built on other rows is never trusted."""
     digest = hashlib.sha256(f"{len(paths)}:{dim}\n".encode())
@@ -383,17 +374,11 @@ def read_catalog(emb_path: str | os.PathLike, upto: int | None = None) -> Catalo
     catalog = Catalog()
     model = read_json(emb_path / MODEL_FILE)
     if model is None:
+        # Plain shards are one update in rank-then-step order; a path repeated in a later shard
+        # is the same image encoded again, so its last row stands.
         shards = [path.name for path in list_shards(emb_path)]
-        updates = [{"update": 0, "shards": shards, "removed": []}] if shards else []
-        # Plain folders may repeat a path across shards; keep every row as the seed did.
-        for name in shards:
-            shard = read_shard(emb_path / name, mmap=True)
-            number = len(catalog.shards)
-            catalog.shards.append(emb_path / name)
-            catalog.loaded.append(shard)
-            for row, image_path in enumerate(shard["path"]):
-                catalog.rows[f"{image_path}\0{number}:{row}" if image_path in catalog.rows else image_path] = (number, row)
-        catalog.updates = updates
+        if shards:
+            catalog.add_update(emb_path, {"update": 0, "shards": shards, "removed": []})
         return catalog
     # Shards are listed before records are read: a rank writes an update's record before its first
     # shard, so a shard seen here is always covered by a record read after it.

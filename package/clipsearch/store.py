@@ -585,7 +585,7 @@ def describe(manifest: dict, emb_path: str | os.PathLike) -> str:
     duplicates = manifest["duplicates"]
     line = (
         f"{emb_path} holds {counts['encoded']} images in {counts['shards']} shards; this run encoded "
-        f"{update['encoded']} and dropped {update['removed']}; {skipped}"
+        f"{update['encoded']}; update {manifest['update']} dropped {update['removed']} (deleted or changed); {skipped}"
     )
     if duplicates["groups"]:
         line += f"; {duplicates['extra_copies']} exact duplicates in {duplicates['groups']} groups (see {DUPLICATES_FILE})"

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from clipsearch.encoding.writer import write_shard
 from clipsearch.index import build_index, choose_kind, default_nlist, load_index
 from clipsearch.index import main as index_main
 from clipsearch.search import EmbeddingMismatchError, Searcher
+from clipsearch.store import load_collection, write_shard
 
 
 def clustered(count, dim=64, clusters=50, seed=0):
@@ -61,8 +61,8 @@ def test_saved_index_answers_through_from_shards_and_refuses_other_rows(tmp_path
     assert built.info["estimated_recall_at_10"] == 1.0  # every list scanned: exact
     assert load_index(tmp_path).info == built.info
 
-    exact = Searcher.from_shards(tmp_path)
-    indexed = Searcher.from_shards(tmp_path, index_path=tmp_path / "index.faiss")
+    exact = Searcher.from_collection(load_collection(tmp_path))
+    indexed = Searcher.from_collection(load_collection(tmp_path), load_index(tmp_path / "index.faiss"))
     assert indexed.index.kind == "ivf"
     for indexed_hits, exact_hits in zip(indexed.search(embeddings[:3], 5), exact.search(embeddings[:3], 5)):
         assert [(hit.id, hit.path) for hit in indexed_hits] == [(hit.id, hit.path) for hit in exact_hits]

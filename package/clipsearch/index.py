@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipsearch.encoding.writer import atomic_replace, write_json
-from clipsearch.search import Searcher, order_fingerprint
+from clipsearch.search import Searcher
+from clipsearch.store import atomic_replace, load_collection, order_fingerprint, write_json
 
 INDEX_FILE = "index.faiss"
 INFO_FILE = "index.json"
@@ -216,7 +216,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> FaissIndex:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    searcher = Searcher.from_shards(args.emb_path)
+    searcher = Searcher.from_collection(load_collection(args.emb_path))
     started = time.perf_counter()
     index = build_index(
         searcher, args.kind, nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.hnsw_m, ef_search=args.ef_search

@@ -279,6 +279,13 @@ def test_finetuning_starts_from_an_export(hf_clip_folder, tmp_path):
         torch.testing.assert_close(finetuned.model.encode_image(images), original.model.encode_image(images))
 
 
+def test_finetuning_a_hf_clip_trains_its_heads_at_lr_and_its_towers_at_tower_lr(hf_clip_folder):
+    model = load_model(str(hf_clip_folder)).model
+    assert model.new_parameter_names() == {
+        "model.visual_projection.weight", "model.text_projection.weight", "model.logit_scale"
+    }
+
+
 def _export(reference: str, out: Path) -> Path:
     export_main(["--load_model", reference, "--out", str(out)])
     return out

@@ -94,15 +94,19 @@ class HFCLIP(nn.Module):
                 if name.startswith(("post_", "final_", "head")):  # what follows the last layer
                     module.requires_grad_(True)
 
-    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        features = self.model.get_image_features(pixel_values=images).pooler_output
-        return nn.functional.normalize(features, dim=-1) if normalize else features
+    def new_parameter_names(self) -> set[str]:
+        """What `--lr` trains when finetuning: the projections into the shared space and the
+        temperature (and SigLIP's bias), as in the OpenAI family; the towers train at `--tower_lr`."""
+        heads = ("model.visual_projection.", "model.text_projection.", "model.logit_scale", "model.logit_bias")
+        return {name for name, _ in self.named_parameters() if name.startswith(heads)}
 
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values=images).pooler_output
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         # No attention mask: CLIP's text tower is causal, so padding after the end token never
         # reaches the pooled end token; SigLIP was trained on max-length padding without a mask.
-        features = self.model.get_text_features(input_ids=tokens).pooler_output
-        return nn.functional.normalize(features, dim=-1) if normalize else features
+        return self.model.get_text_features(input_ids=tokens).pooler_output
 
 
 def _image_spec(processor_config: dict) -> dict:

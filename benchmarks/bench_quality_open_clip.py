@@ -15,8 +15,8 @@ then the real run gets one epoch of rate x budget pairs (the training pairs resh
 repeated). open_clip has one learning rate for all parameters; to give it a fair chance, one
 full-budget run per learning rate in --lrs (each about --minutes long) is recorded, and the best
 by mean recall is its row. Include the rates our run used (before the --tower_lr fix, every
-parameter of ours trained at --lr). Results go to benchmarks/results/quality_open_clip.json and
-the "Quality against open_clip" section of BENCHMARKS.md.
+parameter of ours trained at --lr). With --report, results go to benchmarks/results/quality_open_clip.json
+and the "Quality against open_clip" section of BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -31,16 +31,19 @@ from pathlib import Path
 from bench_train import OPEN_CLIP_RATE, run_child
 from common import (
     RESULTS_DIR,
+    add_report_flags,
+    command_line,
     load_average,
-    machine_info,
+    machine_lines,
     median,
-    now_iso,
-    update_report_section,
+    publish,
+    results_dir,
+    run_header,
+    work_dir,
     write_results,
 )
 
 REPO = Path(__file__).resolve().parents[1]
-WORK_DIR = Path("/tmp/clipsearch-bench-quality-open-clip")
 MODEL_NAME = "clipsearch-MiniLM-L6-EfficientNet-Lite0"
 CALIBRATION_STEPS = 24
 # open_clip 3.3's table of HuggingFace architectures lacks the two names its partial text locking
@@ -75,8 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lock_text_unlocked_layers", type=int, default=2,
                         help="as ours: text tower frozen but its last N layers (-1: text fully trainable)")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers")
-    parser.add_argument("--work_dir", type=Path, default=WORK_DIR, help="scratch folder")
-    parser.add_argument("--no_report", action="store_true", help="write the JSON only, leave BENCHMARKS.md alone")
+    parser.add_argument("--work_dir", type=Path, default=work_dir("quality_open_clip"), help="scratch folder")
+    add_report_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -187,9 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
     train_pairs = write_pairs(table, args.work_dir / "train.tsv", pairs, 0)
 
     results = {
-        "date": now_iso(),
-        "machine": machine_info(),
-        "load_average_start": load_average(),
+        **run_header(),
+        "command": command_line("bench_quality_open_clip.py", argv),
         "settings": {k: str(v) for k, v in vars(args).items()},
         "image_normalisation": dict(zip(("mean", "std"), image_normalisation())),
         "calibrated_samples_per_sec": rate,
@@ -214,13 +216,12 @@ def main(argv: list[str] | None = None) -> dict:
         best = max(results["runs"], key=lambda run: run["final"]["metrics"]["mean_recall"])
         results.update({key: best[key] for key in ("lr", "wall_minutes", "peak_rss_mib", "samples_per_sec", "final")})
         results["load_average_end"] = load_average()
-        write_results("quality_open_clip", results)
-    if not args.no_report:
-        update_report_section("quality_open_clip", report_markdown(results, argv))
+        write_results("quality_open_clip", results, results_dir(args.report))
+    publish("quality_open_clip", results, report_markdown(results), args.report)
     return results
 
 
-def report_markdown(results: dict, argv: list[str] | None) -> str:
+def report_markdown(results: dict) -> str:
     from clipsearch.evaluate import format_metrics
 
     ours_file = RESULTS_DIR / "quality.json"
@@ -236,12 +237,11 @@ def report_markdown(results: dict, argv: list[str] | None) -> str:
     )
     settings = results["settings"]
     normalisation = results["image_normalisation"]
-    command = " ".join(["python benchmarks/bench_quality_open_clip.py", *(argv or sys.argv[1:])])
     return f"""## Quality against open_clip's trainer (Flickr8k, equal CPU time)
 
-Command: `{command}`
+Command: `{results['command']}`
 
-- Machine: {results['machine']['nproc']} CPUs ({results['machine']['cpu_model']}); date {results['date']}; load average at start {results['load_average_start']}, at end {results['load_average_end']}
+{machine_lines(results).rstrip()}
 - open_clip {settings['image_size']} px train and test, batch {settings['batch_size']}, one run per learning rate
   (each for every parameter), warmup {settings['warmup']}, text tower locked but its last
   {settings['lock_text_unlocked_layers']} layers, image tower trainable; both towers from the packaged weights, the image

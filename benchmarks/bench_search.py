@@ -8,27 +8,26 @@ how fast this machine reads memory (best of N full reads of the same matrix) and
 against that floor. faiss runs on the same data with the same thread count. The approximate indexes
 of clipsearch.index are timed and scored (recall@10 against exact search) on a subset, because
 building IVF and HNSW over 1M vectors takes far longer than a benchmark should on a few cores.
-Results go to benchmarks/results/search.json and the "Search" section of BENCHMARKS.md.
+With --report, results go to benchmarks/results/search.json and the "Search" section of BENCHMARKS.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from common import (
+    add_report_flags,
+    command_line,
     interleaved_ms,
     load_average,
-    machine_info,
     machine_lines,
     median,
-    now_iso,
-    update_report_section,
-    write_results,
+    publish,
+    run_header,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -52,8 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     timing.add_argument("--threads", type=int, default=None, help="torch and faiss threads (default: torch's)")
     program = parser.add_argument_group("program")
     program.add_argument("--no_fp16", action="store_true", help="skip the fp16-storage Searcher")
-    program.add_argument("--no_report", action="store_true", help="write the JSON only, leave BENCHMARKS.md alone")
     program.add_argument("--seed", type=int, default=0, help="random seed of the vectors")
+    add_report_flags(parser)
     args = parser.parse_args(argv)
     for name in ("rows", "dim", "top_k", "batch_queries", "repeats"):
         if getattr(args, name) < 1:
@@ -210,13 +209,13 @@ def bench_indexes(args, matrix: torch.Tensor, paths: list[str], generator: torch
     return results
 
 
-def report_markdown(results: dict, command: str) -> str:
+def report_markdown(results: dict) -> str:
     exact = results["exact"]
     bandwidth = exact["bandwidth"]
     lines = [
         "## Search",
         "",
-        f"Command: `{command}`",
+        f"Command: `{results['command']}`",
         "",
         machine_lines(results).rstrip(),
         f"- Collection: {results['rows']:,} x {results['dim']} random unit vectors (fp32, "
@@ -276,15 +275,13 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     faiss.omp_set_num_threads(threads)
-    load_start = load_average()
+    header = run_header()
     generator = torch.Generator().manual_seed(args.seed)
     matrix = random_unit_rows(args.rows, args.dim, generator)
     paths = [f"images/{row:07d}.jpg" for row in range(args.rows)]
 
     results = {
-        "date": now_iso(),
-        "machine": machine_info(),
-        "load_average_start": load_start,
+        **header,
         "rows": args.rows,
         "dim": args.dim,
         "top_k": args.top_k,
@@ -298,12 +295,8 @@ def main(argv: list[str] | None = None) -> dict:
         results["indexes"] = bench_indexes(args, matrix, paths, generator)
     results["load_average_end"] = load_average()
     results["findings"] = findings(results)
-    command = "python benchmarks/bench_search.py" + (" " + " ".join(sys.argv[1:]) if argv is None and sys.argv[1:] else "")
-    results["command"] = command
-    path = write_results("search", results)
-    if not args.no_report:
-        update_report_section("search", report_markdown(results, command))
-    print(f"wrote {path}")
+    results["command"] = command_line("bench_search.py", argv)
+    publish("search", results, report_markdown(results), args.report)
     return results
 
 

@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 from common import (
-    SCRATCH_DIR,
     add_report_flags,
     command_line,
     load_average,
@@ -35,10 +34,10 @@ from common import (
     median,
     publish,
     run_header,
+    work_dir,
 )
 
 REPO = Path(__file__).resolve().parent.parent
-WORK_DIR = SCRATCH_DIR / "train-work"
 CONFIG_DIR = REPO / "package" / "clipsearch" / "models" / "configs"
 OPEN_CLIP_LAUNCHER = (
     "import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
@@ -55,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--steps", default="2,6", help="the two step counts whose time difference is measured")
     run.add_argument("--workers", type=int, default=1, help="DataLoader workers of both trainers (ours defaults to cores - 1)")
     run.add_argument("--repeats", type=int, default=1, help="measurements per trainer and step count (median reported)")
-    run.add_argument("--work_dir", type=Path, default=WORK_DIR, help="scratch folder for data, logs and checkpoints")
+    run.add_argument("--work_dir", type=Path, default=work_dir("train"), help="scratch folder for data, logs and checkpoints")
     add_report_flags(parser)
     args = parser.parse_args(argv)
     args.steps = sorted(int(value) for value in args.steps.split(","))

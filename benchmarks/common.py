@@ -104,6 +104,11 @@ def add_report_flags(parser: argparse.ArgumentParser) -> None:
                        help=f"the default: write the JSON to {SCRATCH_DIR} and leave the tracked files alone")
 
 
+def work_dir(name: str) -> Path:
+    """The default scratch folder of one benchmark's inputs and outputs (links, checkpoints, shards)."""
+    return SCRATCH_DIR / f"{name}-work"
+
+
 def results_dir(report: bool) -> Path:
     return RESULTS_DIR if report else SCRATCH_DIR
 

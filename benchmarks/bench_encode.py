@@ -22,40 +22,41 @@ import shutil
 import time
 from pathlib import Path
 
+import common
 import numpy as np
 import torch
-from common import (
-    add_report_flags,
-    command_line,
-    interleaved_ms,
-    load_average,
-    machine_lines,
-    median,
-    publish,
-    run_header,
-    work_dir,
-)
 
 MODELS = ("our", "vit-tiny")
+
+
+def image_folder(text: str) -> Path:
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: no such folder")
+    return path
+
+
+def add_image_flags(group, name: str) -> None:
+    """--image_dir and --work_dir, shared with bench_update.py: where the JPEGs come from and scratch goes."""
+    group.add_argument("--image_dir", type=image_folder, default=None,
+                       help="folder of JPEGs read in place, e.g. Flickr8k's Flicker8k_Dataset (default: generated JPEGs)")
+    group.add_argument("--work_dir", type=Path, default=common.work_dir(name),
+                       help="scratch folder for generated JPEGs, links, checkpoints, shards")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     data = parser.add_argument_group("data")
     data.add_argument("--images", type=int, default=256, help="images of the longer run (the shorter has half)")
-    data.add_argument("--image_dir", type=Path, default=None,
-                      help="folder of JPEGs read in place, e.g. Flickr8k's Flicker8k_Dataset (default: generated JPEGs)")
-    data.add_argument("--work_dir", type=Path, default=work_dir("encode"), help="scratch folder for links, checkpoints, shards")
+    add_image_flags(data, "encode")
     run = parser.add_argument_group("run")
     run.add_argument("--models", default="our", help=f"comma-separated, from {', '.join(MODELS)}")
     run.add_argument("--batch_size", type=int, default=64, help="images per model call (the CLI's default)")
     run.add_argument("--workers", default="0,1,2",
                      help="comma-separated --num_workers settings to try; the CLI's default is always included")
     run.add_argument("--repeats", type=int, default=2, help="measurements per setting (median reported)")
-    add_report_flags(parser)
+    common.add_report_flags(parser)
     args = parser.parse_args(argv)
-    if args.image_dir is not None and not args.image_dir.is_dir():
-        parser.error(f"--image_dir {args.image_dir}: no such folder")
     args.models = [name.strip() for name in args.models.split(",") if name.strip()]
     unknown = [name for name in args.models if name not in MODELS]
     if unknown:
@@ -142,8 +143,8 @@ def model_only_rate(checkpoint: Path, images: list[Path], batch_size: int, repea
     batches = list(tensors.split(batch_size))
     embedder = ImageEmbedder(bundle.model, "cpu")
     embedder(batches[0])  # warm-up: first-call allocations and kernel selection
-    times = interleaved_ms({"model": lambda: [embedder(batch) for batch in batches]}, repeats, warmup=0)["model"]
-    return {"images_per_s": round(len(images) / (median(times) / 1000), 1), "all_ms": [round(t, 1) for t in times]}
+    times = common.interleaved_ms({"model": lambda: [embedder(batch) for batch in batches]}, repeats, warmup=0)["model"]
+    return {"images_per_s": round(len(images) / (common.median(times) / 1000), 1), "all_ms": [round(t, 1) for t in times]}
 
 
 def decode_rate(images: list[Path], transform) -> float:
@@ -185,7 +186,7 @@ def bench_model(name: str, args, images: list[Path], default_workers: int) -> di
 
     rows = []
     for workers in settings:
-        short, long = median(pipeline[workers]["short"]), median(pipeline[workers]["long"])
+        short, long = common.median(pipeline[workers]["short"]), common.median(pipeline[workers]["long"])
         steady = (args.images - half) / max(long - short, 1e-9)
         rows.append({
             "num_workers": workers,
@@ -214,39 +215,29 @@ def bench_model(name: str, args, images: list[Path], default_workers: int) -> di
 
 
 def report_markdown(results: dict) -> str:
-    lines = [
-        "## Encoding",
-        "",
-        f"Command: `{results['command']}`",
-        "",
-        machine_lines(results).rstrip(),
+    rows = [
+        [model["model"], model["image_size"], model["batch_size"], f"{model['model_only_images_per_s']:.1f}",
+         f"{model['decode_transform_images_per_s_one_process']:.1f}",
+         f"{row['num_workers']}{' (default)' if row['is_cli_default'] else ''}", f"{row['steady_images_per_s']:.1f}",
+         f"{row['whole_run_images_per_s']:.1f}", f"{row['ratio_to_model_only']:.2f}"]
+        for model in results["models"] for row in model["pipeline"]
+    ]
+    return common.report_section("Encoding", results, [
         f"- Images: {results['images_source']}; pipeline = the encode CLI in-process (`--split=folder "
         f"--accelerator=cpu`), steady rate from runs of {results['images'] // 2} and {results['images']} images; "
         f"model-only = the same `ImageEmbedder` on pre-decoded tensors; median of {results['repeats']} "
         "alternating measurements",
         "",
-        "| model | image px | batch | model-only img/s | decode+transform img/s (1 process) | --num_workers "
-        "| pipeline img/s (steady) | pipeline img/s (whole run) | pipeline / model-only (target >= 0.95) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for model in results["models"]:
-        for row in model["pipeline"]:
-            label = f"{row['num_workers']}{' (default)' if row['is_cli_default'] else ''}"
-            lines.append(
-                f"| {model['model']} | {model['image_size']} | {model['batch_size']} | "
-                f"{model['model_only_images_per_s']:.1f} | {model['decode_transform_images_per_s_one_process']:.1f} | "
-                f"{label} | {row['steady_images_per_s']:.1f} | {row['whole_run_images_per_s']:.1f} | "
-                f"{row['ratio_to_model_only']:.2f} |"
-            )
-    if results.get("findings"):
-        lines += ["", *results["findings"]]
-    return "\n".join(lines) + "\n"
+        *common.markdown_table(
+            ["model", "image px", "batch", "model-only img/s", "decode+transform img/s (1 process)", "--num_workers",
+             "pipeline img/s (steady)", "pipeline img/s (whole run)", "pipeline / model-only (target >= 0.95)"],
+            rows, "lrrrrrrrr"),
+    ])
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    header = run_header()
-    args.work_dir.mkdir(parents=True, exist_ok=True)
+    header = common.run_header()
     images, images_source = source_images(args.image_dir, args.images, args.work_dir)
     from clipsearch.cli.common import default_num_workers
 
@@ -259,17 +250,15 @@ def main(argv: list[str] | None = None) -> dict:
         "cli_default_num_workers": default_workers,
         "models": [bench_model(name, args, images, default_workers) for name in args.models],
     }
-    results["load_average_end"] = load_average()
-    results["command"] = command_line("bench_encode.py", argv)
-    results["findings"] = []
-    for model in results["models"]:
-        verdict = "met" if model["best_ratio"] >= 0.95 else "missed"
-        results["findings"].append(
-            f"- {model['model']}: best --num_workers={model['best_num_workers']} gives "
-            f"{model['best_ratio']:.2f} of the model-only rate ({verdict}); the CLI default "
-            f"({default_workers}) gives {model['default_ratio']:.2f}."
-        )
-    publish("encode", results, report_markdown(results), args.report)
+    results["load_average_end"] = common.load_average()
+    results["command"] = common.command_line("bench_encode.py", argv)
+    results["findings"] = [
+        f"- {model['model']}: best --num_workers={model['best_num_workers']} gives {model['best_ratio']:.2f} of the "
+        f"model-only rate ({'met' if model['best_ratio'] >= 0.95 else 'missed'}); the CLI default "
+        f"({default_workers}) gives {model['default_ratio']:.2f}."
+        for model in results["models"]
+    ]
+    common.publish("encode", results, report_markdown(results), args.report)
     return results
 
 

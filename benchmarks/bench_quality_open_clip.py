@@ -28,20 +28,8 @@ import random
 import sys
 from pathlib import Path
 
+import common
 from bench_train import OPEN_CLIP_RATE, run_child
-from common import (
-    RESULTS_DIR,
-    add_report_flags,
-    command_line,
-    load_average,
-    machine_lines,
-    median,
-    publish,
-    results_dir,
-    run_header,
-    work_dir,
-    write_results,
-)
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_NAME = "clipsearch-MiniLM-L6-EfficientNet-Lite0"
@@ -78,8 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lock_text_unlocked_layers", type=int, default=2,
                         help="as ours: text tower frozen but its last N layers (-1: text fully trainable)")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers")
-    parser.add_argument("--work_dir", type=Path, default=work_dir("quality_open_clip"), help="scratch folder")
-    add_report_flags(parser)
+    parser.add_argument("--work_dir", type=Path, default=common.work_dir("quality_open_clip"), help="scratch folder")
+    common.add_report_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -184,14 +172,14 @@ def main(argv: list[str] | None = None) -> dict:
     # Its rate climbs over the first dozen steps (allocator and oneDNN warm-up); the later half of
     # the logged windows is the steady rate the real run will see.
     windows = [float(v) for v in OPEN_CLIP_RATE.findall((calibration_dir / "output.log").read_text())]
-    rate = median(windows[len(windows) // 2 :])
+    rate = common.median(windows[len(windows) // 2 :])
     pairs = int(rate * args.minutes * 60) // args.batch_size * args.batch_size
     print(f"open_clip runs at {rate:.1f} samples/s here: {args.minutes:g} minutes = {pairs} pairs", flush=True)
     train_pairs = write_pairs(table, args.work_dir / "train.tsv", pairs, 0)
 
     results = {
-        **run_header(),
-        "command": command_line("bench_quality_open_clip.py", argv),
+        **common.run_header(),
+        "command": common.command_line("bench_quality_open_clip.py", argv),
         "settings": {k: str(v) for k, v in vars(args).items()},
         "image_normalisation": dict(zip(("mean", "std"), image_normalisation())),
         "calibrated_samples_per_sec": rate,
@@ -208,23 +196,23 @@ def main(argv: list[str] | None = None) -> dict:
             "lr": lr,
             "wall_minutes": timing["seconds"] / 60,
             "peak_rss_mib": timing["peak_rss_mib"],
-            "samples_per_sec": median(rates) if rates else None,
+            "samples_per_sec": common.median(rates) if rates else None,
             "final": final,
         })
         # The best run so far stays at the top level, where bench_quality.py's plot reads it; each
         # finished run is written at once, should a later one fail.
         best = max(results["runs"], key=lambda run: run["final"]["metrics"]["mean_recall"])
         results.update({key: best[key] for key in ("lr", "wall_minutes", "peak_rss_mib", "samples_per_sec", "final")})
-        results["load_average_end"] = load_average()
-        write_results("quality_open_clip", results, results_dir(args.report))
-    publish("quality_open_clip", results, report_markdown(results), args.report)
+        results["load_average_end"] = common.load_average()
+        common.write_results("quality_open_clip", results, common.results_dir(args.report))
+    common.publish("quality_open_clip", results, report_markdown(results), args.report)
     return results
 
 
 def report_markdown(results: dict) -> str:
     from clipsearch.evaluate import format_metrics
 
-    ours_file = RESULTS_DIR / "quality.json"
+    ours_file = common.RESULTS_DIR / "quality.json"
     ours = json.loads(ours_file.read_text()) if ours_file.is_file() else None
     rows = [(f"open_clip_train.main, lr {run['lr']:g}{' (best)' if run['lr'] == results['lr'] else ''}",
              run["wall_minutes"], run["final"]["metrics"]) for run in results["runs"]]
@@ -241,7 +229,7 @@ def report_markdown(results: dict) -> str:
 
 Command: `{results['command']}`
 
-{machine_lines(results).rstrip()}
+{common.machine_lines(results).rstrip()}
 - open_clip {settings['image_size']} px train and test, batch {settings['batch_size']}, one run per learning rate
   (each for every parameter), warmup {settings['warmup']}, text tower locked but its last
   {settings['lock_text_unlocked_layers']} layers, image tower trainable; both towers from the packaged weights, the image

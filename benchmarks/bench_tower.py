@@ -17,16 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from common import (
-    add_report_flags,
-    command_line,
-    interleaved_ms,
-    load_average,
-    machine_lines,
-    median,
-    publish,
-    run_header,
-)
+import common
 
 REPO = Path(__file__).resolve().parents[1]
 HALF = [0.5, 0.5, 0.5]
@@ -42,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=32, help="images per forward in the speed test")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--repeats", type=int, default=6, help="timed forwards per contender")
-    add_report_flags(parser)
+    common.add_report_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -145,8 +136,8 @@ def speed(args) -> dict:
                     model(batch)
 
             contenders[f"{name}, {layout}"] = forward
-    times = interleaved_ms(contenders, repeats=args.repeats, warmup=1)
-    return {name: round(args.batch_size / (median(ms) / 1000), 1) for name, ms in times.items()}
+    times = common.interleaved_ms(contenders, repeats=args.repeats, warmup=1)
+    return {name: round(args.batch_size / (common.median(ms) / 1000), 1) for name, ms in times.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -156,14 +147,14 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    results = {**run_header(),
+    results = {**common.run_header(),
                "settings": {"images": len(photos), "size": args.size, "batch_size": args.batch_size,
                             "threads": args.threads, "repeats": args.repeats}}
     results["agreement_with_reference"] = agreement(args, photos)
     results["forward_samples_per_sec"] = speed(args)
-    results["load_average_end"] = load_average()
-    results["command"] = command_line("bench_tower.py", argv)
-    publish("tower", results, report_markdown(results), args.report)
+    results["load_average_end"] = common.load_average()
+    results["command"] = common.command_line("bench_tower.py", argv)
+    common.publish("tower", results, report_markdown(results), args.report)
     return results
 
 
@@ -183,7 +174,7 @@ def report_markdown(results: dict) -> str:
 
 Command: `{results['command']}`
 
-{machine_lines(results)}
+{common.machine_lines(results)}
 The packaged EfficientNet-Lite0 file against timm's `tf_efficientnet_lite0` given the same tensors
 and inputs scaled by mean = std = 0.5 (the network and input scaling the TensorFlow checkpoint was
 trained with), on {settings['images']} Flickr8k dev photos at {settings['size']} px. Top-1: the file's

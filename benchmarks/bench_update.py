@@ -22,28 +22,25 @@ import sys
 import time
 from pathlib import Path
 
+import common
 import torch
-from bench_encode import build_checkpoint, source_images
-from common import add_report_flags, command_line, load_average, machine_lines, publish, run_header, work_dir
+from bench_encode import MODELS, add_image_flags, build_checkpoint, source_images
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=1000, help="images in the first encode")
-    parser.add_argument("--add", type=int, default=50, help="images added before the update")
-    parser.add_argument("--modify", type=int, default=10, help="images rewritten before the update")
-    parser.add_argument("--delete", type=int, default=10, help="images deleted before the update")
-    parser.add_argument("--model", default="our", choices=("our", "vit-tiny"), help="random-weight model to encode with")
-    parser.add_argument("--image_dir", type=Path, default=None,
-                        help="folder of JPEGs read in place, e.g. Flickr8k's Flicker8k_Dataset (default: generated JPEGs)")
-    parser.add_argument("--work_dir", type=Path, default=work_dir("encode_update"), help="scratch folder, emptied first")
-    add_report_flags(parser)
-    args = parser.parse_args(argv)
-    if args.image_dir is not None and not args.image_dir.is_dir():
-        parser.error(f"--image_dir {args.image_dir}: no such folder")
-    return args
+    data = parser.add_argument_group("data")
+    data.add_argument("--images", type=int, default=1000, help="images in the first encode")
+    add_image_flags(data, "encode_update")  # --work_dir is emptied first
+    data.add_argument("--model", default="our", choices=MODELS, help="random-weight model to encode with")
+    changes = parser.add_argument_group("changes before the update")
+    changes.add_argument("--add", type=int, default=50, help="images added")
+    changes.add_argument("--modify", type=int, default=10, help="images rewritten")
+    changes.add_argument("--delete", type=int, default=10, help="images deleted")
+    common.add_report_flags(parser)
+    return parser.parse_args(argv)
 
 
 def encode_seconds(checkpoint: Path, dataset: Path, emb_path: Path, *extra: str) -> tuple[float, dict, str]:
@@ -61,7 +58,7 @@ def encode_seconds(checkpoint: Path, dataset: Path, emb_path: Path, *extra: str)
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    header = run_header()
+    header = common.run_header()
     shutil.rmtree(args.work_dir, ignore_errors=True)
     args.work_dir.mkdir(parents=True)
     sources, images_source = source_images(args.image_dir, args.images + args.add, args.work_dir)
@@ -105,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     results = {
         **header,
-        "load_average_end": load_average(),
+        "load_average_end": common.load_average(),
         "model": args.model,
         "images": args.images,
         "images_source": images_source,
@@ -120,38 +117,33 @@ def main(argv: list[str] | None = None) -> dict:
         "update_dropped": manifest["this_update"]["removed"],
         "max_abs_difference_update_vs_full": worst,
         "torch_threads": torch.get_num_threads(),
-        "command": command_line("bench_update.py", argv),
+        "command": common.command_line("bench_update.py", argv),
     }
     print(json.dumps(results["seconds"]))
-    publish("encode_update", results, report_markdown(results), args.report)
+    common.publish("encode_update", results, report_markdown(results), args.report)
     return results
 
 
 def report_markdown(results: dict) -> str:
     seconds, loop, changes = results["seconds"], results["encode_loop_seconds"], results["changes"]
-    return "\n".join([
-        "## Encoding: updates",
-        "",
-        f"Command: `{results['command']}`",
-        "",
-        machine_lines(results).rstrip(),
+    return common.report_section("Encoding: updates", results, [
         f"- Images: {results['images_source']}; the first {results['images']} encoded with the `{results['model']}` "
         "model (random weights), then "
         f"{changes['added']} added, {changes['modified']} modified, {changes['deleted']} deleted; each step is the "
         "real CLI in a fresh process, timed start to exit (model loading included)",
         "",
-        "| step | command | wall s | encode loop s | images encoded |",
-        "|---|---|---:|---:|---:|",
-        f"| first encode | `{results['commands']['first']}` | {seconds['first_encode']:.1f} | | {results['images']} |",
-        f"| update | same command again | {seconds['update']:.1f} | {loop['update']:.1f} | {results['update_encoded']} |",
-        f"| full re-encode | same command, `--overwrite`, into a new folder | {seconds['full_re_encode']:.1f} | "
-        f"{loop['full_re_encode']:.1f} | {results['images'] + changes['added'] - changes['deleted']} |",
+        *common.markdown_table(["step", "command", "wall s", "encode loop s", "images encoded"], [
+            ["first encode", f"`{results['commands']['first']}`", f"{seconds['first_encode']:.1f}", "", results["images"]],
+            ["update", "same command again", f"{seconds['update']:.1f}", f"{loop['update']:.1f}", results["update_encoded"]],
+            ["full re-encode", "same command, `--overwrite`, into a new folder", f"{seconds['full_re_encode']:.1f}",
+             f"{loop['full_re_encode']:.1f}", results["images"] + changes["added"] - changes["deleted"]],
+        ], "llrrr"),
         "",
         f"- The update gives the same collection as the full re-encode (largest difference in any embedding "
         f"{results['max_abs_difference_update_vs_full']:.1e}); it dropped {results['update_dropped']} rows "
         "(deleted and modified images) and rewrote no old shard (checked). Wall time minus the encode loop is "
         "start-up (imports and model loading), the same for every step.",
-    ]) + "\n"
+    ])
 
 
 if __name__ == "__main__":

@@ -142,6 +142,20 @@ def machine_lines(results: dict) -> str:
     )
 
 
+def report_section(title: str, results: dict, body: list[str]) -> str:
+    """One BENCHMARKS.md section: heading, the command that reproduces it, machine and load, `body`, findings."""
+    lines = [f"## {title}", "", f"Command: `{results['command']}`", "", machine_lines(results).rstrip(), *body]
+    if results.get("findings"):
+        lines += ["", *results["findings"]]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_table(columns: list[str], rows: list[list], align: str) -> list[str]:
+    """A Markdown table's lines; `align` has one letter per column: l (names, left) or r (figures, right)."""
+    rule = "|".join("---:" if letter == "r" else "---" for letter in align)
+    return [f"| {' | '.join(columns)} |", f"|{rule}|", *(f"| {' | '.join(str(cell) for cell in row)} |" for row in rows)]
+
+
 def update_report_section(name: str, markdown: str, report_file: Path = REPORT_FILE) -> None:
     """Replace this benchmark's marked section of BENCHMARKS.md, or add it.
 

@@ -14,14 +14,13 @@ import threading
 
 import torch
 import torch.nn.functional as F
+from bench_search import add_collection_flags
 from common import interleaved_ms, load_average, median
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=1_000_000, help="collection size")
-    parser.add_argument("--dim", type=int, default=512, help="embedding size")
-    parser.add_argument("--batch_queries", type=int, default=64, help="queries in the batched case")
+    add_collection_flags(parser)
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per operation")
     return parser.parse_args(argv)
 

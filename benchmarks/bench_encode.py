@@ -1,14 +1,15 @@
 """Encoding throughput: the real encode CLI (reader -> model -> writer) against the model alone on decoded tensors.
 
-    .venv/bin/python benchmarks/bench_encode.py                        # 256 Flickr8k JPEGs, "our" model
-    .venv/bin/python benchmarks/bench_encode.py --images 256 --workers 0,2 --models our,vit-tiny
+    .venv/bin/python benchmarks/bench_encode.py                        # 256 generated JPEGs, "our" model
+    .venv/bin/python benchmarks/bench_encode.py --image_dir ../shared/data/flickr8k/Flicker8k_Dataset \
+        --images 256 --workers 0,2 --models our,vit-tiny                # real photos, read in place
 
 The pipeline runs `python -m clipsearch.cli.encode` in this process, on a folder of symlinks to
-real JPEGs (Flickr8k read in place; generated JPEGs when it is absent). Its steady rate comes from
+JPEGs: those of --image_dir read in place (e.g. Flickr8k), or photo-sized generated ones. Its steady rate comes from
 two runs of different image counts: (count difference) / (time difference) cancels the start-up
 (DataLoader workers, first batch) that a short run would otherwise be dominated by. The ceiling is
 the same model, threads and batch size on the same images decoded and transformed beforehand.
-Models have random weights: speed does not depend on them. Results go to
+Models have random weights: speed does not depend on them. With --report, results go to
 benchmarks/results/encode.json and the "Encoding" section of BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -18,43 +19,43 @@ import contextlib
 import io
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
+import common
 import numpy as np
 import torch
-from common import (
-    interleaved_ms,
-    load_average,
-    machine_info,
-    machine_lines,
-    median,
-    now_iso,
-    update_report_section,
-    write_results,
-)
 
-FLICKR_IMAGES = Path("/work/shared/data/flickr8k/Flicker8k_Dataset")
-WORK_DIR = Path("/tmp/clipsearch-bench-encode")
 MODELS = ("our", "vit-tiny")
+
+
+def image_folder(text: str) -> Path:
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: no such folder")
+    return path
+
+
+def add_image_flags(group, name: str) -> None:
+    """--image_dir and --work_dir, shared with bench_update.py: where the JPEGs come from and scratch goes."""
+    group.add_argument("--image_dir", type=image_folder, default=None,
+                       help="folder of JPEGs read in place, e.g. Flickr8k's Flicker8k_Dataset (default: generated JPEGs)")
+    group.add_argument("--work_dir", type=Path, default=common.work_dir(name),
+                       help="scratch folder for generated JPEGs, links, checkpoints, shards")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     data = parser.add_argument_group("data")
     data.add_argument("--images", type=int, default=256, help="images of the longer run (the shorter has half)")
-    data.add_argument("--image_dir", type=Path, default=FLICKR_IMAGES,
-                      help="folder of JPEGs read in place (generated JPEGs when it does not exist)")
-    data.add_argument("--work_dir", type=Path, default=WORK_DIR, help="scratch folder for links, checkpoints, shards")
+    add_image_flags(data, "encode")
     run = parser.add_argument_group("run")
     run.add_argument("--models", default="our", help=f"comma-separated, from {', '.join(MODELS)}")
     run.add_argument("--batch_size", type=int, default=64, help="images per model call (the CLI's default)")
     run.add_argument("--workers", default="0,1,2",
                      help="comma-separated --num_workers settings to try; the CLI's default is always included")
     run.add_argument("--repeats", type=int, default=2, help="measurements per setting (median reported)")
-    program = parser.add_argument_group("program")
-    program.add_argument("--no_report", action="store_true", help="write the JSON only, leave BENCHMARKS.md alone")
+    common.add_report_flags(parser)
     args = parser.parse_args(argv)
     args.models = [name.strip() for name in args.models.split(",") if name.strip()]
     unknown = [name for name in args.models if name not in MODELS]
@@ -82,12 +83,14 @@ def generated_jpegs(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def source_images(args) -> tuple[list[Path], str]:
-    if args.image_dir.is_dir():
-        found = sorted(path for path in args.image_dir.iterdir() if path.suffix.lower() in (".jpg", ".jpeg"))
-        if len(found) >= args.images:
-            return found[: args.images], f"first {args.images} JPEGs of {args.image_dir} (read in place)"
-    return generated_jpegs(args.work_dir / "generated", args.images), f"{args.images} generated 500x375 JPEGs"
+def source_images(image_dir: Path | None, count: int, work_dir: Path) -> tuple[list[Path], str]:
+    """The first `count` JPEGs of `image_dir` (read in place), or as many generated ones when it is None."""
+    if image_dir is None:
+        return generated_jpegs(work_dir / "generated", count), f"{count} generated 500x375 JPEGs"
+    found = sorted(path for path in image_dir.iterdir() if path.suffix.lower() in (".jpg", ".jpeg"))
+    if len(found) < count:
+        raise SystemExit(f"--image_dir {image_dir}: {len(found)} JPEGs, the run needs {count}; lower --images")
+    return found[:count], f"first {count} JPEGs of {image_dir} (read in place)"
 
 
 def link_folder(folder: Path, images: list[Path]) -> Path:
@@ -140,8 +143,8 @@ def model_only_rate(checkpoint: Path, images: list[Path], batch_size: int, repea
     batches = list(tensors.split(batch_size))
     embedder = ImageEmbedder(bundle.model, "cpu")
     embedder(batches[0])  # warm-up: first-call allocations and kernel selection
-    times = interleaved_ms({"model": lambda: [embedder(batch) for batch in batches]}, repeats, warmup=0)["model"]
-    return {"images_per_s": round(len(images) / (median(times) / 1000), 1), "all_ms": [round(t, 1) for t in times]}
+    times = common.interleaved_ms({"model": lambda: [embedder(batch) for batch in batches]}, repeats, warmup=0)["model"]
+    return {"images_per_s": round(len(images) / (common.median(times) / 1000), 1), "all_ms": [round(t, 1) for t in times]}
 
 
 def decode_rate(images: list[Path], transform) -> float:
@@ -183,7 +186,7 @@ def bench_model(name: str, args, images: list[Path], default_workers: int) -> di
 
     rows = []
     for workers in settings:
-        short, long = median(pipeline[workers]["short"]), median(pipeline[workers]["long"])
+        short, long = common.median(pipeline[workers]["short"]), common.median(pipeline[workers]["long"])
         steady = (args.images - half) / max(long - short, 1e-9)
         rows.append({
             "num_workers": workers,
@@ -212,69 +215,50 @@ def bench_model(name: str, args, images: list[Path], default_workers: int) -> di
 
 
 def report_markdown(results: dict) -> str:
-    lines = [
-        "## Encoding",
-        "",
-        f"Command: `{results['command']}`",
-        "",
-        machine_lines(results).rstrip(),
+    rows = [
+        [model["model"], model["image_size"], model["batch_size"], f"{model['model_only_images_per_s']:.1f}",
+         f"{model['decode_transform_images_per_s_one_process']:.1f}",
+         f"{row['num_workers']}{' (default)' if row['is_cli_default'] else ''}", f"{row['steady_images_per_s']:.1f}",
+         f"{row['whole_run_images_per_s']:.1f}", f"{row['ratio_to_model_only']:.2f}"]
+        for model in results["models"] for row in model["pipeline"]
+    ]
+    return common.report_section("Encoding", results, [
         f"- Images: {results['images_source']}; pipeline = the encode CLI in-process (`--split=folder "
         f"--accelerator=cpu`), steady rate from runs of {results['images'] // 2} and {results['images']} images; "
         f"model-only = the same `ImageEmbedder` on pre-decoded tensors; median of {results['repeats']} "
         "alternating measurements",
         "",
-        "| model | image px | batch | model-only img/s | decode+transform img/s (1 process) | --num_workers "
-        "| pipeline img/s (steady) | pipeline img/s (whole run) | pipeline / model-only (target >= 0.95) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for model in results["models"]:
-        for row in model["pipeline"]:
-            label = f"{row['num_workers']}{' (default)' if row['is_cli_default'] else ''}"
-            lines.append(
-                f"| {model['model']} | {model['image_size']} | {model['batch_size']} | "
-                f"{model['model_only_images_per_s']:.1f} | {model['decode_transform_images_per_s_one_process']:.1f} | "
-                f"{label} | {row['steady_images_per_s']:.1f} | {row['whole_run_images_per_s']:.1f} | "
-                f"{row['ratio_to_model_only']:.2f} |"
-            )
-    if results.get("findings"):
-        lines += ["", *results["findings"]]
-    return "\n".join(lines) + "\n"
+        *common.markdown_table(
+            ["model", "image px", "batch", "model-only img/s", "decode+transform img/s (1 process)", "--num_workers",
+             "pipeline img/s (steady)", "pipeline img/s (whole run)", "pipeline / model-only (target >= 0.95)"],
+            rows, "lrrrrrrrr"),
+    ])
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    load_start = load_average()
-    args.work_dir.mkdir(parents=True, exist_ok=True)
-    images, images_source = source_images(args)
+    header = common.run_header()
+    images, images_source = source_images(args.image_dir, args.images, args.work_dir)
     from clipsearch.cli.common import default_num_workers
 
     default_workers = default_num_workers()  # the encode CLI's default for one device
     results = {
-        "date": now_iso(),
-        "machine": machine_info(),
-        "load_average_start": load_start,
+        **header,
         "images": args.images,
         "images_source": images_source,
         "repeats": args.repeats,
         "cli_default_num_workers": default_workers,
         "models": [bench_model(name, args, images, default_workers) for name in args.models],
     }
-    results["load_average_end"] = load_average()
-    results["command"] = "python benchmarks/bench_encode.py" + (
-        " " + " ".join(sys.argv[1:]) if argv is None and sys.argv[1:] else ""
-    )
-    results["findings"] = []
-    for model in results["models"]:
-        verdict = "met" if model["best_ratio"] >= 0.95 else "missed"
-        results["findings"].append(
-            f"- {model['model']}: best --num_workers={model['best_num_workers']} gives "
-            f"{model['best_ratio']:.2f} of the model-only rate ({verdict}); the CLI default "
-            f"({default_workers}) gives {model['default_ratio']:.2f}."
-        )
-    path = write_results("encode", results)
-    if not args.no_report:
-        update_report_section("encode", report_markdown(results))
-    print(f"wrote {path}")
+    results["load_average_end"] = common.load_average()
+    results["command"] = common.command_line("bench_encode.py", argv)
+    results["findings"] = [
+        f"- {model['model']}: best --num_workers={model['best_num_workers']} gives {model['best_ratio']:.2f} of the "
+        f"model-only rate ({'met' if model['best_ratio'] >= 0.95 else 'missed'}); the CLI default "
+        f"({default_workers}) gives {model['default_ratio']:.2f}."
+        for model in results["models"]
+    ]
+    common.publish("encode", results, report_markdown(results), args.report)
     return results
 
 

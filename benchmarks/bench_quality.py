@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from common import RESULTS_DIR, add_report_flags, load_average, publish, results_dir, run_header
+import common
 
 REPO = Path(__file__).resolve().parents[1]
 # The packaged towers frozen, with only linear heads trained: the floor any training must beat.
@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset_path", default=str(REPO / "dataset/flickr8k/data256"), help="dataset with the dev table")
     parser.add_argument("--command", default="", help="the training command, quoted into the report")
     parser.add_argument("--baseline_run", default=None, help="an earlier run whose curves are drawn dashed for comparison")
-    add_report_flags(parser)
+    common.add_report_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -99,19 +99,19 @@ def main(argv: list[str] | None = None) -> dict:
     run_dir = Path(args.models_dir) / args.run_name
     params = json.loads((run_dir / "params.json").read_text())
     curves = read_curves(Path(args.logs_dir) / args.run_name)
-    header = run_header()
+    header = common.run_header()
     final = evaluate(load_bundle(run_dir / "best.ckpt"), args.dataset_path, "dev", batch_size=64, num_workers=1)
-    plot_path = results_dir(args.report) / "quality_recall_vs_time.png"
+    plot_path = common.results_dir(args.report) / "quality_recall_vs_time.png"
     plot_path.parent.mkdir(parents=True, exist_ok=True)
     baseline = None
     if args.baseline_run:
         baseline = (args.baseline_run, read_curves(Path(args.logs_dir) / args.baseline_run))
-    peer_file = RESULTS_DIR / "quality_open_clip.json"
+    peer_file = common.RESULTS_DIR / "quality_open_clip.json"
     peer = json.loads(peer_file.read_text()) if peer_file.is_file() else None
     plot(curves, plot_path, baseline, peer)
     results = {
         **header,
-        "load_average_end": load_average(),
+        "load_average_end": common.load_average(),
         "run_name": args.run_name,
         "training_command": args.command,
         "params": params,
@@ -155,7 +155,7 @@ Validation during training:
 
 ![recall against training time](benchmarks/results/{plot_path.name})
 """
-    publish("quality", results, markdown, args.report)
+    common.publish("quality", results, markdown, args.report)
     print(format_metrics(metrics))
     return results
 

@@ -15,8 +15,8 @@ then the real run gets one epoch of rate x budget pairs (the training pairs resh
 repeated). open_clip has one learning rate for all parameters; to give it a fair chance, one
 full-budget run per learning rate in --lrs (each about --minutes long) is recorded, and the best
 by mean recall is its row. Include the rates our run used (before the --tower_lr fix, every
-parameter of ours trained at --lr). Results go to benchmarks/results/quality_open_clip.json and
-the "Quality against open_clip" section of BENCHMARKS.md.
+parameter of ours trained at --lr). With --report, results go to benchmarks/results/quality_open_clip.json
+and the "Quality against open_clip" section of BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -28,19 +28,10 @@ import random
 import sys
 from pathlib import Path
 
+import common
 from bench_train import OPEN_CLIP_RATE, run_child
-from common import (
-    RESULTS_DIR,
-    load_average,
-    machine_info,
-    median,
-    now_iso,
-    update_report_section,
-    write_results,
-)
 
 REPO = Path(__file__).resolve().parents[1]
-WORK_DIR = Path("/tmp/clipsearch-bench-quality-open-clip")
 MODEL_NAME = "clipsearch-MiniLM-L6-EfficientNet-Lite0"
 CALIBRATION_STEPS = 24
 # open_clip 3.3's table of HuggingFace architectures lacks the two names its partial text locking
@@ -75,8 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lock_text_unlocked_layers", type=int, default=2,
                         help="as ours: text tower frozen but its last N layers (-1: text fully trainable)")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers")
-    parser.add_argument("--work_dir", type=Path, default=WORK_DIR, help="scratch folder")
-    parser.add_argument("--no_report", action="store_true", help="write the JSON only, leave BENCHMARKS.md alone")
+    parser.add_argument("--work_dir", type=Path, default=common.work_dir("quality_open_clip"), help="scratch folder")
+    common.add_report_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -181,15 +172,14 @@ def main(argv: list[str] | None = None) -> dict:
     # Its rate climbs over the first dozen steps (allocator and oneDNN warm-up); the later half of
     # the logged windows is the steady rate the real run will see.
     windows = [float(v) for v in OPEN_CLIP_RATE.findall((calibration_dir / "output.log").read_text())]
-    rate = median(windows[len(windows) // 2 :])
+    rate = common.median(windows[len(windows) // 2 :])
     pairs = int(rate * args.minutes * 60) // args.batch_size * args.batch_size
     print(f"open_clip runs at {rate:.1f} samples/s here: {args.minutes:g} minutes = {pairs} pairs", flush=True)
     train_pairs = write_pairs(table, args.work_dir / "train.tsv", pairs, 0)
 
     results = {
-        "date": now_iso(),
-        "machine": machine_info(),
-        "load_average_start": load_average(),
+        **common.run_header(),
+        "command": common.command_line("bench_quality_open_clip.py", argv),
         "settings": {k: str(v) for k, v in vars(args).items()},
         "image_normalisation": dict(zip(("mean", "std"), image_normalisation())),
         "calibrated_samples_per_sec": rate,
@@ -206,24 +196,23 @@ def main(argv: list[str] | None = None) -> dict:
             "lr": lr,
             "wall_minutes": timing["seconds"] / 60,
             "peak_rss_mib": timing["peak_rss_mib"],
-            "samples_per_sec": median(rates) if rates else None,
+            "samples_per_sec": common.median(rates) if rates else None,
             "final": final,
         })
         # The best run so far stays at the top level, where bench_quality.py's plot reads it; each
         # finished run is written at once, should a later one fail.
         best = max(results["runs"], key=lambda run: run["final"]["metrics"]["mean_recall"])
         results.update({key: best[key] for key in ("lr", "wall_minutes", "peak_rss_mib", "samples_per_sec", "final")})
-        results["load_average_end"] = load_average()
-        write_results("quality_open_clip", results)
-    if not args.no_report:
-        update_report_section("quality_open_clip", report_markdown(results, argv))
+        results["load_average_end"] = common.load_average()
+        common.write_results("quality_open_clip", results, common.results_dir(args.report))
+    common.publish("quality_open_clip", results, report_markdown(results), args.report)
     return results
 
 
-def report_markdown(results: dict, argv: list[str] | None) -> str:
+def report_markdown(results: dict) -> str:
     from clipsearch.evaluate import format_metrics
 
-    ours_file = RESULTS_DIR / "quality.json"
+    ours_file = common.RESULTS_DIR / "quality.json"
     ours = json.loads(ours_file.read_text()) if ours_file.is_file() else None
     rows = [(f"open_clip_train.main, lr {run['lr']:g}{' (best)' if run['lr'] == results['lr'] else ''}",
              run["wall_minutes"], run["final"]["metrics"]) for run in results["runs"]]
@@ -236,12 +225,11 @@ def report_markdown(results: dict, argv: list[str] | None) -> str:
     )
     settings = results["settings"]
     normalisation = results["image_normalisation"]
-    command = " ".join(["python benchmarks/bench_quality_open_clip.py", *(argv or sys.argv[1:])])
     return f"""## Quality against open_clip's trainer (Flickr8k, equal CPU time)
 
-Command: `{command}`
+Command: `{results['command']}`
 
-- Machine: {results['machine']['nproc']} CPUs ({results['machine']['cpu_model']}); date {results['date']}; load average at start {results['load_average_start']}, at end {results['load_average_end']}
+{common.machine_lines(results).rstrip()}
 - open_clip {settings['image_size']} px train and test, batch {settings['batch_size']}, one run per learning rate
   (each for every parameter), warmup {settings['warmup']}, text tower locked but its last
   {settings['lock_text_unlocked_layers']} layers, image tower trainable; both towers from the packaged weights, the image

@@ -8,41 +8,36 @@ how fast this machine reads memory (best of N full reads of the same matrix) and
 against that floor. faiss runs on the same data with the same thread count. The approximate indexes
 of clipsearch.index are timed and scored (recall@10 against exact search) on a subset, because
 building IVF and HNSW over 1M vectors takes far longer than a benchmark should on a few cores.
-Results go to benchmarks/results/search.json and the "Search" section of BENCHMARKS.md.
+With --report, results go to benchmarks/results/search.json and the "Search" section of BENCHMARKS.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Callable
 
+import common
 import torch
 import torch.nn.functional as F
-from common import (
-    interleaved_ms,
-    load_average,
-    machine_info,
-    machine_lines,
-    median,
-    now_iso,
-    update_report_section,
-    write_results,
-)
 
 # ---------------------------------------------------------------------------------------------
 # The search benchmark
 # ---------------------------------------------------------------------------------------------
 
 
+def add_collection_flags(group) -> None:
+    """The vectors searched, shared with profile_search.py: both time the same 1M x 512 case by default."""
+    group.add_argument("--rows", type=int, default=1_000_000, help="collection size for exact search")
+    group.add_argument("--dim", type=int, default=512, help="embedding dimension")
+    group.add_argument("--batch_queries", type=int, default=64, help="queries of the batched case (the other is 1)")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     data = parser.add_argument_group("data")
-    data.add_argument("--rows", type=int, default=1_000_000, help="collection size for exact search")
-    data.add_argument("--dim", type=int, default=512, help="embedding dimension")
+    add_collection_flags(data)
     data.add_argument("--top_k", type=int, default=10, help="results per query")
-    data.add_argument("--batch_queries", type=int, default=64, help="queries of the batched case (the other is 1)")
     data.add_argument("--index_rows", type=int, default=100_000,
                       help="collection size for the IVF/HNSW indexes (0: skip them)")
     data.add_argument("--recall_queries", type=int, default=200, help="queries scored for recall@k of each index")
@@ -52,8 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     timing.add_argument("--threads", type=int, default=None, help="torch and faiss threads (default: torch's)")
     program = parser.add_argument_group("program")
     program.add_argument("--no_fp16", action="store_true", help="skip the fp16-storage Searcher")
-    program.add_argument("--no_report", action="store_true", help="write the JSON only, leave BENCHMARKS.md alone")
     program.add_argument("--seed", type=int, default=0, help="random seed of the vectors")
+    common.add_report_flags(parser)
     args = parser.parse_args(argv)
     for name in ("rows", "dim", "top_k", "batch_queries", "repeats"):
         if getattr(args, name) < 1:
@@ -84,7 +79,7 @@ def memory_bandwidth(matrix: torch.Tensor, repeats: int) -> dict:
         "mv_ones": lambda: torch.mv(matrix, ones),
         "openblas_mv_ones": lambda: matrix_np @ ones_np,
     }
-    times = interleaved_ms(reads, repeats, warmup=1)
+    times = common.interleaved_ms(reads, repeats, warmup=1)
     rates = {name: round(gigabytes / (min(values) / 1000), 2) for name, values in times.items()}
     best = max(rates.values())
     return {
@@ -99,7 +94,7 @@ def matmul_gflops(repeats: int) -> float:
     """Best-of-N fp32 GEMM rate on cache-friendly square matrices: the compute ceiling for many queries."""
     size = 2048
     left, right = torch.randn(size, size), torch.randn(size, size)
-    best = min(interleaved_ms({"gemm": lambda: left @ right}, repeats, warmup=1)["gemm"])
+    best = min(common.interleaved_ms({"gemm": lambda: left @ right}, repeats, warmup=1)["gemm"])
     return round(2 * size**3 / (best / 1000) / 1e9, 1)
 
 
@@ -142,19 +137,19 @@ def bench_exact(args, matrix: torch.Tensor, paths: list[str], threads: int, gene
         }
         if fp16_searcher is not None:
             contenders["ours_fp16"] = lambda queries=queries: fp16_searcher.search(queries, args.top_k)
-        times = interleaved_ms(contenders, args.repeats, args.warmup)
-        parts = interleaved_ms(searcher_parts(searcher, queries, args.top_k), args.repeats, args.warmup)
+        times = common.interleaved_ms(contenders, args.repeats, args.warmup)
+        parts = common.interleaved_ms(searcher_parts(searcher, queries, args.top_k), args.repeats, args.warmup)
 
         # The floor: one read of the matrix, or the multiply-adds at the best GEMM rate, whichever is longer.
         read_ms = bandwidth["matrix_gb"] / bandwidth["best_gb_per_s"] * 1000
         compute_ms = 2 * query_count * args.rows * args.dim / (gflops * 1e9) * 1000
         bound_ms = max(read_ms, compute_ms)
-        ours, faiss_ms = median(times["ours"]), median(times["faiss_flat"])
+        ours, faiss_ms = common.median(times["ours"]), common.median(times["faiss_flat"])
         case = {
             "queries": query_count,
-            "ms": {name: median(values) for name, values in times.items()},
+            "ms": {name: common.median(values) for name, values in times.items()},
             "all_ms": {name: [round(value, 2) for value in values] for name, values in times.items()},
-            "ours_parts_ms": {name: median(values) for name, values in parts.items()},
+            "ours_parts_ms": {name: common.median(values) for name, values in parts.items()},
             "bandwidth_bound_ms": round(read_ms, 2),
             "compute_bound_ms": round(compute_ms, 2),
             "bound_ms": round(bound_ms, 2),
@@ -204,21 +199,25 @@ def bench_indexes(args, matrix: torch.Tensor, paths: list[str], generator: torch
         contenders = {"exact": lambda queries=queries: exact.search(queries, args.top_k)}
         for kind, searcher in indexes.items():
             contenders[kind] = lambda searcher=searcher, queries=queries: searcher.search(queries, args.top_k)
-        times = interleaved_ms(contenders, args.repeats, args.warmup)
-        results[f"ms_{label}_queries"] = {name: median(values) for name, values in times.items()}
+        times = common.interleaved_ms(contenders, args.repeats, args.warmup)
+        results[f"ms_{label}_queries"] = {name: common.median(values) for name, values in times.items()}
         print(json.dumps({f"ms_{label}_queries": results[f"ms_{label}_queries"]}))
     return results
 
 
-def report_markdown(results: dict, command: str) -> str:
+def report_markdown(results: dict) -> str:
     exact = results["exact"]
     bandwidth = exact["bandwidth"]
+    exact_rows = []
+    for case in exact["cases"].values():
+        ms, parts = case["ms"], case["ours_parts_ms"]
+        fp16 = f"{ms['ours_fp16']:.1f} ({case['ours_fp16_over_bound']:.2f} x its bound)" if "ours_fp16" in ms else "-"
+        exact_rows.append([
+            case["queries"], f"{ms['ours']:.1f}", fp16, f"{ms['faiss_flat']:.1f}",
+            f"{case['bound_ms']:.1f} ({case['bound_kind']})", f"{case['ours_over_bound']:.2f}",
+            f"{case['faiss_over_ours']:.2f}", f"{parts['scores']:.1f} / {parts['topk']:.1f} / {parts['hits']:.2f}",
+        ])
     lines = [
-        "## Search",
-        "",
-        f"Command: `{command}`",
-        "",
-        machine_lines(results).rstrip(),
         f"- Collection: {results['rows']:,} x {results['dim']} random unit vectors (fp32, "
         f"{bandwidth['matrix_gb']:.2f} GB), top-{results['top_k']}; faiss {results['faiss_version']} with "
         f"{results['threads']} OpenMP threads; median of {results['repeats']} calls after {results['warmup']} warm-up calls, "
@@ -227,20 +226,23 @@ def report_markdown(results: dict, command: str) -> str:
         f"({', '.join(f'{k} {v:.1f}' for k, v in bandwidth['gb_per_s'].items())}), so one pass takes at least "
         f"{bandwidth['matrix_gb'] / bandwidth['best_gb_per_s'] * 1000:.0f} ms; fp32 GEMM peak {exact['gemm_gflops']:.0f} GFLOP/s",
         "",
-        "| queries | ours ms | ours fp16 ms | faiss IndexFlatIP ms | lower bound ms | ours / bound (target <= 1.1) "
-        "| faiss / ours (target >= 2) | ours: scores / topk / hits ms |",
-        "|---:|---:|---:|---:|---:|---:|---:|---|",
+        *common.markdown_table(
+            ["queries", "ours ms", "ours fp16 ms", "faiss IndexFlatIP ms", "lower bound ms", "ours / bound (target <= 1.1)",
+             "faiss / ours (target >= 2)", "ours: scores / topk / hits ms"],
+            exact_rows, "rrrrrrrl"),
     ]
-    for case in exact["cases"].values():
-        ms, parts = case["ms"], case["ours_parts_ms"]
-        fp16 = f"{ms['ours_fp16']:.1f} ({case['ours_fp16_over_bound']:.2f} x its bound)" if "ours_fp16" in ms else "-"
-        lines.append(
-            f"| {case['queries']} | {ms['ours']:.1f} | {fp16} | {ms['faiss_flat']:.1f} | "
-            f"{case['bound_ms']:.1f} ({case['bound_kind']}) | {case['ours_over_bound']:.2f} | "
-            f"{case['faiss_over_ours']:.2f} | {parts['scores']:.1f} / {parts['topk']:.1f} / {parts['hits']:.2f} |"
-        )
     indexes = results.get("indexes")
     if indexes:
+        batch_key = next(key for key in indexes if key.startswith("ms_") and key != "ms_1_queries")
+        index_rows = [["exact (ours)", "-", "-", "1.0", "1.0", f"{indexes['ms_1_queries']['exact']:.1f}",
+                       f"{indexes[batch_key]['exact']:.1f}"]]
+        for kind in ("ivf", "hnsw"):
+            info = indexes[kind]
+            index_rows.append([
+                kind, ", ".join(f"{k}={v}" for k, v in info["params"].items()), f"{info['build_s']:.0f}",
+                f"{info['recall_at_k_fresh_queries']:.3f}", f"{info['recall_at_k_row_queries']:.3f}",
+                f"{indexes['ms_1_queries'][kind]:.2f}", f"{indexes[batch_key][kind]:.2f}",
+            ])
         lines += [
             "",
             f"Approximate indexes of `clipsearch.index` on the first {indexes['rows']:,} vectors (building them on "
@@ -248,24 +250,12 @@ def report_markdown(results: dict, command: str) -> str:
             "approximate index: a fresh query's true neighbours are barely closer than the rest of the collection. "
             "Real CLIP embeddings are clustered and score far higher.",
             "",
-            "| index | parameters | build s | recall@10, fresh random queries | recall@10, collection rows as queries "
-            "| ms, 1 query | ms, batch |",
-            "|---|---|---:|---:|---:|---:|---:|",
+            *common.markdown_table(
+                ["index", "parameters", "build s", "recall@10, fresh random queries", "recall@10, collection rows as queries",
+                 "ms, 1 query", "ms, batch"],
+                index_rows, "llrrrrr"),
         ]
-        batch_key = next(key for key in indexes if key.startswith("ms_") and key != "ms_1_queries")
-        lines.append(
-            f"| exact (ours) | - | - | 1.0 | 1.0 | {indexes['ms_1_queries']['exact']:.1f} | {indexes[batch_key]['exact']:.1f} |"
-        )
-        for kind in ("ivf", "hnsw"):
-            info = indexes[kind]
-            params = ", ".join(f"{k}={v}" for k, v in info["params"].items())
-            lines.append(
-                f"| {kind} | {params} | {info['build_s']:.0f} | {info['recall_at_k_fresh_queries']:.3f} | "
-                f"{info['recall_at_k_row_queries']:.3f} | {indexes['ms_1_queries'][kind]:.2f} | {indexes[batch_key][kind]:.2f} |"
-            )
-    if results.get("findings"):
-        lines += ["", *results["findings"]]
-    return "\n".join(lines) + "\n"
+    return common.report_section("Search", results, lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -276,15 +266,13 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     faiss.omp_set_num_threads(threads)
-    load_start = load_average()
+    header = common.run_header()
     generator = torch.Generator().manual_seed(args.seed)
     matrix = random_unit_rows(args.rows, args.dim, generator)
     paths = [f"images/{row:07d}.jpg" for row in range(args.rows)]
 
     results = {
-        "date": now_iso(),
-        "machine": machine_info(),
-        "load_average_start": load_start,
+        **header,
         "rows": args.rows,
         "dim": args.dim,
         "top_k": args.top_k,
@@ -296,14 +284,10 @@ def main(argv: list[str] | None = None) -> dict:
     results["exact"] = bench_exact(args, matrix, paths, threads, generator)
     if args.index_rows:
         results["indexes"] = bench_indexes(args, matrix, paths, generator)
-    results["load_average_end"] = load_average()
+    results["load_average_end"] = common.load_average()
     results["findings"] = findings(results)
-    command = "python benchmarks/bench_search.py" + (" " + " ".join(sys.argv[1:]) if argv is None and sys.argv[1:] else "")
-    results["command"] = command
-    path = write_results("search", results)
-    if not args.no_report:
-        update_report_section("search", report_markdown(results, command))
-    print(f"wrote {path}")
+    results["command"] = common.command_line("bench_search.py", argv)
+    common.publish("search", results, report_markdown(results), args.report)
     return results
 
 

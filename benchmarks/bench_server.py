@@ -19,8 +19,8 @@ import statistics
 import sys
 import time
 
+import common
 import httpx
-from common import add_report_flags, command_line, load_average, machine_lines, publish, run_header
 
 from clipsearch.cli.common import DEFAULT_TOP_K, non_negative_int, positive_int
 
@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=non_negative_int, default=20, help="untimed requests sent first")
     parser.add_argument("--collection_size", type=positive_int, default=10_000, help="synthetic collection items")
     parser.add_argument("--top_k", type=positive_int, default=DEFAULT_TOP_K, help="results asked for per search")
-    add_report_flags(parser)
+    common.add_report_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -147,32 +147,25 @@ def report_markdown(results: dict) -> str:
     mix = ", ".join(f"{kind} {share:.0%}" for kind, share in results["request_mix"].items())
     model = results["model"]  # /api/health's description: a name, or a dict with the architecture
     model = model.get("architecture", model) if isinstance(model, dict) else model
-    lines = [
-        "## Web server",
-        "",
-        f"Command: `{results['command']}`",
-        "",
-        machine_lines(results).rstrip(),
+    return common.report_section("Web server", results, [
         f"- {results['requests']} requests, {results['concurrency']} concurrent, on loopback; collection of "
         f"{results['collection_size']:,} random {results['embedding_dim']}-d vectors, model {model} "
         f"(random weights), top-{results['top_k']}; mix {mix}",
         "",
-        "| p50 ms | p99 ms | mean ms | max ms | requests/s | errors |",
-        "|---:|---:|---:|---:|---:|---:|",
-        f"| {results['p50_ms']:.1f} | {results['p99_ms']:.1f} | {results['mean_ms']:.1f} | {results['max_ms']:.1f} | "
-        f"{results['throughput_rps']:.1f} | {results['errors']} |",
+        *common.markdown_table(["p50 ms", "p99 ms", "mean ms", "max ms", "requests/s", "errors"], [[
+            f"{results['p50_ms']:.1f}", f"{results['p99_ms']:.1f}", f"{results['mean_ms']:.1f}", f"{results['max_ms']:.1f}",
+            f"{results['throughput_rps']:.1f}", results["errors"],
+        ]], "rrrrrr"),
         "",
-        "| request kind | count | p50 ms | p99 ms |",
-        "|---|---:|---:|---:|",
-    ]
-    lines += [f"| {kind} | {row['count']} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} |"
-              for kind, row in results["by_kind"].items()]
-    return "\n".join(lines) + "\n"
+        *common.markdown_table(["request kind", "count", "p50 ms", "p99 ms"], [
+            [kind, row["count"], f"{row['p50_ms']:.1f}", f"{row['p99_ms']:.1f}"] for kind, row in results["by_kind"].items()
+        ], "lrrr"),
+    ])
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    header = run_header()
+    header = common.run_header()
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     # A separate process keeps the client's own Python work from competing for the server's GIL.
@@ -190,8 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
     every_timing = [value for values in run["timings_ms"].values() for value in values]
     results = {
         **header,
-        "load_average_end": load_average(),
-        "command": command_line("bench_server.py", argv),
+        "load_average_end": common.load_average(),
+        "command": common.command_line("bench_server.py", argv),
         "requests": args.requests,
         "concurrency": args.concurrency,
         "collection_size": health["collection_size"],
@@ -218,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     markdown = report_markdown(results)
     print(markdown)
-    publish("server", results, markdown, args.report)
+    common.publish("server", results, markdown, args.report)
     for failure in results["first_errors"]:
         print(f"error: {failure}", file=sys.stderr)
     return results

@@ -1,6 +1,6 @@
 """The default image tower against the network its weights come from, on real photos: agreement and speed.
 
-    .venv/bin/python benchmarks/bench_tower.py --source ../shared/data/flickr8k   # ~3 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_tower.py --source /path/to/flickr8k   # ~3 minutes on 2 cores
 
 The packaged EfficientNet-Lite0 file converts Google's TensorFlow checkpoint. The reference is
 timm's `tf_efficientnet_lite0` given that file's tensors and inputs scaled by mean = std = 0.5,
@@ -9,7 +9,7 @@ build from the same file is scored by pooled-feature cosine and ImageNet top-1 a
 file's own classifier on each tower's features): the old default (`efficientnet_lite0` + ImageNet
 statistics), each half of the fix alone, and the new default as `pretrained_towers_spec()` makes it.
 Then the forward samples/s of the old and new tower, channels_last on and off, measured
-interleaved in one run. Results go to benchmarks/results/tower.json and BENCHMARKS.md.
+interleaved in one run. With --report, results go to benchmarks/results/tower.json and BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -17,16 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from common import (
-    interleaved_ms,
-    load_average,
-    machine_info,
-    machine_lines,
-    median,
-    now_iso,
-    update_report_section,
-    write_results,
-)
+import common
 
 REPO = Path(__file__).resolve().parents[1]
 HALF = [0.5, 0.5, 0.5]
@@ -34,14 +25,15 @@ HALF = [0.5, 0.5, 0.5]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", type=Path, default=REPO.parent / "shared" / "data" / "flickr8k",
-                        help="the Flickr8k download (Flicker8k_Dataset/ and Flickr_8k.devImages.txt)")
+    parser.add_argument("--source", type=Path, required=True,
+                        help="the unpacked Flickr8k download (Flicker8k_Dataset/ and Flickr_8k.devImages.txt), "
+                             "as for dataset/flickr8k/prepare.py")
     parser.add_argument("--images", type=int, default=300, help="dev photos scored")
     parser.add_argument("--size", type=int, default=224, help="input size (the tower's default)")
     parser.add_argument("--batch_size", type=int, default=32, help="images per forward in the speed test")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--repeats", type=int, default=6, help="timed forwards per contender")
-    parser.add_argument("--no_report", action="store_true", help="write the JSON only, leave BENCHMARKS.md alone")
+    common.add_report_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -144,8 +136,8 @@ def speed(args) -> dict:
                     model(batch)
 
             contenders[f"{name}, {layout}"] = forward
-    times = interleaved_ms(contenders, repeats=args.repeats, warmup=1)
-    return {name: round(args.batch_size / (median(ms) / 1000), 1) for name, ms in times.items()}
+    times = common.interleaved_ms(contenders, repeats=args.repeats, warmup=1)
+    return {name: round(args.batch_size / (common.median(ms) / 1000), 1) for name, ms in times.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -155,19 +147,18 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    results = {"date": now_iso(), "machine": machine_info(), "load_average_start": load_average(),
+    results = {**common.run_header(),
                "settings": {"images": len(photos), "size": args.size, "batch_size": args.batch_size,
                             "threads": args.threads, "repeats": args.repeats}}
     results["agreement_with_reference"] = agreement(args, photos)
     results["forward_samples_per_sec"] = speed(args)
-    results["load_average_end"] = load_average()
-    write_results("tower", results)
-    if not args.no_report:
-        update_report_section("tower", report_markdown(results, argv))
+    results["load_average_end"] = common.load_average()
+    results["command"] = common.command_line("bench_tower.py", argv)
+    common.publish("tower", results, report_markdown(results), args.report)
     return results
 
 
-def report_markdown(results: dict, argv: list[str] | None) -> str:
+def report_markdown(results: dict) -> str:
     settings = results["settings"]
     agreement_rows = "\n".join(
         f"| {name} | {s['mean_cosine']:.3f} | {s['min_cosine']:.3f} | {s['top1_agreement_pct']:.1f} | {s['max_abs_difference']:.2g} |"
@@ -179,12 +170,11 @@ def report_markdown(results: dict, argv: list[str] | None) -> str:
         f"{rates[f'new (tf_efficientnet_lite0), {layout}'] / rates[f'old (efficientnet_lite0), {layout}']:.2f} |"
         for layout in ("channels_last", "contiguous")
     )
-    command = " ".join(["python benchmarks/bench_tower.py", *(argv if argv is not None else sys.argv[1:])])
     return f"""## Image tower: the default against its weights' own network
 
-Command: `{command}`
+Command: `{results['command']}`
 
-{machine_lines(results)}
+{common.machine_lines(results)}
 The packaged EfficientNet-Lite0 file against timm's `tf_efficientnet_lite0` given the same tensors
 and inputs scaled by mean = std = 0.5 (the network and input scaling the TensorFlow checkpoint was
 trained with), on {settings['images']} Flickr8k dev photos at {settings['size']} px. Top-1: the file's

@@ -26,19 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-from common import (
-    SCRATCH_DIR,
-    add_report_flags,
-    command_line,
-    load_average,
-    machine_lines,
-    median,
-    publish,
-    run_header,
-)
+import common
 
 REPO = Path(__file__).resolve().parent.parent
-WORK_DIR = SCRATCH_DIR / "train-work"
 CONFIG_DIR = REPO / "package" / "clipsearch" / "models" / "configs"
 OPEN_CLIP_LAUNCHER = (
     "import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
@@ -55,8 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--steps", default="2,6", help="the two step counts whose time difference is measured")
     run.add_argument("--workers", type=int, default=1, help="DataLoader workers of both trainers (ours defaults to cores - 1)")
     run.add_argument("--repeats", type=int, default=1, help="measurements per trainer and step count (median reported)")
-    run.add_argument("--work_dir", type=Path, default=WORK_DIR, help="scratch folder for data, logs and checkpoints")
-    add_report_flags(parser)
+    run.add_argument("--work_dir", type=Path, default=common.work_dir("train"), help="scratch folder for data, logs and checkpoints")
+    common.add_report_flags(parser)
     args = parser.parse_args(argv)
     args.steps = sorted(int(value) for value in args.steps.split(","))
     if len(args.steps) != 2 or args.steps[0] < 1 or args.steps[0] == args.steps[1]:
@@ -142,12 +132,13 @@ def logged_rates(trainer: str, run_dir: Path) -> list[float]:
 
 def report_markdown(results: dict) -> str:
     setup = results["setup"]
-    lines = [
-        "## Training",
-        "",
-        f"Command: `{results['command']}`",
-        "",
-        machine_lines(results).rstrip(),
+    rows = [
+        [label, f"{row['steady_samples_per_s']:.1f}", f"{row['seconds'][0]:.1f}", f"{row['seconds'][1]:.1f}",
+         f"{row['logged_samples_per_s']:.1f}", f"{row['peak_rss_mib']:.0f}"]
+        for name, label in (("ours", "ours (`src_openai_pretrain/main.py`)"), ("open_clip", "open_clip_train.main"))
+        for row in [results["trainers"][name]]
+    ]
+    return common.report_section("Training", results, [
         f"- Model {setup['model']} (open_clip architecture from our config, QuickGELU, fp32), batch {setup['batch_size']}, "
         f"{setup['workers']} DataLoader worker(s), CPU, no validation; data: the generated sample dataset "
         f"({setup['image_px']} px PNGs)",
@@ -155,23 +146,16 @@ def report_markdown(results: dict) -> str:
         f"runs timed from outside; median of {setup['repeats']} alternating measurements. Peak RSS: largest resident "
         "set of the trainer or one of its workers",
         "",
-        f"| trainer | steady samples/s | s for {setup['steps'][0]} steps | s for {setup['steps'][1]} steps "
-        "| self-logged samples/s (median) | peak RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for name, label in (("ours", "ours (`src_openai_pretrain/main.py`)"), ("open_clip", "open_clip_train.main")):
-        row = results["trainers"][name]
-        lines.append(
-            f"| {label} | {row['steady_samples_per_s']:.1f} | {row['seconds'][0]:.1f} | {row['seconds'][1]:.1f} | "
-            f"{row['logged_samples_per_s']:.1f} | {row['peak_rss_mib']:.0f} |"
-        )
-    lines += ["", *results["findings"]]
-    return "\n".join(lines) + "\n"
+        *common.markdown_table(
+            ["trainer", "steady samples/s", f"s for {setup['steps'][0]} steps", f"s for {setup['steps'][1]} steps",
+             "self-logged samples/s (median)", "peak RSS MiB"],
+            rows, "lrrrrr"),
+    ])
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    header = run_header()
+    header = common.run_header()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     dataset, tables = prepare_data(args.work_dir, args.batch_size, args.steps)
     runs = {(trainer, steps): [] for trainer in ("ours", "open_clip") for steps in args.steps}
@@ -193,8 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     trainers = {}
     for trainer in ("ours", "open_clip"):
-        short = median([run["seconds"] for run in runs[(trainer, args.steps[0])]])
-        long = median([run["seconds"] for run in runs[(trainer, args.steps[1])]])
+        short = common.median([run["seconds"] for run in runs[(trainer, args.steps[0])]])
+        long = common.median([run["seconds"] for run in runs[(trainer, args.steps[1])]])
         samples = (args.steps[1] - args.steps[0]) * args.batch_size
         # The first logged window of open_clip includes start-up; leave it out as ours does.
         rates = logged[trainer][1:] if trainer == "open_clip" else logged[trainer]
@@ -202,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
             "seconds": [short, long],
             "all_seconds": {str(steps): [round(run["seconds"], 2) for run in runs[(trainer, steps)]] for steps in args.steps},
             "steady_samples_per_s": round(samples / max(long - short, 1e-9), 1),
-            "logged_samples_per_s": round(median(rates), 1) if rates else float("nan"),
+            "logged_samples_per_s": round(common.median(rates), 1) if rates else float("nan"),
             "peak_rss_mib": round(max(run["peak_rss_mib"] for steps in args.steps for run in runs[(trainer, steps)]), 1),
         }
     from clipsearch.models.openai_clip import openai_clip_spec
@@ -218,8 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
             "repeats": args.repeats,
         },
         "trainers": trainers,
-        "load_average_end": load_average(),
-        "command": command_line("bench_train.py", argv),
+        "load_average_end": common.load_average(),
+        "command": common.command_line("bench_train.py", argv),
     }
     ours, theirs = trainers["ours"], trainers["open_clip"]
     ratio = ours["steady_samples_per_s"] / theirs["steady_samples_per_s"]
@@ -228,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"- Ours runs at {ratio:.2f} x open_clip's steady samples/s ({'met' if ratio >= 1 else 'missed'}: target >= 1); "
         f"peak RSS {ours['peak_rss_mib']:.0f} MiB against {theirs['peak_rss_mib']:.0f} MiB."
     ]
-    publish("train", results, report_markdown(results), args.report)
+    common.publish("train", results, report_markdown(results), args.report)
     return results
 
 

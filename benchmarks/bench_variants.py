@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import add_report_flags, command_line, load_average, machine_lines, publish, run_header
+import common
 
 REPO = Path(__file__).resolve().parents[1]
 # Door, flags: the small configurations a CPU user starts with (the our-CLIP one is the default run).
@@ -42,14 +42,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=25, help="training steps per variant")
     parser.add_argument("--batch_size", type=int, default=32, help="pairs per step")
     parser.add_argument("--num_workers", type=int, default=1, help="DataLoader workers")
-    add_report_flags(parser)
+    common.add_report_flags(parser)
     return parser.parse_args(argv)
+
+
+def report_markdown(results: dict) -> str:
+    rows = [[name, rate] for name, rate in results["samples_per_sec"].items()]
+    return common.report_section("Training throughput of each variant", results, [
+        "", *common.markdown_table(["variant (door, sample data)", "samples/s"], rows, "lr"),
+    ])
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    results = {**run_header(), "batch_size": args.batch_size, "steps": args.steps, "samples_per_sec": {},
-               "command": command_line("bench_variants.py", argv)}
+    results = {**common.run_header(), "batch_size": args.batch_size, "steps": args.steps, "samples_per_sec": {},
+               "command": common.command_line("bench_variants.py", argv)}
     with tempfile.TemporaryDirectory() as work:
         for name, (door, flags) in VARIANTS.items():
             run = f"variant{len(results['samples_per_sec'])}"
@@ -61,17 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
             rates = logged_rates(Path(work) / "logs" / run)
             results["samples_per_sec"][name] = round(statistics.median(rates), 1)
             print(f"{name}: {results['samples_per_sec'][name]} samples/s")
-    results["load_average_end"] = load_average()
-    rows = "\n".join(f"| {name} | {rate} |" for name, rate in results["samples_per_sec"].items())
-    publish("variants", results, f"""## Training throughput of each variant
-
-Command: `{results['command']}`
-
-{machine_lines(results)}
-| variant (door, sample data) | samples/s |
-|---|---:|
-{rows}
-""", args.report)
+    results["load_average_end"] = common.load_average()
+    common.publish("variants", results, report_markdown(results), args.report)
     return results
 
 

@@ -104,6 +104,11 @@ def add_report_flags(parser: argparse.ArgumentParser) -> None:
                        help=f"the default: write the JSON to {SCRATCH_DIR} and leave the tracked files alone")
 
 
+def work_dir(name: str) -> Path:
+    """The default scratch folder of one benchmark's inputs and outputs (links, checkpoints, shards)."""
+    return SCRATCH_DIR / f"{name}-work"
+
+
 def results_dir(report: bool) -> Path:
     return RESULTS_DIR if report else SCRATCH_DIR
 
@@ -135,6 +140,20 @@ def machine_lines(results: dict) -> str:
         f"- Date: {results['date']}; load average (1/5/15 min) at start {results['load_average_start']}, "
         f"at end {results['load_average_end']}\n"
     )
+
+
+def report_section(title: str, results: dict, body: list[str]) -> str:
+    """One BENCHMARKS.md section: heading, the command that reproduces it, machine and load, `body`, findings."""
+    lines = [f"## {title}", "", f"Command: `{results['command']}`", "", machine_lines(results).rstrip(), *body]
+    if results.get("findings"):
+        lines += ["", *results["findings"]]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_table(columns: list[str], rows: list[list], align: str) -> list[str]:
+    """A Markdown table's lines; `align` has one letter per column: l (names, left) or r (figures, right)."""
+    rule = "|".join("---:" if letter == "r" else "---" for letter in align)
+    return [f"| {' | '.join(columns)} |", f"|{rule}|", *(f"| {' | '.join(str(cell) for cell in row)} |" for row in rows)]
 
 
 def update_report_section(name: str, markdown: str, report_file: Path = REPORT_FILE) -> None:

@@ -12,16 +12,15 @@ from __future__ import annotations
 import argparse
 import threading
 
+import common
 import torch
 import torch.nn.functional as F
-from common import interleaved_ms, load_average, median
+from bench_search import add_collection_flags
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=1_000_000, help="collection size")
-    parser.add_argument("--dim", type=int, default=512, help="embedding size")
-    parser.add_argument("--batch_queries", type=int, default=64, help="queries in the batched case")
+    add_collection_flags(parser)
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per operation")
     return parser.parse_args(argv)
 
@@ -71,15 +70,15 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.batch_queries} queries: `Q @ columns` in numpy (OpenBLAS): what the Searcher runs": lambda: batch_np @ columns_np,
         f"{args.batch_queries} queries: fp16 `Q @ rows.T` (ATen half GEMM)": lambda: batch.half() @ rows_half.T,
     }
-    load_start = load_average()
+    load_start = common.load_average()
     print(f"{args.rows:,} x {args.dim} fp32 ({gigabytes:.2f} GB), {torch.get_num_threads()} torch threads\n")
     print("| operation | best ms | median ms | GB/s of the fp32 matrix |")
     print("|---|---:|---:|---:|")
     for contenders, repeats in ((one_query, args.repeats), (many_queries, max(2, args.repeats // 2))):
-        for name, times in interleaved_ms(contenders, repeats, warmup=1).items():
+        for name, times in common.interleaved_ms(contenders, repeats, warmup=1).items():
             best = min(times)
-            print(f"| {name} | {best:.1f} | {median(times):.1f} | {gigabytes / (best / 1000):.1f} |")
-    print(f"\nload average at start {load_start}, at end {load_average()}")
+            print(f"| {name} | {best:.1f} | {common.median(times):.1f} | {gigabytes / (best / 1000):.1f} |")
+    print(f"\nload average at start {load_start}, at end {common.load_average()}")
 
 
 if __name__ == "__main__":

@@ -56,9 +56,35 @@ def test_a_run_rewrites_tracked_results_only_with_report(tmp_path, monkeypatch):
 
 
 def test_every_benchmark_has_the_report_flags_and_no_developer_paths():
-    """A benchmark publishes only when asked, and its defaults work on any checkout."""
-    for script in sorted((REPO / "benchmarks").glob("bench_*.py")):
+    """A benchmark publishes only when asked, through common.py, and its defaults work on any checkout."""
+    scripts = sorted((REPO / "benchmarks").glob("*.py"))
+    assert {"bench_encode.py", "bench_search.py", "profile_search.py"} <= {script.name for script in scripts}
+    for script in scripts:
         source = script.read_text()
-        assert "add_report_flags(" in source, f"{script.name}: no --report/--no_report (common.add_report_flags)"
         for prefix in ("/work/", "/home/", "/Users/"):
             assert f'"{prefix}' not in source, f"{script.name}: a default under {prefix} that only one machine has"
+        if script.name == "common.py":
+            continue
+        # Flags and tracked files go through common.py alone, so --report means the same everywhere.
+        assert '"--no_report"' not in source and '"--report"' not in source, f"{script.name}: its own report flag"
+        assert "update_report_section(" not in source, f"{script.name}: rewrites BENCHMARKS.md without publish()"
+        if "publish(" in source or "write_results(" in source:
+            assert "add_report_flags(" in source, f"{script.name}: writes results but has no --report/--no_report"
+        else:
+            # profile_search.py prints its table and writes nothing: nothing to guard.
+            assert "write_text(" not in source and "json.dump(" not in source, f"{script.name}: writes results itself"
+    for script in (REPO / "benchmarks").glob("bench_*.py"):
+        assert "add_report_flags(" in script.read_text(), f"{script.name}: no --report/--no_report"
+
+
+def test_markdown_tables_align_names_left_and_figures_right():
+    common = load_common()
+    lines = common.markdown_table(["model", "img/s"], [["our", "1.5"], ["vit", 2]], "lr")
+    assert lines == ["| model | img/s |", "|---|---:|", "| our | 1.5 |", "| vit | 2 |"]
+    section = common.report_section("Search", {
+        "command": "python benchmarks/bench_search.py", "date": "today", "load_average_start": [1, 1, 1],
+        "load_average_end": [2, 2, 2], "findings": ["- met"],
+        "machine": {"nproc": 2, "cpu_model": "cpu", "torch": "2", "torch_threads": 2},
+    }, ["", *lines])
+    assert section.startswith("## Search\n\nCommand: `python benchmarks/bench_search.py`\n\n- Machine: 2 CPUs")
+    assert section.endswith("| vit | 2 |\n\n- met\n")

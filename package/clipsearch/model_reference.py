@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from clipsearch.cli.common import UserError
+from clipsearch.errors import UserError
 
 # The four OpenAI releases, found as files where finetuning looks for them too.
 OPENAI_SHORT_NAMES = ("ViT-B/32", "RN50", "RN101", "RN50x4")

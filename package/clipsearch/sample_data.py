@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from clipsearch.cli.common import DEFAULT_DATASET
+from clipsearch.defaults import DEFAULT_DATASET
 
 logger = logging.getLogger(__name__)
 

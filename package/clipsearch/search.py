@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from clipsearch.cli.common import UserError
+from clipsearch.errors import UserError
 from clipsearch.store import describe_model, load_collection, model_source, normalise_rows, order_fingerprint
 
 logger = logging.getLogger(__name__)

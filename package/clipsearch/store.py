@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from clipsearch.cli.common import UserError
+from clipsearch.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -18,16 +18,17 @@ from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, IterableDataset
 
-from clipsearch.cli.common import UserError, default_num_workers
-from clipsearch.cli.train_args import RESUME_CHOICES, TrainConfig
 from clipsearch.data_report import DataReport
 from clipsearch.datasets import ImageCaptionDataset, ImageGroupDataset, collate_groups, collate_pairs
+from clipsearch.defaults import default_num_workers
+from clipsearch.errors import UserError
 from clipsearch.evaluate import format_metrics
 from clipsearch.lightning_module import CLIPModule
 from clipsearch.models import ModelBundle
 from clipsearch.result_panel import ResultPanel
 from clipsearch.sample_data import prepare_default_sample
 from clipsearch.tables import find_table, is_webdataset_path, read_table
+from clipsearch.train_config import RESUME_CHOICES, TrainConfig
 from clipsearch.training_order import ResumableLoader, ResumableSampler
 from clipsearch.webdataset_source import make_webdataset
 

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from clipsearch.cli.train_args import LOCAL_WEIGHTS_DIR
+from clipsearch.model_reference import OPENAI_WEIGHTS_DIR as LOCAL_WEIGHTS_DIR
 from clipsearch.models import build_from_spec
 from clipsearch.models.image_tower import load_image_weights
 from clipsearch.models.openai_clip import canonical_name, load_openai_weights, openai_clip_spec

@@ -12,28 +12,18 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-DEFAULT_DATASET = "dataset/sample"
-DEFAULT_MODEL = "models/latest/best.ckpt"
-DEFAULT_EMB_PATH = "dataset/sample/emb"
-PRECISIONS = ("32", "16-mixed", "bf16-mixed")
-# One default for the CLI, the HTTP API and the page, so they show the same number of results.
-DEFAULT_TOP_K = 24
+from clipsearch.defaults import (  # noqa: F401  re-exported: every command imports them from here
+    DEFAULT_DATASET,
+    DEFAULT_EMB_PATH,
+    DEFAULT_MODEL,
+    DEFAULT_TOP_K,
+    PRECISIONS,
+    default_num_workers,
+)
+from clipsearch.errors import UserError  # noqa: F401  re-exported
+
 # The numbered scripts set this to themselves, so usage lines name what the user typed.
 PROG_ENV = "CLIPSEARCH_PROG"
-
-
-class UserError(Exception):
-    """A failure the user can fix (a missing file, a wrong model, a bad flag combination).
-
-    `run_command` prints it as one line and exits non-zero; anything else is a bug and keeps
-    its traceback.
-    """
-
-
-def default_num_workers(processes_per_node: int = 1) -> int:
-    # One core per process stays with the model (its BLAS threads); the rest decode. Measured on
-    # 2 cores: one decoder keeps up with EfficientNet-Lite0 (0.96 of model-only), two starve it.
-    return min(8, max(1, (os.cpu_count() or 1) // max(1, processes_per_node) - 1))
 
 
 def _number(kind: type, minimum: float, description: str) -> Callable[[str], int | float]:

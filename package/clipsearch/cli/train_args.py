@@ -5,7 +5,7 @@ import argparse
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from clipsearch.cli.common import (
@@ -17,11 +17,10 @@ from clipsearch.cli.common import (
     positive_float,
     positive_int,
 )
+from clipsearch.model_reference import OPENAI_WEIGHTS_DIR as LOCAL_WEIGHTS_DIR  # noqa: F401  the doors name it
 from clipsearch.tables import TABLE_EXTENSIONS, find_table, is_webdataset_path
+from clipsearch.train_config import RESUME_CHOICES, TrainConfig
 
-RESUME_CHOICES = ("auto", "last", "none")
-# Where a downloaded OpenAI archive is looked for when --clip_checkpoint is not given.
-LOCAL_WEIGHTS_DIR = Path("models/openai")
 # Validation over the dev split is a whole pass: a 5-step run validating after every step spent
 # 7 of its minutes there. The default interval is a fifth of the run but never below this, and
 # the last step is always validated.
@@ -124,56 +123,6 @@ class VariantDefaults:
     max_steps: int
     # --tower_lr as a fraction of --lr; None: the towers train at --lr.
     tower_lr_ratio: float | None = None
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything one training run needs, checked once after parsing; `model` holds the door's flags."""
-
-    variant: str
-    model: dict
-    dataset_path: str
-    val_path: str | None
-    train_split: str
-    val_split: str
-    batch_size: int
-    num_workers: int | None
-    sample_num: int | None
-    lr: float
-    tower_lr: float | None
-    weight_decay: float
-    warmup_steps: int
-    max_steps: int
-    gradient_clip_val: float | None
-    accumulate_grad_batches: int
-    accelerator: str
-    devices: int | str
-    num_nodes: int
-    strategy: str
-    precision: str | None
-    val_check_interval: float
-    fast_dev_run: int
-    log_every_n_steps: int
-    checkpoint_every_steps: int
-    seed: int
-    run_name: str
-    resume: str
-    models_dir: str
-    logs_dir: str
-    verbose: bool
-    identity: dict = field(default_factory=dict)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.models_dir) / self.run_name
-
-    @property
-    def model_args(self) -> argparse.Namespace:
-        """The door's model flags as the namespace its build function reads."""
-        return argparse.Namespace(**self.model)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _devices(text: str) -> int | str:

@@ -9,8 +9,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from clipsearch.cli.common import UserError
 from clipsearch.encoding.runner import EncodeConfig, encode_rank
+from clipsearch.errors import UserError
 from clipsearch.store import MANIFEST_FILE, describe, read_json, write_manifest_if_complete
 
 # The only collective is the final barrier; ranks finish close together, but a rank that meets

@@ -11,12 +11,12 @@ import torch
 from tqdm import tqdm
 
 from clipsearch.checkpoint import model_fingerprint
-from clipsearch.cli.common import UserError
 from clipsearch.data import IMAGE_EXTENSIONS
 from clipsearch.encoding.mapper import ImageEmbedder
 from clipsearch.encoding.plan import Layout, plan_update
 from clipsearch.encoding.reader import collect_image_paths, make_loader, shard_batches
 from clipsearch.encoding.writer import ShardWriter
+from clipsearch.errors import UserError
 from clipsearch.models.released import load_model
 from clipsearch.store import (
     MANIFEST_FILE,

@@ -24,7 +24,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from clipsearch.cli.common import DEFAULT_TOP_K
+from clipsearch.defaults import DEFAULT_TOP_K
 from clipsearch.images import DECOMPRESSION_BOMB, SkipReasons, decode_image, display_path, load_image
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,58 @@
+"""One training run's settings as data: built once from the flags (cli/train_args.py), read by the run."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+RESUME_CHOICES = ("auto", "last", "none")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs, checked once after parsing; `model` holds the door's flags."""
+
+    variant: str
+    model: dict
+    dataset_path: str
+    val_path: str | None
+    train_split: str
+    val_split: str
+    batch_size: int
+    num_workers: int | None
+    sample_num: int | None
+    lr: float
+    tower_lr: float | None
+    weight_decay: float
+    warmup_steps: int
+    max_steps: int
+    gradient_clip_val: float | None
+    accumulate_grad_batches: int
+    accelerator: str
+    devices: int | str
+    num_nodes: int
+    strategy: str
+    precision: str | None
+    val_check_interval: float
+    fast_dev_run: int
+    log_every_n_steps: int
+    checkpoint_every_steps: int
+    seed: int
+    run_name: str
+    resume: str
+    models_dir: str
+    logs_dir: str
+    verbose: bool
+    identity: dict = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.models_dir) / self.run_name
+
+    @property
+    def model_args(self) -> argparse.Namespace:
+        """The door's model flags as the namespace its build function reads."""
+        return argparse.Namespace(**self.model)
+
+    def as_dict(self) -> dict:
+        return asdict(self)

@@ -244,7 +244,7 @@ def test_missing_inputs_answer_before_torch_loads(tmp_path):
     )
     lines = result.stdout.splitlines()
     assert lines[0].startswith(f"--dataset_path {tmp_path / 'nowhere'} is not a folder")
-    assert lines[1].startswith(f"--load_model {tmp_path / 'nowhere'} does not exist")
+    assert lines[1].startswith(f"--load_model {tmp_path / 'nowhere'}: no such file")
     assert lines[2] == "torch not loaded"
 
 

@@ -1,4 +1,5 @@
 """Incremental updates: add / modify / delete / rename cycles, a kill mid-update, two ranks, exact duplicates."""
+import json
 import os
 import shutil
 import signal
@@ -79,7 +80,7 @@ def test_add_modify_delete_rename_cycles_encode_only_what_changed(tmp_path, tiny
     assert [path.name for path in list_shards(emb_path)] == ["0-000-64.ckpt"]
 
 
-def test_exact_duplicates_are_reported_and_folded_on_request(tmp_path, tiny_checkpoint):
+def test_exact_duplicates_are_reported_and_folded_on_request(tmp_path, tiny_checkpoint, capsys):
     from clipsearch.search import SearchEngine
 
     dataset, emb_path = tmp_path / "photos", tmp_path / "emb"
@@ -96,6 +97,15 @@ def test_exact_duplicates_are_reported_and_folded_on_request(tmp_path, tiny_chec
     folded = SearchEngine.from_files(tiny_checkpoint, emb_path, fold_duplicates=True).search_image([query], top_k=3)[0]
     assert len(folded) == 3 and {folded[0].path, *folded[0].duplicates} == {str(paths[0]), str(copy)}
     assert not {hit.path for hit in folded[1:]} & {str(paths[0]), str(copy)}
+
+    # The same through the search command: one JSON result that lists the other copy.
+    from clipsearch.cli.search import main as search_main
+
+    search_main(["--load_model", str(tiny_checkpoint), "--emb_path", str(emb_path), "--image", str(paths[0]),
+                 "--top_k", "3", "--json", "--no_grid", "--fold_duplicates"])
+    (answer,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    first = answer["results"][0]
+    assert {first["path"], *first["duplicates"]} == {str(paths[0]), str(copy)}
 
 
 def test_a_kill_in_the_middle_of_an_update_then_rerun(tmp_path, tiny_checkpoint):

@@ -52,6 +52,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "built or trust: faiss files are not safe against tampering",
     )
     data.add_argument("--fp16", action="store_true", help="hold the embeddings as float16: half the memory")
+    data.add_argument("--fold_duplicates", action="store_true",
+                      help="answer images with the same bytes as one result that lists every path")
 
     query = parser.add_argument_group("queries")
     query.add_argument("--query", action="append", default=[], help="text query; repeat for several")
@@ -146,16 +148,23 @@ def collection_roots(args: argparse.Namespace) -> list[str] | None:
 def hit_records(hits) -> list[dict]:
     from clipsearch.images import display_path
 
-    return [
-        {"rank": rank, "id": hit.id, "path": display_path(hit.path), "score": round(float(hit.score), 6)}
-        for rank, hit in enumerate(hits, start=1)
-    ]
+    records = []
+    for rank, hit in enumerate(hits, start=1):
+        record = {"rank": rank, "id": hit.id, "path": display_path(hit.path), "score": round(float(hit.score), 6)}
+        if hit.duplicates:
+            record["duplicates"] = [display_path(path) for path in hit.duplicates]
+        records.append(record)
+    return records
 
 
 def format_hits(hits) -> str:
     from clipsearch.images import display_path
 
-    return "\n".join(f"{rank:4d}  {hit.score:+.4f}  {display_path(hit.path)}" for rank, hit in enumerate(hits, start=1))
+    def line(rank: int, hit) -> str:
+        same = f"  (same bytes: {', '.join(display_path(path) for path in hit.duplicates)})" if hit.duplicates else ""
+        return f"{rank:4d}  {hit.score:+.4f}  {display_path(hit.path)}{same}"
+
+    return "\n".join(line(rank, hit) for rank, hit in enumerate(hits, start=1))
 
 
 def save_grid(hits, title: str, out_dir: Path, name: str, thumb_size: int = 160, columns: int = 5) -> Path:
@@ -285,6 +294,7 @@ def load_engine(args: argparse.Namespace):
             args.emb_path,
             index_path=args.index_path,
             dtype=torch.float16 if args.fp16 else torch.float32,
+            fold_duplicates=args.fold_duplicates,
         )
     except (FileNotFoundError, ValueError) as error:  # ValueError: not shards, or another model's (EmbeddingMismatchError)
         raise UserError(str(error)) from error

@@ -81,7 +81,7 @@ def test_matching_embeddings_give_perfect_recall_despite_a_skipped_image(tmp_pat
 
 def test_encode_split_rows_line_up(tmp_path):
     dataset = write_colour_dataset(tmp_path / "colours", corrupt_at=0)
-    images, texts, caption_image_ids, report = encode_split(colour_bundle(), dataset, "dev", batch_size=3)
+    images, texts, caption_image_ids, report, _ = encode_split(colour_bundle(), dataset, "dev", batch_size=3)
     assert images.shape == (4, 3) and texts.shape == (8, 3)
     assert caption_image_ids.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     assert torch.allclose(

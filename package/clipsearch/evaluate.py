@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import DataLoader
@@ -23,24 +24,6 @@ DIRECTIONS = {"text_to_image": "text->image", "image_to_text": "image->text"}
 def model_device(model: torch.nn.Module) -> torch.device:
     parameter = next(model.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
-
-
-def encode_split(
-    bundle: ModelBundle,
-    dataset_path: str | os.PathLike,
-    split: str = "dev",
-    batch_size: int = 64,
-    num_workers: int = 0,
-    device: torch.device | str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DataReport]:
-    """Encode every unique image of a split once and all of its captions.
-
-    Returns image_embeddings [N, D] and text_embeddings [M, D] (float32 on the CPU, not
-    normalised), caption_image_ids [M] (each caption's row in image_embeddings) and the report of
-    rows and images that were skipped. Images that fail to load are left out with their captions,
-    so the metrics are over what could be read; the report says how much that was.
-    """
-    return _encode(bundle, dataset_path, split, batch_size, num_workers, device)[:4]
 
 
 def encode_groups(model: torch.nn.Module, batch: dict, device: torch.device | str | None = None) -> dict:
@@ -99,9 +82,28 @@ def split_embeddings(encoded: dict) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return image_ids, encoded["image_embeddings"][image_rows], encoded["text_embeddings"][keep], caption_rows[keep]
 
 
+class EncodedSplit(NamedTuple):
+    image_embeddings: torch.Tensor  # [N, D], float32 on the CPU, not normalised
+    text_embeddings: torch.Tensor  # [M, D]
+    caption_image_ids: torch.Tensor  # [M]: each caption's row in image_embeddings
+    report: DataReport  # table rows and images that were skipped
+    listed_images: int  # unique images the table listed, read or not
+
+
 @torch.no_grad()
-def _encode(bundle, dataset_path, split, batch_size, num_workers, device):
-    """encode_split, plus the number of unique images the table listed."""
+def encode_split(
+    bundle: ModelBundle,
+    dataset_path: str | os.PathLike,
+    split: str = "dev",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | str | None = None,
+) -> EncodedSplit:
+    """Encode every unique image of a split once and all of its captions.
+
+    Images that fail to load are left out with their captions, so the metrics are over what
+    could be read; the report says how much that was.
+    """
     report = DataReport()
     table = read_table(dataset_path, split, report=report)
     if table.empty:
@@ -127,25 +129,19 @@ def _encode(bundle, dataset_path, split, batch_size, num_workers, device):
     if not encoded:
         raise ValueError(f"{dataset_path}: no image of split {split!r} could be read ({report.summary()})")
     _, image_embeddings, text_embeddings, caption_rows = split_embeddings(concat_encoded(encoded, bundle.embed_dim, "cpu"))
-    return image_embeddings, text_embeddings, caption_rows, report, len(dataset)
+    return EncodedSplit(image_embeddings, text_embeddings, caption_rows, report, len(dataset))
 
 
-def evaluate(
-    bundle: ModelBundle,
-    dataset_path: str | os.PathLike,
-    split: str = "dev",
-    batch_size: int = 64,
-    num_workers: int = 0,
-    device: torch.device | str | None = None,
-) -> dict:
+def evaluate(bundle: ModelBundle, dataset_path: str | os.PathLike, split: str = "dev", **encode_options) -> dict:
     """Retrieval metrics of `bundle` on a split, with the counts they were computed over.
 
-    Returns {"dataset", "split", "metrics": retrieval_metrics(...), "counts": {"images",
-    "captions", "skipped_images", "skipped": {reason: n}, "conversions": {mode: n}}}, where
-    "skipped" also counts table rows dropped for an empty or unreadable caption or path.
+    `encode_options` (batch_size, num_workers, device) go to `encode_split`. Returns {"dataset",
+    "split", "metrics": retrieval_metrics(...), "counts": {"images", "captions", "skipped_images",
+    "skipped": {reason: n}, "conversions": {mode: n}}}, where "skipped" also counts table rows
+    dropped for an empty or unreadable caption or path.
     """
-    image_embeddings, text_embeddings, caption_image_ids, report, table_images = _encode(
-        bundle, dataset_path, split, batch_size, num_workers, device
+    image_embeddings, text_embeddings, caption_image_ids, report, table_images = encode_split(
+        bundle, dataset_path, split, **encode_options
     )
     metrics = retrieval_metrics(image_embeddings, text_embeddings, caption_image_ids)
     return {

@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "not an embedding shard)") from None
     bundle.model.to(device)
     try:
-        result = evaluate(bundle, args.dataset_path, args.split, args.batch_size, args.num_workers, device)
+        result = evaluate(bundle, args.dataset_path, args.split, batch_size=args.batch_size,
+                          num_workers=args.num_workers, device=device)
     except ValueError as error:
         raise UserError(str(error)) from None
     result = {"checkpoint": model_label(args.load_model), **result}

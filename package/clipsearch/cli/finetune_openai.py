@@ -2,23 +2,10 @@
 from __future__ import annotations
 
 from clipsearch.cli.common import run_command
-from clipsearch.cli.train_args import (
-    LOCAL_WEIGHTS_DIR,
-    TrainConfig,
-    VariantDefaults,
-    add_lock_args,
-    add_training_args,
-    train_with,
-    training_config,
-    training_parser,
-)
-
-# Pretrained CLIP forgets quickly: a low peak lr (open_clip's finetuning recipes use ~1e-5).
-DEFAULTS = VariantDefaults(lr=1e-5, max_steps=1000)
+from clipsearch.cli.train_args import LOCAL_WEIGHTS_DIR, TrainingDoor, VariantDefaults
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    parser, model = training_parser(__doc__)
+def add_model_args(model) -> None:
     model.add_argument("--finetune_clip", default="ViT-B/32",
                        help="architecture of the weights: ViT-B/32, RN50, RN101, RN50x4 (or a small local config for tests)")
     model.add_argument("--clip_checkpoint", default=None,
@@ -28,15 +15,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                             "you made")
     model.add_argument("--text_length", type=int, default=None, help="context length (default 77; other values resize position embeddings)")
     model.add_argument("--image_resolution", type=int, default=None, help="input size (default: the release's; others interpolate)")
-    add_lock_args(model)
-    add_training_args(parser, pretrained_towers=True)
-    args = parser.parse_args(argv)
-    return training_config(args, model, f"openai-finetune-{args.finetune_clip.replace('/', '-')}", DEFAULTS)
 
 
-def main(argv: list[str] | None = None):
-    return train_with(parse_args(argv), "build_openai_finetune")
-
+# Pretrained CLIP forgets quickly: a low peak lr (open_clip's finetuning recipes use ~1e-5).
+DOOR = TrainingDoor(__doc__, VariantDefaults(lr=1e-5, max_steps=1000), add_model_args, build="build_openai_finetune", pretrained_towers=True,
+                    variant=lambda args: f"openai-finetune-{args.finetune_clip.replace('/', '-')}")
+parse_args, main = DOOR.parse_args, DOOR.main
 
 if __name__ == "__main__":
     run_command(main)

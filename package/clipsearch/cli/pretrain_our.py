@@ -2,25 +2,14 @@
 from __future__ import annotations
 
 from clipsearch.cli.common import run_command
-from clipsearch.cli.train_args import (
-    TrainConfig,
-    VariantDefaults,
-    add_lock_args,
-    add_training_args,
-    train_with,
-    training_config,
-    training_parser,
-)
+from clipsearch.cli.train_args import TrainingDoor, VariantDefaults
 
-# Fresh projections learn fast; the pretrained towers move ten times slower so they keep what they know.
-DEFAULTS = VariantDefaults(lr=5e-4, max_steps=150, tower_lr_ratio=0.1)
 # clipsearch.models.image_tower's default, named here: importing it would load torch before parsing
 # (tests/test_models.py checks that the two agree).
 DEFAULT_IMAGE_MODEL = "tf_efficientnet_lite0"
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    parser, model = training_parser(__doc__)
+def add_model_args(model) -> None:
     model.add_argument("--pretrain_text", default=None,
                        help="HuggingFace text model: hub id (e.g. bert-base-uncased) or local folder "
                             "(default: the packaged all-MiniLM-L6-v2, offline)")
@@ -36,22 +25,31 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                        help="train on crops of this size, encode at --image_resolution (default: the same). A CNN "
                             "tower trained below its test size is cheaper per step and scores better at the larger "
                             "test size (FixRes, Touvron et al. 2019)")
-    add_lock_args(model)
-    add_training_args(parser, pretrained_towers=True)
-    args = parser.parse_args(argv)
+
+
+def complete(args) -> None:
     if args.image_resolution is None:
         from clipsearch.sample_data import sample_image_size
 
         args.image_resolution = sample_image_size(args.dataset_path)
-    variant = f"our-{args.pretrain_image}-{args.image_resolution or 'default'}px"
-    if args.train_resolution:
-        variant += f"-train{args.train_resolution}px"
-    return training_config(args, model, variant, DEFAULTS)
 
 
-def main(argv: list[str] | None = None):
-    return train_with(parse_args(argv), "build_pretrained_towers")
+def variant(args) -> str:
+    tag = f"our-{args.pretrain_image}-{args.image_resolution or 'default'}px"
+    return tag + (f"-train{args.train_resolution}px" if args.train_resolution else "")
 
+
+DOOR = TrainingDoor(
+    __doc__,
+    # Fresh projections learn fast; the pretrained towers move ten times slower so they keep what they know.
+    VariantDefaults(lr=5e-4, max_steps=150, tower_lr_ratio=0.1),
+    add_model_args,
+    variant,
+    build="build_pretrained_towers",
+    pretrained_towers=True,
+    complete=complete,
+)
+parse_args, main = DOOR.parse_args, DOOR.main
 
 if __name__ == "__main__":
     run_command(main)

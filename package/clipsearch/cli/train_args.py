@@ -5,6 +5,7 @@ import argparse
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,3 +211,34 @@ def train_with(config: TrainConfig, build_name: str):
     from clipsearch.train import run_training
 
     return run_training(config, getattr(variants, build_name))
+
+
+@dataclass(frozen=True)
+class TrainingDoor:
+    """One training variant's command: what differs between the three doors, and nothing else."""
+
+    description: str
+    defaults: VariantDefaults
+    add_model_args: Callable[[argparse._ArgumentGroup], None]
+    # The run-name tag from the parsed flags, e.g. "openai-scratch-ViT-B-32".
+    variant: Callable[[argparse.Namespace], str]
+    # The function of `clipsearch.variants` that builds (model, transforms, tokenizer).
+    build: str
+    # Towers start pretrained: the lock flags and --tower_lr apply.
+    pretrained_towers: bool = False
+    # Fills model flags whose default depends on other flags, before the run is named.
+    complete: Callable[[argparse.Namespace], None] | None = None
+
+    def parse_args(self, argv: list[str] | None = None) -> TrainConfig:
+        parser, model = training_parser(self.description)
+        self.add_model_args(model)
+        if self.pretrained_towers:
+            add_lock_args(model)
+        add_training_args(parser, pretrained_towers=self.pretrained_towers)
+        args = parser.parse_args(argv)
+        if self.complete is not None:
+            self.complete(args)
+        return training_config(args, model, self.variant(args), self.defaults)
+
+    def main(self, argv: list[str] | None = None):
+        return train_with(self.parse_args(argv), self.build)

@@ -178,7 +178,7 @@ def test_unknown_open_clip_names_and_tags_are_named():
 
 
 def test_an_embedding_folder_never_mixes_models(hf_clip_folder, photos, tmp_path):
-    from clipsearch.encoding.runner import EncodingMismatchError
+    from clipsearch.store import EncodingMismatchError
 
     exported = _export(str(hf_clip_folder), tmp_path / "hf.ckpt")
     other = _save_openai_formats(_tiny_openai_clip(None), tmp_path)["state_dict"]

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from clipsearch.cli.common import DEFAULT_EMB_PATH, CommandParser, UserError, positive_int, run_command
+from clipsearch.cli.index import check_emb_path, consolidated_store
 
 EPILOG = """\
 Writes <out>/img_emb/img_emb_N.npy (fp16, unit-length rows) and <out>/metadata/metadata_N.parquet
@@ -20,8 +21,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     data.add_argument("--out", required=True, help="folder to write (replaced if it exists)")
     data.add_argument("--rows_per_file", type=positive_int, default=1_000_000, help="rows in each .npy/.parquet pair")
     args = parser.parse_args(argv)
-    if not Path(args.emb_path).is_dir():
-        raise UserError(f"--emb_path {args.emb_path} is not a folder; encode images first with 2_inference_encode.sh")
+    check_emb_path(args.emb_path)
     if Path(args.out).resolve() == Path(args.emb_path).resolve():
         raise UserError("--out must be another folder than --emb_path: the export replaces it")
     return args
@@ -30,12 +30,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]):
     args = parse_args(argv)
     from clipsearch.clip_retrieval_export import export_clip_retrieval
-    from clipsearch.mmap_store import consolidate
 
-    try:
-        store = consolidate(args.emb_path)
-    except FileNotFoundError as error:
-        raise UserError(str(error)) from None
+    store = consolidated_store(args.emb_path)
     files = export_clip_retrieval(store.paths, store.embeddings.numpy(), args.out, args.rows_per_file)
     print(f"wrote {len(store):,} rows in {len(files)} file(s) to {args.out}")
     return files

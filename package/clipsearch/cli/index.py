@@ -65,20 +65,30 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     program.add_argument("--recall_queries", type=non_negative_int, default=500, help="rows held out as queries to measure recall@10 (0: skip)")
     program.add_argument("--target_recall", type=fraction, default=0.95, help="recall@10 the nprobe tuning aims for")
     args = parser.parse_args(argv)
-    if not Path(args.emb_path).is_dir():
-        raise UserError(f"--emb_path {args.emb_path} is not a folder; encode images first with 2_inference_encode.sh")
+    check_emb_path(args.emb_path)
     return args
+
+
+def check_emb_path(emb_path: str) -> None:
+    if not Path(emb_path).is_dir():
+        raise UserError(f"--emb_path {emb_path} is not a folder; encode images first with 2_inference_encode.sh")
+
+
+def consolidated_store(emb_path: str):
+    """The folder's memory-mapped fp16 store, built first if the shards changed; no shards is the user's to fix."""
+    from clipsearch.mmap_store import consolidate
+
+    try:
+        return consolidate(emb_path)
+    except FileNotFoundError as error:
+        raise UserError(str(error)) from None
 
 
 def main(argv: list[str]):
     args = parse_args(argv)
     from clipsearch.index import INDEX_FILE, build_index
-    from clipsearch.mmap_store import consolidate
 
-    try:
-        store = consolidate(args.emb_path)
-    except FileNotFoundError as error:
-        raise UserError(str(error)) from None
+    store = consolidated_store(args.emb_path)
     try:
         index = build_index(
             store.embeddings,

@@ -60,7 +60,7 @@ def test_budgeted_index_fits_records_recall_and_answers_mapped_as_in_memory(tmp_
     assert built.info["kind"] == "ivf_pq" and built.info["params"]["rerank_factor"] > 0
     assert (tmp_path / "index.faiss").stat().st_size <= budget
     assert built.info["index_bytes"] <= budget and built.info["estimated_bytes"] <= budget
-    assert built.info["recall_at_10"] >= 0.9 and built.info["recall_queries"] == 200
+    assert built.info["recall_at_10"] >= 0.9 and built.info["recall_queries"] == "200 held-out rows"
     assert built.info["recall_at_10"] == max(built.info["recall_by_nprobe"].values())
 
     queries = clustered(50, seed=3).numpy()  # other themes than the collection's: answers must still agree
@@ -69,6 +69,16 @@ def test_budgeted_index_fits_records_recall_and_answers_mapped_as_in_memory(tmp_
     for answer in (mapped.search(queries, 10), read.search(queries, 10)):
         np.testing.assert_array_equal(answer[1], built.search(queries, 10)[1])
         np.testing.assert_allclose(answer[0], built.search(queries, 10)[0], atol=1e-6)
+
+
+def test_recall_is_tuned_on_given_queries(tmp_path):
+    embeddings, queries = clustered(3_100).split([3_000, 100])
+    write_folder(tmp_path, embeddings)
+    np.save(tmp_path / "queries.npy", queries.numpy())
+    built = index_main(["--emb_path", str(tmp_path), "--kind", "ivf", "--tune_queries", str(tmp_path / "queries.npy")])
+    assert built.info["recall_queries"] == "100 given queries" and built.info["recall_at_10"] >= 0.95
+    paths = [f"/images/{row}.jpg" for row in range(3_000)]
+    assert recall_at(Searcher(paths, embeddings, built), queries) == built.info["recall_at_10"]
 
 
 def test_ivf_and_hnsw_agree_with_exact_search():

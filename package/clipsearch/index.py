@@ -110,8 +110,8 @@ def plan_index(count: int, dim: int, max_memory: int | None = None, kind: str = 
             return plan
     smallest = min(candidates, key=lambda plan: plan.estimated_bytes)
     raise ValueError(
-        f"no {kind} index of {count:,} x {dim} vectors fits {max_memory / 2**20:,.0f} MB; the smallest "
-        f"({smallest.factory}) needs about {smallest.estimated_bytes / 2**20:,.0f} MB: raise --max_memory"
+        f"no {kind} index of {count:,} x {dim} vectors fits {max_memory / 2**20:,.2f} MB; the smallest "
+        f"({smallest.factory}) needs about {smallest.estimated_bytes / BUDGET_MARGIN / 2**20:,.2f} MB: raise --max_memory"
     )
 
 
@@ -338,6 +338,7 @@ def build_index(
     rerank_rows: Callable[[np.ndarray], np.ndarray] | None = None,
     recall_queries: int = RECALL_QUERIES,
     target_recall: float = TARGET_RECALL,
+    queries: np.ndarray | None = None,
     seed: int = 0,
 ) -> FaissIndex:
     """Build an inner-product index over unit-length rows [count, dim] (a tensor or memory-mapped array).
@@ -345,8 +346,10 @@ def build_index(
     The layout is the most accurate that fits `max_memory` bytes. `recall_queries` rows held out of
     training serve as queries: recall@10 against exact search is measured on them (each query
     excluding itself), and an IVF index without a given `nprobe` takes the smallest that reaches
-    `target_recall`. `rerank_rows(row_ids) -> vectors` lets an IVF-PQ index re-score its candidates
-    exactly.
+    `target_recall`. `queries` [n, dim], when given, replace the held-out rows: queries of the kind
+    search will get (caption embeddings lie farther from the images than images from each other, and
+    need a larger nprobe; measured in benchmarks/bench_index.py). `rerank_rows(row_ids) -> vectors`
+    lets an IVF-PQ index re-score its candidates exactly.
     """
     started = time.perf_counter()
     count, dim = int(embeddings.shape[0]), int(embeddings.shape[1])
@@ -356,7 +359,7 @@ def build_index(
     index = _new_index(plan, dim)
     generator = np.random.default_rng(seed)
     shuffled = generator.permutation(count)
-    query_rows = np.sort(shuffled[: min(recall_queries, count)])
+    query_rows = np.sort(shuffled[: 0 if queries is not None else min(recall_queries, count)])
     params: dict = {}
     if plan.kind.startswith("ivf"):
         train_rows = np.sort(shuffled[len(query_rows) :][: plan.nlist * TRAIN_POINTS_PER_LIST])
@@ -384,13 +387,15 @@ def build_index(
         "order_fingerprint": order_fingerprint,
     }
     built = FaissIndex(index, info, rerank_rows if plan.kind == "ivf_pq" else None)
-    if len(query_rows) and plan.kind != "flat":
-        queries = _as_float32(_take(embeddings, query_rows))
-        exact_rows = exact_neighbours(embeddings, queries, min(TOP_K + 1, count))
+    if (len(query_rows) or queries is not None) and plan.kind != "flat":
+        given = queries is not None
+        queries = np.ascontiguousarray(queries, dtype=np.float32) if given else _as_float32(_take(embeddings, query_rows))
+        own_rows = None if given else query_rows
+        exact_rows = exact_neighbours(embeddings, queries, min(TOP_K + (0 if given else 1), count))
         if plan.kind.startswith("ivf") and nprobe is None:
-            info["recall_by_nprobe"] = tune_nprobe(built, queries, exact_rows, query_rows, target_recall)
-        info["recall_at_10"] = round(held_out_recall(built, queries, exact_rows, query_rows), 4)
-        info["recall_queries"] = len(query_rows)
+            info["recall_by_nprobe"] = tune_nprobe(built, queries, exact_rows, own_rows, target_recall)
+        info["recall_at_10"] = round(held_out_recall(built, queries, exact_rows, own_rows), 4)
+        info["recall_queries"] = f"{len(queries)} given queries" if given else f"{len(queries)} held-out rows"
     elif plan.kind == "flat":
         info["recall_at_10"] = 1.0
     info["build_seconds"] = round(time.perf_counter() - started, 2)

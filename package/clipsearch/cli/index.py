@@ -63,9 +63,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     index.add_argument("--ef_search", type=positive_int, default=128, help="HNSW search beam width")
     program = parser.add_argument_group("program")
     program.add_argument("--recall_queries", type=non_negative_int, default=500, help="rows held out as queries to measure recall@10 (0: skip)")
+    program.add_argument("--tune_queries", default=None,
+                         help=".npy file of query embeddings [n, d] (e.g. encoded captions) to measure and tune recall on, "
+                              "instead of held-out rows")
     program.add_argument("--target_recall", type=fraction, default=0.95, help="recall@10 the nprobe tuning aims for")
     args = parser.parse_args(argv)
     check_emb_path(args.emb_path)
+    if args.tune_queries and not Path(args.tune_queries).is_file():
+        raise UserError(f"--tune_queries {args.tune_queries} not found; save query embeddings with numpy.save")
     return args
 
 
@@ -89,6 +94,13 @@ def main(argv: list[str]):
     from clipsearch.index import INDEX_FILE, build_index
 
     store = consolidated_store(args.emb_path)
+    queries = None
+    if args.tune_queries:
+        import numpy as np
+
+        queries = np.load(args.tune_queries, allow_pickle=False)
+        if queries.ndim != 2 or queries.shape[1] != store.dim:
+            raise UserError(f"--tune_queries {args.tune_queries} holds shape {queries.shape}, expected [n, {store.dim}]")
     try:
         index = build_index(
             store.embeddings,
@@ -101,6 +113,7 @@ def main(argv: list[str]):
             rerank_rows=store.rows,
             recall_queries=args.recall_queries,
             target_recall=args.target_recall,
+            queries=queries,
         )
     except ValueError as error:  # the budget cannot hold any layout
         raise UserError(str(error)) from None

@@ -53,7 +53,8 @@ TOP_K = 10
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("flickr8k", "synthetic"), required=True, help="which collection to run")
+    parser.add_argument("--part", choices=("flickr8k", "synthetic", "report"), required=True,
+                        help="which collection to run; report: rewrite the BENCHMARKS.md section from the JSON")
     parser.add_argument("--work_dir", default="/tmp/bench-index", help="scratch folder (vectors, indexes, exports)")
     parser.add_argument("--count", type=int, default=200_000, help="synthetic: collection size")
     parser.add_argument("--clusters", type=int, default=2_000, help="synthetic: mixture components")
@@ -201,7 +202,8 @@ def build_autofaiss(store, folder: Path, max_memory: int):
     export = folder / "clip-retrieval"
     if not (export / "img_emb").is_dir():
         export_clip_retrieval(store.paths, store.embeddings.numpy(), export)
-    index_path, infos_path = folder / "autofaiss.index", folder / "autofaiss.json"
+    (folder / "autofaiss").mkdir(exist_ok=True)  # its JSON beside the shards would read as a new input
+    index_path, infos_path = folder / "autofaiss" / "knn.index", folder / "autofaiss" / "infos.json"
     adapt_autofaiss()
     started = time.perf_counter()
     build_index(
@@ -340,8 +342,19 @@ def render(all_results: dict) -> str:
     return "\n".join(parts)
 
 
+def save_result(name: str, result: dict) -> dict:
+    all_results = json.loads(RESULTS_FILE.read_text()) if RESULTS_FILE.is_file() else {}
+    all_results[name] = result
+    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS_FILE.write_text(json.dumps(all_results, indent=2) + "\n")
+    return all_results
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.part == "report":
+        update_report_section("index", render(json.loads(RESULTS_FILE.read_text())))
+        return {}
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     from clipsearch.cli.index import memory_size
@@ -361,13 +374,11 @@ def main(argv: list[str] | None = None) -> dict:
         max_memory = memory_size(args.max_memory) if args.max_memory else len(store) * 200
         name = f"Generated ({args.clusters:,} Zipf clusters in a {args.intrinsic_dim}-d subspace)"
     result = {**started, "compare": compare(store, queries, folder, max_memory, args, tune_queries)}
+    result.update(count=len(store), dim=store.dim, max_memory=max_memory, queries=len(queries), load_average_end=load_average())
+    all_results = save_result(name, result)  # kept even if the startup measurement fails
     if args.part == "synthetic" and args.startup_rows:
         result["startup"] = startup(store, folder, args.startup_rows)
-    result.update(count=len(store), dim=store.dim, max_memory=max_memory, queries=len(queries), load_average_end=load_average())
-    all_results = json.loads(RESULTS_FILE.read_text()) if RESULTS_FILE.is_file() else {}
-    all_results[name] = result
-    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_FILE.write_text(json.dumps(all_results, indent=2) + "\n")
+        all_results = save_result(name, result)
     print(render({name: result}))
     if not args.no_report:
         update_report_section("index", render(all_results))

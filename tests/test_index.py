@@ -126,6 +126,9 @@ def test_consolidated_store_is_built_once_and_rebuilt_when_a_shard_is_added(tmp_
     first_write = matrix.stat().st_mtime_ns
     assert consolidate(tmp_path).paths == paths and matrix.stat().st_mtime_ns == first_write  # up to date: reused
 
+    (tmp_path / "other-index.faiss").write_bytes(b"")
+    (tmp_path / "other-index.json").write_text("{}")  # an index's record is no input
+    assert open_store(tmp_path) is not None
     write_shard(tmp_path / "2-000-64.ckpt", [f"/images/new-{row}.jpg" for row in range(100)], embeddings[200:])
     assert open_store(tmp_path) is None  # stale: never served
     grown = consolidate(tmp_path)

@@ -19,8 +19,6 @@ STORE_DIR = "consolidated"
 MATRIX_FILE = "embeddings.f16"
 PATHS_FILE = "paths.json"
 INFO_FILE = "store.json"
-# Files of the embedding folder that are outputs of this module or of the index, not inputs.
-DERIVED_FILES = ("index.faiss", "index.json")
 # Rows normalised and written at a time: 64 MB of fp32 at 512-d, whatever the collection's size.
 WRITE_ROWS = 32_768
 
@@ -54,14 +52,13 @@ def source_fingerprint(emb_path: str | os.PathLike) -> str:
     """Which inputs the folder holds: name, size and mtime of every shard and JSON record.
 
     Adding, replacing or deleting a shard, or a new manifest (which records deleted images), changes
-    it, so a store built from other inputs is never served.
+    it, so a store built from other inputs is never served. An index's record (X.json beside
+    X.faiss) is an output, not an input.
     """
     emb_path = Path(emb_path)
     digest = hashlib.sha256()
-    inputs = [*list_shards(emb_path), *sorted(emb_path.glob("*.json"))]
-    for path in inputs:
-        if path.name in DERIVED_FILES:
-            continue
+    records = [path for path in sorted(emb_path.glob("*.json")) if not path.with_suffix(".faiss").exists()]
+    for path in [*list_shards(emb_path), *records]:
         stat = path.stat()
         digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:16]

@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import io
 import json
-import os
 import shutil
 import sys
 import time
@@ -247,8 +246,9 @@ def main(argv: list[str] | None = None) -> dict:
     load_start = load_average()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     images, images_source = source_images(args)
-    # The encode CLI's rule for one device: one core for the model, the rest decode (1 to 8 workers).
-    default_workers = min(8, max(1, (os.cpu_count() or 1) - 1))
+    from clipsearch.cli.common import default_num_workers
+
+    default_workers = default_num_workers()  # the encode CLI's default for one device
     results = {
         "date": now_iso(),
         "machine": machine_info(),

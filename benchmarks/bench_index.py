@@ -270,23 +270,24 @@ def compare(store, queries: np.ndarray, folder: Path, max_memory: int, args, tun
 
 def startup(store, folder: Path, rows: int) -> dict:
     """Seconds from a fresh process to the first exact answer: consolidated mmap against reading shards."""
-    from clipsearch.encoding.writer import write_shard
     from clipsearch.mmap_store import consolidate
+    from clipsearch.store import write_shard
 
     shards = folder / "startup-emb"
     rows = min(rows, len(store))
-    if not (shards / "model.json").is_file() or consolidate(shards).info["count"] != rows:
+    written = folder / "startup-emb.done"
+    if not written.is_file() or consolidate(shards).info["count"] != rows:
         shards.mkdir(parents=True, exist_ok=True)
         for number, start in enumerate(range(0, rows, 100_000)):
             end = min(start + 100_000, rows)
             write_shard(shards / f"0-{number:03d}-100000.ckpt", store.paths[start:end], store.embeddings[start:end].float())
-        (shards / "model.json").write_text("{}")
+        written.write_text(str(rows))
     consolidate(shards)  # built once, as the index command does
     query = f"torch.nn.functional.normalize(torch.ones(1, {store.dim}), dim=-1)"
     programs = {
-        "imports only": "import torch, clipsearch.search, clipsearch.mmap_store",
-        "shards read into memory (fp16)": f"import torch; from clipsearch.search import Searcher\n"
-        f"s = Searcher.from_shards({str(shards)!r}, dtype=torch.float16); s.search({query}, 10)",
+        "imports only": "import torch, clipsearch.search, clipsearch.store, clipsearch.mmap_store",
+        "shards read into memory (fp16)": f"import torch; from clipsearch.search import Searcher; from clipsearch.store import load_collection\n"
+        f"s = Searcher.from_collection(load_collection({str(shards)!r}, dtype=torch.float16)); s.search({query}, 10)",
         "consolidated store, memory-mapped": f"import torch; from clipsearch.search import Searcher; from clipsearch.mmap_store import open_store\n"
         f"st = open_store({str(shards)!r}); s = Searcher(st.paths, st.embeddings, assume_normalised=True); s.search({query}, 10)",
     }

@@ -1,15 +1,17 @@
 """Encoding: stages alone, the real CLI in one and two processes, resume after a kill, bad images."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
 
+from clipsearch.cli.common import UserError
 from clipsearch.cli.encode import main as encode_main
 from clipsearch.cli.encode import parse_args
+from clipsearch.encoding.launcher import ProcessLayout, layout_from_env
 from clipsearch.encoding.reader import collect_image_paths, partition, shard_batches
-from clipsearch.encoding.runner import EncodingMismatchError, ProcessLayout, layout_from_env
-from clipsearch.encoding.writer import list_shards, read_shard, write_shard
+from clipsearch.store import EncodingMismatchError, list_shards, read_shard, write_shard
 
 
 def encode(checkpoint, dataset, emb_path, *extra):
@@ -88,7 +90,7 @@ def test_launcher_environments():
     srun = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "4(x2)"}
     assert layout_from_env(srun, devices=4, num_nodes=2) == ProcessLayout(5, 8, 1, 4, False)
     assert layout_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, devices=4, num_nodes=2) is None
-    with pytest.raises(ValueError, match="SLURM started 8 tasks"):
+    with pytest.raises(UserError, match="SLURM started 8 tasks"):
         layout_from_env(srun, devices=1, num_nodes=1)
     assert layout_from_env({}, devices=2, num_nodes=1) is None
 
@@ -160,8 +162,10 @@ def test_resume_after_kill_completes_without_duplicates(tmp_path, tiny_checkpoin
     assert not list(emb_path.glob("*.tmp"))
     assert {name: (emb_path / name).stat().st_mtime_ns for name in kept_times} == kept_times
 
-    with pytest.raises(EncodingMismatchError, match="batch_size=2.*batch_size=3.*--overwrite"):
-        encode(tiny_checkpoint, root, emb_path, "--batch_size", "3", "--shard_size", "2")
+    # Other settings on an unchanged collection: nothing to encode, nothing rewritten.
+    manifest = encode(tiny_checkpoint, root, emb_path, "--batch_size", "3", "--shard_size", "2")
+    assert manifest["this_update"]["encoded"] == 0 and manifest["counts"]["encoded"] == 12
+    assert {name: (emb_path / name).stat().st_mtime_ns for name in kept_times} == kept_times
     manifest = encode(tiny_checkpoint, root, emb_path, "--batch_size", "3", "--overwrite")
     assert [p.name for p in list_shards(emb_path)] == ["0-000-3.ckpt"]
     assert manifest["counts"]["encoded"] == 12
@@ -200,7 +204,7 @@ def test_bad_images_are_skipped_listed_and_counted(tmp_path, tiny_checkpoint, co
     manifest = encode(tiny_checkpoint, dataset, tmp_path / "emb", "--batch_size", "2")
     assert set(read_all(tmp_path / "emb")) == set(good)
     assert manifest["counts"]["encoded"] == 3 and manifest["counts"]["skipped"] == 4
-    lines = (tmp_path / "emb" / "errors-0.tsv").read_text().splitlines()
+    lines = (tmp_path / "emb" / "errors.tsv").read_text().splitlines()
     assert lines[0] == "path\treason"
     assert dict(line.split("\t") for line in lines[1:]) == bad
 
@@ -209,10 +213,57 @@ def test_concurrent_writers_of_one_json_file_never_collide(tmp_path):
     """Every rank writes model.json; each needs its own temporary, or a rename finds it gone."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from clipsearch.encoding.writer import read_json, write_json
+    from clipsearch.store import read_json, write_json
 
     target = tmp_path / "model.json"
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda n: write_json(target, {"writer": n}), range(200)))
     assert read_json(target)["writer"] in range(200)
     assert [p.name for p in tmp_path.iterdir()] == ["model.json"]  # no temporaries left behind
+
+
+def test_missing_inputs_answer_before_torch_loads(tmp_path):
+    """A wrong path is one line, found before torch or the model load (so it answers at once)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from clipsearch.cli.common import UserError\n"
+        "from clipsearch.cli.encode import main\n"
+        "for argv in (['--dataset_path', sys.argv[1]], ['--dataset_path', sys.argv[2], '--load_model', sys.argv[1]]):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except UserError as error:\n"
+        "        print(error)\n"
+        "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "nowhere"), str(tmp_path)],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, check=True,
+    )
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"--dataset_path {tmp_path / 'nowhere'} is not a folder")
+    assert lines[1].startswith(f"--load_model {tmp_path / 'nowhere'} does not exist")
+    assert lines[2] == "torch not loaded"
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("(default: models/latest/best.ckpt)", "(default: dataset/sample)", "(default: 64)", "(default: 10000)"):
+        assert shown in text
+    with pytest.raises(SystemExit):
+        parse_args(["--batch-size", "0"])  # dashes accepted, and the value checked
+
+
+def test_model_json_records_the_resolved_checkpoint_and_its_run(tmp_path, tiny_checkpoint, colour_images):
+    root, _ = colour_images
+    run = tmp_path / "models" / "2026-11-29-run"
+    run.mkdir(parents=True)
+    shutil.copy(tiny_checkpoint, run / "best.ckpt")
+    (tmp_path / "models" / "latest").symlink_to(run.name)
+    encode(tmp_path / "models" / "latest" / "best.ckpt", root, tmp_path / "emb")
+    model = json.loads((tmp_path / "emb" / "model.json").read_text())
+    assert model["load_model"] == str((run / "best.ckpt").resolve()) and model["run"] == "2026-11-29-run"

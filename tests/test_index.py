@@ -9,10 +9,10 @@ import torch
 from clipsearch.cli.export_clip_retrieval import main as export_main
 from clipsearch.cli.index import KINDS as CLI_KINDS
 from clipsearch.cli.index import main as index_main
-from clipsearch.encoding.writer import write_shard
 from clipsearch.index import KINDS, build_index, default_nlist, exact_neighbours, load_index, plan_index
 from clipsearch.mmap_store import consolidate, open_store
-from clipsearch.search import EmbeddingMismatchError, Searcher, order_fingerprint
+from clipsearch.search import EmbeddingMismatchError, Searcher
+from clipsearch.store import load_collection, order_fingerprint, write_shard
 
 
 def clustered(count, dim=32, clusters=40, seed=0):
@@ -98,14 +98,14 @@ def test_ivf_and_hnsw_agree_with_exact_search():
     assert [set(rows) for rows in chunked.tolist()] == [set(rows) for rows in exact.exact_top_k(queries, 10)[1].tolist()]
 
 
-def test_saved_index_answers_through_from_shards_and_refuses_other_rows(tmp_path):
+def test_saved_index_answers_through_the_searcher_and_refuses_other_rows(tmp_path):
     embeddings = clustered(2_000, dim=16)
     paths = write_folder(tmp_path, embeddings)
     built = index_main(["--emb_path", str(tmp_path), "--kind", "ivf", "--nlist", "16", "--nprobe", "16"])
     assert built.info["recall_at_10"] == 1.0  # every list scanned: exact
 
-    exact = Searcher.from_shards(tmp_path)
-    indexed = Searcher.from_shards(tmp_path, index_path=tmp_path / "index.faiss")
+    exact = Searcher.from_collection(load_collection(tmp_path))
+    indexed = Searcher.from_collection(load_collection(tmp_path), load_index(tmp_path / "index.faiss"))
     assert indexed.index.kind == "ivf"
     for indexed_hits, exact_hits in zip(indexed.search(embeddings[:3], 5), exact.search(embeddings[:3], 5)):
         assert [(hit.id, hit.path) for hit in indexed_hits] == [(hit.id, hit.path) for hit in exact_hits]
@@ -137,7 +137,7 @@ def test_consolidated_store_is_built_once_and_rebuilt_when_a_shard_is_added(tmp_
     # Exact search straight on the mapped matrix: no copy, same answers as the shards read into memory.
     mapped = Searcher(grown.paths, grown.embeddings, assume_normalised=True)
     assert mapped.storage.data_ptr() == grown.embeddings.data_ptr()
-    loaded = Searcher.from_shards(tmp_path, dtype=torch.float16)
+    loaded = Searcher.from_collection(load_collection(tmp_path, dtype=torch.float16))
     assert [hit.path for hit in mapped.search(embeddings[:2], 5)[0]] == [hit.path for hit in loaded.search(embeddings[:2], 5)[0]]
 
 

@@ -9,8 +9,14 @@ from PIL import Image
 import clipsearch.search as search_module
 from clipsearch.cli.encode import main as encode_main
 from clipsearch.cli.search import main as search_main
-from clipsearch.encoding.writer import write_json, write_shard
 from clipsearch.search import EmbeddingMismatchError, Hit, SearchEngine, Searcher
+from clipsearch.store import (
+    EncodingMismatchError,
+    MissingEmbeddingsError,
+    load_collection,
+    write_json,
+    write_shard,
+)
 
 
 def random_collection(count=500, dim=32, seed=0):
@@ -60,8 +66,8 @@ def test_fp16_storage_is_close_to_fp32(tmp_path, monkeypatch):
     monkeypatch.setattr(search_module, "UPCAST_SLAB_ROWS", 128)
     paths, embeddings = random_collection(count=300, dim=64)
     write_shard(tmp_path / "0-000-64.ckpt", paths, embeddings)
-    full = Searcher.from_shards(tmp_path)
-    half = Searcher.from_shards(tmp_path, dtype=torch.float16)
+    full = Searcher.from_collection(load_collection(tmp_path))
+    half = Searcher.from_collection(load_collection(tmp_path, dtype=torch.float16))
     assert half.embeddings.dtype == torch.float16
     queries = embeddings[:5] + 0.1 * torch.randn(5, 64)
     for batch in (queries, queries[:1]):  # the multi-query and the single-query paths
@@ -71,31 +77,44 @@ def test_fp16_storage_is_close_to_fp32(tmp_path, monkeypatch):
     assert torch.allclose(half.scores(queries), full.scores(queries), atol=5e-3)
 
 
-def test_from_shards_orders_numerically_and_skips_temporary_files(tmp_path):
+def test_plain_folder_loads_in_numeric_order_and_skips_temporary_files(tmp_path):
     paths, embeddings = random_collection(count=9, dim=4)
     write_shard(tmp_path / "10-000-2.ckpt", paths[6:], embeddings[6:])
     write_shard(tmp_path / "2-000-2.ckpt", paths[:3], embeddings[:3])
     write_shard(tmp_path / "2-001-2.ckpt", paths[3:6], embeddings[3:6])
     (tmp_path / "2-002-2.ckpt.tmp").write_bytes(b"half a shard")
-    searcher = Searcher.from_shards(tmp_path, expected_dim=4)
+    searcher = Searcher.from_collection(load_collection(tmp_path))
     assert searcher.paths == paths
     torch.testing.assert_close(searcher.embeddings, F.normalize(embeddings, dim=-1))
 
 
-def test_from_shards_errors_are_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not found"):
-        Searcher.from_shards(tmp_path / "nowhere")
+def test_collection_errors_are_clear(tmp_path):
+    with pytest.raises(MissingEmbeddingsError, match="not found"):
+        load_collection(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="no embedding shards"):
-        Searcher.from_shards(tmp_path)
+        load_collection(tmp_path)
     write_shard(tmp_path / "0-000-2.ckpt", ["a"], torch.randn(1, 4))
-    with pytest.raises(EmbeddingMismatchError, match="4-d but the query model makes 8-d"):
-        Searcher.from_shards(tmp_path, expected_dim=8)
-    write_json(tmp_path / "model.json", {"fingerprint": "aaaa", "load_model": "models/a.ckpt"})
-    with pytest.raises(EmbeddingMismatchError, match="models/a.ckpt.*aaaa.*bbbb"):
-        Searcher.from_shards(tmp_path, expected_fingerprint="bbbb")
     write_shard(tmp_path / "1-000-2.ckpt", ["b"], torch.randn(1, 6))
-    with pytest.raises(EmbeddingMismatchError, match="1-000-2.ckpt has 6-d.*0-000-2.ckpt has 4-d"):
-        Searcher.from_shards(tmp_path)
+    with pytest.raises(EncodingMismatchError, match="1-000-2.ckpt has 6-d.*0-000-2.ckpt has 4-d"):
+        load_collection(tmp_path)
+
+
+def test_engine_refuses_another_models_embeddings_naming_both_runs(tmp_path, tiny_checkpoint):
+    run = tmp_path / "models" / "run-a"
+    run.mkdir(parents=True)
+    (run / "best.ckpt").symlink_to(tiny_checkpoint)
+    (tmp_path / "models" / "latest").symlink_to(run)
+    (tmp_path / "emb").mkdir()
+    write_shard(tmp_path / "emb" / "0-000-2.ckpt", ["a"], torch.randn(1, 64))
+    old_model = {"format": 2, "fingerprint": "aaaa", "load_model": "/old/models/run-b/best.ckpt", "run": "run-b"}
+    write_json(tmp_path / "emb" / "model.json", old_model)
+    (tmp_path / "emb" / "update-000.json").write_text('{"update": 0, "shards": ["0-000-2.ckpt"], "removed": []}')
+    with pytest.raises(EmbeddingMismatchError) as raised:
+        SearchEngine.from_files(tmp_path / "models" / "latest" / "best.ckpt", tmp_path / "emb")
+    message = str(raised.value)
+    # The resolved checkpoint, never the models/latest link, and the run each side came from.
+    assert "run run-b (/old/models/run-b/best.ckpt" in message and f"({tiny_checkpoint}" in message
+    assert "latest" not in message.replace(str(tmp_path / "emb"), "")
 
 
 # ---------------------------------------------------------------------------------------------

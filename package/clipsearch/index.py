@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipsearch.encoding.writer import atomic_replace, write_json
+from clipsearch.store import atomic_replace, write_json
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipsearch.encoding.writer import list_shards, read_json, read_shard, write_json
+from clipsearch.store import list_shards, load_collection, order_fingerprint, read_json, write_json
 
 STORE_DIR = "consolidated"
 MATRIX_FILE = "embeddings.f16"
@@ -65,20 +65,12 @@ def source_fingerprint(emb_path: str | os.PathLike) -> str:
 
 
 def _live_rows(emb_path: Path) -> Iterator[tuple[list[str], torch.Tensor]]:
-    """(paths, embeddings) of the collection's live rows, shard by shard, in row order.
+    """(paths, embeddings) of the collection's live rows (updates applied, deletions dropped), in row order.
 
-    Stand-in until `clipsearch.store.load_collection` lands: reads every shard (memory-mapped).
+    Read once in fp16: the build holds the collection at half size for the time of the write.
     """
-    for shard_path in list_shards(emb_path):
-        shard = read_shard(shard_path, mmap=True)
-        yield [str(path) for path in shard["path"]], shard["emb"]
-
-
-def _order_fingerprint(paths: list[str], dim: int) -> str:
-    # Stand-in: the Searcher checks an index against this digest; it moves to clipsearch.store.
-    from clipsearch.search import order_fingerprint
-
-    return order_fingerprint(paths, dim)
+    collection = load_collection(emb_path, dtype=torch.float16)
+    yield collection.paths, collection.embeddings
 
 
 def write_store(folder: str | os.PathLike, chunks: Iterable[tuple[list[str], torch.Tensor]], source: str) -> ConsolidatedStore:
@@ -112,7 +104,7 @@ def write_store(folder: str | os.PathLike, chunks: Iterable[tuple[list[str], tor
         "dim": dim,
         "dtype": "float16",
         "source_fingerprint": source,
-        "order_fingerprint": _order_fingerprint(paths, dim),
+        "order_fingerprint": order_fingerprint(paths, dim),
     }
     write_json(temporary / INFO_FILE, info)
     shutil.rmtree(folder, ignore_errors=True)

@@ -1,30 +1,28 @@
-"""Top-k search over embedding shards: exact by default, through a faiss index when one is given."""
+"""Top-k search over a collection's embeddings: exact by default, through an index object when one is given."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from clipsearch.encoding.writer import list_shards, read_json, read_shard
+from clipsearch.cli.common import UserError
+from clipsearch.store import describe_model, load_collection, model_source, normalise_rows, order_fingerprint
 
 logger = logging.getLogger(__name__)
 
 # Scores of a query batch against the whole collection are held at once only below this size;
 # above it the collection is scanned in chunks whose partial top-k lists are merged.
 DEFAULT_MAX_SCORE_BYTES = 256 * 2**20
-# Normalising a large matrix is done this many rows at a time so it needs no second full copy.
-NORMALISE_ROWS = 65_536
 # Rows of an fp16 collection widened to fp32 at a time for multi-query scoring: 16 MB at 512-d.
 UPCAST_SLAB_ROWS = 8192
 
+__all__ = ["EmbeddingMismatchError", "Hit", "SearchEngine", "Searcher", "normalise_rows", "order_fingerprint"]
 
-class EmbeddingMismatchError(ValueError):
+
+class EmbeddingMismatchError(UserError, ValueError):
     """Embeddings and query model (or index) do not belong together."""
 
 
@@ -33,25 +31,7 @@ class Hit:
     id: int  # row in the collection (stable for a loaded collection)
     path: str
     score: float
-
-
-def order_fingerprint(paths: Sequence[str], dim: int) -> str:
-    """Identity of a collection's row order, so an index built on other rows is never trusted."""
-    digest = hashlib.sha256(f"{len(paths)}:{dim}\n".encode())
-    for path in paths:
-        digest.update(path.encode("utf-8", errors="surrogateescape"))
-        digest.update(b"\n")
-    return digest.hexdigest()[:16]
-
-
-def normalise_rows(embeddings: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Unit-length rows in a new contiguous tensor, normalised in float32 then stored as `dtype`."""
-    dtype = dtype or (embeddings.dtype if embeddings.is_floating_point() else torch.float32)
-    normalised = torch.empty(embeddings.shape, dtype=dtype)
-    for start in range(0, embeddings.shape[0], NORMALISE_ROWS):
-        rows = embeddings[start : start + NORMALISE_ROWS].float()
-        normalised[start : start + NORMALISE_ROWS] = F.normalize(rows, dim=-1).to(dtype)
-    return normalised
+    duplicates: tuple[str, ...] = ()  # other paths with the same bytes, when duplicates are folded
 
 
 class Searcher:
@@ -73,6 +53,7 @@ class Searcher:
         *,
         assume_normalised: bool = False,
         max_score_bytes: int = DEFAULT_MAX_SCORE_BYTES,
+        duplicates: list[list[int]] | None = None,
     ):
         if embeddings.ndim != 2:
             raise ValueError(f"embeddings must be a [count, dim] matrix, got shape {tuple(embeddings.shape)}")
@@ -88,6 +69,9 @@ class Searcher:
         self.index = index
         if index is not None:
             self._check_index(index)
+        # Folding: every row of a duplicate group answers as the group's first row, once.
+        self.group_members = {rows[0]: list(rows) for rows in duplicates or []}
+        self.group_of = {row: rows[0] for rows in duplicates or [] for row in rows}
 
     def _check_index(self, index) -> None:
         if index.count != len(self):
@@ -134,70 +118,12 @@ class Searcher:
         return out
 
     @classmethod
-    def from_shards(
-        cls,
-        emb_path: str | os.PathLike,
-        expected_dim: int | None = None,
-        expected_fingerprint: str | None = None,
-        dtype: torch.dtype = torch.float32,
-        index_path: str | os.PathLike | None = None,
-        **searcher_options,
-    ) -> Searcher:
-        """Load every `*.ckpt` shard of a folder (rank, then step order) into one contiguous matrix."""
-        emb_path = Path(emb_path)
-        if not emb_path.is_dir():
-            raise FileNotFoundError(f"embedding folder not found: {emb_path} (make it with 2_inference_encode.sh)")
-        identity = read_json(emb_path / "model.json")
-        if expected_fingerprint is not None and identity is not None:
-            if identity.get("fingerprint") != expected_fingerprint:
-                raise EmbeddingMismatchError(
-                    f"{emb_path} was encoded with another model ({identity.get('load_model')}, fingerprint "
-                    f"{identity.get('fingerprint')}) than the query model (fingerprint {expected_fingerprint}); "
-                    "re-encode with the query model, or search with the model that encoded them."
-                )
-        shard_paths = list_shards(emb_path)
-        if not shard_paths:
-            raise FileNotFoundError(
-                f"no embedding shards (*.ckpt) in {emb_path}; encode images first with 2_inference_encode.sh"
-            )
-        if identity is not None and not (emb_path / "manifest.json").is_file():
-            logger.warning("%s has no manifest.json: its encoding run has not finished; searching what exists", emb_path)
-
-        shards, dim, first_name = [], None, None
-        for shard_path in shard_paths:
-            shard = _read_shard_lazily(shard_path)
-            embeddings, shard_image_paths = shard.get("emb"), shard.get("path")
-            if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 2 or shard_image_paths is None:
-                raise ValueError(f"{shard_path} is not an embedding shard: expected {{'path': [...], 'emb': [n, d]}}")
-            if len(shard_image_paths) != embeddings.shape[0]:
-                raise ValueError(f"{shard_path}: {len(shard_image_paths)} paths but {embeddings.shape[0]} embeddings")
-            if dim is None:
-                dim, first_name = int(embeddings.shape[1]), shard_path.name
-            elif embeddings.shape[1] != dim:
-                raise EmbeddingMismatchError(
-                    f"shard {shard_path} has {embeddings.shape[1]}-d embeddings but {first_name} has {dim}-d; "
-                    "one folder must hold one model's embeddings"
-                )
-            shards.append((shard_image_paths, embeddings))
-        if expected_dim is not None and dim != expected_dim:
-            raise EmbeddingMismatchError(
-                f"embeddings in {emb_path} are {dim}-d but the query model makes {expected_dim}-d embeddings"
-            )
-
-        # One preallocated matrix, in the searcher's layout, filled shard by shard: peak memory is
-        # the collection once, not twice.
-        total = sum(len(image_paths) for image_paths, _ in shards)
-        rows = torch.empty(total, dim, dtype=dtype) if dtype != torch.float32 else torch.empty(dim, total, dtype=dtype).T
-        paths: list[str] = []
-        for image_paths, embeddings in shards:
-            rows[len(paths) : len(paths) + len(image_paths)] = normalise_rows(embeddings, dtype)
-            paths.extend(str(path) for path in image_paths)
-        index = None
-        if index_path is not None:
-            from clipsearch.index import load_index
-
-            index = load_index(index_path)
-        return cls(paths, rows, index, assume_normalised=True, **searcher_options)
+    def from_collection(cls, collection, index=None, *, fold_duplicates: bool = False, **searcher_options) -> Searcher:
+        """A searcher over a loaded `store.Collection` (its rows are unit length already)."""
+        duplicates = collection.duplicate_groups() if fold_duplicates else None
+        return cls(
+            collection.paths, collection.embeddings, index, assume_normalised=True, duplicates=duplicates, **searcher_options
+        )
 
     def search(self, queries: torch.Tensor, top_k: int) -> list[list[Hit]]:
         """The `top_k` best rows for each query of `queries` [q, d] (or one query [d]), best first."""
@@ -211,15 +137,38 @@ class Searcher:
         if top_k <= 0 or queries.shape[0] == 0:
             return [[] for _ in range(queries.shape[0])]
         queries = F.normalize(queries.detach().float().cpu(), dim=-1)
+        candidates = top_k
+        while True:
+            scores, ids = self.top_k_rows(queries, candidates)
+            hits = [
+                self._fold(query_scores, query_ids, top_k) for query_scores, query_ids in zip(scores.tolist(), ids.tolist())
+            ]
+            # Folded duplicates take candidates' places: ask for more until every query has top_k.
+            if not self.group_of or candidates >= len(self) or all(len(found) >= top_k for found in hits):
+                return hits
+            candidates = min(len(self), 2 * candidates)
+
+    def top_k_rows(self, queries: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores and rows of unit-length `queries`, from the index when there is one, else exact."""
         if self.index is not None:
             scores, ids = self.index.search(queries.numpy(), top_k)
-            scores, ids = torch.as_tensor(scores), torch.as_tensor(ids)
-        else:
-            scores, ids = self.exact_top_k(queries, top_k)
-        return [
-            [Hit(int(row), self.paths[int(row)], float(score)) for score, row in zip(query_scores, query_ids) if row >= 0]
-            for query_scores, query_ids in zip(scores.tolist(), ids.tolist())
-        ]
+            return torch.as_tensor(scores), torch.as_tensor(ids)
+        return self.exact_top_k(queries, top_k)
+
+    def _fold(self, scores: list[float], rows: list[int], top_k: int) -> list[Hit]:
+        hits, seen = [], set()
+        for score, row in zip(scores, rows):
+            if row < 0:  # an index could not fill this place
+                continue
+            group = self.group_of.get(row, row)
+            if group in seen:
+                continue
+            seen.add(group)
+            others = tuple(self.paths[member] for member in self.group_members.get(group, ()) if member != row)
+            hits.append(Hit(int(row), self.paths[int(row)], float(score), others))
+            if len(hits) == top_k:
+                break
+        return hits
 
     def exact_top_k(self, queries: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores and rows of the exact top-k by inner product; memory stays under `max_score_bytes`."""
@@ -255,15 +204,6 @@ class Searcher:
         return torch.cat(all_scores), torch.cat(all_rows)
 
 
-def _read_shard_lazily(path: Path) -> dict:
-    """Memory-map a shard so loading many shards costs no more memory than the final matrix."""
-    try:
-        return read_shard(path, mmap=True)
-    except RuntimeError:
-        # Files saved in torch's legacy (non-zip) format cannot be memory-mapped.
-        return read_shard(path)
-
-
 class SearchEngine:
     """A model bundle to embed queries, and a Searcher over a collection embedded by the same model."""
 
@@ -284,21 +224,32 @@ class SearchEngine:
         emb_path: str | os.PathLike,
         index_path: str | os.PathLike | None = None,
         dtype: torch.dtype = torch.float32,
+        fold_duplicates: bool = False,
     ) -> SearchEngine:
+        """The query model and the folder's current collection; refuses embeddings of another model."""
         from clipsearch.checkpoint import load_bundle, model_fingerprint
 
         bundle = load_bundle(load_model)
-        try:
-            searcher = Searcher.from_shards(
-                emb_path,
-                expected_dim=bundle.embed_dim,
-                expected_fingerprint=model_fingerprint(bundle),
-                dtype=dtype,
-                index_path=index_path,
+        collection = load_collection(emb_path, dtype=dtype)
+        query_model = {**model_source(load_model), "fingerprint": model_fingerprint(bundle)}
+        encoded_with = collection.model.get("fingerprint")
+        if encoded_with is not None and encoded_with != query_model["fingerprint"]:
+            raise EmbeddingMismatchError(
+                f"{emb_path} was encoded with another model, {describe_model(collection.model)}, than the query "
+                f"model, {describe_model(query_model)}; re-encode with the query model, or search with the model "
+                "that encoded them."
             )
-        except EmbeddingMismatchError as error:
-            raise EmbeddingMismatchError(f"query model {load_model}: {error}") from error
-        return cls(bundle, searcher)
+        if collection.dim != bundle.embed_dim:
+            raise EmbeddingMismatchError(
+                f"query model {load_model}: embeddings in {emb_path} are {collection.dim}-d but the query model "
+                f"makes {bundle.embed_dim}-d embeddings"
+            )
+        index = None
+        if index_path is not None:
+            from clipsearch.index import load_index  # one way only: the index never imports search
+
+            index = load_index(index_path)
+        return cls(bundle, Searcher.from_collection(collection, index, fold_duplicates=fold_duplicates))
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         with torch.inference_mode():

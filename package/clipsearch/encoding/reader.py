@@ -1,7 +1,6 @@
 """Reader stage: which images to encode, this rank's share of them, and batches of decoded tensors."""
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from clipsearch.data import (
     load_image,
     read_table,
 )
+from clipsearch.store import file_digest
 
 # Splits encoded when --split is left to "auto" and the dataset folder has tables: every image
 # that a user could look for, so search covers the whole collection.
@@ -71,15 +71,6 @@ def collect_image_paths(dataset_path: str | os.PathLike, split: str = "auto") ->
     return sorted(unique_paths)
 
 
-def paths_digest(image_paths: Sequence[str]) -> str:
-    """Identity of an ordered path list: a resumed run must partition exactly the same list."""
-    digest = hashlib.sha256()
-    for path in image_paths:
-        digest.update(path.encode("utf-8", errors="surrogateescape"))
-        digest.update(b"\n")
-    return digest.hexdigest()[:16]
-
-
 def partition(image_paths: Sequence[str], rank: int, world_size: int) -> list[str]:
     """This rank's contiguous slice: every path lands on exactly one rank, with no padding."""
     if not 0 <= rank < world_size:
@@ -93,10 +84,11 @@ class ImageBatch:
     images: torch.Tensor  # [n, 3, H, W]; shape [0] when every image of the batch was skipped
     image_paths: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    digests: list[str] = field(default_factory=list)  # of each image file's bytes, for duplicates
 
     def pin_memory(self) -> ImageBatch:
         # DataLoader(pin_memory=True) calls this on custom batch types.
-        return ImageBatch(self.images.pin_memory(), self.image_paths, self.skipped)
+        return ImageBatch(self.images.pin_memory(), self.image_paths, self.skipped, self.digests)
 
 
 class ImagePathDataset(Dataset):
@@ -109,24 +101,30 @@ class ImagePathDataset(Dataset):
     def __len__(self) -> int:
         return len(self.image_paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, str, str | None]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, str, str | None, str | None]:
         image_path = self.image_paths[index]
         report = DataReport()
         image = load_image(image_path, report)
         if image is None:
             reasons = [reason for reason in report.as_dict() if not reason.startswith(CONVERSION_PREFIX)]
-            return None, image_path, reasons[0] if reasons else "unreadable image"
+            return None, image_path, reasons[0] if reasons else "unreadable image", None
         try:
-            return self.image_transform(image), image_path, None
+            # The file was just read to decode it, so hashing it again reads from the page cache.
+            return self.image_transform(image), image_path, None, file_digest(image_path)
         except Exception as error:  # a transform failure is one bad image, not a failed run
-            return None, image_path, f"transform failed ({type(error).__name__})"
+            return None, image_path, f"transform failed ({type(error).__name__})", None
 
 
-def collate_images(items: list[tuple[torch.Tensor | None, str, str | None]]) -> ImageBatch:
-    kept = [(tensor, path) for tensor, path, reason in items if reason is None]
-    skipped = [(path, reason) for _, path, reason in items if reason is not None]
-    images = torch.stack([tensor for tensor, _ in kept]) if kept else torch.empty(0)
-    return ImageBatch(images=images, image_paths=[path for _, path in kept], skipped=skipped)
+def collate_images(items: list[tuple[torch.Tensor | None, str, str | None, str | None]]) -> ImageBatch:
+    kept = [(tensor, path, digest) for tensor, path, reason, digest in items if reason is None]
+    skipped = [(path, reason) for _, path, reason, _ in items if reason is not None]
+    images = torch.stack([tensor for tensor, _, _ in kept]) if kept else torch.empty(0)
+    return ImageBatch(
+        images=images,
+        image_paths=[path for _, path, _ in kept],
+        skipped=skipped,
+        digests=[digest for _, _, digest in kept],
+    )
 
 
 def shard_batches(shards: Sequence[tuple[int, int, int]], batch_size: int) -> tuple[list[list[int]], list[int]]:

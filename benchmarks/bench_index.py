@@ -342,7 +342,11 @@ def render(all_results: dict) -> str:
                              f"{row['build_recall_at_10']} at nprobe {row['nprobe']}.")
         parts.append(f"Peak memory of the whole run: {result['compare']['peak_rss_gb']} GB.")
         if "autofaiss" in result["compare"]:
-            parts.append(f"autofaiss parameters: `{result['compare']['autofaiss']['params']}`.")
+            theirs = result["compare"]["autofaiss"]
+            parts.append(f"autofaiss parameters: `{theirs['params']}`.")
+            if theirs["bytes"] > result["max_memory"]:
+                parts.append(f"autofaiss's index ({theirs['bytes'] / 2**20:,.1f} MB) exceeds the budget: below "
+                             "10,000 vectors (its quantization threshold) it does not compress whatever the budget.")
         if "startup" in result:
             parts.append(startup_line(result["startup"]))
         if result.get("note"):

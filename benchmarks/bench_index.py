@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
         store = synthetic_store(args, folder)
         queries = next(clustered_vectors(args.queries, args.clusters, args.intrinsic_dim))  # fresh draws
         max_memory = memory_size(args.max_memory) if args.max_memory else len(store) * 200
-        name = f"Generated ({args.clusters:,} Zipf clusters in a {args.intrinsic_dim}-d subspace)"
+        name = f"Generated, {args.count:,} vectors ({args.clusters:,} Zipf clusters in a {args.intrinsic_dim}-d subspace)"
     result = {**started, "compare": compare(store, queries, folder, max_memory, args, tune_queries)}
     result.update(count=len(store), dim=store.dim, max_memory=max_memory, queries=len(queries), load_average_end=load_average())
     all_results = save_result(name, result)  # kept even if the startup measurement fails

@@ -328,7 +328,11 @@ def render(all_results: dict) -> str:
              "`benchmarks/bench_index.py`. Recall@10 is measured against exact search on queries that are not "
              "collection rows; both indexes are loaded memory-mapped, as search opens them. autofaiss 2.18 "
              "(installed for the benchmark only) gets the same vectors through our clip-retrieval export and "
-             "the same budget, and runs in the same process, interleaved, on the same threads."]
+             "the same budget, and runs in the same process, interleaved, on the same threads. Memory is the "
+             "index file that faiss maps; IVF-PQ re-ranks 10 x top-k candidates from the fp16 matrix on disk. "
+             "Peak memory is the process's RSS, which counts the pages of mapped files it touched. The machine "
+             "had 2 cores shared with six other jobs (see the load averages): latencies are pessimistic, and "
+             "only figures of the same run compare."]
     for part, result in all_results.items():
         if "compare" not in result:  # a startup-only run
             parts += ["", f"### {part}", "", machine_lines(result), startup_line(result["startup"])]

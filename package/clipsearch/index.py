@@ -1,72 +1,143 @@
-"""Optional faiss index over an embedding folder: `python -m clipsearch.index --emb_path <folder>`."""
+"""faiss index over an embedding folder, chosen to fit a memory budget, with its recall measured at build time."""
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import math
 import os
-import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from clipsearch.search import Searcher
-from clipsearch.store import atomic_replace, load_collection, order_fingerprint, write_json
+from clipsearch.store import atomic_replace, write_json
+
+logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
-INFO_FILE = "index.json"
-KINDS = ("auto", "flat", "ivf", "hnsw")
+KINDS = ("auto", "flat", "ivf", "ivf_sq8", "ivf_pq", "hnsw")
 # Below FLAT_BELOW vectors an exact scan takes milliseconds, so an approximate index buys nothing.
-# IVF's clustering scales to a few million; beyond that HNSW's graph answers without scanning lists.
 FLAT_BELOW = 50_000
-IVF_BELOW = 4_000_000
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
-# faiss warns below 39 training points per centroid; k-means needs no more than ~256 per centroid.
+# faiss warns below 39 training points per centroid; 64 keeps k-means (the build's slowest step
+# with the add) to about 4 minutes for 4096 lists on one core.
 MIN_POINTS_PER_LIST = 39
-TRAIN_POINTS_PER_LIST = 256
+TRAIN_POINTS_PER_LIST = 64
+KMEANS_ITERATIONS = 10
+# faiss's advice is an HNSW coarse quantizer once lists number tens of thousands: assigning a
+# vector then costs a graph walk instead of a scan of every centroid.
+HNSW_QUANTIZER_FROM = 16_384
 ADD_ROWS = 65_536
-
-
-def choose_kind(count: int) -> str:
-    """flat below 50k vectors, IVF below 4M, HNSW (M=32) beyond."""
-    if count < FLAT_BELOW:
-        return "flat"
-    if count < IVF_BELOW:
-        return "ivf"
-    return "hnsw"
+# Bytes per vector that faiss's inverted lists add to each code: the 64-bit row id.
+ID_BYTES = 8
+# Leave this share of the budget for what the estimate leaves out (allocator slack, list headroom).
+BUDGET_MARGIN = 0.9
+# PQ codes keep too little to rank the true top 10 first; re-scoring this many candidates per
+# wanted result exactly, from the memory-mapped fp16 store, recovers the order (measured in
+# benchmarks/bench_index.py). Rows touched per query: top_k * RERANK_FACTOR.
+RERANK_FACTOR = 10
+TARGET_RECALL = 0.95
+RECALL_QUERIES = 500
+TOP_K = 10
 
 
 def default_nlist(count: int) -> int:
-    """About 4 * sqrt(N) lists, but never so many that a list gets too few training points."""
-    return max(1, min(round(4 * math.sqrt(count)), count // MIN_POINTS_PER_LIST))
+    """About 2 * sqrt(N) lists as a power of two, never so many that a list gets too few training points."""
+    wanted = 2 ** round(math.log2(max(1.0, 2 * math.sqrt(count))))
+    return max(1, min(wanted, count // MIN_POINTS_PER_LIST))
 
 
-def default_nprobe(nlist: int) -> int:
-    """Lists scanned per query: 1/16 of them, at least 8.
+@dataclass(frozen=True)
+class Plan:
+    """An index layout and the memory it will take."""
 
-    On clustered data, as image collections are, this gives recall@10 >= 0.95; structureless
-    data (e.g. random Gaussian vectors) needs more, which the build's recall estimate shows.
+    kind: str
+    nlist: int = 0
+    pq_m: int = 0  # PQ sub-quantizers (bytes per code)
+    estimated_bytes: int = 0
+
+    @property
+    def factory(self) -> str:
+        """The layout in faiss's index_factory language, for the record."""
+        if self.kind == "flat":
+            return "Flat"
+        if self.kind == "hnsw":
+            return f"HNSW{HNSW_M},Flat"
+        quantizer = f"IVF{self.nlist}" + (f"_HNSW{HNSW_M}" if self.nlist >= HNSW_QUANTIZER_FROM else "")
+        codes = {"ivf": "Flat", "ivf_sq8": "SQ8", "ivf_pq": f"PQ{self.pq_m}"}[self.kind]
+        return f"{quantizer},{codes}"
+
+
+def estimate_bytes(kind: str, count: int, dim: int, nlist: int = 0, pq_m: int = 0) -> int:
+    """Resident size of an index: codes and ids per vector, plus centroids and codebooks."""
+    if kind == "flat":
+        return count * dim * 4
+    if kind == "hnsw":
+        return count * (dim * 4 + HNSW_M * 2 * 4)  # vectors and about 2M neighbour links of 4 bytes
+    code_bytes = {"ivf": dim * 4, "ivf_sq8": dim, "ivf_pq": pq_m}[kind]
+    centroids = nlist * dim * 4 + (nlist * HNSW_M * 2 * 4 if nlist >= HNSW_QUANTIZER_FROM else 0)
+    codebooks = {"ivf": 0, "ivf_sq8": dim * 2 * 4, "ivf_pq": 256 * dim * 4}[kind]
+    return count * (code_bytes + ID_BYTES) + centroids + codebooks
+
+
+def plan_index(count: int, dim: int, max_memory: int | None = None, kind: str = "auto", nlist: int | None = None) -> Plan:
+    """The most accurate layout that fits `max_memory` bytes.
+
+    In order of preference: flat (small collections), IVF with full vectors, IVF with 8-bit scalar
+    codes (d bytes a vector, recall within a point of full vectors), then IVF-PQ with the most
+    sub-quantizers that fit (d/2 ... 8 bytes a vector; its ranking is repaired by the exact re-rank).
     """
-    return min(nlist, max(8, nlist // 16))
+    budget = math.inf if max_memory is None else max_memory * BUDGET_MARGIN
+    lists = min(nlist or default_nlist(count), count)
+    pq_choices = [m for m in (dim // 2, dim // 4, dim // 8, dim // 16, dim // 32, 8) if m >= 1 and dim % m == 0]
+    if kind == "auto":
+        candidates = [Plan("flat", estimated_bytes=estimate_bytes("flat", count, dim))] if count < FLAT_BELOW else []
+        candidates += [Plan(name, lists, 0, estimate_bytes(name, count, dim, lists)) for name in ("ivf", "ivf_sq8")]
+        candidates += [Plan("ivf_pq", lists, m, estimate_bytes("ivf_pq", count, dim, lists, m)) for m in pq_choices]
+    elif kind == "ivf_pq":
+        candidates = [Plan("ivf_pq", lists, m, estimate_bytes("ivf_pq", count, dim, lists, m)) for m in pq_choices]
+    elif kind in KINDS:
+        candidates = [Plan(kind, lists if kind.startswith("ivf") else 0, 0, estimate_bytes(kind, count, dim, lists))]
+    else:
+        raise ValueError(f"unknown index kind {kind!r}; expected one of {', '.join(KINDS)}")
+    for plan in candidates:
+        if plan.estimated_bytes <= budget:
+            return plan
+    smallest = min(candidates, key=lambda plan: plan.estimated_bytes)
+    raise ValueError(
+        f"no {kind} index of {count:,} x {dim} vectors fits {max_memory / 2**20:,.2f} MB; the smallest "
+        f"({smallest.factory}) needs about {smallest.estimated_bytes / BUDGET_MARGIN / 2**20:,.2f} MB: raise --max_memory"
+    )
 
 
 class FaissIndex:
-    """A faiss index with the facts needed to trust it: kind, parameters, and the row order it was built on."""
+    """A faiss index with the facts needed to trust it: layout, parameters, measured recall, and the row order it was built on.
 
-    def __init__(self, index, info: dict):
+    An IVF-PQ index re-scores its candidates exactly from `rerank_rows` (the memory-mapped fp16
+    store) when it has them.
+    """
+
+    def __init__(self, index, info: dict, rerank_rows: Callable[[np.ndarray], np.ndarray] | None = None):
         self.index = index
         self.info = info
+        self.rerank_rows = rerank_rows
         self.configure()
 
     def configure(self) -> None:
         import faiss
 
-        if self.kind == "ivf":
-            faiss.extract_index_ivf(self.index).nprobe = int(self.info["params"]["nprobe"])
+        params = self.info["params"]
+        if self.kind.startswith("ivf"):
+            faiss.extract_index_ivf(self.index).nprobe = int(params["nprobe"])
+            if params.get("quantizer_ef_search"):
+                faiss.downcast_index(faiss.extract_index_ivf(self.index).quantizer).hnsw.efSearch = int(
+                    params["quantizer_ef_search"]
+                )
 
     @property
     def kind(self) -> str:
@@ -80,20 +151,46 @@ class FaissIndex:
     def order_fingerprint(self) -> str:
         return self.info["order_fingerprint"]
 
+    @property
+    def reranks(self) -> bool:
+        return self.rerank_rows is not None and bool(self.info["params"].get("rerank_factor"))
+
+    def set_nprobe(self, nprobe: int) -> None:
+        self.info["params"]["nprobe"] = int(nprobe)
+        self.configure()
+
     def search(self, queries: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
         """Inner-product scores and row ids, best first; rows faiss could not fill are -1."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
         if self.kind == "hnsw":
             # HNSW needs at least top_k candidates in its beam to return top_k results.
             self.index.hnsw.efSearch = max(int(self.info["params"]["ef_search"]), int(top_k))
-        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), int(top_k))
+        if not self.reranks:
+            return self.index.search(queries, int(top_k))
+        _, candidates = self.index.search(queries, int(top_k) * int(self.info["params"]["rerank_factor"]))
+        return rerank(queries, candidates, self.rerank_rows, int(top_k))
 
     def save(self, index_path: str | os.PathLike) -> Path:
         import faiss
 
         index_path = Path(index_path)
         atomic_replace(index_path, lambda temporary: faiss.write_index(self.index, str(temporary)))
+        self.info["index_bytes"] = index_path.stat().st_size
         write_json(info_path_of(index_path), self.info)
         return index_path
+
+
+def rerank(
+    queries: np.ndarray, candidates: np.ndarray, rows_of: Callable[[np.ndarray], np.ndarray], top_k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner products of each query with its candidate rows; the best `top_k`, best first."""
+    vectors = rows_of(np.maximum(candidates, 0)).astype(np.float32)  # [q, candidates, d]
+    scores = np.einsum("qcd,qd->qc", vectors, queries)
+    scores[candidates < 0] = -np.inf
+    best = np.argsort(-scores, axis=1, kind="stable")[:, :top_k]
+    best_scores, best_rows = np.take_along_axis(scores, best, 1), np.take_along_axis(candidates, best, 1)
+    best_rows[~np.isfinite(best_scores)] = -1
+    return best_scores, best_rows
 
 
 def info_path_of(index_path: str | os.PathLike) -> Path:
@@ -106,9 +203,20 @@ def resolve_index_path(index_path: str | os.PathLike) -> Path:
     return index_path / INDEX_FILE if index_path.is_dir() else index_path
 
 
-def load_index(index_path: str | os.PathLike, nprobe: int | None = None) -> FaissIndex:
+def read_faiss_index(index_path: str | os.PathLike, mmap: bool = True):
+    """(index, memory_mapped): IVF lists and flat codes are mapped from disk where faiss can, else read."""
     import faiss
 
+    if mmap:
+        try:
+            return faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY), True
+        except RuntimeError:  # index types faiss cannot map (e.g. HNSW graphs) are read whole
+            pass
+    return faiss.read_index(str(index_path)), False
+
+
+def load_index(index_path: str | os.PathLike, nprobe: int | None = None, mmap: bool = True) -> FaissIndex:
+    """Open a saved index memory-mapped; an IVF-PQ index also opens the store beside it for its re-rank."""
     index_path = resolve_index_path(index_path)
     info_path = info_path_of(index_path)
     if not index_path.is_file() or not info_path.is_file():
@@ -119,120 +227,183 @@ def load_index(index_path: str | os.PathLike, nprobe: int | None = None) -> Fais
     info = json.loads(info_path.read_text())
     if nprobe is not None:
         info["params"]["nprobe"] = int(nprobe)
-    return FaissIndex(faiss.read_index(str(index_path)), info)
+    index, mapped = read_faiss_index(index_path, mmap)
+    info["memory_mapped"] = mapped
+    rerank_rows = None
+    if info["params"].get("rerank_factor"):
+        from clipsearch.mmap_store import open_store
+
+        store = open_store(index_path.parent)
+        if store is not None and store.order_fingerprint == info["order_fingerprint"]:
+            rerank_rows = store.rows
+        else:
+            logger.warning(
+                "%s: the consolidated store it re-ranks from is missing or stale; answering from PQ codes alone "
+                "(lower recall). Rebuild with python -m clipsearch.index --emb_path %s",
+                index_path,
+                index_path.parent,
+            )
+    return FaissIndex(index, info, rerank_rows)
 
 
-def _add_in_chunks(index, embeddings: torch.Tensor) -> None:
-    # faiss wants float32; converting chunk by chunk avoids a second full copy of fp16 storage.
-    for start in range(0, embeddings.shape[0], ADD_ROWS):
-        index.add(np.ascontiguousarray(embeddings[start : start + ADD_ROWS].float().numpy()))
+def _as_float32(rows) -> np.ndarray:
+    return np.ascontiguousarray(torch.as_tensor(rows).float().numpy())
+
+
+def _take(embeddings, rows: np.ndarray):
+    return embeddings[torch.from_numpy(rows)] if isinstance(embeddings, torch.Tensor) else embeddings[rows]
+
+
+def _new_index(plan: Plan, dim: int):
+    import faiss
+
+    metric = faiss.METRIC_INNER_PRODUCT
+    if plan.kind == "flat":
+        return faiss.IndexFlatIP(dim)
+    if plan.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, HNSW_M, metric)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        return index
+    if plan.nlist >= HNSW_QUANTIZER_FROM:
+        quantizer = faiss.IndexHNSWFlat(dim, HNSW_M, metric)
+        quantizer.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    else:
+        quantizer = faiss.IndexFlatIP(dim)
+    if plan.kind == "ivf":
+        index = faiss.IndexIVFFlat(quantizer, dim, plan.nlist, metric)
+    elif plan.kind == "ivf_sq8":
+        index = faiss.IndexIVFScalarQuantizer(quantizer, dim, plan.nlist, faiss.ScalarQuantizer.QT_8bit, metric)
+    else:
+        index = faiss.IndexIVFPQ(quantizer, dim, plan.nlist, plan.pq_m, 8, metric)
+    index.own_fields = True
+    quantizer.this.disown()  # the IVF index frees its quantizer
+    index.cp.niter = KMEANS_ITERATIONS
+    return index
+
+
+def exact_neighbours(embeddings, queries: np.ndarray, top_k: int, rows_per_chunk: int = ADD_ROWS) -> np.ndarray:
+    """Row ids of the exact top-k by inner product, scanning `embeddings` (any dtype, memory-mapped) in chunks."""
+    import faiss
+
+    heap = faiss.ResultHeap(queries.shape[0], top_k, keep_max=True)
+    for start in range(0, embeddings.shape[0], rows_per_chunk):
+        scores, rows = faiss.knn(queries, _as_float32(embeddings[start : start + rows_per_chunk]), top_k, faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(scores, np.where(rows >= 0, rows + start, -1))
+    heap.finalize()
+    return heap.I
+
+
+def held_out_recall(
+    index: FaissIndex, queries: np.ndarray, exact_rows: np.ndarray, query_rows: np.ndarray | None = None, top_k: int = TOP_K
+) -> float:
+    """Recall@k of the index against exact search; a query that is a collection row is not its own neighbour."""
+    extra = 1 if query_rows is not None else 0
+    _, found_rows = index.search(queries, top_k + extra)
+    found = 0
+    for position, (exact, approximate) in enumerate(zip(exact_rows, found_rows)):
+        own = query_rows[position] if query_rows is not None else -2
+        exact_set = [row for row in exact.tolist() if row != own][:top_k]
+        approximate_set = {row for row in approximate.tolist() if row != own and row >= 0}
+        found += len(set(exact_set) & approximate_set)
+    return found / (len(queries) * top_k)
+
+
+def tune_nprobe(index: FaissIndex, queries, exact_rows, query_rows=None, target: float = TARGET_RECALL) -> dict[int, float]:
+    """Smallest nprobe (powers of two) whose held-out recall@10 reaches `target`; leaves the index set to it."""
+    nlist = faiss_nlist(index)
+    curve: dict[int, float] = {}
+    nprobe = 1
+    while True:
+        index.set_nprobe(min(nprobe, nlist))
+        curve[min(nprobe, nlist)] = round(held_out_recall(index, queries, exact_rows, query_rows), 4)
+        if curve[min(nprobe, nlist)] >= target or nprobe >= nlist:
+            return curve
+        nprobe *= 2
+
+
+def faiss_nlist(index: FaissIndex) -> int:
+    import faiss
+
+    return int(faiss.extract_index_ivf(index.index).nlist)
 
 
 def build_index(
-    searcher: Searcher,
+    embeddings,
+    order_fingerprint: str,
+    max_memory: int | None = None,
     kind: str = "auto",
     nlist: int | None = None,
     nprobe: int | None = None,
-    hnsw_m: int = HNSW_M,
     ef_search: int = HNSW_EF_SEARCH,
+    rerank_rows: Callable[[np.ndarray], np.ndarray] | None = None,
+    recall_queries: int = RECALL_QUERIES,
+    target_recall: float = TARGET_RECALL,
+    queries: np.ndarray | None = None,
     seed: int = 0,
 ) -> FaissIndex:
-    """Build an inner-product index over a searcher's (unit-length) rows, in the searcher's row order."""
-    import faiss
+    """Build an inner-product index over unit-length rows [count, dim] (a tensor or memory-mapped array).
 
-    count, dim = len(searcher), searcher.dim
+    The layout is the most accurate that fits `max_memory` bytes. `recall_queries` rows held out of
+    training serve as queries: recall@10 against exact search is measured on them (each query
+    excluding itself), and an IVF index without a given `nprobe` takes the smallest that reaches
+    `target_recall`. `queries` [n, dim], when given, replace the held-out rows: queries of the kind
+    search will get (caption embeddings lie farther from the images than images from each other, and
+    need a larger nprobe; measured in benchmarks/bench_index.py). `rerank_rows(row_ids) -> vectors`
+    lets an IVF-PQ index re-score its candidates exactly.
+    """
+    started = time.perf_counter()
+    count, dim = int(embeddings.shape[0]), int(embeddings.shape[1])
     if count == 0:
         raise ValueError("cannot index an empty collection")
-    kind = choose_kind(count) if kind == "auto" else kind
-    embeddings = searcher.embeddings
-    if kind == "flat":
-        index, params = faiss.IndexFlatIP(dim), {}
-    elif kind == "ivf":
-        nlist = min(nlist or default_nlist(count), count)
-        nprobe = nprobe or default_nprobe(nlist)
-        quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        generator = np.random.default_rng(seed)
-        train_rows = np.sort(generator.permutation(count)[: nlist * TRAIN_POINTS_PER_LIST])
-        index.train(np.ascontiguousarray(embeddings[torch.from_numpy(train_rows)].float().numpy()))
-        params = {"nlist": nlist, "nprobe": nprobe}
-    elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-        params = {"M": hnsw_m, "ef_construction": HNSW_EF_CONSTRUCTION, "ef_search": ef_search}
-    else:
-        raise ValueError(f"unknown index kind {kind!r}; expected one of {', '.join(KINDS)}")
-    _add_in_chunks(index, embeddings)
+    plan = plan_index(count, dim, max_memory, kind, nlist)
+    index = _new_index(plan, dim)
+    generator = np.random.default_rng(seed)
+    shuffled = generator.permutation(count)
+    query_rows = np.sort(shuffled[: 0 if queries is not None else min(recall_queries, count)])
+    params: dict = {}
+    if plan.kind.startswith("ivf"):
+        train_rows = np.sort(shuffled[len(query_rows) :][: plan.nlist * TRAIN_POINTS_PER_LIST])
+        if len(train_rows) < plan.nlist:  # tiny collections: train on everything
+            train_rows = np.arange(count)
+        index.train(_as_float32(_take(embeddings, train_rows)))
+        params = {"nlist": plan.nlist, "nprobe": nprobe or 1, "train_rows": len(train_rows)}
+        if plan.nlist >= HNSW_QUANTIZER_FROM:
+            params["quantizer_ef_search"] = HNSW_EF_SEARCH
+        if plan.kind == "ivf_pq":
+            params.update(pq_m=plan.pq_m, rerank_factor=RERANK_FACTOR if rerank_rows is not None else 0)
+    elif plan.kind == "hnsw":
+        params = {"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "ef_search": ef_search}
+    for start in range(0, count, ADD_ROWS):
+        index.add(_as_float32(embeddings[start : start + ADD_ROWS]))
     info = {
-        "kind": kind,
+        "kind": plan.kind,
+        "factory": plan.factory,
         "params": params,
         "count": count,
         "dim": dim,
         "metric": "inner_product",
-        "order_fingerprint": order_fingerprint(searcher.paths, dim),
+        "max_memory": max_memory,
+        "estimated_bytes": plan.estimated_bytes,
+        "order_fingerprint": order_fingerprint,
     }
-    return FaissIndex(index, info)
+    built = FaissIndex(index, info, rerank_rows if plan.kind == "ivf_pq" else None)
+    if (len(query_rows) or queries is not None) and plan.kind != "flat":
+        given = queries is not None
+        queries = np.ascontiguousarray(queries, dtype=np.float32) if given else _as_float32(_take(embeddings, query_rows))
+        own_rows = None if given else query_rows
+        exact_rows = exact_neighbours(embeddings, queries, min(TOP_K + (0 if given else 1), count))
+        if plan.kind.startswith("ivf") and nprobe is None:
+            info["recall_by_nprobe"] = tune_nprobe(built, queries, exact_rows, own_rows, target_recall)
+        info["recall_at_10"] = round(held_out_recall(built, queries, exact_rows, own_rows), 4)
+        info["recall_queries"] = f"{len(queries)} given queries" if given else f"{len(queries)} held-out rows"
+    elif plan.kind == "flat":
+        info["recall_at_10"] = 1.0
+    info["build_seconds"] = round(time.perf_counter() - started, 2)
+    return built
 
 
-def estimate_recall(searcher: Searcher, index: FaissIndex, top_k: int = 10, queries: int = 200, seed: int = 0) -> float:
-    """Recall@k of the index against exact search, using rows of the collection as queries."""
-    generator = torch.Generator().manual_seed(seed)
-    rows = torch.randperm(len(searcher), generator=generator)[:queries]
-    query_embeddings = searcher.embeddings[rows].float()
-    top_k = min(top_k, len(searcher))
-    _, exact_rows = searcher.exact_top_k(query_embeddings, top_k)
-    _, index_rows = index.search(query_embeddings.numpy(), top_k)
-    found = sum(len(set(exact.tolist()) & set(approx.tolist())) for exact, approx in zip(exact_rows, index_rows))
-    return found / (len(rows) * top_k)
+if __name__ == "__main__":  # the historical door; the command lives in clipsearch.cli.index
+    from clipsearch.cli.common import run_command
+    from clipsearch.cli.index import main
 
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m clipsearch.index",
-        description=__doc__
-        + " Writes index.faiss and index.json; search with --index_path. The rule for --kind auto: "
-        f"flat below {FLAT_BELOW:,} vectors, IVF below {IVF_BELOW:,}, HNSW (M={HNSW_M}) beyond.",
-    )
-    data = parser.add_argument_group("data")
-    data.add_argument("--emb_path", default="dataset/sample/emb", help="folder of embedding shards to index")
-    data.add_argument("--out", default=None, help="index file to write (default: <emb_path>/index.faiss)")
-    index = parser.add_argument_group("index")
-    index.add_argument("--kind", default="auto", choices=KINDS, help="index type; auto picks by collection size")
-    index.add_argument("--nlist", type=int, default=None, help="IVF lists (default: about 4*sqrt(N))")
-    index.add_argument("--nprobe", type=int, default=None, help="IVF lists scanned per query (default: nlist/16, >= 8)")
-    index.add_argument("--hnsw_m", type=int, default=HNSW_M, help="HNSW neighbours per node")
-    index.add_argument("--ef_search", type=int, default=HNSW_EF_SEARCH, help="HNSW search beam width")
-    program = parser.add_argument_group("program")
-    program.add_argument(
-        "--recall_queries", type=int, default=200, help="collection rows used to estimate recall@10 (0: skip)"
-    )
-    args = parser.parse_args(argv)
-    for name in ("nlist", "nprobe", "hnsw_m", "ef_search"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name} must be at least 1, got {value}")
-    return args
-
-
-def main(argv: list[str] | None = None) -> FaissIndex:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    searcher = Searcher.from_collection(load_collection(args.emb_path))
-    started = time.perf_counter()
-    index = build_index(
-        searcher, args.kind, nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.hnsw_m, ef_search=args.ef_search
-    )
-    index.info["build_seconds"] = round(time.perf_counter() - started, 2)
-    if args.recall_queries > 0 and index.kind != "flat":
-        index.info["estimated_recall_at_10"] = round(estimate_recall(searcher, index, queries=args.recall_queries), 4)
-    out = Path(args.out) if args.out else Path(args.emb_path) / INDEX_FILE
-    index.save(out)
-    print(f"wrote {index.kind} index of {index.count} vectors to {out}: {json.dumps(index.info)}")
-    recall = index.info.get("estimated_recall_at_10")
-    if recall is not None and recall < 0.95:
-        knob = "--nprobe" if index.kind == "ivf" else "--ef_search"
-        print(f"warning: estimated recall@10 is {recall:.2f}; rebuild with a larger {knob} for better results")
-    return index
-
-
-if __name__ == "__main__":
-    main()
+    run_command(main)

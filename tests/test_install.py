@@ -26,8 +26,8 @@ def pyproject() -> dict:
 
 
 def command_modules() -> set[str]:
-    """The commands: every module of clipsearch/cli/ but the shared helpers."""
-    return {path.stem for path in CLI_DIR.glob("*.py")} - {"__init__", "common"}
+    """The commands: every module of clipsearch/cli/ but the shared helpers (common, train_args)."""
+    return {path.stem for path in CLI_DIR.glob("*.py")} - {"__init__", "common", "train_args"}
 
 
 def _snapshot(folder: Path) -> dict[str, float]:

@@ -9,6 +9,7 @@ from PIL import Image
 import clipsearch.search as search_module
 from clipsearch.cli.encode import main as encode_main
 from clipsearch.cli.search import main as search_main
+from clipsearch.errors import UserError
 from clipsearch.search import EmbeddingMismatchError, Hit, SearchEngine, Searcher
 from clipsearch.store import (
     EncodingMismatchError,
@@ -144,6 +145,21 @@ def test_engine_text_and_image_queries(tiny_checkpoint, colour_embeddings, colou
     assert image_hits[0][0].score == pytest.approx(1.0, abs=1e-4)
     with pytest.raises(EmbeddingMismatchError, match="64-d.*8-d"):
         SearchEngine(engine.bundle, Searcher(["a"], torch.randn(1, 8)))
+
+
+def test_mapped_search_answers_as_the_loaded_collection(tiny_checkpoint, colour_embeddings, colour_images):
+    """--mmap: the consolidated fp16 matrix, memory-mapped, gives the same ranking as the shards."""
+    _, paths = colour_images
+    loaded = SearchEngine.from_files(tiny_checkpoint, colour_embeddings)
+    mapped = SearchEngine.from_files(tiny_checkpoint, colour_embeddings, mapped=True)
+    assert (colour_embeddings / "consolidated" / "embeddings.f16").is_file()
+    assert mapped.searcher.storage.dtype == torch.float16
+    queries = [Image.open(path) for path in paths[:4]]
+    for expected, got in zip(loaded.search_image(queries, top_k=5), mapped.search_image(queries, top_k=5)):
+        assert [hit.path for hit in got][:1] == [hit.path for hit in expected][:1]
+        assert [hit.score for hit in got] == pytest.approx([hit.score for hit in expected], abs=2e-3)
+    with pytest.raises(UserError, match="--mmap"):
+        SearchEngine.from_files(tiny_checkpoint, colour_embeddings, mapped=True, fold_duplicates=True)
 
 
 def test_cli_writes_named_grids_inside_out_dir(tmp_path, tiny_checkpoint, colour_embeddings, colour_images):

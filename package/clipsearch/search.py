@@ -4,12 +4,21 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from clipsearch.errors import UserError
-from clipsearch.store import describe_model, load_collection, model_source, normalise_rows, order_fingerprint
+from clipsearch.store import (
+    MODEL_FILE,
+    describe_model,
+    load_collection,
+    model_source,
+    normalise_rows,
+    order_fingerprint,
+    read_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -225,18 +234,33 @@ class SearchEngine:
         index_path: str | os.PathLike | None = None,
         dtype: torch.dtype = torch.float32,
         fold_duplicates: bool = False,
+        mapped: bool = False,
     ) -> SearchEngine:
-        """The query model and the folder's current collection; refuses embeddings of another model."""
+        """The query model and the folder's current collection; refuses embeddings of another model.
+
+        `mapped` searches the folder's consolidated fp16 matrix (`mmap_store`, built on first use and
+        rebuilt when the shards change) memory-mapped, so a large collection is never read into
+        memory first: pages load as the scoring touches them.
+        """
         from clipsearch.checkpoint import model_fingerprint
         from clipsearch.models.released import load_model as load_any_model
 
         bundle = load_any_model(load_model)
-        collection = load_collection(emb_path, dtype=dtype)
+        if mapped:
+            if fold_duplicates:
+                raise UserError("folding duplicates needs the shards' digests: leave out --mmap or --fold_duplicates")
+            from clipsearch.mmap_store import consolidate
+
+            collection = consolidate(emb_path)
+            encoded_with_model = read_json(Path(emb_path) / MODEL_FILE) or {}
+        else:
+            collection = load_collection(emb_path, dtype=dtype)
+            encoded_with_model = collection.model
         query_model = {**model_source(load_model), "fingerprint": model_fingerprint(bundle)}
-        encoded_with = collection.model.get("fingerprint")
+        encoded_with = encoded_with_model.get("fingerprint")
         if encoded_with is not None and encoded_with != query_model["fingerprint"]:
             raise EmbeddingMismatchError(
-                f"{emb_path} was encoded with another model, {describe_model(collection.model)}, than the query "
+                f"{emb_path} was encoded with another model, {describe_model(encoded_with_model)}, than the query "
                 f"model, {describe_model(query_model)}; re-encode with the query model, or search with the model "
                 "that encoded them."
             )
@@ -250,6 +274,8 @@ class SearchEngine:
             from clipsearch.index import load_index  # one way only: the index never imports search
 
             index = load_index(index_path)
+        if mapped:
+            return cls(bundle, Searcher(collection.paths, collection.embeddings, index, assume_normalised=True))
         return cls(bundle, Searcher.from_collection(collection, index, fold_duplicates=fold_duplicates))
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:

@@ -52,6 +52,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "built or trust: faiss files are not safe against tampering",
     )
     data.add_argument("--fp16", action="store_true", help="hold the embeddings as float16: half the memory")
+    data.add_argument("--mmap", action="store_true",
+                      help="search a memory-mapped fp16 copy of the collection (<emb_path>/consolidated/, built on "
+                           "first use, rebuilt when the shards change): a large collection starts without being read "
+                           "into memory")
     data.add_argument("--fold_duplicates", action="store_true",
                       help="answer images with the same bytes as one result that lists every path")
 
@@ -295,6 +299,7 @@ def load_engine(args: argparse.Namespace):
             index_path=args.index_path,
             dtype=torch.float16 if args.fp16 else torch.float32,
             fold_duplicates=args.fold_duplicates,
+            mapped=args.mmap,
         )
     except (FileNotFoundError, ValueError) as error:  # ValueError: not shards, or another model's (EmbeddingMismatchError)
         raise UserError(str(error)) from error

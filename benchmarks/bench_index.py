@@ -1,8 +1,11 @@
 """Compressed indexes within a memory budget, against exact search and against autofaiss, on real and generated embeddings.
 
-    PYTHONPATH=package:/work/extra-index .venv/bin/python benchmarks/bench_index.py --part flickr8k
-    PYTHONPATH=package:/work/extra-index .venv/bin/python benchmarks/bench_index.py --part synthetic \
+    PYTHONPATH=package:<autofaiss folder> .venv/bin/python benchmarks/bench_index.py --part flickr8k --source <Flickr8k>
+    PYTHONPATH=package:<autofaiss folder> .venv/bin/python benchmarks/bench_index.py --part synthetic \
         --count 5000000 --max_memory 4GB
+    .venv/bin/python benchmarks/bench_index.py --part synthetic --count 20000 --no_autofaiss   # a quick trial
+
+autofaiss is installed for the benchmark only, into a folder of your choice (see benchmarks/README.md).
 
 (a) flickr8k: the Flickr8k dev+train photos encoded by the project's encoder with the packaged default
     "our" model (MiniLM-L6 text, EfficientNet-Lite0 image, ImageNet/sentence weights) whose projections
@@ -20,7 +23,8 @@ image CLIP embeddings have an intrinsic dimension of a few tens.
 Both indexes get the same vectors (autofaiss reads them through our clip-retrieval export), the same
 memory budget, and run in the same process, interleaved, with the same threads; latencies on this
 machine are pessimistic (2 cores shared with other jobs) but fair between contenders.
-Results go to benchmarks/results/index.json and the "Index" section of BENCHMARKS.md.
+Each run adds its part to the tracked parts of benchmarks/results/index.json; with --report the merged
+file replaces the tracked one and the "Index" section of BENCHMARKS.md is re-rendered from it.
 """
 from __future__ import annotations
 
@@ -33,21 +37,13 @@ import sys
 import time
 from pathlib import Path
 
+import common
 import numpy as np
 import torch
-from common import (
-    interleaved_ms,
-    load_average,
-    machine_info,
-    machine_lines,
-    median,
-    now_iso,
-    update_report_section,
-)
+from common import interleaved_ms, load_average, machine_lines, median
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS_FILE = REPO / "benchmarks" / "results" / "index.json"
-FLICKR = Path("/work/shared/data/flickr8k")
+RESULTS_NAME = "index"
+TRACKED_RESULTS = common.RESULTS_DIR / f"{RESULTS_NAME}.json"  # every part measured so far, keyed by part
 TOP_K = 10
 
 
@@ -56,7 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--part", choices=("flickr8k", "synthetic", "startup", "report"), required=True,
                         help="which collection to run; startup: only the startup times on --count generated rows; "
                              "report: rewrite the BENCHMARKS.md section from the JSON")
-    parser.add_argument("--work_dir", default="/tmp/bench-index", help="scratch folder (vectors, indexes, exports)")
+    parser.add_argument("--source", type=Path, default=None,
+                        help="flickr8k: the unpacked official Flickr8k download (Flicker8k_Dataset/, Flickr8k.token.txt, "
+                             "Flickr_8k.*Images.txt); read in place")
+    parser.add_argument("--work_dir", type=Path, default=common.work_dir("index"),
+                        help="scratch folder (vectors, indexes, exports), kept between runs to reuse them")
     parser.add_argument("--count", type=int, default=200_000, help="synthetic: collection size")
     parser.add_argument("--clusters", type=int, default=2_000, help="synthetic: mixture components")
     parser.add_argument("--intrinsic_dim", type=int, default=32, help="synthetic: dimension of the subspace")
@@ -65,8 +65,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--startup_rows", type=int, default=1_000_000, help="rows written as shards to time startup")
     parser.add_argument("--no_autofaiss", action="store_true", help="skip autofaiss (not installed)")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per contender (median reported)")
-    parser.add_argument("--no_report", action="store_true", help="write the JSON only, leave BENCHMARKS.md alone")
-    return parser.parse_args(argv)
+    common.add_report_flags(parser)
+    args = parser.parse_args(argv)
+    if args.part == "report" and not args.report:
+        parser.error("--part report rewrites BENCHMARKS.md from benchmarks/results/index.json: add --report")
+    if args.part == "flickr8k":
+        if args.source is None:
+            parser.error("--part flickr8k needs --source <Flickr8k>, the unpacked official download")
+        missing = [name for name in ("Flicker8k_Dataset", "Flickr8k.token.txt", "Flickr_8k.trainImages.txt",
+                                     "Flickr_8k.devImages.txt") if not (args.source / name).exists()]
+        if missing:
+            parser.error(f"--source {args.source}: missing {', '.join(missing)} (expected the official Flickr8k download)")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,7 +122,7 @@ def synthetic_store(args, folder: Path):
     return store
 
 
-def flickr8k_store(work_dir: Path):
+def flickr8k_store(source: Path, work_dir: Path):
     """Encode the dev+train photos with an untrained-projection default model, once; returns (store, bundle)."""
     from clipsearch.checkpoint import load_bundle, save_bundle
     from clipsearch.mmap_store import consolidate
@@ -131,10 +141,10 @@ def flickr8k_store(work_dir: Path):
     if not (emb_path / "manifest.json").is_file():
         images.mkdir(parents=True, exist_ok=True)
         for listing in ("Flickr_8k.trainImages.txt", "Flickr_8k.devImages.txt"):
-            for name in (FLICKR / listing).read_text().split():
+            for name in (source / listing).read_text().split():
                 link = images / name
                 if not link.exists():
-                    link.symlink_to(FLICKR / "Flicker8k_Dataset" / name)  # links, not copies of the photos
+                    link.symlink_to((source / "Flicker8k_Dataset" / name).resolve())  # links, not copies of the photos
         subprocess.run(
             [sys.executable, "-m", "clipsearch.cli.encode", "--load_model", str(checkpoint), "--dataset_path",
              str(images), "--emb_path", str(emb_path), "--no_progress"],
@@ -143,11 +153,11 @@ def flickr8k_store(work_dir: Path):
     return consolidate(emb_path), load_bundle(checkpoint)
 
 
-def caption_queries(bundle, count: int, listing: str = "Flickr_8k.devImages.txt") -> np.ndarray:
-    images = set((FLICKR / listing).read_text().split())
+def caption_queries(bundle, source: Path, count: int, listing: str = "Flickr_8k.devImages.txt") -> np.ndarray:
+    images = set((source / listing).read_text().split())
     captions = [
         line.split("\t", 1)[1]
-        for line in (FLICKR / "Flickr8k.token.txt").read_text().splitlines()
+        for line in (source / "Flickr8k.token.txt").read_text().splitlines()
         if "\t" in line and line.split("#", 1)[0] in images
     ][:count]
     with torch.inference_mode():
@@ -306,16 +316,17 @@ def startup(store, folder: Path, rows: int) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = ["| index | layout | memory | build s | recall@10 | ms/query (1) | ms/query (64 batch) |", "|---|---|---:|---:|---:|---:|---:|"]
+    rows = []
     for name in ("ours", "ours, tuned on train captions", "autofaiss", "exact (mmap fp16)"):
         row = result.get(name)
         if row is None:
             continue
         memory = f"{row['bytes'] / 2**20:,.1f} MB" if "bytes" in row else f"{result['count'] * result['dim'] * 2 / 2**20:,.0f} MB on disk"
         layout = row.get("layout", "fp16 matrix") + (" + exact re-rank" if row.get("reranks") else "")
-        lines.append(f"| {name} | {layout} | {memory} | {row.get('build_seconds', '-')} | {row['recall_at_10']:.3f} | "
-                     f"{row['ms_per_query_1']:.2f} | {row['ms_per_query_64']:.2f} |")
-    return "\n".join(lines)
+        rows.append([name, layout, memory, row.get("build_seconds", "-"), f"{row['recall_at_10']:.3f}",
+                     f"{row['ms_per_query_1']:.2f}", f"{row['ms_per_query_64']:.2f}"])
+    columns = ["index", "layout", "memory", "build s", "recall@10", "ms/query (1)", "ms/query (64 batch)"]
+    return "\n".join(common.markdown_table(columns, rows, "llrrrrr"))
 
 
 def startup_line(startup: dict) -> str:
@@ -334,11 +345,12 @@ def render(all_results: dict) -> str:
              "had 2 cores shared with six other jobs (see the load averages): latencies are pessimistic, and "
              "only figures of the same run compare."]
     for part, result in all_results.items():
+        command = [f"Command: `{result['command']}`", ""] if "command" in result else []  # older parts lack it
         if "compare" not in result:  # a startup-only run
-            parts += ["", f"### {part}", "", machine_lines(result), startup_line(result["startup"])]
+            parts += ["", f"### {part}", "", *command, machine_lines(result), startup_line(result["startup"])]
             continue
         parts += ["", f"### {part}: {result['count']:,} x {result['dim']}, budget {result['max_memory'] / 2**20:,.1f} MB, "
-                  f"{result['queries']} queries", "", machine_lines(result), table(result["compare"]), ""]
+                  f"{result['queries']} queries", "", *command, machine_lines(result), table(result["compare"]), ""]
         for name in ("ours", "ours, tuned on train captions"):
             row = result["compare"].get(name)
             if row and row.get("build_recall_at_10") is not None:
@@ -358,29 +370,33 @@ def render(all_results: dict) -> str:
     return "\n".join(parts)
 
 
-def save_result(name: str, result: dict) -> dict:
-    all_results = json.loads(RESULTS_FILE.read_text()) if RESULTS_FILE.is_file() else {}
-    all_results[name] = result
-    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_FILE.write_text(json.dumps(all_results, indent=2) + "\n")
+def tracked_results() -> dict:
+    return json.loads(TRACKED_RESULTS.read_text()) if TRACKED_RESULTS.is_file() else {}
+
+
+def save_part(name: str, result: dict, report: bool) -> dict:
+    """The tracked parts with this one added or replaced, written where --report says (no BENCHMARKS.md yet)."""
+    all_results = {**tracked_results(), name: result}
+    common.write_results(RESULTS_NAME, all_results, common.results_dir(report))
     return all_results
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.part == "report":
-        update_report_section("index", render(json.loads(RESULTS_FILE.read_text())))
+    if args.part == "report":  # re-render only: the JSON is rewritten unchanged
+        all_results = tracked_results()
+        common.publish(RESULTS_NAME, all_results, render(all_results), args.report)
         return {}
-    work_dir = Path(args.work_dir)
+    work_dir = args.work_dir
     work_dir.mkdir(parents=True, exist_ok=True)
     from clipsearch.cli.index import memory_size
 
-    started = {"date": now_iso(), "load_average_start": load_average(), "machine": machine_info()}
+    started = {**common.run_header(), "command": common.command_line("bench_index.py", argv)}
     if args.part == "flickr8k":
-        store, bundle = flickr8k_store(work_dir)
+        store, bundle = flickr8k_store(args.source, work_dir)
         folder = work_dir / "flickr8k-emb"
-        queries = caption_queries(bundle, args.queries)
-        tune_queries = caption_queries(bundle, args.queries, "Flickr_8k.trainImages.txt")
+        queries = caption_queries(bundle, args.source, args.queries)
+        tune_queries = caption_queries(bundle, args.source, args.queries, "Flickr_8k.trainImages.txt")
         max_memory = memory_size(args.max_memory) if args.max_memory else 2**20  # 1/7 of fp32: PQ
         name = "Flickr8k (real photos, caption queries)"
     elif args.part == "startup":
@@ -389,7 +405,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["load_average_end"] = load_average()
         name = f"Startup, {args.count:,} generated rows"
         print(render({name: result}))
-        save_result(name, result)
+        all_results = {**tracked_results(), name: result}
+        common.publish(RESULTS_NAME, all_results, render(all_results), args.report)
         return result
     else:
         folder, tune_queries = work_dir / f"synthetic-{args.count}", None
@@ -399,13 +416,12 @@ def main(argv: list[str] | None = None) -> dict:
         name = f"Generated, {args.count:,} vectors ({args.clusters:,} Zipf clusters in a {args.intrinsic_dim}-d subspace)"
     result = {**started, "compare": compare(store, queries, folder, max_memory, args, tune_queries)}
     result.update(count=len(store), dim=store.dim, max_memory=max_memory, queries=len(queries), load_average_end=load_average())
-    all_results = save_result(name, result)  # kept even if the startup measurement fails
+    all_results = save_part(name, result, args.report)  # kept even if the startup measurement fails
     if args.part == "synthetic" and args.startup_rows:
         result["startup"] = startup(store, folder, args.startup_rows)
-        all_results = save_result(name, result)
+        all_results = {**all_results, name: result}
     print(render({name: result}))
-    if not args.no_report:
-        update_report_section("index", render(all_results))
+    common.publish(RESULTS_NAME, all_results, render(all_results), args.report)
     return result
 
 

@@ -41,8 +41,9 @@ def variant(args) -> str:
 
 DOOR = TrainingDoor(
     __doc__,
-    # Fresh projections learn fast; the pretrained towers move ten times slower so they keep what they know.
-    VariantDefaults(lr=5e-4, max_steps=150, tower_lr_ratio=0.1),
+    # The towers train at --lr unless --tower_lr says otherwise: on the sample data, 150 steps reach
+    # dev text->image R@1 87.0 with towers at 5e-4 against 58.8 with towers at 5e-5 (README).
+    VariantDefaults(lr=5e-4, max_steps=150),
     add_model_args,
     variant,
     build="build_pretrained_towers",

@@ -56,7 +56,7 @@ def add_training_args(parser: argparse.ArgumentParser, pretrained_towers: bool =
     if pretrained_towers:
         optim.add_argument("--tower_lr", type=positive_float, default=None,
                            help="learning rate of the pretrained towers; the new projections and the logit scale "
-                                "train at --lr (default: --lr / 10 for \"our\" CLIP, --lr when finetuning)")
+                                "train at --lr (default: --lr; lower it to keep more of what the towers know)")
     optim.add_argument("--weight_decay", type=float, default=0.2,
                        help="AdamW weight decay (never on biases, norms, embeddings, logit scale)")
     optim.add_argument("--warmup_steps", type=non_negative_int, default=None,
@@ -122,8 +122,6 @@ class VariantDefaults:
 
     lr: float
     max_steps: int
-    # --tower_lr as a fraction of --lr; None: the towers train at --lr.
-    tower_lr_ratio: float | None = None
 
 
 def _devices(text: str) -> int | str:
@@ -178,9 +176,12 @@ def training_config(args: argparse.Namespace, model_group, variant: str,
     model = {name: settings.pop(name) for name in sorted(model_flags)}
     lr = defaults.lr if settings["lr"] is None else settings["lr"]
     max_steps = defaults.max_steps if settings["max_steps"] is None else settings["max_steps"]
+    # Doors with pretrained towers record the towers' effective rate, so "--tower_lr = --lr" and
+    # no --tower_lr are one run identity.
+    has_towers = "tower_lr" in settings
     tower_lr = settings.pop("tower_lr", None)
-    if tower_lr is None and defaults.tower_lr_ratio is not None:
-        tower_lr = lr * defaults.tower_lr_ratio
+    if has_towers and tower_lr is None:
+        tower_lr = lr
     warmup_steps = max_steps // 10 if settings["warmup_steps"] is None else settings["warmup_steps"]
     if warmup_steps >= max_steps:
         raise UserError(f"--warmup_steps ({warmup_steps}) must be below --max_steps ({max_steps})")

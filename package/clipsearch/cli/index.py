@@ -25,6 +25,8 @@ fp16 store it writes to <emb_path>/consolidated/. Recall@10 against exact search
 collection rows held out of training, and nprobe is set to the smallest that reaches
 --target_recall; both go to index.json beside the index.
 """
+# Flags passed to `index.build_index` under their own names.
+BUILD_FLAGS = ("max_memory", "kind", "nlist", "nprobe", "ef_search", "recall_queries", "target_recall")
 
 
 def memory_size(text: str) -> int:
@@ -102,19 +104,8 @@ def main(argv: list[str]):
         if queries.ndim != 2 or queries.shape[1] != store.dim:
             raise UserError(f"--tune_queries {args.tune_queries} holds shape {queries.shape}, expected [n, {store.dim}]")
     try:
-        index = build_index(
-            store.embeddings,
-            store.order_fingerprint,
-            max_memory=args.max_memory,
-            kind=args.kind,
-            nlist=args.nlist,
-            nprobe=args.nprobe,
-            ef_search=args.ef_search,
-            rerank_rows=store.rows,
-            recall_queries=args.recall_queries,
-            target_recall=args.target_recall,
-            queries=queries,
-        )
+        layout = {name: getattr(args, name) for name in BUILD_FLAGS}
+        index = build_index(store.embeddings, store.order_fingerprint, rerank_rows=store.rows, queries=queries, **layout)
     except ValueError as error:  # the budget cannot hold any layout
         raise UserError(str(error)) from None
     out = Path(args.out) if args.out else Path(args.emb_path) / INDEX_FILE

@@ -150,14 +150,6 @@ def check_model_reference(reference: str) -> None:
     parse_model_reference(reference)
 
 
-def exit_on_bad_model(reference: str) -> None:
-    """For a command right after parsing: a bad --load_model ends it with one line, before anything heavy loads."""
-    try:
-        check_model_reference(reference)
-    except ModelReferenceError as error:
-        raise SystemExit(f"error: {error}") from None
-
-
 def model_label(reference: str) -> str:
     """How model.json and results name a model: a local file's absolute path, else the reference."""
     try:

@@ -164,3 +164,84 @@ def test_two_ranks_update_a_folder_one_rank_made(tmp_path, tiny_checkpoint):
     )
     assert {path.name.split("-")[0] for path in list_shards(emb_path)} == {"0", "1"}
     assert_current(emb_path, dataset, tiny_checkpoint, tmp_path)
+
+
+def draw_stored(path, colour):
+    """An uncompressed PNG: every such image of one size has the same byte count, whatever its pixels."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 40), colour).save(path, compress_level=0)
+    return path
+
+
+def rewrite_keeping_stat(path, colour):
+    """New pixels under the old size and mtime, as `touch -r` or a copy that keeps mtime leaves a file."""
+    before = os.stat(path)
+    draw_stored(path, colour)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+def row_of(collection, path):
+    return collection.embeddings[collection.paths.index(str(path))]
+
+
+def test_recheck_content_catches_a_rewrite_that_kept_size_and_mtime(tmp_path, tiny_checkpoint):
+    from clipsearch.search import SearchEngine
+
+    dataset, emb_path = tmp_path / "photos", tmp_path / "emb"
+    make_dataset(dataset, 5)
+    target = draw_stored(dataset / "target.png", (250, 10, 10))
+    encode(tiny_checkpoint, dataset, emb_path)
+    stale = row_of(load_collection(emb_path), target).clone()
+    rewrite_keeping_stat(target, (10, 10, 250))
+
+    # Size and mtime say nothing changed: without the flag the stale row stays.
+    manifest = encode(tiny_checkpoint, dataset, emb_path)
+    assert manifest["this_update"]["encoded"] == 0 and "content_recheck" not in manifest["this_update"]
+    torch.testing.assert_close(row_of(load_collection(emb_path), target), stale)
+
+    manifest = encode(tiny_checkpoint, dataset, emb_path, "--recheck_content")
+    assert manifest["this_update"]["encoded"] == 1 and manifest["this_update"]["removed"] == 1
+    assert manifest["this_update"]["content_recheck"] == {"rechecked": 6, "changed": 1}
+    collection = assert_current(emb_path, dataset, tiny_checkpoint, tmp_path)
+    assert not torch.allclose(row_of(collection, target), stale, atol=1e-3)
+    hits = SearchEngine.from_files(tiny_checkpoint, emb_path).search_image([Image.open(target)], top_k=6)[0]
+    assert [hit.score for hit in hits if hit.path == str(target)] == [pytest.approx(1.0, abs=1e-4)]
+
+    # Unchanged files are hashed, found equal, and not encoded again; no shard is written.
+    shards = {path.name: path.stat().st_mtime_ns for path in list_shards(emb_path)}
+    manifest = encode(tiny_checkpoint, dataset, emb_path, "--recheck_content")
+    assert manifest["this_update"]["encoded"] == 0
+    assert manifest["this_update"]["content_recheck"] == {"rechecked": 6, "changed": 0}
+    assert {path.name: path.stat().st_mtime_ns for path in list_shards(emb_path)} == shards
+
+
+def test_recheck_content_resumes_a_killed_update_and_runs_on_two_ranks(tmp_path, tiny_checkpoint):
+    from clipsearch.encoding.plan import Layout, plan_update
+    from clipsearch.store import update_file, write_json
+
+    dataset, emb_path = tmp_path / "photos", tmp_path / "emb"
+    make_dataset(dataset, 4)
+    targets = [draw_stored(dataset / f"target{index}.png", (200, 20 * index, 10)) for index in range(2)]
+    encode(tiny_checkpoint, dataset, emb_path, "--batch_size", "2")
+    for index, target in enumerate(targets):
+        rewrite_keeping_stat(target, (10, 20 * index, 200))
+
+    # A run killed right after writing its update record, before any shard: a rerun with the flag
+    # resumes that update; one without it plans a new one that still encodes the dropped rows.
+    image_paths = sorted(str(path) for path in dataset.rglob("*.png"))
+    layout = Layout(world_size=2, batch_size=2, shard_size=10_000)
+    killed = plan_update(emb_path, image_paths, layout, overwrite=False, recheck_content=True)
+    assert sorted(killed.to_encode) == sorted(map(str, targets))
+    write_json(emb_path / update_file(killed.number), killed.record)
+    resumed = plan_update(emb_path, image_paths, layout, overwrite=False, recheck_content=True)
+    assert (resumed.number, resumed.record["plan"]) == (killed.number, killed.record["plan"])
+    without_flag = plan_update(emb_path, image_paths, layout, overwrite=False)
+    assert without_flag.number == killed.number + 1 and sorted(without_flag.to_encode) == sorted(map(str, targets))
+
+    manifest = encode(tiny_checkpoint, dataset, emb_path, "--batch_size", "2", "--devices", "2", "--recheck_content")
+    assert manifest["world_size"] == 2 and manifest["update"] == killed.number
+    assert manifest["this_update"]["encoded"] == 2
+    assert {path.name.split("-")[0] for path in list_shards(emb_path) if not path.name.startswith("0-000-")} == {"0", "1"}
+    assert_current(emb_path, dataset, tiny_checkpoint, tmp_path)

@@ -568,6 +568,7 @@ def write_manifest_if_complete(emb_path: str | os.PathLike, extra: dict | None =
             "encoded": sum(record.get("encoded", 0) for record in records),
             "removed": len(latest["removed"]),
             "seconds": max(record.get("seconds_this_run", 0) for record in records),
+            **({"content_recheck": latest["content_recheck"]} if "content_recheck" in latest else {}),
         },
         "duplicates": {"groups": len(groups), "extra_copies": sum(len(paths) - 1 for paths in groups.values())},
         "skipped_by_reason": dict(sorted(skipped_by_reason.items())),
@@ -587,6 +588,12 @@ def describe(manifest: dict, emb_path: str | os.PathLike) -> str:
         f"{emb_path} holds {counts['encoded']} images in {counts['shards']} shards; this run encoded "
         f"{update['encoded']}; update {manifest['update']} dropped {update['removed']} (deleted or changed); {skipped}"
     )
+    if "content_recheck" in update:
+        recheck = update["content_recheck"]
+        line += (
+            f"; rechecked the bytes of {recheck['rechecked']} files with unchanged size and mtime, "
+            f"{recheck['changed']} changed"
+        )
     if duplicates["groups"]:
         line += f"; {duplicates['extra_copies']} exact duplicates in {duplicates['groups']} groups (see {DUPLICATES_FILE})"
     return line

@@ -36,7 +36,9 @@ Output, in --emb_path:
 Running the same command again updates the folder: only new images and images whose size or
 modification time changed are encoded, into new shards; deleted and changed images are dropped
 from what search sees; old shards are never rewritten. A killed run is resumed the same way
-(finished shards are kept). --overwrite starts from scratch.
+(finished shards are kept). --overwrite starts from scratch. A file rewritten under the same size
+and mtime (touch -r, a copy that keeps mtime) is caught only with --recheck_content, which reads
+the bytes of every file to compare them with the stored digest.
 
 Several processes:
   one machine      --devices 4                 (starts 4 processes itself)
@@ -98,6 +100,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     program = parser.add_argument_group("program")
     program.add_argument(
         "--overwrite", action="store_true", help="delete the folder's shards and records and encode everything again"
+    )
+    program.add_argument(
+        "--recheck_content",
+        action="store_true",
+        help="on an update, also hash the files whose size and mtime are unchanged and re-encode those whose "
+        "bytes differ from the stored digest; reads every file (I/O like a full pass), so it is off by default",
     )
     program.add_argument("--no_progress", action="store_true", help="hide the progress bar")
 

@@ -5,11 +5,24 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipsearch.encoding.reader import partition
-from clipsearch.store import Catalog, file_stat, parse_shard_name, read_catalog, read_updates, shard_name
+from clipsearch.store import (
+    Catalog,
+    file_digest,
+    file_stat,
+    parse_shard_name,
+    read_catalog,
+    read_updates,
+    shard_name,
+)
+
+# Files hashed at once by --recheck_content: hashlib releases the GIL, so reads overlap
+# (they wait on the disk or network far more than on the CPU).
+HASH_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -39,17 +52,61 @@ class Update:
         return [(first + number, start, min(size, count - start)) for number, start in enumerate(range(0, count, size))]
 
 
-def plan_against(catalog: Catalog, number: int, first_step: int, stat_of: dict, layout: Layout) -> Update:
+def _digest_or_none(path: str) -> str | None:
+    try:
+        return file_digest(path)
+    except OSError:  # gone or unreadable since it was listed: encoding it reports why
+        return None
+
+
+@dataclass
+class ContentRecheck:
+    """Finds files rewritten under the same size and mtime (a copy that keeps mtime, `touch -r`).
+
+    Opt-in (`--recheck_content`): it reads the bytes of every file whose stat looks unchanged.
+    Digests are kept for the run, so the plans compared on a resume hash each file once.
+    """
+
+    digests: dict[str, str | None] = field(default_factory=dict)
+
+    def changed(self, catalog: Catalog, same_stat: list[str]) -> list[str]:
+        """Of `same_stat` (rows whose size and mtime match), those whose bytes differ from the stored digest.
+
+        A row stored without a digest cannot be checked, so it counts as changed: encoding it again
+        stores one, and the next recheck can tell.
+        """
+        to_hash = [path for path in same_stat if path not in self.digests and catalog.digest_of(path) is not None]
+        with ThreadPoolExecutor(HASH_THREADS) as pool:
+            self.digests.update(zip(to_hash, pool.map(_digest_or_none, to_hash)))
+        return [
+            path
+            for path in same_stat
+            if catalog.digest_of(path) is None or self.digests[path] != catalog.digest_of(path)
+        ]
+
+
+def plan_against(
+    catalog: Catalog,
+    number: int,
+    first_step: int,
+    stat_of: dict,
+    layout: Layout,
+    recheck: ContentRecheck | None = None,
+) -> Update:
     """Encode what the catalog lacks or holds with another size or mtime; drop what is gone or changed.
 
     Size and mtime (in ns) are the change test, as rclip and make use: reading every file's bytes
-    on each update would cost as much I/O as decoding them. Skipped images are retried each update.
+    on each update would cost as much I/O as decoding them. `recheck` adds the bytes of files whose
+    stat matches (the record then counts them). Skipped images are retried each update.
     """
-    to_encode = [
+    same_stat = [
         path
         for path, stat in stat_of.items()
-        if stat is None or path not in catalog.rows or catalog.stat_of(path) != stat
+        if stat is not None and path in catalog.rows and catalog.stat_of(path) == stat
     ]
+    changed_content = recheck.changed(catalog, same_stat) if recheck is not None else []
+    unchanged = set(same_stat).difference(changed_content)
+    to_encode = [path for path in stat_of if path not in unchanged]
     encoding = set(to_encode)
     removed = sorted(path for path in (*catalog.rows, *catalog.skipped) if path not in stat_of or path in encoding)
     shard_names = []
@@ -69,6 +126,8 @@ def plan_against(catalog: Catalog, number: int, first_step: int, stat_of: dict, 
         "shards": shard_names,
         "removed": removed,
     }
+    if recheck is not None:  # reported, not planned: the plan is the same whoever found the change
+        record["content_recheck"] = {"rechecked": len(same_stat), "changed": len(changed_content)}
     return Update(number, record, to_encode, {path: stat_of[path] for path in to_encode}, layout)
 
 
@@ -77,24 +136,39 @@ def _next_first_step(updates: list[dict]) -> int:
     return max([*(step + 1 for step in steps), *(update["first_step"] for update in updates)], default=0)
 
 
-def plan_update(emb_path: str | os.PathLike, image_paths: list[str], layout: Layout, overwrite: bool) -> Update:
+def plan_update(
+    emb_path: str | os.PathLike, image_paths: list[str], layout: Layout, overwrite: bool, recheck_content: bool = False
+) -> Update:
     """The update this run works on: the folder's latest one if it planned exactly this (a resume),
     else a new one against everything before.
 
     Every rank computes the same plan from the same files, so ranks agree without talking; a rank
-    that starts after another wrote the new record finds it as the latest and joins it.
+    that starts after another wrote the new record finds it as the latest and joins it. With
+    `recheck_content` every rank hashes the files itself (ranks on one machine mostly read them
+    from the page cache the first rank filled).
     """
     stat_of = {path: file_stat(path) for path in image_paths}
+    recheck = ContentRecheck() if recheck_content else None
     if overwrite:
-        return plan_against(Catalog(), 0, 0, stat_of, layout)
+        return plan_against(Catalog(), 0, 0, stat_of, layout, recheck)
     emb_path = Path(emb_path)
     updates = read_updates(emb_path)
     if not updates:
-        return plan_against(Catalog(), 0, 0, stat_of, layout)
+        return plan_against(Catalog(), 0, 0, stat_of, layout, recheck)
     latest = updates[-1]
     before = read_catalog(emb_path, upto=latest["update"])
-    again = plan_against(before, latest["update"], latest["first_step"], stat_of, layout)
-    if again.record["plan"] == latest["plan"]:
+    again = plan_against(before, latest["update"], latest["first_step"], stat_of, layout, recheck)
+    resumable = again.record["plan"] == latest["plan"]
+    if resumable and recheck is None:
         return again
     before.add_update(emb_path, latest)
-    return plan_against(before, latest["update"] + 1, _next_first_step(updates), stat_of, layout)
+    fresh = plan_against(before, latest["update"] + 1, _next_first_step(updates), stat_of, layout, recheck)
+    if not resumable:
+        return fresh
+    # Stats are part of a plan, contents are not: a file rewritten under its stat after the latest
+    # update encoded it leaves that update's plan as it was, and resuming it would keep the stale row.
+    found = fresh.record["content_recheck"]
+    if found["changed"]:
+        return fresh
+    again.record["content_recheck"] = found  # what this run found against the rows the folder holds now
+    return again

@@ -44,6 +44,7 @@ class EncodeConfig:
     precision: str = "32"
     accelerator: str = "auto"
     overwrite: bool = False
+    recheck_content: bool = False
     progress: bool = True
 
 
@@ -82,7 +83,8 @@ def encode_rank(config: EncodeConfig, rank: int, world_size: int, local_rank: in
     (emb_path / done_file(rank)).unlink(missing_ok=True)
     (emb_path / MANIFEST_FILE).unlink(missing_ok=True)
     remove_stale_tmp(emb_path, rank)
-    update = plan_update(emb_path, image_paths, Layout(world_size, config.batch_size, config.shard_size), config.overwrite)
+    layout = Layout(world_size, config.batch_size, config.shard_size)
+    update = plan_update(emb_path, image_paths, layout, config.overwrite, config.recheck_content)
     write_json(emb_path / update_file(update.number), update.record)  # listed before any shard is written
 
     rank_paths, shards = update.rank_paths(rank), update.rank_shards(rank)

@@ -505,3 +505,53 @@ def test_thumbnail_cache_never_exceeds_its_byte_budget():
         assert cache.total_bytes == sum(len(cache.get(key)) for key in list(cache.keys()))
     cache.put((999, 96), b"x" * 10_001)  # larger than the whole budget: not kept
     assert cache.get((999, 96)) is None and cache.total_bytes <= 10_000
+
+
+def mapped_file_of(tensor: torch.Tensor) -> str | None:
+    """What /proc/self/maps names as holding `tensor`'s data (Linux): a file, "[heap]", or None when anonymous."""
+    address = tensor.data_ptr()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            start, end = (int(bound, 16) for bound in fields[0].split("-"))
+            if start <= address < end:
+                return fields[5].strip() if len(fields) == 6 else None
+    return None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's memory maps (Linux)")
+def test_serve_with_mmap_serves_the_consolidated_store(tmp_path, tiny_checkpoint, colour_images, monkeypatch):
+    """`3_inference_search.sh --serve --mmap`: the served engine searches the fp16 file in place, answering as in memory."""
+    import socket
+
+    import clipsearch.server
+    from clipsearch.cli.encode import main as encode_main
+    from clipsearch.cli.search import main as search_main
+    from clipsearch.search import SearchEngine
+
+    emb_path = tmp_path / "emb"
+    encode_main(["--load_model", str(tiny_checkpoint), "--dataset_path", str(colour_images[0]),
+                 "--emb_path", str(emb_path), "--num_workers", "0", "--no_progress", "--accelerator", "cpu"])
+    served = {}
+
+    def answer_instead_of_serving(engine, host, port, serve_roots, listener):
+        with fastapi_testclient.TestClient(create_app(engine, serve_roots=serve_roots)) as served_client:
+            served["engine"] = engine
+            served["text"] = served_client.get("/api/search", params={"q": "a red square", "top_k": 3}).json()
+            served["similar"] = served_client.get("/api/similar/4", params={"top_k": 3}).json()
+
+    monkeypatch.setattr(clipsearch.server, "serve", answer_instead_of_serving)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    search_main(["--load_model", str(tiny_checkpoint), "--emb_path", str(emb_path), "--serve", "--mmap", "--port", port])
+
+    store_file = str((emb_path / "consolidated" / "embeddings.f16").resolve())
+    storage = served["engine"].searcher.storage
+    assert storage.dtype == torch.float16 and mapped_file_of(storage) == store_file
+    in_memory = SearchEngine.from_files(tiny_checkpoint, emb_path)
+    assert mapped_file_of(in_memory.searcher.storage) != store_file  # the check tells the two apart
+    expected = in_memory.search_text(["a red square"], 3)[0]
+    top = served["text"]["results"][0]
+    assert top["path"] == expected[0].path and top["score"] == pytest.approx(expected[0].score, abs=2e-3)
+    assert len(served["similar"]["results"]) == 3 and 4 not in [hit["id"] for hit in served["similar"]["results"]]

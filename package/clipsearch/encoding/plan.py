@@ -20,8 +20,9 @@ from clipsearch.store import (
     shard_name,
 )
 
-# Files hashed at once by --recheck_content: hashlib releases the GIL, so reads overlap
-# (they wait on the disk or network far more than on the CPU).
+# Files hashed at once by --recheck_content: hashlib releases the GIL, so reads overlap. 7000 Flickr8k
+# JPEGs (81 MB) evicted from the page cache hash in 0.97 s with 8 threads against 1.30 s with one
+# (0.61 against 0.51 s when cached, on 2 busy cores).
 HASH_THREADS = 8
 
 

@@ -9,6 +9,8 @@ ones); a modified image replaces its link with a re-saved copy, so the shared fi
 never touched. Each step runs `python -m clipsearch.cli.encode` as a user would, in a fresh
 process, and is timed from start to exit (model loading included). The update and the full
 re-encode (`--overwrite`, same folder state) must give the same collection; the script checks it.
+Two reruns with nothing changed then time the plain size-and-mtime comparison against
+`--recheck_content`, which also hashes every file.
 With --report, results go to benchmarks/results/encode_update.json and the "Encoding: updates" section of BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -91,6 +93,11 @@ def main(argv: list[str] | None = None) -> dict:
     assert manifest["counts"]["encoded"] == full_manifest["counts"]["encoded"] == expected
     assert manifest["this_update"]["encoded"] == args.add + args.modify
     assert {path: path.stat().st_mtime_ns for path in first_shards} == first_shards  # old shards untouched
+    # Nothing changed since: the plain rerun compares stats only, --recheck_content also hashes every file.
+    unchanged, unchanged_manifest, _ = encode_seconds(checkpoint, dataset, emb_path)
+    recheck, recheck_manifest, _ = encode_seconds(checkpoint, dataset, emb_path, "--recheck_content")
+    assert unchanged_manifest["this_update"]["encoded"] == recheck_manifest["this_update"]["encoded"] == 0
+    assert recheck_manifest["this_update"]["content_recheck"] == {"rechecked": expected, "changed": 0}
 
     from clipsearch.store import load_collection
 
@@ -108,7 +115,11 @@ def main(argv: list[str] | None = None) -> dict:
         "images_source": images_source,
         "changes": {"added": args.add, "modified": args.modify, "deleted": args.delete},
         "commands": {"first": first_command, "update": update_command, "full": full_command},
-        "seconds": {"first_encode": first, "update": update, "full_re_encode": full},
+        "seconds": {
+            "first_encode": first, "update": update, "full_re_encode": full,
+            "unchanged_update": unchanged, "unchanged_update_recheck_content": recheck,
+        },
+        "collection_bytes": sum(path.stat().st_size for path in dataset.iterdir()),
         "encode_loop_seconds": {
             "update": manifest["this_update"]["seconds"],
             "full_re_encode": full_manifest["this_update"]["seconds"],
@@ -137,12 +148,17 @@ def report_markdown(results: dict) -> str:
             ["update", "same command again", f"{seconds['update']:.1f}", f"{loop['update']:.1f}", results["update_encoded"]],
             ["full re-encode", "same command, `--overwrite`, into a new folder", f"{seconds['full_re_encode']:.1f}",
              f"{loop['full_re_encode']:.1f}", results["images"] + changes["added"] - changes["deleted"]],
+            ["nothing changed", "same command again", f"{seconds['unchanged_update']:.1f}", "", 0],
+            ["nothing changed, content rechecked", "same command, `--recheck_content`",
+             f"{seconds['unchanged_update_recheck_content']:.1f}", "", 0],
         ], "llrrr"),
         "",
         f"- The update gives the same collection as the full re-encode (largest difference in any embedding "
         f"{results['max_abs_difference_update_vs_full']:.1e}); it dropped {results['update_dropped']} rows "
         "(deleted and modified images) and rewrote no old shard (checked). Wall time minus the encode loop is "
-        "start-up (imports and model loading), the same for every step.",
+        "start-up (imports and model loading), the same for every step. `--recheck_content` read and hashed "
+        f"all {results['images'] + changes['added'] - changes['deleted']} files "
+        f"({results['collection_bytes'] / 2**20:.0f} MB) and found none changed.",
     ])
 
 

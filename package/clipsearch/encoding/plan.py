@@ -149,13 +149,11 @@ def plan_update(
     from the page cache the first rank filled).
     """
     stat_of = {path: file_stat(path) for path in image_paths}
-    recheck = ContentRecheck() if recheck_content else None
-    if overwrite:
-        return plan_against(Catalog(), 0, 0, stat_of, layout, recheck)
     emb_path = Path(emb_path)
-    updates = read_updates(emb_path)
-    if not updates:
-        return plan_against(Catalog(), 0, 0, stat_of, layout, recheck)
+    updates = [] if overwrite else read_updates(emb_path)
+    if not updates:  # everything is encoded: there are no stored digests to recheck against
+        return plan_against(Catalog(), 0, 0, stat_of, layout)
+    recheck = ContentRecheck() if recheck_content else None
     latest = updates[-1]
     before = read_catalog(emb_path, upto=latest["update"])
     again = plan_against(before, latest["update"], latest["first_step"], stat_of, layout, recheck)

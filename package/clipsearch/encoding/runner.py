@@ -86,6 +86,9 @@ def encode_rank(config: EncodeConfig, rank: int, world_size: int, local_rank: in
     layout = Layout(world_size, config.batch_size, config.shard_size)
     update = plan_update(emb_path, image_paths, layout, config.overwrite, config.recheck_content)
     write_json(emb_path / update_file(update.number), update.record)  # listed before any shard is written
+    if "content_recheck" in update.record:
+        recheck = update.record["content_recheck"]
+        logger.info("rank %d: %d of %d files with unchanged size and mtime have new bytes", rank, recheck["changed"], recheck["rechecked"])
 
     rank_paths, shards = update.rank_paths(rank), update.rank_shards(rank)
     writer = ShardWriter(emb_path, rank, config.batch_size, bundle.embed_dim, update.stat_of)

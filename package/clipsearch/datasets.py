@@ -50,8 +50,7 @@ class ImageCaptionDataset(Dataset):
         # A ResumableSampler draws (index, augmentation seed): the crop then depends on the draw alone.
         index, augment_seed = key if isinstance(key, tuple) else (key, None)
         image_path, caption = self.image_paths[index], self.captions[index]
-        with seeded_randomness(augment_seed):
-            image, item_counts = _load_for_item(image_path, self.image_transform)
+        image, item_counts = self._image(image_path, augment_seed)
         if image is None:
             return _skip_marker(image_path, item_counts)
         return {
@@ -61,6 +60,26 @@ class ImageCaptionDataset(Dataset):
             "image_path": image_path,
             "report": item_counts,
         }
+
+    def _image(self, image_path: str, augment_seed: int | None) -> tuple[torch.Tensor | None, dict[str, int]]:
+        with seeded_randomness(augment_seed):
+            return _load_for_item(image_path, self.image_transform)
+
+
+class CachedImageCaptionDataset(ImageCaptionDataset):
+    """Training pairs whose "image" is a cached output of the locked image stages (image_cache.py).
+
+    The draw's augmentation seed picks one of the cached views, so a resumed run reads the views
+    the uninterrupted one read.
+    """
+
+    def __init__(self, table: pd.DataFrame, cache, tokenizer: Tokenizer):
+        super().__init__(table, image_transform=None, tokenizer=tokenizer)
+        self.cache = cache
+
+    def _image(self, image_path: str, augment_seed: int | None) -> tuple[torch.Tensor | None, dict[str, int]]:
+        features, reason = self.cache.read(image_path, view=augment_seed or 0)
+        return features, ({} if features is not None else {reason: 1})
 
 
 class ImageGroupDataset(Dataset):

@@ -48,11 +48,14 @@ class CLIPModule(L.LightningModule):
         max_steps: int = 1000,
         betas: tuple[float, float] = (0.9, 0.98),
         eps: float = 1e-6,
+        cached_images: bool = False,
     ):
         super().__init__()
         self.model = model
         self.spec = spec
-        self.save_hyperparameters(ignore=["model", "spec"])
+        self.save_hyperparameters(ignore=["model", "spec", "cached_images"])
+        # Training batches hold cached outputs of the locked image stages instead of images.
+        self.cached_images = cached_images
         self.loss_fn = ContrastiveLoss()
         self.data_report = DataReport()
         self._validation_outputs: list[dict] = []
@@ -88,7 +91,8 @@ class CLIPModule(L.LightningModule):
         self.start_step = self.global_step  # above zero when resumed
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
-        return self.model.encode_image(images), self.model.encode_text(tokens)
+        encode_image = self.model.encode_cached_image if self.cached_images else self.model.encode_image
+        return encode_image(images), self.model.encode_text(tokens)
 
     def training_step(self, batch: dict, batch_idx: int):
         self.data_report.merge(batch["skipped"])

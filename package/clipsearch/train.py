@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -16,13 +17,15 @@ import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from clipsearch.data_report import DataReport
-from clipsearch.datasets import ImageCaptionDataset, ImageGroupDataset, collate_groups, collate_pairs
+from clipsearch.datasets import CachedImageCaptionDataset, ImageCaptionDataset, ImageGroupDataset, collate_groups, collate_pairs
 from clipsearch.defaults import default_num_workers
 from clipsearch.errors import UserError
 from clipsearch.evaluate import format_metrics
+from clipsearch.image_cache import ImageFeatureCache
 from clipsearch.lightning_module import CLIPModule
 from clipsearch.models import ModelBundle
 from clipsearch.result_panel import ResultPanel
@@ -125,25 +128,71 @@ else:
     StepProgressBar = None
 
 
+class BuildImageCache(Callback):
+    """Before the first step, each rank caches its share of the locked image stages' outputs, then all wait.
+
+    It runs in `on_fit_start`, when the ranks and the device are known and before any training
+    batch is read; a resumed run finds the cache complete (or half-made by a killed run, and
+    finishes it).
+    """
+
+    def __init__(self, cache: ImageFeatureCache, bundle: ModelBundle, config: TrainConfig):
+        self.cache, self.bundle, self.config = cache, bundle, config
+
+    def on_fit_start(self, trainer, module):
+        self.cache.world_size = trainer.world_size
+        image_size = int(self.bundle.train_transform(Image.new("RGB", (8, 8))).shape[-1])
+        split = module.model.image_cache_split(image_size)
+        if not self.cache.is_complete():
+            workers = self.config.num_workers
+            self.cache.build(split, self.bundle.train_transform, trainer.global_rank, self.config.seed, image_size,
+                             batch_size=self.config.batch_size,
+                             num_workers=default_num_workers(1) if workers is None else workers)
+        trainer.strategy.barrier("image cache")
+
+
+def _cached_image_pairs(config: TrainConfig, bundle: ModelBundle, table) -> tuple[CachedImageCaptionDataset,
+                                                                                   ImageFeatureCache]:
+    model_flags = config.model
+    if not model_flags.get("lock_image"):
+        raise UserError("--cache_image_views caches the locked image stages: pass --lock_image too "
+                        "(with --lock_image_unlocked_groups N to train the last N)")
+    if not hasattr(bundle.model, "image_cache_split"):
+        raise UserError(f"--cache_image_views: the {config.variant} model cannot cache its image stages "
+                        "(only the pretrained-towers variant, 1_pretrain_our.sh, can)")
+    # Under the run folder, so --resume finds it; a smoke run writes nothing there and caches in a temporary folder.
+    folder = config.run_dir / "image_cache" if not config.fast_dev_run else Path(tempfile.mkdtemp(prefix="image-cache-"))
+    identity = {"dataset_path": str(Path(config.dataset_path).resolve()), "split": config.train_split,
+                "sample_num": config.sample_num, "seed": config.seed, "model": model_flags}
+    image_paths = list(dict.fromkeys(str(path) for path in table["image"]))
+    cache = ImageFeatureCache(folder, image_paths, model_flags["cache_image_views"], identity)
+    return CachedImageCaptionDataset(table, cache, bundle.tokenizer), cache
+
+
 def _training_set(config: TrainConfig, bundle: ModelBundle, report: DataReport):
-    """Map-style pairs from a table, or a stream from webdataset shards (YFCC-scale runs)."""
+    """Map-style pairs from a table (images or cached image features), or a stream from webdataset shards."""
+    caching = bool(config.model.get("cache_image_views"))
     if is_webdataset_path(config.dataset_path):
+        if caching:
+            raise UserError("--cache_image_views needs a table of training pairs, not webdataset shards")
         # A stream has no length: every rank and worker yields the same count so DDP steps stay in lockstep.
         samples = config.sample_num or config.max_steps * config.batch_size * config.accumulate_grad_batches
-        return make_webdataset(config.dataset_path, bundle.train_transform, bundle.tokenizer, epoch_samples=samples)
+        return make_webdataset(config.dataset_path, bundle.train_transform, bundle.tokenizer, epoch_samples=samples), None
     table = read_table(config.dataset_path, config.train_split, report=report)
     if config.sample_num is not None:
         table = table.iloc[: config.sample_num]
     if len(table) < config.batch_size:
         raise UserError(f"--dataset_path {config.dataset_path}: {len(table)} usable training pairs, "
                         f"fewer than one batch (--batch_size {config.batch_size})")
-    return ImageCaptionDataset(table, bundle.train_transform, bundle.tokenizer)
+    if caching:
+        return _cached_image_pairs(config, bundle, table)
+    return ImageCaptionDataset(table, bundle.train_transform, bundle.tokenizer), None
 
 
 def make_loaders(config: TrainConfig, bundle: ModelBundle):
     """Training pairs (seeded, resumable order; full batches so every rank gathers equal shapes) and dev groups."""
     report = DataReport()
-    train_set = _training_set(config, bundle, report)
+    train_set, image_cache = _training_set(config, bundle, report)
     workers = config.num_workers
     if workers is None:
         workers = default_num_workers(config.devices if isinstance(config.devices, int) else 1)
@@ -172,7 +221,7 @@ def make_loaders(config: TrainConfig, bundle: ModelBundle):
     )
     if report.total_skipped():
         logger.warning("tables: %s", report.summary())
-    return train_loader, val_loader, val_set
+    return train_loader, val_loader, val_set, image_cache
 
 
 def _as_stored(identity: dict) -> dict:
@@ -250,7 +299,7 @@ def run_training(config: TrainConfig, build: Callable[[object], ModelBundle]) ->
     prepare_default_sample(config.dataset_path)
     L.seed_everything(config.seed, workers=True, verbose=False)
     bundle = build(config.model_args)
-    train_loader, val_loader, val_set = make_loaders(config, bundle)
+    train_loader, val_loader, val_set, image_cache = make_loaders(config, bundle)
     module = CLIPModule(
         bundle.model,
         bundle.spec,
@@ -259,6 +308,7 @@ def run_training(config: TrainConfig, build: Callable[[object], ModelBundle]) ->
         weight_decay=config.weight_decay,
         warmup_steps=config.warmup_steps,
         max_steps=config.max_steps,
+        cached_images=image_cache is not None,
     )
     run_dir = config.run_dir
     # best.ckpt holds the weights alone (a third of last.ckpt's size); last.ckpt keeps what resuming needs.
@@ -269,6 +319,8 @@ def run_training(config: TrainConfig, build: Callable[[object], ModelBundle]) ->
                                       every_n_train_steps=config.checkpoint_every_steps, enable_version_counter=False)
     sampler = train_loader.sampler if isinstance(train_loader, ResumableLoader) else None
     callbacks = [ThroughputLogger(config.log_every_n_steps), ReproducibleSteps(config.seed, sampler)]
+    if image_cache is not None:
+        callbacks.insert(0, BuildImageCache(image_cache, bundle, config))
     if not smoke_test:
         callbacks += [LearningRateMonitor(logging_interval="step"), last_checkpoint]
         if val_set is not None:

@@ -107,6 +107,9 @@ def add_lock_args(group) -> None:
     group.add_argument("--lock_text", action="store_true", help="freeze the text tower")
     group.add_argument("--lock_text_unlocked_layers", type=non_negative_int, default=0,
                        help="with --lock_text, leave the last N transformer layers trainable")
+    group.add_argument("--cache_image_views", type=non_negative_int, default=0,
+                       help="with --lock_image, run the locked image stages once on N random crops of each training "
+                            "image and train on their cached outputs (pretrained-towers variant; 0: off)")
 
 
 def training_parser(description: str) -> tuple[CommandParser, argparse._ArgumentGroup]:

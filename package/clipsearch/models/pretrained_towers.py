@@ -138,6 +138,18 @@ class PretrainedTowersCLIP(nn.Module):
         self.locked_image_groups = locked
         self.train(self.training)
 
+    def image_cache_split(self, image_size: int):
+        """The image tower cut after its locked stages, whose outputs training may cache (image_cache.py)."""
+        from clipsearch.image_cache import LockedPrefixSplit
+
+        self._cache_split = LockedPrefixSplit(self.visual, self.locked_image_groups, image_size,
+                                              name=f"image tower {type(self.visual).__name__}")
+        return self._cache_split
+
+    def encode_cached_image(self, prefix_outputs: torch.Tensor) -> torch.Tensor:
+        """`encode_image` from cached outputs of the locked stages (after `image_cache_split`)."""
+        return self.image_projection(self._cache_split.suffix(prefix_outputs))
+
     def lock_text_tower(self, unlocked_layers: int = 0) -> None:
         """Freeze the text tower except its last `unlocked_layers` transformer layers."""
         layers = list(getattr(getattr(self.text, "encoder", None), "layer", []))

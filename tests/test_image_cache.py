@@ -1,0 +1,114 @@
+"""Training on cached outputs of the locked image stages (--cache_image_views)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from clipsearch.checkpoint import read_checkpoint
+from clipsearch.cli.common import UserError
+from clipsearch.image_cache import ImageFeatureCache, LockedPrefixSplit
+from clipsearch.models.image_tower import create_image_tower, image_tower_groups
+from clipsearch.models.transforms import make_image_transform
+from clipsearch.sample_data import ensure_sample_dataset
+from src_our.main import main as our_main
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory) -> Path:
+    return ensure_sample_dataset(tmp_path_factory.mktemp("data") / "sample", num_train=24, num_dev=6, image_size=32)
+
+
+def locked_split(unlocked: int) -> LockedPrefixSplit:
+    torch.manual_seed(0)  # the same random tower every call: a resumed cache must match a whole one
+    tower = create_image_tower("tf_efficientnet_lite0").eval()
+    groups = image_tower_groups(tower)
+    return LockedPrefixSplit(tower, groups[: len(groups) - unlocked], image_size=32)
+
+
+def test_prefix_then_suffix_is_the_tower_and_unsupported_towers_are_refused():
+    split = locked_split(unlocked=4)
+    images = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(split.suffix(split.prefix(images)), split.tower(images), rtol=1e-4, atol=1e-5)
+    # Cached outputs are fp16: the suffix takes them as they come.
+    assert split.suffix(split.prefix(images).half()).dtype == torch.float32
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32)
+    with pytest.raises(ValueError, match="cannot be cached"):
+        LockedPrefixSplit(vit, image_tower_groups(vit)[:3], image_size=32)
+    with pytest.raises(ValueError, match="no locked stage"):
+        LockedPrefixSplit(split.tower, [], image_size=32)
+
+
+def build_cache(folder: Path, image_paths: list[str], world_size: int = 1) -> ImageFeatureCache:
+    cache = ImageFeatureCache(folder, image_paths, views=2, identity={"test": 1}, world_size=world_size)
+    transform = make_image_transform(32, (0.5,) * 3, (0.5,) * 3, is_train=True)
+    for rank in range(world_size):
+        cache.build(locked_split(unlocked=3), transform, rank=rank, seed=0, image_size=32, batch_size=4)
+    return cache
+
+
+def test_cache_resumes_after_a_kill_and_lists_unreadable_images(tiny_dataset, tmp_path):
+    paths = sorted(str(p) for p in (tiny_dataset / "images").rglob("*.*"))[:9]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    paths.append(str(broken))
+    whole = build_cache(tmp_path / "whole", paths)
+    assert whole.is_complete()
+    assert whole.read(str(broken), 0) == (None, "not an image")
+    first, _ = whole.read(paths[0], 0)
+    assert first.dtype == torch.float16 and not torch.equal(first, whole.read(paths[0], 1)[0]), "views differ"
+
+    killed = ImageFeatureCache(tmp_path / "killed", paths, views=2, identity={"test": 1})
+    calls = {"n": 0}
+
+    def transform_then_die(image):
+        calls["n"] += 1
+        if calls["n"] > 10:  # after two batches of two images x two views are on disk
+            raise KeyboardInterrupt
+        return make_image_transform(32, (0.5,) * 3, (0.5,) * 3, is_train=True)(image)
+
+    with pytest.raises(KeyboardInterrupt):
+        killed.build(locked_split(unlocked=3), transform_then_die, rank=0, seed=0, image_size=32, batch_size=4)
+    state = json.loads((tmp_path / "killed" / "0-of-1.json").read_text())
+    assert 0 < state["done"] < len(paths)
+    resumed = build_cache(tmp_path / "killed", paths)
+    for path in paths:
+        for view in range(2):
+            expected, got = whole.read(path, view)[0], resumed.read(path, view)[0]
+            assert (expected is None and got is None) or torch.equal(expected, got)
+    # Two ranks split the images and read back the same features.
+    two = build_cache(tmp_path / "two", paths, world_size=2)
+    assert torch.equal(two.read(paths[3], 1)[0], whole.read(paths[3], 1)[0])
+
+
+def test_training_on_cached_stages_trains_only_the_unlocked_ones_and_resumes(tiny_dataset, tmp_path):
+    flags = [f"--dataset_path={tiny_dataset}", f"--models_dir={tmp_path / 'models'}", f"--logs_dir={tmp_path / 'logs'}",
+             "--run_name=cached", "--image_resolution=32", "--text_length=16", "--embed_dim=32", "--batch_size=8",
+             "--num_workers=0", "--warmup_steps=1", "--val_check_interval=2", "--lock_image",
+             "--lock_image_unlocked_groups=3", "--cache_image_views=2", "--lr=1e-2"]
+    with pytest.raises(UserError, match="--lock_image"):
+        our_main([*[f for f in flags if f != "--lock_image"], "--max_steps=2"])
+    first = our_main([*flags, "--max_steps=2"])
+    cache_folder = first.run_dir / "image_cache"
+    state = json.loads((cache_folder / "0-of-1.json").read_text())
+    assert state["done"] == 24 // 2 or state["done"] > 0  # one row per unique training image
+    matrix = np.memmap(cache_folder / "0-of-1.f16", dtype=np.float16, mode="r")
+    assert np.abs(matrix).max() > 0
+    before = read_checkpoint(first.run_dir / "last.ckpt")["state_dict"]
+    stamp = (cache_folder / "0-of-1.f16").stat().st_mtime_ns
+    resumed = our_main([*flags, "--max_steps=4"])  # same run, more steps: resumes and reuses the cache
+    assert resumed.start_step == 2 and resumed.global_step == 4
+    assert (cache_folder / "0-of-1.f16").stat().st_mtime_ns == stamp, "a complete cache is not rebuilt"
+    after = read_checkpoint(resumed.run_dir / "last.ckpt")["state_dict"]
+    changed = {name for name, value in before.items() if not torch.equal(after[name], value)}
+    assert any(name.startswith("model.visual.conv_head") for name in changed)
+    assert not any(name.startswith(("model.visual.conv_stem", "model.visual.blocks.0.")) for name in changed)
+    assert "model.image_projection.weight" in changed
+    shutil.rmtree(cache_folder)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 
 from clipsearch.checkpoint import read_checkpoint
 from clipsearch.cli.common import UserError

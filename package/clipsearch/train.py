@@ -21,7 +21,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from clipsearch.data_report import DataReport
-from clipsearch.datasets import CachedImageCaptionDataset, ImageCaptionDataset, ImageGroupDataset, collate_groups, collate_pairs
+from clipsearch.datasets import (
+    CachedImageCaptionDataset,
+    ImageCaptionDataset,
+    ImageGroupDataset,
+    collate_groups,
+    collate_pairs,
+)
 from clipsearch.defaults import default_num_workers
 from clipsearch.errors import UserError
 from clipsearch.evaluate import format_metrics

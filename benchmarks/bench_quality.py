@@ -25,8 +25,12 @@ FROZEN_FLOOR = {"text_to_image_R@1": 13.0, "text_to_image_R@10": 47.0}
 CURVES = ("text_to_image_R@1", "text_to_image_R@10", "image_to_text_R@1", "image_to_text_R@10")
 
 
-def read_curves(log_dir: Path) -> dict[str, list[tuple[float, int, float]]]:
-    """Per validation metric: (minutes since the first logged event, step, value)."""
+def read_curves(log_dir: Path, started_at: float | None = None) -> dict[str, list[tuple[float, int, float]]]:
+    """Per validation metric: (minutes since the run started, step, value).
+
+    `started_at` is the run's start from its run.json; runs written before it was recorded count
+    from their first logged event (which misses set-up and image caching).
+    """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
@@ -34,12 +38,19 @@ def read_curves(log_dir: Path) -> dict[str, list[tuple[float, int, float]]]:
     tags = events.Tags()["scalars"]
     if not tags:
         raise SystemExit(f"no TensorBoard scalars in {log_dir}")
-    started = min(events.Scalars(tag)[0].wall_time for tag in tags)
+    started = started_at or min(events.Scalars(tag)[0].wall_time for tag in tags)
     return {
         name: [((e.wall_time - started) / 60, e.step, e.value) for e in events.Scalars(f"val/{name}")]
         for name in CURVES
         if f"val/{name}" in tags
     }
+
+
+def run_started_at(run_dir: Path) -> float | None:
+    try:
+        return json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("started_at")
+    except (OSError, ValueError):
+        return None
 
 
 def plot(curves: dict, path: Path, baseline: tuple[str, dict] | None = None, peer: dict | None = None) -> None:
@@ -98,14 +109,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     run_dir = Path(args.models_dir) / args.run_name
     params = json.loads((run_dir / "params.json").read_text())
-    curves = read_curves(Path(args.logs_dir) / args.run_name)
+    curves = read_curves(Path(args.logs_dir) / args.run_name, run_started_at(Path(args.models_dir) / args.run_name))
     header = common.run_header()
     final = evaluate(load_bundle(run_dir / "best.ckpt"), args.dataset_path, "dev", batch_size=64, num_workers=1)
     plot_path = common.results_dir(args.report) / "quality_recall_vs_time.png"
     plot_path.parent.mkdir(parents=True, exist_ok=True)
     baseline = None
     if args.baseline_run:
-        baseline = (args.baseline_run, read_curves(Path(args.logs_dir) / args.baseline_run))
+        baseline = (args.baseline_run, read_curves(Path(args.logs_dir) / args.baseline_run,
+                                                         run_started_at(Path(args.models_dir) / args.baseline_run)))
     peer_file = common.RESULTS_DIR / "quality_open_clip.json"
     peer = json.loads(peer_file.read_text()) if peer_file.is_file() else None
     plot(curves, plot_path, baseline, peer)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -215,6 +216,10 @@ class ImageFeatureCache:
             pending_rows.clear()
 
         total = len(indices)
+        megabytes = cache_megabytes(total, self.views, feature_shape)
+        print(f"caching the locked image stages (rank {rank}): {total - state['done']} of {total} images x "
+              f"{self.views} views into {self.folder} ({megabytes:.0f} MB), once for the whole run",
+              file=sys.stderr, flush=True)
         for index, crops, reason in loader:
             pending_rows.append(index)
             if crops is None:
@@ -226,8 +231,9 @@ class ImageFeatureCache:
                 flush()
                 if state["done"] % max(1, (total // 10)) < len(pending_rows) or state["done"] == total:
                     rate = state["done"] / max(time.perf_counter() - started, 1e-9)
-                    logger.info("caching locked image stages (rank %d): %d/%d images, %.1f images/s",
-                                rank, state["done"], total, rate)
+                    # A line per tenth, printed: minutes of caching with no sign of life look like a hang.
+                    print(f"caching the locked image stages (rank {rank}): {state['done']}/{total} images x "
+                          f"{self.views} views, {rate:.1f} images/s", file=sys.stderr, flush=True)
         flush()
         if state["bad"]:
             logger.warning("image cache: %d unreadable images will be skipped", len(state["bad"]))

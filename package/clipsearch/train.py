@@ -269,9 +269,11 @@ def _resume_path(config: TrainConfig) -> str | None:
     return str(last)
 
 
-def _write_run_file(config: TrainConfig, finished: bool, global_step: int) -> None:
+def _write_run_file(config: TrainConfig, finished: bool, global_step: int, started_at: float) -> None:
+    # started_at (Unix time this process began the run): minutes-of-training figures count set-up and
+    # image caching too, which happen before the first logged step.
     record = {"identity": _as_stored(config.identity), "finished": finished, "global_step": global_step,
-              "smoke": global_step < SMOKE_STEPS}
+              "smoke": global_step < SMOKE_STEPS, "started_at": started_at}
     (config.run_dir / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
@@ -298,6 +300,7 @@ def run_training(config: TrainConfig, build: Callable[[object], ModelBundle]) ->
     Seeds before building, so new layers start from the same weights in every run with the same
     --seed. With --fast_dev_run nothing is written: no run folder, checkpoint or log.
     """
+    started_at = time.time()
     quiet_libraries(config.verbose)
     precision = _precision(config)
     smoke_test = bool(config.fast_dev_run)
@@ -361,7 +364,7 @@ def run_training(config: TrainConfig, build: Callable[[object], ModelBundle]) ->
     if trainer.is_global_zero and not smoke_test:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "params.json").write_text(json.dumps(config.as_dict(), indent=2, default=str))
-        _write_run_file(config, finished=False, global_step=0)
+        _write_run_file(config, finished=False, global_step=0, started_at=started_at)
         resumed = f", resuming from {resume_from}" if resume_from else ""
         print(f"run {config.run_name}: checkpoints in {run_dir}, TensorBoard logs in "
               f"{Path(config.logs_dir) / config.run_name}{resumed}", flush=True)
@@ -372,7 +375,7 @@ def run_training(config: TrainConfig, build: Callable[[object], ModelBundle]) ->
         return RunResult(run_dir, module.start_step, trainer.global_step, {})
     metrics = _finish_run(trainer, module, val_loader, best_checkpoint, run_dir)
     if trainer.is_global_zero:
-        _write_run_file(config, finished=True, global_step=trainer.global_step)
+        _write_run_file(config, finished=True, global_step=trainer.global_step, started_at=started_at)
         _report(config, trainer.global_step, metrics)
     return RunResult(run_dir, module.start_step, trainer.global_step, metrics)
 

@@ -64,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--queries", type=int, default=1_000, help="queries scored for recall@10")
     parser.add_argument("--startup_rows", type=int, default=1_000_000, help="rows written as shards to time startup")
     parser.add_argument("--no_autofaiss", action="store_true", help="skip autofaiss (not installed)")
+    parser.add_argument("--note", default=None, help="a sentence printed under the part's table (e.g. why autofaiss did not run)")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per contender (median reported)")
     common.add_report_flags(parser)
     args = parser.parse_args(argv)
@@ -416,6 +417,8 @@ def main(argv: list[str] | None = None) -> dict:
         name = f"Generated, {args.count:,} vectors ({args.clusters:,} Zipf clusters in a {args.intrinsic_dim}-d subspace)"
     result = {**started, "compare": compare(store, queries, folder, max_memory, args, tune_queries)}
     result.update(count=len(store), dim=store.dim, max_memory=max_memory, queries=len(queries), load_average_end=load_average())
+    if args.note:
+        result["note"] = args.note
     all_results = save_part(name, result, args.report)  # kept even if the startup measurement fails
     if args.part == "synthetic" and args.startup_rows:
         result["startup"] = startup(store, folder, args.startup_rows)

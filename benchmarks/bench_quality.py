@@ -76,7 +76,7 @@ def plot(curves: dict, path: Path, baseline: tuple[str, dict] | None = None, pee
         for name in ("text_to_image_R@1", "text_to_image_R@10"):
             axis.plot([peer["wall_minutes"]], [peer["final"]["metrics"][name]], marker="*", markersize=12,
                       linestyle="none", color=colours.get(name),
-                      label=f"{name.replace('_', ' ')}, open_clip_train.main, same towers")
+                      label=f"{name.replace('_', ' ')}, open_clip_train.main (its run of {peer['date'][:10]})")
     for name, value in FROZEN_FLOOR.items():
         axis.axhline(value, linestyle=":", color="gray")
         axis.text(0.5, value + 0.8, f"frozen towers + linear heads, {name.replace('_', ' ')}", color="gray", fontsize=7)
@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     baseline_line = (
         f"\n- The plot also shows the earlier run `{args.baseline_run}` (dashed) and, when"
-        " bench_quality_open_clip.py has run, open_clip's trainer with the same towers (stars)."
+        " bench_quality_open_clip.py has run, open_clip's trainer (stars; its section says which towers it had)."
+        " Runs older than run.json's start time count from their first logged step, which leaves out their set-up."
         if args.baseline_run else ""
     )
     markdown = f"""## Quality (Flickr8k)

@@ -135,8 +135,18 @@ def test_clicking_a_result_searches_for_similar_images(page, base_url):
     assert page.locator("#query-preview").is_visible()
     page.go_back()
     page.wait_for_url(re.compile(r"q=green"))
-    # The similar results stay on screen until the text search answers; wait for the grid to turn over.
-    wait_for_first_result(page, ids[0])
+    # The similar results stay on screen until the text search answers, and the grid turns over card
+    # by card: wait for the whole list (a timeout here is the failure), not only its first card.
+    page.wait_for_function(
+        """ids => {
+            const cards = [...document.querySelectorAll('#results .card')];
+            return cards.length === ids.length && cards.every((card, i) => {
+                const image = card.querySelector('img');
+                return card.dataset.id === String(ids[i]) && image && image.complete && image.naturalWidth > 0;
+            });
+        }""",
+        arg=ids,
+    )
     assert wait_for_loaded_results(page, 5) == ids
 
 

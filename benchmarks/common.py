@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -67,7 +68,7 @@ def run_header() -> dict:
 def command_line(script: str, argv: list[str] | None) -> str:
     """The command that reproduces this run, for the report."""
     flags = sys.argv[1:] if argv is None else argv
-    return " ".join(["python", f"benchmarks/{script}", *flags])
+    return shlex.join(["python", f"benchmarks/{script}", *flags])  # quoted: a --note with spaces pastes back whole
 
 
 def timed(function: Callable[[], object]) -> float:

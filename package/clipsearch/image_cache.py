@@ -2,10 +2,9 @@
 
 With `--lock_image`, the locked leading stages of the image tower compute the same thing every
 epoch. Running them once per (image, view) and training the unlocked stages on what they produced
-moves most of a step's image work out of the loop: on Flickr8k (EfficientNet-Lite0 at 224 px, two
-CPU cores) the last two stages and the head take about a third of the tower's forward time, and the
-cached prefix needs no backward at all. The price is augmentation: each image has only `views`
-random crops, drawn once, instead of a fresh crop every epoch.
+takes their forward pass out of every step (they had no backward, being locked). The price is
+augmentation: each image has only `views` random crops, drawn once, instead of a fresh crop every
+epoch.
 
 Files, per rank (each rank caches every world-size-th image, so ranks share the work and no rank
 waits for another's writes): `<rank>-of-<world>.f16`, an fp16 matrix [rows, views, *feature_shape],
@@ -141,10 +140,6 @@ class _Views(Dataset):
             with seeded_randomness(self.seed * 1_000_003 + index * 1_009 + view):
                 crops.append(self.transform(image))
         return index, torch.stack(crops), None
-
-
-def _first(items: list):
-    return items[0]
 
 
 class ImageFeatureCache:

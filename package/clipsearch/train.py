@@ -148,7 +148,10 @@ class BuildImageCache(Callback):
     def on_fit_start(self, trainer, module):
         self.cache.world_size = trainer.world_size
         image_size = int(self.bundle.train_transform(Image.new("RGB", (8, 8))).shape[-1])
-        split = module.model.image_cache_split(image_size)
+        try:
+            split = module.model.image_cache_split(image_size)
+        except ValueError as error:  # e.g. a ViT tower: one line for the user, not a traceback
+            raise UserError(f"--cache_image_views: {error}") from error
         if not self.cache.is_complete():
             workers = self.config.num_workers
             self.cache.build(split, self.bundle.train_transform, trainer.global_rank, self.config.seed, image_size,

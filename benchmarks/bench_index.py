@@ -221,7 +221,7 @@ def build_autofaiss(store, folder: Path, max_memory: int):
     build_index(
         embeddings=str(export / "img_emb"), index_path=str(index_path), index_infos_path=str(infos_path),
         max_index_memory_usage=f"{max_memory // 2**20}M", current_memory_available="6G", metric_type="ip",
-        max_index_query_time_ms=10, should_be_memory_mappable=True, nb_cores=torch.get_num_threads(), verbose=30,
+        max_index_query_time_ms=10, should_be_memory_mappable=True, nb_cores=torch.get_num_threads(), verbose=20,  # INFO: its phases, timed, in the log
     )
     build_seconds = time.perf_counter() - started
     infos = json.loads(infos_path.read_text())

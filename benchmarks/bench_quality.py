@@ -47,11 +47,13 @@ def read_curves(log_dir: Path, started_at: float | None = None) -> dict[str, lis
     }
 
 
-def run_started_at(run_dir: Path) -> float | None:
+def run_clock(run_dir: Path) -> tuple[float | None, int]:
+    """When the run began (None for runs older than that record), and how many times it was resumed."""
     try:
-        return json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("started_at")
+        record = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
+        return None, 0
+    return record.get("started_at"), len(record.get("resumed_at", ()))
 
 
 def plot(curves: dict, path: Path, baseline: tuple[str, dict] | None = None, peer: dict | None = None) -> None:
@@ -110,7 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     run_dir = Path(args.models_dir) / args.run_name
     params = json.loads((run_dir / "params.json").read_text())
-    curves = read_curves(Path(args.logs_dir) / args.run_name, run_started_at(Path(args.models_dir) / args.run_name))
+    started_at, resumes = run_clock(run_dir)
+    curves = read_curves(Path(args.logs_dir) / args.run_name, started_at)
     header = common.run_header()
     final = evaluate(load_bundle(run_dir / "best.ckpt"), args.dataset_path, "dev", batch_size=64, num_workers=1)
     plot_path = common.results_dir(args.report) / "quality_recall_vs_time.png"
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     baseline = None
     if args.baseline_run:
         baseline = (args.baseline_run, read_curves(Path(args.logs_dir) / args.baseline_run,
-                                                         run_started_at(Path(args.models_dir) / args.baseline_run)))
+                                                         run_clock(Path(args.models_dir) / args.baseline_run)[0]))
     peer_file = common.RESULTS_DIR / "quality_open_clip.json"
     peer = json.loads(peer_file.read_text()) if peer_file.is_file() else None
     plot(curves, plot_path, baseline, peer)
@@ -147,6 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
         " Runs older than run.json's start time count from their first logged step, which leaves out their set-up."
         if args.baseline_run else ""
     )
+    resumed_line = (f"\n- The run was resumed {resumes} time(s): its minutes count wall time from its first start,"
+                    " the time it lay stopped included." if resumes else "")
     markdown = f"""## Quality (Flickr8k)
 
 Command: `{args.command or 'see params'}`, then `python benchmarks/bench_quality.py --run_name {args.run_name}`
@@ -157,7 +162,7 @@ Command: `{args.command or 'see params'}`, then `python benchmarks/bench_quality
   included) on Flickr8k train (6000 images, 30000 captions); evaluated on the dev split (1000 images, 5000
   captions) by `4_evaluate.sh`'s code.
 - Target: text->image R@1 >= {TARGET['text_to_image_R@1']:.0f} and R@10 >= {TARGET['text_to_image_R@10']:.0f} within 60 minutes: {verdict}.
-- Floor: the same towers frozen with linear heads reach about {FROZEN_FLOOR['text_to_image_R@1']:.0f} / {FROZEN_FLOOR['text_to_image_R@10']:.0f} (text->image R@1 / R@10).{baseline_line}
+- Floor: the same towers frozen with linear heads reach about {FROZEN_FLOOR['text_to_image_R@1']:.0f} / {FROZEN_FLOOR['text_to_image_R@10']:.0f} (text->image R@1 / R@10).{resumed_line}{baseline_line}
 
 Best checkpoint:
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -88,14 +89,21 @@ def test_cache_resumes_after_a_kill_and_lists_unreadable_images(tiny_dataset, tm
     assert torch.equal(two.read(paths[3], 1)[0], whole.read(paths[3], 1)[0])
 
 
-def test_training_on_cached_stages_trains_only_the_unlocked_ones_and_resumes(tiny_dataset, tmp_path):
+def test_training_on_cached_stages_trains_only_the_unlocked_ones_and_resumes(tiny_dataset, tmp_path, monkeypatch):
     flags = [f"--dataset_path={tiny_dataset}", f"--models_dir={tmp_path / 'models'}", f"--logs_dir={tmp_path / 'logs'}",
              "--run_name=cached", "--image_resolution=32", "--text_length=16", "--embed_dim=32", "--batch_size=8",
              "--num_workers=0", "--warmup_steps=1", "--val_check_interval=2", "--lock_image",
              "--lock_image_unlocked_groups=3", "--cache_image_views=2", "--lr=1e-2"]
     with pytest.raises(UserError, match="--lock_image"):
         our_main([*[f for f in flags if f != "--lock_image"], "--max_steps=2"])
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    our_main([*flags, "--fast_dev_run=1"])
+    assert not list(scratch.iterdir()), "a smoke run removes the cache it made in a temporary folder"
+    assert not (tmp_path / "models" / "cached").exists()
     first = our_main([*flags, "--max_steps=2"])
+    started_at = json.loads((first.run_dir / "run.json").read_text())["started_at"]
     cache_folder = first.run_dir / "image_cache"
     state = json.loads((cache_folder / "0-of-1.json").read_text())
     train_images = set(read_table(tiny_dataset, "train")["image"])
@@ -107,6 +115,8 @@ def test_training_on_cached_stages_trains_only_the_unlocked_ones_and_resumes(tin
     resumed = our_main([*flags, "--max_steps=4"])  # same run, more steps: resumes and reuses the cache
     assert resumed.start_step == 2 and resumed.global_step == 4
     assert (cache_folder / "0-of-1.f16").stat().st_mtime_ns == stamp, "a complete cache is not rebuilt"
+    clock = json.loads((resumed.run_dir / "run.json").read_text())
+    assert clock["started_at"] == started_at and len(clock["resumed_at"]) == 1  # minutes count from the first start
     after = read_checkpoint(resumed.run_dir / "last.ckpt")["state_dict"]
     changed = {name for name, value in before.items() if not torch.equal(after[name], value)}
     assert any(name.startswith("model.visual.conv_head") for name in changed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -272,11 +273,33 @@ def _resume_path(config: TrainConfig) -> str | None:
     return str(last)
 
 
-def _write_run_file(config: TrainConfig, finished: bool, global_step: int, started_at: float) -> None:
-    # started_at (Unix time this process began the run): minutes-of-training figures count set-up and
-    # image caching too, which happen before the first logged step.
+@dataclass(frozen=True)
+class RunClock:
+    """When the run began (Unix time), and when each resumed process took over.
+
+    Minutes-of-training figures count from `started_at`, so they include set-up and image caching,
+    which happen before the first logged step. A resume keeps the first start: the run's wall time
+    then includes the time it lay stopped, which `resumed_at` makes visible.
+    """
+
+    started_at: float
+    resumed_at: tuple[float, ...] = ()
+
+    @classmethod
+    def for_process(cls, run_dir: Path, resuming: bool) -> RunClock:
+        now = time.time()
+        if resuming:
+            try:
+                stored = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
+                return cls(float(stored["started_at"]), (*stored.get("resumed_at", ()), now))
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # a run.json from before the clock was recorded: this process starts it
+        return cls(now)
+
+
+def _write_run_file(config: TrainConfig, finished: bool, global_step: int, clock: RunClock) -> None:
     record = {"identity": _as_stored(config.identity), "finished": finished, "global_step": global_step,
-              "smoke": global_step < SMOKE_STEPS, "started_at": started_at}
+              "smoke": global_step < SMOKE_STEPS, "started_at": clock.started_at, "resumed_at": list(clock.resumed_at)}
     (config.run_dir / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
@@ -303,11 +326,11 @@ def run_training(config: TrainConfig, build: Callable[[object], ModelBundle]) ->
     Seeds before building, so new layers start from the same weights in every run with the same
     --seed. With --fast_dev_run nothing is written: no run folder, checkpoint or log.
     """
-    started_at = time.time()
     quiet_libraries(config.verbose)
     precision = _precision(config)
     smoke_test = bool(config.fast_dev_run)
     resume_from = None if smoke_test else _resume_path(config)
+    clock = RunClock.for_process(config.run_dir, resuming=resume_from is not None)
     prepare_default_sample(config.dataset_path)
     L.seed_everything(config.seed, workers=True, verbose=False)
     bundle = build(config.model_args)
@@ -367,18 +390,22 @@ def run_training(config: TrainConfig, build: Callable[[object], ModelBundle]) ->
     if trainer.is_global_zero and not smoke_test:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "params.json").write_text(json.dumps(config.as_dict(), indent=2, default=str))
-        _write_run_file(config, finished=False, global_step=0, started_at=started_at)
+        _write_run_file(config, finished=False, global_step=0, clock=clock)
         resumed = f", resuming from {resume_from}" if resume_from else ""
         print(f"run {config.run_name}: checkpoints in {run_dir}, TensorBoard logs in "
               f"{Path(config.logs_dir) / config.run_name}{resumed}", flush=True)
-    trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from, weights_only=True)
+    try:
+        trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from, weights_only=True)
+    finally:
+        if smoke_test and image_cache is not None:  # its temporary cache folder (see _cached_image_pairs)
+            shutil.rmtree(image_cache.folder, ignore_errors=True)
     if smoke_test:
         if trainer.is_global_zero:
             print(f"fast_dev_run: {trainer.global_step} steps ran; nothing was written")
         return RunResult(run_dir, module.start_step, trainer.global_step, {})
     metrics = _finish_run(trainer, module, val_loader, best_checkpoint, run_dir)
     if trainer.is_global_zero:
-        _write_run_file(config, finished=True, global_step=trainer.global_step, started_at=started_at)
+        _write_run_file(config, finished=True, global_step=trainer.global_step, clock=clock)
         _report(config, trainer.global_step, metrics)
     return RunResult(run_dir, module.start_step, trainer.global_step, metrics)
 

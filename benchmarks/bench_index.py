@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--queries", type=int, default=1_000, help="queries scored for recall@10")
     parser.add_argument("--startup_rows", type=int, default=1_000_000, help="rows written as shards to time startup")
     parser.add_argument("--no_autofaiss", action="store_true", help="skip autofaiss (not installed)")
+    parser.add_argument("--part_suffix", default="", help="words added to the part's name, so a run at other settings "
+                        "(e.g. another --max_memory) gets its own section instead of replacing one")
     parser.add_argument("--note", default=None, help="a sentence printed under the part's table (e.g. why autofaiss did not run)")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per contender (median reported)")
     common.add_report_flags(parser)
@@ -342,9 +344,9 @@ def render(all_results: dict) -> str:
              "(installed for the benchmark only) gets the same vectors through our clip-retrieval export and "
              "the same budget, and runs in the same process, interleaved, on the same threads. Memory is the "
              "index file that faiss maps; IVF-PQ re-ranks 10 x top-k candidates from the fp16 matrix on disk. "
-             "Peak memory is the process's RSS, which counts the pages of mapped files it touched. The machine "
-             "had 2 cores shared with six other jobs (see the load averages): latencies are pessimistic, and "
-             "only figures of the same run compare."]
+             "Peak memory is the process's RSS, which counts the pages of mapped files it touched. The parts "
+             "up to 1M ran while the 2 cores were shared with other jobs (load averages near 6): their latencies "
+             "are pessimistic. Only figures of the same run compare."]
     for part, result in all_results.items():
         command = [f"Command: `{result['command']}`", ""] if "command" in result else []  # older parts lack it
         if "compare" not in result:  # a startup-only run
@@ -415,6 +417,7 @@ def main(argv: list[str] | None = None) -> dict:
         queries = next(clustered_vectors(args.queries, args.clusters, args.intrinsic_dim))  # fresh draws
         max_memory = memory_size(args.max_memory) if args.max_memory else len(store) * 200
         name = f"Generated, {args.count:,} vectors ({args.clusters:,} Zipf clusters in a {args.intrinsic_dim}-d subspace)"
+    name += f", {args.part_suffix}" if args.part_suffix else ""
     result = {**started, "compare": compare(store, queries, folder, max_memory, args, tune_queries)}
     result.update(count=len(store), dim=store.dim, max_memory=max_memory, queries=len(queries), load_average_end=load_average())
     if args.note:

@@ -66,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lock_text_unlocked_layers", type=int, default=2,
                         help="as ours: text tower frozen but its last N layers (-1: text fully trainable)")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers")
+    parser.add_argument("--note", default=None, help="a sentence printed under the settings (e.g. which rates are still to run)")
     parser.add_argument("--work_dir", type=Path, default=common.work_dir("quality_open_clip"), help="scratch folder")
     common.add_report_flags(parser)
     return parser.parse_args(argv)
@@ -186,6 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
         "pairs": pairs,
         "runs": [],
     }
+    if args.note:
+        results["note"] = args.note
     for lr in args.lrs:
         run_dir = args.work_dir / f"run-lr{lr:g}"
         timing = run_child(open_clip_command(args, config_dir, weights, train_pairs, run_dir, "run", lr), run_dir)
@@ -214,7 +217,8 @@ def report_markdown(results: dict) -> str:
 
     ours_file = common.RESULTS_DIR / "quality.json"
     ours = json.loads(ours_file.read_text()) if ours_file.is_file() else None
-    rows = [(f"open_clip_train.main, lr {run['lr']:g}{' (best)' if run['lr'] == results['lr'] else ''}",
+    several = len(results["runs"]) > 1
+    rows = [(f"open_clip_train.main, lr {run['lr']:g}{' (best)' if several and run['lr'] == results['lr'] else ''}",
              run["wall_minutes"], run["final"]["metrics"]) for run in results["runs"]]
     if ours:
         rows.insert(0, (f"ours (`{ours['run_name']}`)", ours["training_minutes"], ours["final"]["metrics"]))
@@ -224,6 +228,7 @@ def report_markdown(results: dict) -> str:
         for name, minutes, m in rows
     )
     settings = results["settings"]
+    note = f"- {results['note']}\n" if results.get("note") else ""
     normalisation = results["image_normalisation"]
     return f"""## Quality against open_clip's trainer (Flickr8k, equal CPU time)
 
@@ -234,14 +239,14 @@ Command: `{results['command']}`
   (each for every parameter), warmup {settings['warmup']}, text tower locked but its last
   {settings['lock_text_unlocked_layers']} layers, image tower trainable; both towers from the packaged weights, the image
   tower as `tf_efficientnet_lite0` with mean {normalisation['mean'][0]:g} / std {normalisation['std'][0]:g}.
-- The best run (lr {results['lr']:g}) ran {results['samples_per_sec'] or float('nan'):.1f} samples/s (calibrated {results['calibrated_samples_per_sec']:.1f}),
+{note}- The {'best run' if several else 'run'} (lr {results['lr']:g}) ran {results['samples_per_sec'] or float('nan'):.1f} samples/s (calibrated {results['calibrated_samples_per_sec']:.1f}),
   {results['pairs']} pairs in {results['wall_minutes']:.1f} minutes, peak RSS {results['peak_rss_mib']:.0f} MiB.
 
 | trainer | minutes | text->image R@1 | R@5 | R@10 | image->text R@1 | R@10 |
 |---|---:|---:|---:|---:|---:|---:|
 {table}
 
-The best open_clip run's final checkpoint:
+The {'best ' if several else ''}open_clip run's final checkpoint:
 
 ```
 {format_metrics(results["final"]["metrics"])}

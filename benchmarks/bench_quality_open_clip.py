@@ -17,6 +17,10 @@ full-budget run per learning rate in --lrs (each about --minutes long) is record
 by mean recall is its row. Include the rates our run used (before the --tower_lr fix, every
 parameter of ours trained at --lr). With --report, results go to benchmarks/results/quality_open_clip.json
 and the "Quality against open_clip" section of BENCHMARKS.md.
+
+Each run takes about --minutes, so the rates need not run in one sitting: --extend keeps the runs
+already recorded, reuses their calibration (the same pairs, in the same order), and runs only the
+rates in --lrs that are not there yet.
 """
 from __future__ import annotations
 
@@ -68,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers")
     parser.add_argument("--note", default=None, help="a sentence printed under the settings (e.g. which rates are still to run)")
     parser.add_argument("--work_dir", type=Path, default=common.work_dir("quality_open_clip"), help="scratch folder")
+    parser.add_argument("--extend", action="store_true",
+                        help="add the rates in --lrs not yet recorded to the recorded results, at their calibration")
     common.add_report_flags(parser)
     return parser.parse_args(argv)
 
@@ -156,16 +162,28 @@ def evaluate_checkpoint(config_dir: Path, checkpoint: Path, dataset: str) -> dic
     return evaluate(bundle, dataset, "dev", batch_size=64, num_workers=1)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    sys.path.insert(0, str(REPO / "package"))
-    from clipsearch.data import read_table
-    from clipsearch.evaluate import format_metrics
+# What a recorded run must share with a new one for --extend to put them in one table.
+COMPARABLE_SETTINGS = ("minutes", "dataset_path", "batch_size", "image_size", "warmup", "lock_text_unlocked_layers")
 
-    args.work_dir.mkdir(parents=True, exist_ok=True)
-    config_dir, weights = write_model(args.work_dir, args.image_size)
-    table = read_table(args.dataset_path, "train")
 
+def recorded_results(args, argv: list[str] | None) -> dict:
+    """The results --extend adds to, refused if they were run under other settings."""
+    path = common.results_dir(args.report) / "quality_open_clip.json"
+    if not path.is_file():
+        raise SystemExit(f"error: --extend found no recorded results at {path}; run without --extend first")
+    results = json.loads(path.read_text())
+    differing = [key for key in COMPARABLE_SETTINGS if results["settings"].get(key) != str(getattr(args, key))]
+    if differing:
+        raise SystemExit("error: --extend needs the recorded runs' settings; these differ: " + ", ".join(
+            f"--{key} {getattr(args, key)} (recorded {results['settings'].get(key)})" for key in differing))
+    results.setdefault("extended_by", []).append(common.command_line("bench_quality_open_clip.py", argv))
+    if args.note:
+        results["note"] = args.note
+    return results
+
+
+def calibrate(args, table, config_dir: Path, weights: Path) -> float:
+    """open_clip's steady samples/s on this machine, from a short run."""
     calibration_dir = args.work_dir / "calibration"
     calibration_pairs = write_pairs(table, args.work_dir / "calibration.tsv", CALIBRATION_STEPS * args.batch_size, 1)
     run_child(open_clip_command(args, config_dir, weights, calibration_pairs, calibration_dir, "run", args.lrs[0]),
@@ -173,30 +191,54 @@ def main(argv: list[str] | None = None) -> dict:
     # Its rate climbs over the first dozen steps (allocator and oneDNN warm-up); the later half of
     # the logged windows is the steady rate the real run will see.
     windows = [float(v) for v in OPEN_CLIP_RATE.findall((calibration_dir / "output.log").read_text())]
-    rate = common.median(windows[len(windows) // 2 :])
-    pairs = int(rate * args.minutes * 60) // args.batch_size * args.batch_size
+    return common.median(windows[len(windows) // 2 :])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    sys.path.insert(0, str(REPO / "package"))
+    from clipsearch.data import read_table
+    from clipsearch.evaluate import format_metrics
+
+    if args.extend:
+        results = recorded_results(args, argv)  # before any work: a mismatch costs nothing
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    config_dir, weights = write_model(args.work_dir, args.image_size)
+    table = read_table(args.dataset_path, "train")
+
+    if not args.extend:
+        rate = calibrate(args, table, config_dir, weights)
+        results = {
+            **common.run_header(),
+            "command": common.command_line("bench_quality_open_clip.py", argv),
+            "settings": {k: str(v) for k, v in vars(args).items()},
+            "image_normalisation": dict(zip(("mean", "std"), image_normalisation())),
+            "calibrated_samples_per_sec": rate,
+            "pairs": int(rate * args.minutes * 60) // args.batch_size * args.batch_size,
+            "runs": [],
+        }
+        if args.note:
+            results["note"] = args.note
+    rate, pairs = results["calibrated_samples_per_sec"], results["pairs"]
     print(f"open_clip runs at {rate:.1f} samples/s here: {args.minutes:g} minutes = {pairs} pairs", flush=True)
+    # Seeded, so an extending run trains on the very pairs, in the same order, as the recorded ones.
     train_pairs = write_pairs(table, args.work_dir / "train.tsv", pairs, 0)
 
-    results = {
-        **common.run_header(),
-        "command": common.command_line("bench_quality_open_clip.py", argv),
-        "settings": {k: str(v) for k, v in vars(args).items()},
-        "image_normalisation": dict(zip(("mean", "std"), image_normalisation())),
-        "calibrated_samples_per_sec": rate,
-        "pairs": pairs,
-        "runs": [],
-    }
-    if args.note:
-        results["note"] = args.note
+    recorded_rates = {run["lr"] for run in results["runs"]}
     for lr in args.lrs:
+        if lr in recorded_rates:
+            print(f"lr {lr:g}: already recorded, not rerun", flush=True)
+            continue
         run_dir = args.work_dir / f"run-lr{lr:g}"
+        started_at, load_at_start = common.now_iso(), common.load_average()
         timing = run_child(open_clip_command(args, config_dir, weights, train_pairs, run_dir, "run", lr), run_dir)
         rates = [float(v) for v in OPEN_CLIP_RATE.findall((run_dir / "output.log").read_text())][1:]
         final = evaluate_checkpoint(config_dir, run_dir / "run" / "checkpoints" / "epoch_1.pt", args.dataset_path)
         print(f"lr {lr:g}:\n{format_metrics(final['metrics'])}", flush=True)
         results["runs"].append({
             "lr": lr,
+            "started_at": started_at,
+            "load_average": {"start": load_at_start, "end": common.load_average()},
             "wall_minutes": timing["seconds"] / 60,
             "peak_rss_mib": timing["peak_rss_mib"],
             "samples_per_sec": common.median(rates) if rates else None,
@@ -229,17 +271,22 @@ def report_markdown(results: dict) -> str:
     )
     settings = results["settings"]
     note = f"- {results['note']}\n" if results.get("note") else ""
+    extensions = "".join(f"\nThen, at its calibration: `{command}`\n" for command in results.get("extended_by", []))
+    dated_runs = [run for run in results["runs"] if "started_at" in run]
+    run_dates = ("- Each run's start and load average (start / end): " + "; ".join(
+        f"lr {run['lr']:g} {run['started_at']}, {run['load_average']['start'][0]} / {run['load_average']['end'][0]}"
+        for run in dated_runs) + ".\n") if dated_runs else ""
     normalisation = results["image_normalisation"]
     return f"""## Quality against open_clip's trainer (Flickr8k, equal CPU time)
 
 Command: `{results['command']}`
-
+{extensions}
 {common.machine_lines(results).rstrip()}
 - open_clip {settings['image_size']} px train and test, batch {settings['batch_size']}, one run per learning rate
   (each for every parameter), warmup {settings['warmup']}, text tower locked but its last
   {settings['lock_text_unlocked_layers']} layers, image tower trainable; both towers from the packaged weights, the image
   tower as `tf_efficientnet_lite0` with mean {normalisation['mean'][0]:g} / std {normalisation['std'][0]:g}.
-{note}- The {'best run' if several else 'run'} (lr {results['lr']:g}) ran {results['samples_per_sec'] or float('nan'):.1f} samples/s (calibrated {results['calibrated_samples_per_sec']:.1f}),
+{note}{run_dates}- The {'best run' if several else 'run'} (lr {results['lr']:g}) ran {results['samples_per_sec'] or float('nan'):.1f} samples/s (calibrated {results['calibrated_samples_per_sec']:.1f}),
   {results['pairs']} pairs in {results['wall_minutes']:.1f} minutes, peak RSS {results['peak_rss_mib']:.0f} MiB.
 
 | trainer | minutes | text->image R@1 | R@5 | R@10 | image->text R@1 | R@10 |

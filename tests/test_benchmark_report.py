@@ -88,3 +88,41 @@ def test_markdown_tables_align_names_left_and_figures_right():
     }, ["", *lines])
     assert section.startswith("## Search\n\nCommand: `python benchmarks/bench_search.py`\n\n- Machine: 2 CPUs")
     assert section.endswith("| vit | 2 |\n\n- met\n")
+
+
+def test_the_open_clip_peer_extends_only_runs_made_under_the_same_settings(tmp_path, monkeypatch):
+    """Its rates take an hour each, so --extend adds rates later; mixing budgets in one table is refused."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import bench_quality_open_clip as peer
+    import common
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    first = peer.parse_args(["--minutes", "49", "--lrs", "1e-4", "--dataset_path", "data", "--report"])
+    metrics = {f"{direction}_{name}": 10.0 for direction in ("text_to_image", "image_to_text")
+               for name in ("R@1", "R@5", "R@10", "median_rank", "mean_rank")} | {"mean_recall": 30.0}
+    run = {"lr": 1e-4, "wall_minutes": 49.0, "peak_rss_mib": 1.0, "samples_per_sec": 12.0, "final": {"metrics": metrics}}
+    common.write_results("quality_open_clip", {
+        "command": "python benchmarks/bench_quality_open_clip.py --lrs 1e-4", "date": "today",
+        "machine": {"nproc": 2, "cpu_model": "cpu", "torch": "2", "torch_threads": 2},
+        "load_average_start": [1, 1, 1], "load_average_end": [1, 1, 1],
+        "settings": {key: str(value) for key, value in vars(first).items()},
+        "image_normalisation": {"mean": [0.5] * 3, "std": [0.5] * 3},
+        "calibrated_samples_per_sec": 12.4, "pairs": 36352, "runs": [run], **run,
+    }, tmp_path)
+
+    other_budget = peer.parse_args(["--minutes", "50", "--lrs", "3e-4", "--dataset_path", "data", "--extend", "--report"])
+    try:
+        peer.recorded_results(other_budget, None)
+        raise AssertionError("a run at another budget was accepted")
+    except SystemExit as refusal:
+        assert "--minutes 50.0 (recorded 49.0)" in str(refusal)
+
+    same = peer.parse_args(["--minutes", "49", "--lrs", "3e-4", "--dataset_path", "data", "--extend", "--report"])
+    results = peer.recorded_results(same, ["--lrs", "3e-4", "--extend"])
+    assert results["pairs"] == 36352 and [run["lr"] for run in results["runs"]] == [1e-4]
+    assert results["extended_by"] == ["python benchmarks/bench_quality_open_clip.py --lrs 3e-4 --extend"]
+    later = {**run, "lr": 3e-4, "started_at": "later", "load_average": {"start": [2, 2, 2], "end": [1, 1, 1]}}
+    results["runs"].append(later)
+    section = peer.report_markdown(results)
+    assert "Then, at its calibration: `python benchmarks/bench_quality_open_clip.py --lrs 3e-4 --extend`" in section
+    assert "lr 0.0003 later, 2 / 1" in section and "| open_clip_train.main, lr 0.0003 |" in section

@@ -23,10 +23,11 @@ from clipsearch.data import read_table
 from clipsearch.datasets import ImageCaptionDataset, collate_pairs
 from clipsearch.evaluate import evaluate
 from clipsearch.lightning_module import CLIPModule
-from clipsearch.loss import ContrastiveLoss
+from clipsearch.loss import LOSSES, ContrastiveLoss
 from clipsearch.models import build_from_spec
 from clipsearch.models.openai_clip import openai_clip_spec
 from clipsearch.sample_data import ensure_sample_dataset
+from clipsearch.train_config import LOSS_NAMES
 from src_openai_finetune.main import main as finetune_main
 from src_openai_pretrain.main import main as pretrain_main
 from src_openai_pretrain.main import parse_args as pretrain_parse_args
@@ -121,7 +122,7 @@ def test_overfitting_one_batch_drives_loss_far_below_chance(tiny_dataset):
     assert loss.item() < 0.5 * math.log(16)  # chance is log(16)
 
 
-def _distributed_loss_worker(rank: int, world_size: int, port: int, images, texts, scale, queue) -> None:
+def _distributed_loss_worker(rank: int, world_size: int, port: int, loss_name: str, images, texts, scale, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     import torch.distributed.nn.functional as dist_nn
@@ -132,28 +133,32 @@ def _distributed_loss_worker(rank: int, world_size: int, port: int, images, text
     rows = images.shape[0] // world_size
     local_images = images[rank * rows:(rank + 1) * rows].clone().requires_grad_(True)
     local_texts = texts[rank * rows:(rank + 1) * rows].clone().requires_grad_(True)
-    loss = ContrastiveLoss(world_size=world_size, gather=gather)(local_images, local_texts, scale)
+    loss = LOSSES[loss_name](world_size=world_size, gather=gather)(local_images, local_texts, scale)
     loss.backward()
-    queue.put((rank, loss.item(), local_images.grad, local_texts.grad))
+    # As arrays, which pickle by value: torch would share tensors through a file descriptor that
+    # dies with this process if it exits before the parent has read them.
+    queue.put((rank, loss.item(), local_images.grad.numpy(), local_texts.grad.numpy()))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def test_loss_and_gradients_on_two_gloo_processes_match_one_process():
+@pytest.mark.parametrize("loss_name", ["contrastive", "sigmoid"])
+def test_loss_and_gradients_on_two_gloo_processes_match_one_process(loss_name):
     torch.manual_seed(0)
     images, texts, scale = torch.randn(8, 16), torch.randn(8, 16), torch.tensor(2.0)
     single_images, single_texts = images.clone().requires_grad_(True), texts.clone().requires_grad_(True)
-    single_loss = ContrastiveLoss()(single_images, single_texts, scale)
+    single_loss = LOSSES[loss_name]()(single_images, single_texts, scale)
     single_loss.backward()
 
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
-    port = 29500 + os.getpid() % 1000
-    processes = [context.Process(target=_distributed_loss_worker, args=(rank, 2, port, images, texts, scale, queue))
+    port = 29500 + os.getpid() % 1000 + 1000 * tuple(LOSSES).index(loss_name)  # a fresh port per case
+    processes = [context.Process(target=_distributed_loss_worker, args=(rank, 2, port, loss_name, images, texts, scale, queue))
                  for rank in range(2)]
     for process in processes:
         process.start()
-    results = sorted(queue.get() for _ in processes)
+    results = sorted((rank, loss, torch.from_numpy(image_grad), torch.from_numpy(text_grad))
+                     for rank, loss, image_grad, text_grad in (queue.get() for _ in processes))
     for process in processes:
         process.join(timeout=60)
         assert process.exitcode == 0
@@ -163,6 +168,36 @@ def test_loss_and_gradients_on_two_gloo_processes_match_one_process():
     for rank, _, image_grad, text_grad in results:
         torch.testing.assert_close(image_grad / 2, single_images.grad[rank * 4:(rank + 1) * 4], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(text_grad / 2, single_texts.grad[rank * 4:(rank + 1) * 4], rtol=1e-4, atol=1e-6)
+
+
+def test_sigmoid_loss_is_each_pair_a_binary_question():
+    torch.manual_seed(0)
+    images, texts = torch.randn(5, 8), torch.randn(5, 8)
+    loss = LOSSES["sigmoid"]()
+    scale, bias = 3.0, loss.logit_bias.item()
+    logits = scale * torch.nn.functional.normalize(images, dim=-1) @ torch.nn.functional.normalize(texts, dim=-1).T + bias
+    expected = sum(-math.log(torch.sigmoid(logits[i, j] if i == j else -logits[i, j]).item())
+                   for i in range(5) for j in range(5)) / 5
+    assert loss(images, texts, torch.tensor(math.log(scale))).item() == pytest.approx(expected, rel=1e-5)
+    assert bias == -10.0  # SigLIP's start: almost every pair is a negative
+    assert tuple(LOSSES) == LOSS_NAMES  # the flag's choices, named without importing torch
+
+
+def test_sigmoid_loss_trains_its_bias_at_lr_in_its_own_run(tiny_dataset, tmp_path):
+    flags = ["--pretrain_clip=ViT-Tiny-16", "--image_resolution=32", "--num_workers=0"]
+    result = pretrain_main([*flags, *common_flags(tiny_dataset, tmp_path, "sigmoid", steps=3), "--val_check_interval=3",
+                            "--loss=sigmoid", "--lr=1e-3"])
+    state = read_checkpoint(result.run_dir / "last.ckpt")
+    groups = {group["name"]: group for group in state["optimizer_states"][0]["param_groups"]}
+    assert "loss_fn.logit_bias" in groups["new_no_decay"]["param_names"]
+    assert groups["new_no_decay"]["initial_lr"] == pytest.approx(1e-3)
+    assert state["state_dict"]["loss_fn.logit_bias"].item() != -10.0  # trained, and saved for resuming
+    # The loss is part of the run's identity; the default leaves identities made before the flag as they were.
+    assert json.loads((result.run_dir / "run.json").read_text())["identity"]["loss"] == "sigmoid"
+    default = pretrain_parse_args([*flags, f"--dataset_path={tiny_dataset}"])
+    assert "loss" not in default.identity and default.loss == "contrastive"
+    # Search never needs the bias: the weights reload as a model without it.
+    assert load_bundle(result.run_dir / "best.ckpt").model is not None
 
 
 @pytest.fixture()

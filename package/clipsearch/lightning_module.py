@@ -10,7 +10,7 @@ import torch
 from clipsearch.checkpoint import META_KEY
 from clipsearch.data_report import DataReport
 from clipsearch.evaluate import concat_encoded, encode_groups, split_embeddings
-from clipsearch.loss import MAX_LOGIT_SCALE, ContrastiveLoss
+from clipsearch.loss import LOSSES, MAX_LOGIT_SCALE
 from clipsearch.metrics import retrieval_metrics
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,8 @@ def warmup_cosine(warmup_steps: int, max_steps: int):
 
 
 class CLIPModule(L.LightningModule):
-    """Contrastive training of any model with `encode_image`, `encode_text` and `logit_scale`."""
+    """Contrastive training of any model with `encode_image`, `encode_text` and `logit_scale`,
+    under CLIP's softmax loss or SigLIP's sigmoid loss (`loss`)."""
 
     def __init__(
         self,
@@ -49,6 +50,7 @@ class CLIPModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.98),
         eps: float = 1e-6,
         cached_images: bool = False,
+        loss: str = "contrastive",
     ):
         super().__init__()
         self.model = model
@@ -56,7 +58,9 @@ class CLIPModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model", "spec", "cached_images"])
         # Training batches hold cached outputs of the locked image stages instead of images.
         self.cached_images = cached_images
-        self.loss_fn = ContrastiveLoss()
+        # The loss may hold parameters (the sigmoid loss's bias): made here, so a resumed run
+        # restores them; setup() only tells it the world.
+        self.loss_fn = LOSSES[loss]()
         self.data_report = DataReport()
         self._validation_outputs: list[dict] = []
         self.last_validated_step: int | None = None
@@ -67,8 +71,7 @@ class CLIPModule(L.LightningModule):
 
     # ---- training -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        self.loss_fn = ContrastiveLoss(world_size=self.trainer.world_size,
-                                       gather=lambda features: self._gather(features, sync_grads=True))
+        self.loss_fn.distribute(self.trainer.world_size, lambda features: self._gather(features, sync_grads=True))
 
     def _gather(self, rows: torch.Tensor, sync_grads: bool = False) -> tuple[torch.Tensor, int]:
         """All ranks' rows in rank order, and where this rank's rows start.
@@ -106,12 +109,15 @@ class CLIPModule(L.LightningModule):
         # The loss clamps the scale it applies at MAX_LOGIT_SCALE (OpenAI's 100); this is that value.
         self.log("train/logit_scale", self.model.logit_scale.detach().exp().clamp(max=MAX_LOGIT_SCALE),
                  batch_size=batch_size)
+        if hasattr(self.loss_fn, "logit_bias"):
+            self.log("train/logit_bias", self.loss_fn.logit_bias.detach(), batch_size=batch_size)
         self.log("train/skipped", float(self.data_report.total_skipped()), batch_size=batch_size)
         return loss
 
     def configure_optimizers(self):
-        """AdamW in up to four named groups: new (projections, temperature) at --lr, pretrained tower
-        weights at --tower_lr, each split into decayed and not decayed; frozen parameters stay out."""
+        """AdamW in up to four named groups: new (projections, temperature, the loss's own bias) at
+        --lr, pretrained tower weights at --tower_lr, each split into decayed and not decayed; frozen
+        parameters stay out."""
         lr = self.hparams.lr
         tower_lr = self.hparams.tower_lr if self.hparams.tower_lr is not None else lr
         declared = getattr(self.model, "new_parameter_names", None)
@@ -119,8 +125,10 @@ class CLIPModule(L.LightningModule):
         if declared is None and tower_lr != lr:
             logger.warning("%s does not say which parameters are pretrained: all train at --lr, "
                            "--tower_lr is ignored", type(self.model).__name__)
+        loss_parameters = list(self.loss_fn.named_parameters(prefix="loss_fn"))
+        new_names = {*new_names, *(name for name, _ in loss_parameters)}
         groups: dict[str, list] = {}
-        for name, parameter in self.model.named_parameters():
+        for name, parameter in [*self.model.named_parameters(), *loss_parameters]:
             if parameter.requires_grad:
                 kind = "new" if name in new_names else "pretrained"
                 groups.setdefault(kind + ("_no_decay" if is_no_decay(name, parameter) else ""), []).append((name, parameter))
@@ -153,8 +161,8 @@ class CLIPModule(L.LightningModule):
         # The loss pairs each image with its first caption (captions of one image arrive together).
         first_caption = torch.ones_like(caption_image_ids, dtype=torch.bool)
         first_caption[1:] = caption_image_ids[1:] != caption_image_ids[:-1]
-        loss = ContrastiveLoss()(encoded["image_embeddings"], encoded["text_embeddings"][first_caption],
-                                 self.model.logit_scale)
+        loss = self.loss_fn(encoded["image_embeddings"], encoded["text_embeddings"][first_caption],
+                            self.model.logit_scale, distributed=False)
         self.log("val/loss", loss, batch_size=len(batch["image_paths"]), sync_dist=True)
         self._validation_outputs.append(encoded)
 

@@ -344,6 +344,7 @@ def run_training(config: TrainConfig, build: Callable[[object], ModelBundle]) ->
         warmup_steps=config.warmup_steps,
         max_steps=config.max_steps,
         cached_images=image_cache is not None,
+        loss=config.loss,
     )
     run_dir = config.run_dir
     # best.ckpt holds the weights alone (a third of last.ckpt's size); last.ckpt keeps what resuming needs.

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 RESUME_CHOICES = ("auto", "last", "none")
+# The keys of clipsearch.loss.LOSSES, named here so that parsing flags imports no torch.
+LOSS_NAMES = ("contrastive", "sigmoid")
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,7 @@ class TrainConfig:
     lr: float
     tower_lr: float | None
     weight_decay: float
+    loss: str
     warmup_steps: int
     max_steps: int
     gradient_clip_val: float | None

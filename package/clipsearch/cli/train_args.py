@@ -20,7 +20,7 @@ from clipsearch.cli.common import (
 )
 from clipsearch.model_reference import OPENAI_WEIGHTS_DIR as LOCAL_WEIGHTS_DIR  # noqa: F401  the doors name it
 from clipsearch.tables import TABLE_EXTENSIONS, find_table, is_webdataset_path
-from clipsearch.train_config import RESUME_CHOICES, TrainConfig
+from clipsearch.train_config import LOSS_NAMES, RESUME_CHOICES, TrainConfig
 
 # Validation over the dev split is a whole pass: a 5-step run validating after every step spent
 # 7 of its minutes there. The default interval is a fifth of the run but never below this, and
@@ -59,6 +59,9 @@ def add_training_args(parser: argparse.ArgumentParser, pretrained_towers: bool =
                                 "train at --lr (default: --lr; lower it to keep more of what the towers know)")
     optim.add_argument("--weight_decay", type=float, default=0.2,
                        help="AdamW weight decay (never on biases, norms, embeddings, logit scale)")
+    optim.add_argument("--loss", choices=LOSS_NAMES, default="contrastive",
+                       help="contrastive: CLIP's softmax over the batch; sigmoid: SigLIP's loss, each pair on its "
+                            "own with a learnt bias, which leans less on large batches")
     optim.add_argument("--warmup_steps", type=non_negative_int, default=None,
                        help="linear warmup steps before cosine decay (default: 10%% of max_steps)")
     optim.add_argument("--max_steps", type=positive_int, default=None, help="optimiser steps to train (default: the variant's)")
@@ -204,6 +207,8 @@ def training_config(args: argparse.Namespace, model_group, variant: str,
                     devices=_devices(str(settings["devices"])))
     identity = {"variant": variant, "model": model, "tower_lr": tower_lr}
     identity |= {name: value for name, value in settings.items() if name not in NOT_IDENTITY}
+    if identity["loss"] == "contrastive":
+        del identity["loss"]  # the default, as it was before the flag: runs made then keep their folder and resume
     run_name = settings.pop("run_name") or default_run_name(
         variant, settings["dataset_path"], batch_size, lr, max_steps, identity)
     return TrainConfig(variant=variant, model=model, tower_lr=tower_lr, run_name=run_name, identity=identity, **settings)

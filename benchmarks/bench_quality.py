@@ -26,12 +26,8 @@ TARGET = {"text_to_image_R@1": 30.0, "text_to_image_R@10": 75.0}
 CURVES = ("text_to_image_R@1", "text_to_image_R@10", "image_to_text_R@1", "image_to_text_R@10")
 
 
-def read_curves(log_dir: Path, started_at: float | None = None) -> dict[str, list[tuple[float, int, float]]]:
-    """Per validation metric: (minutes since the run started, step, value).
-
-    `started_at` is the run's start from its run.json; runs written before it was recorded count
-    from their first logged event (which misses set-up and image caching).
-    """
+def read_scalars(log_dir: Path):
+    """A run's TensorBoard scalars (an EventAccumulator) and their tags; stops if there are none."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
@@ -39,12 +35,28 @@ def read_curves(log_dir: Path, started_at: float | None = None) -> dict[str, lis
     tags = events.Tags()["scalars"]
     if not tags:
         raise SystemExit(f"no TensorBoard scalars in {log_dir}")
+    return events, tags
+
+
+def read_curves(log_dir: Path, started_at: float | None = None) -> dict[str, list[tuple[float, int, float]]]:
+    """Per validation metric: (minutes since the run started, step, value).
+
+    `started_at` is the run's start from its run.json; runs written before it was recorded count
+    from their first logged event (which misses set-up and image caching).
+    """
+    events, tags = read_scalars(log_dir)
     started = started_at or min(events.Scalars(tag)[0].wall_time for tag in tags)
     return {
         name: [((e.wall_time - started) / 60, e.step, e.value) for e in events.Scalars(f"val/{name}")]
         for name in CURVES
         if f"val/{name}" in tags
     }
+
+
+def minutes_before_training(log_dir: Path, started_at: float) -> float:
+    """Minutes from the run's start to its first logged training step: loading and image caching."""
+    events, tags = read_scalars(log_dir)
+    return (min(events.Scalars(tag)[0].wall_time for tag in tags if tag.startswith("train/")) - started_at) / 60
 
 
 def run_clock(run_dir: Path) -> tuple[float | None, int]:
@@ -78,7 +90,7 @@ def plot(curves: dict, path: Path, baseline: tuple[str, dict] | None = None, pee
         for name in ("text_to_image_R@1", "text_to_image_R@10"):
             axis.plot([peer["wall_minutes"]], [peer["final"]["metrics"][name]], marker="*", markersize=12,
                       linestyle="none", color=colours.get(name),
-                      label=f"{name.replace('_', ' ')}, open_clip_train.main (its run of {peer['date'][:10]})")
+                      label=f"{name.replace('_', ' ')}, open_clip_train.main at its best rate, lr {peer['lr']:g}")
     for name, value in FROZEN_FLOOR.items():
         axis.axhline(value, linestyle=":", color="gray")
         axis.text(0.5, value + 0.8, f"frozen towers + linear heads, {name.replace('_', ' ')}", color="gray", fontsize=7)
@@ -100,6 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset_path", default=str(REPO / "dataset/flickr8k/data256"), help="dataset with the dev table")
     parser.add_argument("--command", default="", help="the training command, quoted into the report")
     parser.add_argument("--baseline_run", default=None, help="an earlier run whose curves are drawn dashed for comparison")
+    parser.add_argument("--image_cache_from", default=None,
+                        help="a run whose image cache (same settings) was copied into this run's folder: the minutes "
+                             "it spent before its first step, beyond this run's, are added to every point")
     common.add_report_flags(parser)
     return parser.parse_args(argv)
 
@@ -114,6 +129,16 @@ def main(argv: list[str] | None = None) -> dict:
     params = json.loads((run_dir / "params.json").read_text())
     started_at, resumes = run_clock(run_dir)
     curves = read_curves(Path(args.logs_dir) / args.run_name, started_at)
+    borrowed_minutes = 0.0
+    if args.image_cache_from:
+        # A copied cache skips the caching this run's own start would have paid: charge it as paid.
+        lender_started, _ = run_clock(Path(args.models_dir) / args.image_cache_from)
+        if lender_started is None or started_at is None:
+            raise SystemExit("--image_cache_from needs both runs' run.json start times")
+        borrowed_minutes = (minutes_before_training(Path(args.logs_dir) / args.image_cache_from, lender_started)
+                            - minutes_before_training(Path(args.logs_dir) / args.run_name, started_at))
+        curves = {name: [(minutes + borrowed_minutes, step, value) for minutes, step, value in points]
+                  for name, points in curves.items()}
     header = common.run_header()
     final = evaluate(load_bundle(run_dir / "best.ckpt"), args.dataset_path, "dev", batch_size=64, num_workers=1)
     plot_path = common.results_dir(args.report) / "quality_recall_vs_time.png"
@@ -132,6 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
         "training_command": args.command,
         "params": params,
         "training_minutes": max(points[-1][0] for points in curves.values()),
+        "image_cache_from": args.image_cache_from,
+        "borrowed_cache_minutes": borrowed_minutes,
         "curves": curves,
         "final": final,
     }
@@ -152,6 +179,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     resumed_line = (f"\n- The run was resumed {resumes} time(s): its minutes count wall time from its first start,"
                     " the time it lay stopped included." if resumes else "")
+    borrowed_line = (f"\n- The run reused the image cache of `{args.image_cache_from}` (the same settings), copied into its"
+                     f" folder; the {borrowed_minutes:.1f} minutes that run spent caching, beyond this run's own start-up,"
+                     " are added to every point here." if args.image_cache_from else "")
     markdown = f"""## Quality (Flickr8k)
 
 Command: `{args.command or 'see params'}`, then `python benchmarks/bench_quality.py --run_name {args.run_name}`
@@ -162,7 +192,7 @@ Command: `{args.command or 'see params'}`, then `python benchmarks/bench_quality
   included) on Flickr8k train (6000 images, 30000 captions); evaluated on the dev split (1000 images, 5000
   captions) by `4_evaluate.sh`'s code.
 - Target: text->image R@1 >= {TARGET['text_to_image_R@1']:.0f} and R@10 >= {TARGET['text_to_image_R@10']:.0f} within 60 minutes: {verdict}.
-- Floor: the same towers frozen with linear heads reach about {FROZEN_FLOOR['text_to_image_R@1']:.0f} / {FROZEN_FLOOR['text_to_image_R@10']:.0f} (text->image R@1 / R@10).{resumed_line}{baseline_line}
+- Floor: the same towers frozen with linear heads reach about {FROZEN_FLOOR['text_to_image_R@1']:.0f} / {FROZEN_FLOOR['text_to_image_R@10']:.0f} (text->image R@1 / R@10).{resumed_line}{borrowed_line}{baseline_line}
 
 Best checkpoint:
 

@@ -195,3 +195,44 @@ def test_cli_interactive_prompt_ends_on_empty_line_or_eof(
         assert prompts == ["Search: ", "Search: "]
         assert sorted(path.name for path in tmp_path.iterdir()) == expected
     assert "2 results for 'green'" in capsys.readouterr().out
+
+
+def test_mirror_average_travels_with_the_checkpoint_to_shards_and_queries(tmp_path, tiny_checkpoint):
+    from clipsearch.checkpoint import model_fingerprint
+    from clipsearch.cli.export import main as export_main
+    from clipsearch.models import embed_images
+    from clipsearch.models.released import load_model
+
+    # A bar on the left of each image: its mirror image embeds differently.
+    paths = []
+    for index in range(4):
+        image = Image.new("RGB", (64, 48), (200, 40 * index, 90))
+        image.paste((10, 10, 10), (0, 0, 8 + 6 * index, 48))
+        paths.append(tmp_path / "images" / f"{index}.png")
+        paths[-1].parent.mkdir(exist_ok=True)
+        image.save(paths[-1])
+    mirrored_path = tmp_path / "mirror.ckpt"
+    export_main(["--load_model", str(tiny_checkpoint), "--out", str(mirrored_path), "--mirror_average", "on"])
+    plain, mirrored = load_model(str(tiny_checkpoint)), load_model(str(mirrored_path))
+    assert mirrored.mirror_average and not plain.mirror_average
+    assert model_fingerprint(mirrored) != model_fingerprint(plain)  # shards of one never pass for the other's
+
+    pixels = torch.stack([mirrored.eval_transform(Image.open(path).convert("RGB")) for path in paths])
+    with torch.no_grad():
+        own = F.normalize(plain.model.encode_image(pixels), dim=-1)
+        flipped = F.normalize(plain.model.encode_image(pixels.flip(-1)), dim=-1)
+        expected = F.normalize(own + flipped, dim=-1)
+        assert (own * flipped).sum(dim=1).max() < 0.9999
+        torch.testing.assert_close(F.normalize(embed_images(mirrored.model, pixels, True), dim=-1), expected)
+
+    emb_path = tmp_path / "emb"
+    encode_main(["--load_model", str(mirrored_path), "--dataset_path", str(tmp_path / "images"),
+                 "--emb_path", str(emb_path), "--num_workers", "0", "--no_progress"])
+    collection = load_collection(emb_path)
+    rows = [collection.paths.index(str(path)) for path in paths]
+    torch.testing.assert_close(collection.embeddings[rows].float(), expected, atol=1e-5, rtol=0)
+    engine = SearchEngine.from_files(mirrored_path, emb_path)
+    hits = engine.search_image([Image.open(paths[2])], top_k=1)
+    assert hits[0][0].path == str(paths[2]) and hits[0][0].score == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(EmbeddingMismatchError):
+        SearchEngine.from_files(tiny_checkpoint, emb_path)

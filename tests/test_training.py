@@ -69,11 +69,19 @@ def test_pretrain_openai_trains_and_writes_self_describing_checkpoints(tiny_data
     assert 0 <= result.metrics["val/text_to_image_R@10"] <= 100
 
 
-def test_reloaded_checkpoint_gives_the_validated_numbers(tiny_dataset, tmp_path):
-    """The final validation ran on the in-memory model; last.ckpt reloaded must reproduce it exactly."""
+@pytest.mark.parametrize("mirror_average", [False, True])
+def test_reloaded_checkpoint_gives_the_validated_numbers(tiny_dataset, tmp_path, mirror_average):
+    """The final validation ran on the in-memory model; last.ckpt reloaded must reproduce it exactly,
+    mirror averaging included: the checkpoint says how its images are embedded."""
     result = pretrain_main(["--pretrain_clip=RN-Tiny", "--image_resolution=32",
-                            *common_flags(tiny_dataset, tmp_path, "reload", steps=3)])
-    reloaded = evaluate(load_bundle(result.run_dir / "last.ckpt"), tiny_dataset, "dev", batch_size=8)["metrics"]
+                            *common_flags(tiny_dataset, tmp_path, "reload", steps=3),
+                            *(["--mirror_average"] if mirror_average else [])])
+    bundle = load_bundle(result.run_dir / "last.ckpt")
+    assert bundle.mirror_average is mirror_average
+    # Off, the flag leaves the run identity as it was before the flag existed.
+    identity = json.loads((result.run_dir / "run.json").read_text())["identity"]
+    assert identity["model"].get("mirror_average", False) is mirror_average
+    reloaded = evaluate(bundle, tiny_dataset, "dev", batch_size=8)["metrics"]
     for key in ("text_to_image_R@1", "text_to_image_R@5", "image_to_text_R@5", "text_to_image_mean_rank"):
         assert reloaded[key] == pytest.approx(result.metrics[f"val/{key}"], abs=1e-4)
 

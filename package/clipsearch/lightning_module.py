@@ -156,7 +156,7 @@ class CLIPModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if len(batch["image_paths"]) == 0:
             return
-        encoded = encode_groups(self.model, batch, self.device)
+        encoded = encode_groups(self.model, batch, self.device, bool(self.spec.get("mirror_average")))
         caption_image_ids = encoded["caption_image_ids"]
         # The loss pairs each image with its first caption (captions of one image arrive together).
         first_caption = torch.ones_like(caption_image_ids, dtype=torch.bool)

@@ -283,9 +283,11 @@ class SearchEngine:
             return F.normalize(self.bundle.model.encode_text(self.bundle.tokenizer(list(texts))).float(), dim=-1)
 
     def encode_images(self, images: list) -> torch.Tensor:
+        from clipsearch.models import embed_images  # the model families load only when a model does
+
         pixels = torch.stack([self.bundle.eval_transform(image.convert("RGB")) for image in images])
         with torch.inference_mode():
-            return F.normalize(self.bundle.model.encode_image(pixels).float(), dim=-1)
+            return F.normalize(embed_images(self.bundle.model, pixels, self.bundle.mirror_average), dim=-1)
 
     def search_text(self, texts: list[str], top_k: int) -> list[list[Hit]]:
         if not texts:

@@ -334,6 +334,10 @@ def run_training(config: TrainConfig, build: Callable[[object], ModelBundle]) ->
     prepare_default_sample(config.dataset_path)
     L.seed_everything(config.seed, workers=True, verbose=False)
     bundle = build(config.model_args)
+    # How images are embedded belongs to the checkpoint, so that encoding and search embed as validation did.
+    bundle.spec.pop("mirror_average", None)
+    if config.model.get("mirror_average"):
+        bundle.spec["mirror_average"] = True
     train_loader, val_loader, val_set, image_cache = make_loaders(config, bundle)
     module = CLIPModule(
         bundle.model,

@@ -11,6 +11,7 @@ EPILOG = """\
 Examples (where the hub is reachable), then carry model.ckpt to any machine:
   python -m clipsearch.export --load_model open_clip:ViT-B-32/laion2b_s34b_b79k --out models/vit-b-32-laion.ckpt
   python -m clipsearch.export --load_model openai/clip-vit-base-patch32 --out models/hf-clip-b32.ckpt
+  python -m clipsearch.export --load_model models/latest/best.ckpt --out models/mirror.ckpt --mirror_average on
 The checkpoint loads like a trained one: 2_inference_encode.sh, 3_inference_search.sh and 4_evaluate.sh take
 it as --load_model, and 1_finetune_openai.sh --clip_checkpoint=<it> finetunes it.
 """
@@ -21,6 +22,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--load_model", required=True, help=HELP)
     parser.add_argument("--out", required=True, help="checkpoint file to write (e.g. models/<name>.ckpt)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--mirror_average", choices=("on", "off"), default=None,
+                        help="on: the checkpoint embeds each image as the mean of its own and its mirror image's "
+                             "embedding (test-time augmentation, twice the image encoding work); off: the image "
+                             "alone (default: as --load_model does)")
     args = parser.parse_args(argv)
     if Path(args.out).exists() and not args.overwrite:
         raise UserError(f"--out {args.out} exists; pass --overwrite to replace it")
@@ -34,12 +39,17 @@ def main(argv: list[str]) -> None:
     from clipsearch.models.released import load_model
 
     bundle = load_model(args.load_model)
+    if args.mirror_average is not None:
+        bundle.spec.pop("mirror_average", None)
+        if args.mirror_average == "on":
+            bundle.spec["mirror_average"] = True
     path = save_bundle(bundle, args.out)
     # Reload as every command will, so a checkpoint that would not rebuild is never left behind.
     if model_fingerprint(load_bundle(path)) != model_fingerprint(bundle):
         path.unlink()
         raise UserError(f"{args.load_model} did not survive export: the reloaded model differs; nothing written")
-    print(f"wrote {path} ({bundle.spec.get('released', bundle.spec['family'])}, {bundle.embed_dim}-d embeddings)")
+    mirror = ", mirror-averaged images" if bundle.mirror_average else ""
+    print(f"wrote {path} ({bundle.spec.get('released', bundle.spec['family'])}, {bundle.embed_dim}-d embeddings{mirror})")
 
 
 if __name__ == "__main__":

@@ -115,6 +115,13 @@ def add_lock_args(group) -> None:
                             "image and train on their cached outputs (pretrained-towers variant; 0: off)")
 
 
+def add_mirror_arg(group) -> None:
+    group.add_argument("--mirror_average", action="store_true",
+                       help="embed each image as the mean of its own and its mirror image's embedding, at "
+                            "validation, encoding and image search alike (recorded in the checkpoint; twice the "
+                            "image encoding work; training itself never flips)")
+
+
 def training_parser(description: str) -> tuple[CommandParser, argparse._ArgumentGroup]:
     """A door's parser and its empty 'model' group, shown first in --help."""
     # Forty flags make a 28-line usage; an error should stay one line plus this.
@@ -205,10 +212,13 @@ def training_config(args: argparse.Namespace, model_group, variant: str,
         interval = max(MIN_VAL_INTERVAL, max_steps // 5)
     settings.update(lr=lr, max_steps=max_steps, warmup_steps=warmup_steps, val_check_interval=interval,
                     devices=_devices(str(settings["devices"])))
-    identity = {"variant": variant, "model": model, "tower_lr": tower_lr}
+    # Flags added later leave identities when at their default, as they were before the flag:
+    # runs made then keep their folder and resume.
+    identity_model = {name: value for name, value in model.items() if name != "mirror_average" or value}
+    identity = {"variant": variant, "model": identity_model, "tower_lr": tower_lr}
     identity |= {name: value for name, value in settings.items() if name not in NOT_IDENTITY}
     if identity["loss"] == "contrastive":
-        del identity["loss"]  # the default, as it was before the flag: runs made then keep their folder and resume
+        del identity["loss"]
     run_name = settings.pop("run_name") or default_run_name(
         variant, settings["dataset_path"], batch_size, lr, max_steps, identity)
     return TrainConfig(variant=variant, model=model, tower_lr=tower_lr, run_name=run_name, identity=identity, **settings)
@@ -243,6 +253,7 @@ class TrainingDoor:
         self.add_model_args(model)
         if self.pretrained_towers:
             add_lock_args(model)
+        add_mirror_arg(model)
         add_training_args(parser, pretrained_towers=self.pretrained_towers)
         args = parser.parse_args(argv)
         if self.complete is not None:

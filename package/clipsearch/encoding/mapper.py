@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipsearch.models.bundle import embed_images
+
 AUTOCAST_DTYPES = {"32": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 
 
@@ -26,15 +28,17 @@ class ImageEmbedder:
     moves a whole shard to the CPU at once.
     """
 
-    def __init__(self, model: nn.Module, device: torch.device | str = "cpu", precision: str = "32"):
+    def __init__(self, model: nn.Module, device: torch.device | str = "cpu", precision: str = "32",
+                 mirror_average: bool = False):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.precision = precision
+        self.mirror_average = mirror_average  # the model spec's: see `embed_images`
         autocast_context(self.device, precision)  # validate early, before any data is read
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
         with torch.inference_mode(), autocast_context(self.device, self.precision):
-            embeddings = self.model.encode_image(images)
+            embeddings = embed_images(self.model, images, self.mirror_average)
         # Normalise in float32: half-precision norms lose digits that ranking later depends on.
-        return F.normalize(embeddings.float(), dim=-1)
+        return F.normalize(embeddings, dim=-1)

@@ -5,6 +5,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # Bumped when the meaning of a spec changes, so old checkpoints fail loudly instead of loading wrongly.
@@ -20,7 +21,8 @@ class ModelBundle:
     train at `--lr` while pretrained tower weights train at `--tower_lr`;
     `tokenizer` maps a list of captions to a LongTensor [n, context_length];
     `spec` is plain data (str/int/float/list/dict) from which `build_from_spec` rebuilds the
-    architecture, so checkpoints describe themselves.
+    architecture, so checkpoints describe themselves; `spec["mirror_average"]` says how images are
+    embedded (`embed_images`).
     """
 
     model: nn.Module
@@ -32,3 +34,23 @@ class ModelBundle:
     @property
     def embed_dim(self) -> int:
         return int(self.spec["embed_dim"])
+
+    @property
+    def mirror_average(self) -> bool:
+        return bool(self.spec.get("mirror_average", False))
+
+
+def embed_images(model: nn.Module, images: torch.Tensor, mirror_average: bool = False) -> torch.Tensor:
+    """`model.encode_image(images)` in float32; with `mirror_average`, the mean of each image's unit
+    embedding and its mirror image's.
+
+    The mirror average is test-time augmentation: it costs a second pass over every image and, on
+    Flickr8k, bought about one point of R@1 in each direction. Validation, evaluation, encoding
+    and image queries all embed through here with the model's own setting, so shards, queries and
+    reported recall always agree. Training never flips (captions say "left" and "right").
+    """
+    if not mirror_average:
+        return model.encode_image(images).float()
+    # One pass over twice the batch: better use of the cores than two passes over one.
+    own, mirrored = F.normalize(model.encode_image(torch.cat([images, images.flip(-1)])).float(), dim=-1).chunk(2)
+    return (own + mirrored) / 2

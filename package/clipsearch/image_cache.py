@@ -142,6 +142,21 @@ class _Views(Dataset):
         return index, torch.stack(crops), None
 
 
+def _same_settings(stored: dict | None, current: dict) -> bool:
+    """Whether files made under `stored` hold what `current` asks for.
+
+    Caches written before the identity left out the model flags that never change the features
+    (the text tower's, the embedding size) recorded every model flag; they still match on the
+    flags counted now.
+    """
+    if not isinstance(stored, dict):
+        return False
+    model = current.get("model")
+    if isinstance(model, dict) and isinstance(stored.get("model"), dict):
+        stored = {**stored, "model": {key: value for key, value in stored["model"].items() if key in model}}
+    return stored == current
+
+
 class ImageFeatureCache:
     """The prefix outputs of `views` crops of each image, split over `world_size` rank files."""
 
@@ -171,7 +186,7 @@ class ImageFeatureCache:
             state = json.loads(progress.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
-        return state if state.get("identity") == json.loads(json.dumps(self.identity)) else None
+        return state if _same_settings(state.get("identity"), json.loads(json.dumps(self.identity))) else None
 
     def rows_of_rank(self, rank: int) -> range:
         return range(rank, len(self.image_paths), self.world_size)

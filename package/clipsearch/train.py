@@ -46,6 +46,11 @@ logger = logging.getLogger(__name__)
 
 # What a run folder says about itself: the identity that --resume auto compares, and whether it finished.
 RUN_FILE = "run.json"
+# Model flags that leave the locked image stages' outputs as they are: the image cache ignores them.
+FLAGS_NOT_IN_IMAGE_FEATURES = frozenset({
+    "pretrain_text", "text_length", "text_pooling", "lock_text", "lock_text_unlocked_layers", "embed_dim",
+    "mirror_average",
+})
 # A run that ends below this many steps (or any --fast_dev_run) is a smoke test: it keeps its run
 # folder but never becomes models/latest, which encoding and search use by default.
 SMOKE_STEPS = 50
@@ -172,8 +177,10 @@ def _cached_image_pairs(config: TrainConfig, bundle: ModelBundle, table) -> tupl
                         "(only the pretrained-towers variant, 1_pretrain_our.sh, can)")
     # Under the run folder, so --resume finds it; a smoke run writes nothing there and caches in a temporary folder.
     folder = config.run_dir / "image_cache" if not config.fast_dev_run else Path(tempfile.mkdtemp(prefix="image-cache-"))
+    # Only what changes the cached features: a run that changes the text tower or the head reuses the cache.
+    image_flags = {name: value for name, value in model_flags.items() if name not in FLAGS_NOT_IN_IMAGE_FEATURES}
     identity = {"dataset_path": str(Path(config.dataset_path).resolve()), "split": config.train_split,
-                "sample_num": config.sample_num, "seed": config.seed, "model": model_flags}
+                "sample_num": config.sample_num, "seed": config.seed, "model": image_flags}
     image_paths = list(dict.fromkeys(str(path) for path in table["image"]))
     cache = ImageFeatureCache(folder, image_paths, model_flags["cache_image_views"], identity)
     return CachedImageCaptionDataset(table, cache, bundle.tokenizer), cache

@@ -68,6 +68,26 @@ def run_clock(run_dir: Path) -> tuple[float | None, int]:
     return record.get("started_at"), len(record.get("resumed_at", ()))
 
 
+def charged_curves(models_dir: Path, logs_dir: Path, run_name: str, cache_from: str | None) -> tuple[dict, float]:
+    """A run's validation curves (`read_curves`) and the minutes added to them for a borrowed image cache.
+
+    A run whose image cache (same settings) was copied from `cache_from` skipped the caching its
+    own start would have paid: the lender's minutes before its first step, beyond this run's, are
+    charged to every point.
+    """
+    started_at, _ = run_clock(models_dir / run_name)
+    curves = read_curves(logs_dir / run_name, started_at)
+    if not cache_from:
+        return curves, 0.0
+    lender_started, _ = run_clock(models_dir / cache_from)
+    if lender_started is None or started_at is None:
+        raise SystemExit(f"{run_name}: a borrowed image cache needs both runs' run.json start times")
+    borrowed = (minutes_before_training(logs_dir / cache_from, lender_started)
+                - minutes_before_training(logs_dir / run_name, started_at))
+    return {name: [(minutes + borrowed, step, value) for minutes, step, value in points]
+            for name, points in curves.items()}, borrowed
+
+
 def plot(curves: dict, path: Path, baseline: tuple[str, dict] | None = None, peer: dict | None = None) -> None:
     """Recall against minutes; an earlier run's curves dashed, open_clip's final scores as stars."""
     import matplotlib
@@ -115,6 +135,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image_cache_from", default=None,
                         help="a run whose image cache (same settings) was copied into this run's folder: the minutes "
                              "it spent before its first step, beyond this run's, are added to every point")
+    parser.add_argument("--baseline_image_cache_from", default=None,
+                        help="the same for --baseline_run, so both curves count caching alike")
     common.add_report_flags(parser)
     return parser.parse_args(argv)
 
@@ -127,26 +149,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     run_dir = Path(args.models_dir) / args.run_name
     params = json.loads((run_dir / "params.json").read_text())
-    started_at, resumes = run_clock(run_dir)
-    curves = read_curves(Path(args.logs_dir) / args.run_name, started_at)
-    borrowed_minutes = 0.0
-    if args.image_cache_from:
-        # A copied cache skips the caching this run's own start would have paid: charge it as paid.
-        lender_started, _ = run_clock(Path(args.models_dir) / args.image_cache_from)
-        if lender_started is None or started_at is None:
-            raise SystemExit("--image_cache_from needs both runs' run.json start times")
-        borrowed_minutes = (minutes_before_training(Path(args.logs_dir) / args.image_cache_from, lender_started)
-                            - minutes_before_training(Path(args.logs_dir) / args.run_name, started_at))
-        curves = {name: [(minutes + borrowed_minutes, step, value) for minutes, step, value in points]
-                  for name, points in curves.items()}
+    _, resumes = run_clock(run_dir)
+    models_dir, logs_dir = Path(args.models_dir), Path(args.logs_dir)
+    curves, borrowed_minutes = charged_curves(models_dir, logs_dir, args.run_name, args.image_cache_from)
     header = common.run_header()
     final = evaluate(load_bundle(run_dir / "best.ckpt"), args.dataset_path, "dev", batch_size=64, num_workers=1)
     plot_path = common.results_dir(args.report) / "quality_recall_vs_time.png"
     plot_path.parent.mkdir(parents=True, exist_ok=True)
     baseline = None
     if args.baseline_run:
-        baseline = (args.baseline_run, read_curves(Path(args.logs_dir) / args.baseline_run,
-                                                         run_clock(Path(args.models_dir) / args.baseline_run)[0]))
+        baseline = (args.baseline_run,
+                    charged_curves(models_dir, logs_dir, args.baseline_run, args.baseline_image_cache_from)[0])
     peer_file = common.RESULTS_DIR / "quality_open_clip.json"
     peer = json.loads(peer_file.read_text()) if peer_file.is_file() else None
     plot(curves, plot_path, baseline, peer)
@@ -159,6 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
         "training_minutes": max(points[-1][0] for points in curves.values()),
         "image_cache_from": args.image_cache_from,
         "borrowed_cache_minutes": borrowed_minutes,
+        "baseline_image_cache_from": args.baseline_image_cache_from,
         "curves": curves,
         "final": final,
     }
@@ -172,7 +186,9 @@ def main(argv: list[str] | None = None) -> dict:
         for i, (minutes, step, _) in enumerate(curves["text_to_image_R@1"])
     )
     baseline_line = (
-        f"\n- The plot also shows the earlier run `{args.baseline_run}` (dashed) and, when"
+        f"\n- The plot also shows the earlier run `{args.baseline_run}` (dashed"
+        + (f", its cache borrowed from `{args.baseline_image_cache_from}` and charged alike" if args.baseline_image_cache_from else "")
+        + ") and, when"
         " bench_quality_open_clip.py has run, open_clip's trainer (stars; its section says which towers it had)."
         " Runs older than run.json's start time count from their first logged step, which leaves out their set-up."
         if args.baseline_run else ""

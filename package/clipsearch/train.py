@@ -342,9 +342,7 @@ def run_training(config: TrainConfig, build: Callable[[object], ModelBundle]) ->
     L.seed_everything(config.seed, workers=True, verbose=False)
     bundle = build(config.model_args)
     # How images are embedded belongs to the checkpoint, so that encoding and search embed as validation did.
-    bundle.spec.pop("mirror_average", None)
-    if config.model.get("mirror_average"):
-        bundle.spec["mirror_average"] = True
+    bundle.set_mirror_average(bool(config.model.get("mirror_average")))
     train_loader, val_loader, val_set, image_cache = make_loaders(config, bundle)
     module = CLIPModule(
         bundle.model,

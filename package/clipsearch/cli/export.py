@@ -40,9 +40,7 @@ def main(argv: list[str]) -> None:
 
     bundle = load_model(args.load_model)
     if args.mirror_average is not None:
-        bundle.spec.pop("mirror_average", None)
-        if args.mirror_average == "on":
-            bundle.spec["mirror_average"] = True
+        bundle.set_mirror_average(args.mirror_average == "on")
     path = save_bundle(bundle, args.out)
     # Reload as every command will, so a checkpoint that would not rebuild is never left behind.
     if model_fingerprint(load_bundle(path)) != model_fingerprint(bundle):

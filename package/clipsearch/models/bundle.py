@@ -39,6 +39,12 @@ class ModelBundle:
     def mirror_average(self) -> bool:
         return bool(self.spec.get("mirror_average", False))
 
+    def set_mirror_average(self, on: bool) -> None:
+        """Record how images are embedded; off leaves no key, so the spec (and fingerprint) is as before the setting."""
+        self.spec.pop("mirror_average", None)
+        if on:
+            self.spec["mirror_average"] = True
+
 
 def embed_images(model: nn.Module, images: torch.Tensor, mirror_average: bool = False) -> torch.Tensor:
     """`model.encode_image(images)` in float32; with `mirror_average`, the mean of each image's unit

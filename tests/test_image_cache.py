@@ -11,12 +11,13 @@ import pytest
 import timm
 import torch
 
+from clipsearch import train
 from clipsearch.checkpoint import read_checkpoint
 from clipsearch.cli.common import UserError
 from clipsearch.data import read_table
 from clipsearch.image_cache import ImageFeatureCache, LockedPrefixSplit
 from clipsearch.models.image_tower import create_image_tower, image_tower_groups
-from clipsearch.models.transforms import make_image_transform
+from clipsearch.models.transforms import make_image_transform, with_random_mirror
 from clipsearch.sample_data import ensure_sample_dataset
 from src_our.main import main as our_main
 
@@ -125,7 +126,8 @@ def test_training_on_cached_stages_trains_only_the_unlocked_ones_and_resumes(tin
     shutil.rmtree(cache_folder)
 
 
-def test_a_cache_is_reused_across_text_side_changes_and_rebuilt_for_image_side_ones(tiny_dataset, tmp_path):
+def test_a_cache_is_reused_across_text_side_changes_and_rebuilt_for_image_side_ones(tiny_dataset, tmp_path,
+                                                                                   monkeypatch):
     def flags(run_name: str, *extra: str) -> list[str]:
         return [f"--dataset_path={tiny_dataset}", f"--models_dir={tmp_path / 'models'}", f"--logs_dir={tmp_path / 'logs'}",
                 f"--run_name={run_name}", "--image_resolution=32", "--text_length=16", "--embed_dim=32",
@@ -149,3 +151,9 @@ def test_a_cache_is_reused_across_text_side_changes_and_rebuilt_for_image_side_o
 
     assert run_on_a_copy("text-side", "--embed_dim=16", "--lock_text", "--mirror_average")
     assert not run_on_a_copy("image-side", "--lock_image_unlocked_groups=2")
+    # Mirrored crops are other features: the cache is rebuilt, through the mirroring transform.
+    wrapped = []
+    monkeypatch.setattr(train, "with_random_mirror", lambda transform: wrapped.append(transform) or
+                        with_random_mirror(transform))
+    assert not run_on_a_copy("mirrored", "--flip_images")
+    assert len(wrapped) == 1

@@ -1,6 +1,8 @@
 """Model families: the registry, the default image tower against its reference, and what trains at which lr."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import timm
@@ -10,6 +12,7 @@ from timm.layers import Conv2dSame
 from torchvision import transforms as T
 
 from clipsearch.checkpoint import load_bundle, read_checkpoint, save_bundle
+from clipsearch.cli.common import UserError
 from clipsearch.lightning_module import CLIPModule
 from clipsearch.models import build_from_spec, register_family
 from clipsearch.models.image_tower import CLASSIFIER_PREFIXES, load_image_weights, packaged_image_weights
@@ -116,16 +119,28 @@ def test_openai_family_is_all_new_from_scratch_and_projections_new_when_finetuni
     assert groups["pretrained"] | groups["pretrained_no_decay"] == every - {"text_projection", "visual.proj", "logit_scale"}
 
 
-def test_trained_door_puts_projections_at_lr_and_towers_at_tower_lr(tmp_path):
+def train_with_two_rates(tmp_path, run_name: str, *extra: str):
+    """A 3-step run of the door with the projections at 1e-3 and the towers at 2e-4, logging every step."""
+    dataset = ensure_sample_dataset(tmp_path / "sample", num_train=24, num_dev=6, image_size=32)
+    return our_main([
+        f"--dataset_path={dataset}", f"--models_dir={tmp_path / 'models'}", f"--logs_dir={tmp_path / 'logs'}",
+        f"--run_name={run_name}", "--max_steps=3", "--warmup_steps=1", "--batch_size=8", "--num_workers=0",
+        "--val_check_interval=3", "--log_every_n_steps=1", "--image_resolution=32", "--embed_dim=16",
+        "--text_length=16", "--lock_text", "--lock_text_unlocked_layers=1", "--lr=1e-3", "--tower_lr=2e-4", *extra,
+    ])
+
+
+def logged_rates(tmp_path, run_name: str) -> dict[str, list[float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    dataset = ensure_sample_dataset(tmp_path / "sample", num_train=24, num_dev=6, image_size=32)
-    result = our_main([
-        f"--dataset_path={dataset}", f"--models_dir={tmp_path / 'models'}", f"--logs_dir={tmp_path / 'logs'}",
-        "--run_name=lrs", "--max_steps=3", "--warmup_steps=1", "--batch_size=8", "--num_workers=0",
-        "--val_check_interval=3", "--log_every_n_steps=1", "--image_resolution=32", "--embed_dim=16",
-        "--text_length=16", "--lock_text", "--lock_text_unlocked_layers=1", "--lr=1e-3", "--tower_lr=2e-4",
-    ])
+    events = EventAccumulator(str(tmp_path / "logs" / run_name))
+    events.Reload()
+    return {tag: [event.value for event in sorted(events.Scalars(tag), key=lambda event: event.step)]
+            for tag in ("lr-AdamW/new", "lr-AdamW/pretrained")}
+
+
+def test_trained_door_puts_projections_at_lr_and_towers_at_tower_lr(tmp_path):
+    result = train_with_two_rates(tmp_path, "lrs")
     groups = {group["name"]: group for group in read_checkpoint(result.run_dir / "last.ckpt")["optimizer_states"][0]["param_groups"]}
     assert set(groups) == {"new", "new_no_decay", "pretrained", "pretrained_no_decay"}
     assert set(groups["new"]["param_names"]) == {"text_projection.weight", "image_projection.weight"}
@@ -139,11 +154,19 @@ def test_trained_door_puts_projections_at_lr_and_towers_at_tower_lr(tmp_path):
         {"new": 1e-3, "new_no_decay": 1e-3, "pretrained": 2e-4, "pretrained_no_decay": 2e-4})
     assert groups["pretrained"]["weight_decay"] == 0.2 and groups["pretrained_no_decay"]["weight_decay"] == 0.0
     # After the one warmup step the schedule is at its peak: each group at its own rate.
-    events = EventAccumulator(str(tmp_path / "logs" / "lrs"))
-    events.Reload()
-    after_warmup = {tag: next(e.value for e in events.Scalars(tag) if e.step == 1)
-                    for tag in ("lr-AdamW/new", "lr-AdamW/pretrained")}
-    assert after_warmup == pytest.approx({"lr-AdamW/new": 1e-3, "lr-AdamW/pretrained": 2e-4})
+    rates = logged_rates(tmp_path, "lrs")
+    assert rates["lr-AdamW/new"][1] == pytest.approx(1e-3) and rates["lr-AdamW/pretrained"][1] == pytest.approx(2e-4)
+
+
+def test_head_only_steps_hold_the_towers_then_warm_them_up(tmp_path):
+    result = train_with_two_rates(tmp_path, "heads-first", "--head_only_steps=1")
+    rates = logged_rates(tmp_path, "heads-first")
+    # Step 0: the projections warm up, the towers wait at zero; step 1: the towers' own warmup step.
+    assert rates["lr-AdamW/pretrained"][0] == 0.0 and rates["lr-AdamW/pretrained"][1] == pytest.approx(2e-4)
+    assert rates["lr-AdamW/new"][:2] == pytest.approx([1e-3, 1e-3])
+    assert json.loads((result.run_dir / "run.json").read_text())["identity"]["head_only_steps"] == 1
+    with pytest.raises(UserError, match="--head_only_steps"):
+        train_with_two_rates(tmp_path, "too-long", "--head_only_steps=2")
 
 
 def test_the_door_names_the_same_default_tower_as_the_models():

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
 from clipsearch import train, variants
@@ -26,6 +26,7 @@ from clipsearch.lightning_module import CLIPModule
 from clipsearch.loss import LOSSES, ContrastiveLoss
 from clipsearch.models import build_from_spec
 from clipsearch.models.openai_clip import openai_clip_spec
+from clipsearch.models.transforms import make_image_transform, with_random_mirror
 from clipsearch.sample_data import ensure_sample_dataset
 from clipsearch.train_config import LOSS_NAMES
 from src_openai_finetune.main import main as finetune_main
@@ -206,6 +207,21 @@ def test_sigmoid_loss_trains_its_bias_at_lr_in_its_own_run(tiny_dataset, tmp_pat
     assert "loss" not in default.identity and default.loss == "contrastive"
     # Search never needs the bias: the weights reload as a model without it.
     assert load_bundle(result.run_dir / "best.ckpt").model is not None
+
+
+def test_flip_images_mirrors_half_of_the_images_and_is_part_of_the_run_identity(tiny_dataset):
+    image = Image.fromarray(torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8).numpy())
+    plain = make_image_transform(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), is_train=False)
+    as_is, mirrored = plain(image), plain(ImageOps.mirror(image))
+    torch.manual_seed(0)
+    outputs = [with_random_mirror(plain)(image) for _ in range(40)]
+    flipped = [torch.equal(output, mirrored) for output in outputs]
+    assert all(flip or torch.equal(output, as_is) for flip, output in zip(flipped, outputs))
+    assert 10 < sum(flipped) < 30
+    flags = ["--pretrain_clip=ViT-Tiny-16", f"--dataset_path={tiny_dataset}"]
+    assert pretrain_parse_args([*flags, "--flip_images"]).identity["flip_images"] is True
+    default = pretrain_parse_args(flags)  # identities made before the flag stay as they were
+    assert "flip_images" not in default.identity and not default.flip_images
 
 
 @pytest.fixture()

@@ -22,13 +22,17 @@ def is_no_decay(name: str, parameter: torch.Tensor) -> bool:
     return parameter.ndim < 2 or "embedding" in name
 
 
-def warmup_cosine(warmup_steps: int, max_steps: int):
-    """Linear warmup from 0 to 1 over `warmup_steps`, then cosine decay to 0 at `max_steps`."""
+def warmup_cosine(warmup_steps: int, max_steps: int, start_step: int = 0):
+    """Zero before `start_step`, then a linear warmup from 0 to 1 over `warmup_steps`, then cosine
+    decay to 0 at `max_steps`."""
 
     def factor(step: int) -> float:
+        if step < start_step:
+            return 0.0
+        step -= start_step
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+        progress = (step - warmup_steps) / max(1, max_steps - start_step - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor
@@ -51,6 +55,7 @@ class CLIPModule(L.LightningModule):
         eps: float = 1e-6,
         cached_images: bool = False,
         loss: str = "contrastive",
+        head_only_steps: int = 0,
     ):
         super().__init__()
         self.model = model
@@ -144,9 +149,13 @@ class CLIPModule(L.LightningModule):
             for group, named in sorted(groups.items())
         ]
         optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(self.hparams.warmup_steps, self.hparams.max_steps)
-        )
+        # With --head_only_steps the towers' schedule starts later. Their gradients are still computed
+        # (DDP expects every trainable parameter's) but a zero rate leaves them, and their decay, as they were.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [
+            warmup_cosine(self.hparams.warmup_steps, self.hparams.max_steps,
+                          0 if group["name"].startswith("new") else self.hparams.head_only_steps)
+            for group in param_groups
+        ])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- validation ----------------------------------------------------------------------

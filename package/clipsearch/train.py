@@ -35,6 +35,7 @@ from clipsearch.evaluate import format_metrics
 from clipsearch.image_cache import ImageFeatureCache
 from clipsearch.lightning_module import CLIPModule
 from clipsearch.models import ModelBundle
+from clipsearch.models.transforms import with_random_mirror
 from clipsearch.result_panel import ResultPanel
 from clipsearch.sample_data import prepare_default_sample
 from clipsearch.tables import find_table, is_webdataset_path, read_table
@@ -181,6 +182,8 @@ def _cached_image_pairs(config: TrainConfig, bundle: ModelBundle, table) -> tupl
     image_flags = {name: value for name, value in model_flags.items() if name not in FLAGS_NOT_IN_IMAGE_FEATURES}
     identity = {"dataset_path": str(Path(config.dataset_path).resolve()), "split": config.train_split,
                 "sample_num": config.sample_num, "seed": config.seed, "model": image_flags}
+    if config.flip_images:  # only when on, so caches made before the flag keep matching
+        identity["flip_images"] = True
     image_paths = list(dict.fromkeys(str(path) for path in table["image"]))
     cache = ImageFeatureCache(folder, image_paths, model_flags["cache_image_views"], identity)
     return CachedImageCaptionDataset(table, cache, bundle.tokenizer), cache
@@ -343,6 +346,8 @@ def run_training(config: TrainConfig, build: Callable[[object], ModelBundle]) ->
     bundle = build(config.model_args)
     # How images are embedded belongs to the checkpoint, so that encoding and search embed as validation did.
     bundle.set_mirror_average(bool(config.model.get("mirror_average")))
+    if config.flip_images:
+        bundle.train_transform = with_random_mirror(bundle.train_transform)
     train_loader, val_loader, val_set, image_cache = make_loaders(config, bundle)
     module = CLIPModule(
         bundle.model,
@@ -354,6 +359,7 @@ def run_training(config: TrainConfig, build: Callable[[object], ModelBundle]) ->
         max_steps=config.max_steps,
         cached_images=image_cache is not None,
         loss=config.loss,
+        head_only_steps=config.head_only_steps,
     )
     run_dir = config.run_dir
     # best.ckpt holds the weights alone (a third of last.ckpt's size); last.ckpt keeps what resuming needs.

@@ -23,6 +23,7 @@ class TrainConfig:
     batch_size: int
     num_workers: int | None
     sample_num: int | None
+    flip_images: bool
     lr: float
     tower_lr: float | None
     weight_decay: float
@@ -46,6 +47,7 @@ class TrainConfig:
     models_dir: str
     logs_dir: str
     verbose: bool
+    head_only_steps: int = 0
     identity: dict = field(default_factory=dict)
 
     @property

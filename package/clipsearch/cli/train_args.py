@@ -49,6 +49,9 @@ def add_training_args(parser: argparse.ArgumentParser, pretrained_towers: bool =
                       help="pairs per device per step (the contrastive batch is this x devices x nodes)")
     data.add_argument("--num_workers", type=non_negative_int, default=None,
                       help="DataLoader workers per device (default: cores/devices - 1, at most 8)")
+    data.add_argument("--flip_images", action="store_true",
+                      help="mirror half of the training images at random (and of the cached crops with "
+                           "--cache_image_views); captions that name a side are then wrong on those")
     data.add_argument("--sample_num", type=positive_int, default=None, help="use only the first N training pairs (quick runs)")
 
     optim = parser.add_argument_group("optimisation")
@@ -57,6 +60,10 @@ def add_training_args(parser: argparse.ArgumentParser, pretrained_towers: bool =
         optim.add_argument("--tower_lr", type=positive_float, default=None,
                            help="learning rate of the pretrained towers; the new projections and the logit scale "
                                 "train at --lr (default: --lr; lower it to keep more of what the towers know)")
+        optim.add_argument("--head_only_steps", type=non_negative_int, default=0,
+                           help="train only the new projections and temperature for the first N steps, then the "
+                                "towers too, with their own warmup (linear probe, then finetune: the towers are "
+                                "not pulled by untrained heads); their rate is zero until then")
     optim.add_argument("--weight_decay", type=float, default=0.2,
                        help="AdamW weight decay (never on biases, norms, embeddings, logit scale)")
     optim.add_argument("--loss", choices=LOSS_NAMES, default="contrastive",
@@ -119,7 +126,7 @@ def add_mirror_arg(group) -> None:
     group.add_argument("--mirror_average", action="store_true",
                        help="embed each image as the mean of its own and its mirror image's embedding, at "
                             "validation, encoding and image search alike (recorded in the checkpoint; twice the "
-                            "image encoding work; training itself never flips)")
+                            "image encoding work; training mirrors only with --flip_images)")
 
 
 def training_parser(description: str) -> tuple[CommandParser, argparse._ArgumentGroup]:
@@ -195,9 +202,13 @@ def training_config(args: argparse.Namespace, model_group, variant: str,
     tower_lr = settings.pop("tower_lr", None)
     if has_towers and tower_lr is None:
         tower_lr = lr
+    head_only_steps = settings.pop("head_only_steps", 0)
     warmup_steps = max_steps // 10 if settings["warmup_steps"] is None else settings["warmup_steps"]
     if warmup_steps >= max_steps:
         raise UserError(f"--warmup_steps ({warmup_steps}) must be below --max_steps ({max_steps})")
+    if head_only_steps + warmup_steps >= max_steps:
+        raise UserError(f"--head_only_steps ({head_only_steps}) and then the towers' --warmup_steps ({warmup_steps}) "
+                        f"must end before --max_steps ({max_steps})")
     batch_size = settings["batch_size"]
     if settings["sample_num"] is not None and settings["sample_num"] < batch_size:
         raise UserError(f"--sample_num ({settings['sample_num']}) is smaller than one batch ({batch_size})")
@@ -216,12 +227,17 @@ def training_config(args: argparse.Namespace, model_group, variant: str,
     # runs made then keep their folder and resume.
     identity_model = {name: value for name, value in model.items() if name != "mirror_average" or value}
     identity = {"variant": variant, "model": identity_model, "tower_lr": tower_lr}
+    if head_only_steps:
+        identity["head_only_steps"] = head_only_steps
     identity |= {name: value for name, value in settings.items() if name not in NOT_IDENTITY}
     if identity["loss"] == "contrastive":
         del identity["loss"]
+    if not identity["flip_images"]:
+        del identity["flip_images"]
     run_name = settings.pop("run_name") or default_run_name(
         variant, settings["dataset_path"], batch_size, lr, max_steps, identity)
-    return TrainConfig(variant=variant, model=model, tower_lr=tower_lr, run_name=run_name, identity=identity, **settings)
+    return TrainConfig(variant=variant, model=model, tower_lr=tower_lr, head_only_steps=head_only_steps,
+                       run_name=run_name, identity=identity, **settings)
 
 
 def train_with(config: TrainConfig, build_name: str):

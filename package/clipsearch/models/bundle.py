@@ -53,7 +53,7 @@ def embed_images(model: nn.Module, images: torch.Tensor, mirror_average: bool = 
     The mirror average is test-time augmentation: it costs a second pass over every image and, on
     Flickr8k, bought about one point of R@1 in each direction. Validation, evaluation, encoding
     and image queries all embed through here with the model's own setting, so shards, queries and
-    reported recall always agree. Training never flips (captions say "left" and "right").
+    reported recall always agree. Training mirrors images only with --flip_images.
     """
     if not mirror_average:
         return model.encode_image(images).float()

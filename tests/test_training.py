@@ -384,6 +384,40 @@ def test_resumed_run_equals_an_uninterrupted_one(tiny_dataset, tmp_path, monkeyp
         torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6)
 
 
+def test_heads_first_run_holds_its_towers_and_resumes_to_the_uninterrupted_result(tiny_dataset, tmp_path, monkeypatch):
+    """--head_only_steps 2 with mirrored images: killed after step 3 (checkpoint at 2), resumed to step 5."""
+    flags = ["--image_resolution=32", "--text_length=16", "--embed_dim=16", "--lock_text",
+             "--lock_text_unlocked_layers=1", "--head_only_steps=2", "--flip_images", "--num_workers=1"]
+    uninterrupted = our_main([*flags, *common_flags(tiny_dataset, tmp_path, "whole", steps=5)])
+    interrupted = [*flags, *common_flags(tiny_dataset, tmp_path, "killed", steps=5)]
+    original_end = train.ReproducibleSteps.on_train_batch_end
+
+    def die_after_step_3(self, trainer, *args):
+        original_end(self, trainer, *args)
+        if trainer.global_step == 3:
+            raise _Killed
+
+    monkeypatch.setattr(train.ReproducibleSteps, "on_train_batch_end", die_after_step_3)
+    with pytest.raises(_Killed):
+        our_main(interrupted)
+    at_step_2 = read_checkpoint(tmp_path / "models" / "killed" / "last.ckpt")
+    assert at_step_2["global_step"] == 2
+    # Two head-only steps leave every trainable tower weight exactly as the packaged weights loaded it.
+    initial = variants.build_pretrained_towers(our_parse_args(interrupted).model_args).model.state_dict()
+    groups = {group["name"]: group for group in at_step_2["optimizer_states"][0]["param_groups"]}
+    towers = groups["pretrained"]["param_names"] + groups["pretrained_no_decay"]["param_names"]
+    assert towers and all(torch.equal(at_step_2["state_dict"][f"model.{name}"], initial[name]) for name in towers)
+    assert not torch.equal(at_step_2["state_dict"]["model.text_projection.weight"], initial["text_projection.weight"])
+    monkeypatch.setattr(train.ReproducibleSteps, "on_train_batch_end", original_end)
+    resumed = our_main(interrupted)
+    assert resumed.start_step == 2 and resumed.global_step == 5
+    expected = read_checkpoint(uninterrupted.run_dir / "last.ckpt")["state_dict"]
+    got = read_checkpoint(resumed.run_dir / "last.ckpt")["state_dict"]
+    assert any(not torch.equal(expected[f"model.{name}"], initial[name]) for name in towers)  # the towers trained after
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6)
+
+
 def our_tiny_flags(dataset: Path, tmp_path: Path) -> list[str]:
     """The README's `bash 1_pretrain_our.sh` on tiny settings, run names left to the default."""
     return [f"--dataset_path={dataset}", f"--models_dir={tmp_path / 'models'}", f"--logs_dir={tmp_path / 'logs'}",

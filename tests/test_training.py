@@ -358,30 +358,39 @@ class _Killed(Exception):
     pass
 
 
+def kill_after_step(main, flags: list[str], step: int, monkeypatch) -> None:
+    """Run `main(flags)` and kill it as if the process died right after training step `step`."""
+    original_end = train.ReproducibleSteps.on_train_batch_end
+
+    def die_after_step(self, trainer, *args):
+        original_end(self, trainer, *args)
+        if trainer.global_step == step:
+            raise _Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train.ReproducibleSteps, "on_train_batch_end", die_after_step)
+        with pytest.raises(_Killed):
+            main(flags)
+
+
+def assert_same_last_weights(expected_run: Path, got_run: Path) -> None:
+    expected = read_checkpoint(expected_run / "last.ckpt")["state_dict"]
+    got = read_checkpoint(got_run / "last.ckpt")["state_dict"]
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6)
+
+
 def test_resumed_run_equals_an_uninterrupted_one(tiny_dataset, tmp_path, monkeypatch):
     """Killed mid-epoch after the step-3 checkpoint, resumed to step 8 across an epoch end (6 batches)."""
     flags = ["--pretrain_clip=ViT-Tiny-16", "--image_resolution=32", "--num_workers=1"]
     uninterrupted = pretrain_main([*flags, *common_flags(tiny_dataset, tmp_path, "whole", steps=8),
                                    "--checkpoint_every_steps=3"])
     interrupted = [*flags, *common_flags(tiny_dataset, tmp_path, "killed", steps=8), "--checkpoint_every_steps=3"]
-    original_end = train.ReproducibleSteps.on_train_batch_end
-
-    def die_after_step_4(self, trainer, *args):
-        original_end(self, trainer, *args)
-        if trainer.global_step == 4:
-            raise _Killed
-
-    monkeypatch.setattr(train.ReproducibleSteps, "on_train_batch_end", die_after_step_4)
-    with pytest.raises(_Killed):
-        pretrain_main(interrupted)
+    kill_after_step(pretrain_main, interrupted, 4, monkeypatch)
     assert read_checkpoint(tmp_path / "models" / "killed" / "last.ckpt")["global_step"] == 3
-    monkeypatch.setattr(train.ReproducibleSteps, "on_train_batch_end", original_end)
     resumed = pretrain_main(interrupted)
     assert resumed.start_step == 3 and resumed.global_step == 8
-    expected = read_checkpoint(uninterrupted.run_dir / "last.ckpt")["state_dict"]
-    got = read_checkpoint(resumed.run_dir / "last.ckpt")["state_dict"]
-    for name, value in expected.items():
-        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6)
+    assert_same_last_weights(uninterrupted.run_dir, resumed.run_dir)
 
 
 def test_heads_first_run_holds_its_towers_and_resumes_to_the_uninterrupted_result(tiny_dataset, tmp_path, monkeypatch):
@@ -390,16 +399,7 @@ def test_heads_first_run_holds_its_towers_and_resumes_to_the_uninterrupted_resul
              "--lock_text_unlocked_layers=1", "--head_only_steps=2", "--flip_images", "--num_workers=1"]
     uninterrupted = our_main([*flags, *common_flags(tiny_dataset, tmp_path, "whole", steps=5)])
     interrupted = [*flags, *common_flags(tiny_dataset, tmp_path, "killed", steps=5)]
-    original_end = train.ReproducibleSteps.on_train_batch_end
-
-    def die_after_step_3(self, trainer, *args):
-        original_end(self, trainer, *args)
-        if trainer.global_step == 3:
-            raise _Killed
-
-    monkeypatch.setattr(train.ReproducibleSteps, "on_train_batch_end", die_after_step_3)
-    with pytest.raises(_Killed):
-        our_main(interrupted)
+    kill_after_step(our_main, interrupted, 3, monkeypatch)
     at_step_2 = read_checkpoint(tmp_path / "models" / "killed" / "last.ckpt")
     assert at_step_2["global_step"] == 2
     # Two head-only steps leave every trainable tower weight exactly as the packaged weights loaded it.
@@ -408,14 +408,11 @@ def test_heads_first_run_holds_its_towers_and_resumes_to_the_uninterrupted_resul
     towers = groups["pretrained"]["param_names"] + groups["pretrained_no_decay"]["param_names"]
     assert towers and all(torch.equal(at_step_2["state_dict"][f"model.{name}"], initial[name]) for name in towers)
     assert not torch.equal(at_step_2["state_dict"]["model.text_projection.weight"], initial["text_projection.weight"])
-    monkeypatch.setattr(train.ReproducibleSteps, "on_train_batch_end", original_end)
     resumed = our_main(interrupted)
     assert resumed.start_step == 2 and resumed.global_step == 5
-    expected = read_checkpoint(uninterrupted.run_dir / "last.ckpt")["state_dict"]
-    got = read_checkpoint(resumed.run_dir / "last.ckpt")["state_dict"]
-    assert any(not torch.equal(expected[f"model.{name}"], initial[name]) for name in towers)  # the towers trained after
-    for name, value in expected.items():
-        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6)
+    trained = read_checkpoint(uninterrupted.run_dir / "last.ckpt")["state_dict"]
+    assert any(not torch.equal(trained[f"model.{name}"], initial[name]) for name in towers)  # the towers trained after
+    assert_same_last_weights(uninterrupted.run_dir, resumed.run_dir)
 
 
 def our_tiny_flags(dataset: Path, tmp_path: Path) -> list[str]:

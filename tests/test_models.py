@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
-from timm.layers import Conv2dSame
+from timm.layers import Conv2dSame, DropPath
 from torchvision import transforms as T
 
 from clipsearch.checkpoint import load_bundle, read_checkpoint, save_bundle
@@ -21,6 +21,7 @@ from clipsearch.models.pretrained_towers import pretrained_towers_spec
 from clipsearch.models.transforms import IMAGENET_MEAN, IMAGENET_STD
 from clipsearch.sample_data import ensure_sample_dataset
 from src_our.main import main as our_main
+from src_our.main import parse_args as our_parse_args
 
 TOWER_SIZE = 128
 
@@ -92,6 +93,42 @@ def test_image_normalisation_is_the_one_the_weights_were_trained_with(image_mode
     assert spec["image"]["mean"] == mean and spec["image"]["size"] == 224
 
 
+def test_image_drop_path_drops_blocks_only_in_trained_stages_and_checkpoints_keep_it(tmp_path, capsys):
+    spec = pretrained_towers_spec(embed_dim=32, context_length=24, image_size=64, image_drop_path=0.2)[0]
+    assert spec["image"]["drop_path_rate"] == 0.2
+    plain = pretrained_towers_spec(embed_dim=32, context_length=24, image_size=64)[0]
+    assert "drop_path_rate" not in plain["image"]  # specs without it stay as checkpoints wrote them
+    bundle = build_from_spec(spec)
+    model = bundle.model
+    assert set(model.state_dict()) == set(build_from_spec(plain).model.state_dict()), "no weight is added"
+    model.lock_image_tower(unlocked_groups=4)
+    model.train()
+    drops = [module for module in model.visual.modules() if isinstance(module, DropPath)]
+    assert 0 < max(module.drop_prob for module in drops) <= 0.2
+    locked = {id(module) for group in model.locked_image_groups for module in group.modules()}
+    assert not any(module.training for module in drops if id(module) in locked), "locked stages never drop"
+    assert any(module.training for module in drops if id(module) not in locked)
+
+    images = torch.randn(4, 3, 64, 64)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        draws = [model.encode_image(images) for _ in range(8)]
+    assert any(not torch.equal(draws[0], draw) for draw in draws[1:]), "trained blocks are skipped at random"
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), model.encode_image(images))
+
+    loaded = load_bundle(save_bundle(bundle, tmp_path / "drop-path.ckpt"))
+    assert loaded.spec["image"]["drop_path_rate"] == 0.2
+    assert [m.drop_prob for m in loaded.model.visual.modules() if isinstance(m, DropPath)] == [m.drop_prob for m in drops]
+    dataset = ensure_sample_dataset(tmp_path / "sample", num_train=8, num_dev=2, image_size=32)
+    assert our_parse_args([f"--dataset_path={dataset}", "--image_drop_path=0.2"]).identity["model"]["image_drop_path"] == 0.2
+    assert "image_drop_path" not in our_parse_args([f"--dataset_path={dataset}"]).identity["model"]
+    with pytest.raises(SystemExit):
+        our_parse_args(["--image_drop_path=1"])
+    assert "expected a rate in [0, 1), got '1'" in capsys.readouterr().err
+
+
 def test_registry_names_known_families_and_refuses_duplicates(default_spec):
     with pytest.raises(ValueError, match="unknown model family 'nope'.*openai, pretrained_towers"):
         build_from_spec({**default_spec, "family": "nope"})
@@ -117,6 +154,18 @@ def test_openai_family_is_all_new_from_scratch_and_projections_new_when_finetuni
     groups = optimiser_groups(CLIPModule(finetuned.model, finetuned.spec, lr=1e-3, tower_lr=1e-4))
     assert groups["new"] | groups["new_no_decay"] == {"text_projection", "visual.proj", "logit_scale"}
     assert groups["pretrained"] | groups["pretrained_no_decay"] == every - {"text_projection", "visual.proj", "logit_scale"}
+    # --layer_decay: the last block of each tower (with its final norm) at --tower_lr, halving per block below.
+    decayed = CLIPModule(finetuned.model, finetuned.spec, lr=1e-3, tower_lr=1e-4, layer_decay=0.5).configure_optimizers()
+    rate = {name: group["initial_lr"] for group in decayed["optimizer"].state_dict()["param_groups"]
+            for name in group["param_names"]}
+    expected = {"transformer.resblocks.1.attn.in_proj_weight": 1e-4, "ln_final.weight": 1e-4,
+                "transformer.resblocks.0.attn.in_proj_weight": 5e-5, "token_embedding.weight": 2.5e-5,
+                "positional_embedding": 2.5e-5, "visual.ln_post.weight": 1e-4, "visual.ln_pre.weight": 2.5e-5,
+                "visual.conv1.weight": 2.5e-5, "visual.class_embedding": 2.5e-5, "visual.proj": 1e-3, "logit_scale": 1e-3}
+    assert {name: rate[name] for name in expected} == pytest.approx(expected)
+    resnet = build_from_spec(openai_clip_spec("RN-Tiny")).model.tower_depths()
+    assert [resnet[name] for name in ("visual.conv1.weight", "visual.layer1.0.conv1.weight",
+                                      "visual.layer4.0.conv1.weight", "visual.attnpool.k_proj.weight")] == [5, 4, 1, 0]
 
 
 def train_with_two_rates(tmp_path, run_name: str, *extra: str):
@@ -167,6 +216,32 @@ def test_head_only_steps_hold_the_towers_then_warm_them_up(tmp_path):
     assert json.loads((result.run_dir / "run.json").read_text())["identity"]["head_only_steps"] == 1
     with pytest.raises(UserError, match="--head_only_steps"):
         train_with_two_rates(tmp_path, "too-long", "--head_only_steps=2")
+
+
+def test_layer_decay_slows_each_tower_layer_below_the_top_and_needs_known_depths(tmp_path):
+    result = train_with_two_rates(tmp_path, "layer-decay", "--layer_decay=0.5")
+    groups = read_checkpoint(result.run_dir / "last.ckpt")["optimizer_states"][0]["param_groups"]
+    rate = {name: group["initial_lr"] for group in groups for name in group["param_names"]}
+    # The text tower is locked but its last layer, the image tower is not locked at all.
+    assert rate["text.encoder.layer.5.attention.self.query.weight"] == pytest.approx(2e-4)
+    assert not any(name.startswith("text.encoder.layer.4.") for name in rate)
+    assert rate["visual.bn2.weight"] == pytest.approx(2e-4)  # the image tower's last stage
+    assert rate["visual.conv_head.weight"] == pytest.approx(1e-4)
+    assert rate["visual.blocks.6.0.conv_pw.weight"] == pytest.approx(5e-5)
+    assert rate["visual.conv_stem.weight"] == pytest.approx(2e-4 * 0.5 ** 10)
+    assert rate["text_projection.weight"] == pytest.approx(1e-3) and rate["logit_scale"] == pytest.approx(1e-3)
+    assert {group["name"]: group["weight_decay"] for group in groups}["pretrained_no_decay_depth0"] == 0.0
+    assert json.loads((result.run_dir / "run.json").read_text())["identity"]["layer_decay"] == 0.5
+    # Off, the flag leaves identities as they were before it: earlier runs keep their folder.
+    assert "layer_decay" not in our_parse_args([f"--dataset_path={tmp_path / 'sample'}", "--layer_decay=1"]).identity
+
+    class Depthless(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.logit_scale = torch.nn.Parameter(torch.zeros(()))
+
+    with pytest.raises(UserError, match="--layer_decay: Depthless does not say how deep its layers are"):
+        CLIPModule(Depthless(), {}, layer_decay=0.5).configure_optimizers()
 
 
 def test_the_door_names_the_same_default_tower_as_the_models():

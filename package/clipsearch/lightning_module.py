@@ -9,6 +9,7 @@ import torch
 
 from clipsearch.checkpoint import META_KEY
 from clipsearch.data_report import DataReport
+from clipsearch.errors import UserError
 from clipsearch.evaluate import concat_encoded, encode_groups, split_embeddings
 from clipsearch.loss import LOSSES, MAX_LOGIT_SCALE
 from clipsearch.metrics import retrieval_metrics
@@ -56,6 +57,7 @@ class CLIPModule(L.LightningModule):
         cached_images: bool = False,
         loss: str = "contrastive",
         head_only_steps: int = 0,
+        layer_decay: float = 1.0,
     ):
         super().__init__()
         self.model = model
@@ -120,9 +122,9 @@ class CLIPModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        """AdamW in up to four named groups: new (projections, temperature, the loss's own bias) at
-        --lr, pretrained tower weights at --tower_lr, each split into decayed and not decayed; frozen
-        parameters stay out."""
+        """AdamW in named groups: new (projections, temperature, the loss's own bias) at --lr,
+        pretrained tower weights at --tower_lr, each split into decayed and not decayed, and with
+        --layer_decay the tower weights further by depth; frozen parameters stay out."""
         lr = self.hparams.lr
         tower_lr = self.hparams.tower_lr if self.hparams.tower_lr is not None else lr
         declared = getattr(self.model, "new_parameter_names", None)
@@ -132,22 +134,23 @@ class CLIPModule(L.LightningModule):
                            "--tower_lr is ignored", type(self.model).__name__)
         loss_parameters = list(self.loss_fn.named_parameters(prefix="loss_fn"))
         new_names = {*new_names, *(name for name, _ in loss_parameters)}
-        groups: dict[str, list] = {}
-        for name, parameter in [*self.model.named_parameters(), *loss_parameters]:
-            if parameter.requires_grad:
-                kind = "new" if name in new_names else "pretrained"
-                groups.setdefault(kind + ("_no_decay" if is_no_decay(name, parameter) else ""), []).append((name, parameter))
+        depths = self._tower_depths()
         # Named parameters: the optimiser's state dict (and so every checkpoint) lists each group's
         # parameter names, and LearningRateMonitor logs lr-AdamW/<group name>.
-        param_groups = [
-            {
-                "name": group,
-                "params": named,
-                "lr": lr if group.startswith("new") else tower_lr,
-                "weight_decay": 0.0 if group.endswith("no_decay") else self.hparams.weight_decay,
-            }
-            for group, named in sorted(groups.items())
-        ]
+        groups: dict[str, dict] = {}
+        for name, parameter in [*self.model.named_parameters(), *loss_parameters]:
+            if not parameter.requires_grad:
+                continue
+            new, no_decay = name in new_names, is_no_decay(name, parameter)
+            group = ("new" if new else "pretrained") + ("_no_decay" if no_decay else "")
+            rate = lr if new else tower_lr
+            if not new and depths:
+                group += f"_depth{depths[name]}"
+                rate = tower_lr * self.hparams.layer_decay ** depths[name]
+            groups.setdefault(group, {"name": group, "params": [], "lr": rate,
+                                      "weight_decay": 0.0 if no_decay else self.hparams.weight_decay})
+            groups[group]["params"].append((name, parameter))
+        param_groups = [groups[name] for name in sorted(groups)]
         optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps)
         # With --head_only_steps the towers' schedule starts later. Their gradients are still computed
         # (DDP expects every trainable parameter's) but a zero rate leaves them, and their decay, as they were.
@@ -157,6 +160,16 @@ class CLIPModule(L.LightningModule):
             for group in param_groups
         ])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _tower_depths(self) -> dict[str, int]:
+        """With --layer_decay, each tower parameter's depth below the top of its tower; else nothing."""
+        if self.hparams.layer_decay == 1.0:
+            return {}
+        depths = getattr(self.model, "tower_depths", None)
+        if depths is None:
+            raise UserError(f"--layer_decay: {type(self.model).__name__} does not say how deep its layers are "
+                            "(the pretrained-towers and OpenAI CLIP models do)")
+        return depths()
 
     # ---- validation ----------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:

@@ -50,7 +50,7 @@ RUN_FILE = "run.json"
 # Model flags that leave the locked image stages' outputs as they are: the image cache ignores them.
 FLAGS_NOT_IN_IMAGE_FEATURES = frozenset({
     "pretrain_text", "text_length", "text_pooling", "lock_text", "lock_text_unlocked_layers", "embed_dim",
-    "mirror_average",
+    "mirror_average", "image_drop_path",  # stochastic depth acts only in the trained stages, after the cache
 })
 # A run that ends below this many steps (or any --fast_dev_run) is a smoke test: it keeps its run
 # folder but never becomes models/latest, which encoding and search use by default.
@@ -360,6 +360,7 @@ def run_training(config: TrainConfig, build: Callable[[object], ModelBundle]) ->
         cached_images=image_cache is not None,
         loss=config.loss,
         head_only_steps=config.head_only_steps,
+        layer_decay=config.layer_decay,
     )
     run_dir = config.run_dir
     # best.ckpt holds the weights alone (a third of last.ckpt's size); last.ckpt keeps what resuming needs.

@@ -48,6 +48,7 @@ class TrainConfig:
     logs_dir: str
     verbose: bool
     head_only_steps: int = 0
+    layer_decay: float = 1.0
     identity: dict = field(default_factory=dict)
 
     @property

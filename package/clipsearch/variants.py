@@ -31,6 +31,7 @@ def build_pretrained_towers(args):
             pooling=args.text_pooling,
             context_length=args.text_length,
             image_size=args.image_resolution,
+            image_drop_path=args.image_drop_path,
         )
         bundle = build_from_spec(spec)
         load_text_weights(bundle.model, spec["text"]["source"])

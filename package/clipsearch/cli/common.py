@@ -54,6 +54,28 @@ def positive_float(text: str) -> float:
     return value
 
 
+def drop_rate(text: str) -> float:
+    """A probability of dropping something in training: 0 (off) up to, not including, 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a rate in [0, 1), got {text!r}")
+    return value
+
+
+def unit_fraction(text: str) -> float:
+    """A factor above 0 and at most 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
 class DefaultsFormatter(argparse.RawDescriptionHelpFormatter):
     """Shows each flag's default once, after its help, unless the help already names it."""
 

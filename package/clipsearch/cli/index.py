@@ -12,6 +12,7 @@ from clipsearch.cli.common import (
     non_negative_int,
     positive_int,
     run_command,
+    unit_fraction,
 )
 
 KINDS = ("auto", "flat", "ivf", "ivf_sq8", "ivf_pq", "hnsw")  # clipsearch.index.KINDS, without importing faiss
@@ -42,16 +43,6 @@ def memory_size(text: str) -> int:
     return int(value)
 
 
-def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = CommandParser(prog="python -m clipsearch.cli.index", description=__doc__, epilog=EPILOG)
     data = parser.add_argument_group("data")
@@ -68,7 +59,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     program.add_argument("--tune_queries", default=None,
                          help=".npy file of query embeddings [n, d] (e.g. encoded captions) to measure and tune recall on, "
                               "instead of held-out rows")
-    program.add_argument("--target_recall", type=fraction, default=0.95, help="recall@10 the nprobe tuning aims for")
+    program.add_argument("--target_recall", type=unit_fraction, default=0.95, help="recall@10 the nprobe tuning aims for")
     args = parser.parse_args(argv)
     check_emb_path(args.emb_path)
     if args.tune_queries and not Path(args.tune_queries).is_file():

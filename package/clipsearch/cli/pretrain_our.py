@@ -1,7 +1,7 @@
 """Pretrain "our" CLIP: a pretrained HuggingFace text model and a pretrained timm image model."""
 from __future__ import annotations
 
-from clipsearch.cli.common import run_command
+from clipsearch.cli.common import drop_rate, run_command
 from clipsearch.cli.train_args import TrainingDoor, VariantDefaults
 
 # clipsearch.models.image_tower's default, named here: importing it would load torch before parsing
@@ -21,6 +21,10 @@ def add_model_args(model) -> None:
     model.add_argument("--text_length", type=int, default=64, help="caption tokens kept (context length)")
     model.add_argument("--image_resolution", type=int, default=None,
                        help="input image size (default: the timm model's; on the generated sample data, its 96 px)")
+    model.add_argument("--image_drop_path", type=drop_rate, default=0.0,
+                       help="stochastic depth in the trained image stages: residual blocks skipped at random, at "
+                            "a rate rising with depth to this value (timm's drop_path_rate; 0: off). A "
+                            "regulariser for small datasets; the locked stages and their cache are unaffected")
     model.add_argument("--train_resolution", type=int, default=None,
                        help="train on crops of this size, encode at --image_resolution (default: the same). A CNN "
                             "tower trained below its test size is cheaper per step and scores better at the larger "

@@ -17,6 +17,7 @@ from clipsearch.cli.common import (
     non_negative_int,
     positive_float,
     positive_int,
+    unit_fraction,
 )
 from clipsearch.model_reference import OPENAI_WEIGHTS_DIR as LOCAL_WEIGHTS_DIR  # noqa: F401  the doors name it
 from clipsearch.tables import TABLE_EXTENSIONS, find_table, is_webdataset_path
@@ -33,6 +34,10 @@ NOT_IDENTITY = frozenset({
     "precision", "val_check_interval", "fast_dev_run", "log_every_n_steps", "checkpoint_every_steps",
     "run_name", "resume", "models_dir", "logs_dir", "verbose",
 })
+
+# Model flags added after runs were made: left out of a run's identity while off, so those runs keep
+# their folder and resume.
+ADDED_MODEL_FLAGS = frozenset({"mirror_average", "image_drop_path"})
 
 
 def add_training_args(parser: argparse.ArgumentParser, pretrained_towers: bool = False) -> argparse.ArgumentParser:
@@ -64,6 +69,10 @@ def add_training_args(parser: argparse.ArgumentParser, pretrained_towers: bool =
                            help="train only the new projections and temperature for the first N steps, then the "
                                 "towers too, with their own warmup (linear probe, then finetune: the towers are "
                                 "not pulled by untrained heads); their rate is zero until then")
+        optim.add_argument("--layer_decay", type=unit_fraction, default=1.0,
+                           help="layer-wise rate decay: the top layer of each tower trains at --tower_lr, each "
+                                "layer below at this times the one above (embeddings lowest), so the general "
+                                "early layers move least (BEiT's fine-tuning recipe; 1: off)")
     optim.add_argument("--weight_decay", type=float, default=0.2,
                        help="AdamW weight decay (never on biases, norms, embeddings, logit scale)")
     optim.add_argument("--loss", choices=LOSS_NAMES, default="contrastive",
@@ -223,15 +232,16 @@ def training_config(args: argparse.Namespace, model_group, variant: str,
         interval = max(MIN_VAL_INTERVAL, max_steps // 5)
     settings.update(lr=lr, max_steps=max_steps, warmup_steps=warmup_steps, val_check_interval=interval,
                     devices=_devices(str(settings["devices"])))
-    # Flags added later leave identities when at their default, as they were before the flag:
-    # runs made then keep their folder and resume.
-    identity_model = {name: value for name, value in model.items() if name != "mirror_average" or value}
+    # Flags added later leave identities when at their default, as they were before the flag.
+    identity_model = {name: value for name, value in model.items() if name not in ADDED_MODEL_FLAGS or value}
     identity = {"variant": variant, "model": identity_model, "tower_lr": tower_lr}
     if head_only_steps:
         identity["head_only_steps"] = head_only_steps
     identity |= {name: value for name, value in settings.items() if name not in NOT_IDENTITY}
     if identity["loss"] == "contrastive":
         del identity["loss"]
+    if identity.get("layer_decay") == 1.0:
+        del identity["layer_decay"]
     if not identity["flip_images"]:
         del identity["flip_images"]
     run_name = settings.pop("run_name") or default_run_name(

@@ -44,14 +44,23 @@ def image_input_config(model_name: str) -> dict:
     return {"size": int(get("input_size")[-1]), "mean": list(get("mean")), "std": list(get("std"))}
 
 
-def create_image_tower(model_name: str) -> nn.Module:
+def create_image_tower(model_name: str, drop_path_rate: float = 0.0) -> nn.Module:
     """A timm model (random weights) returning pooled features, in channels_last.
 
     channels_last: oneDNN's depthwise and pointwise convolutions run much faster in NHWC on the CPU
     (EfficientNet-Lite0 forward on 2 cores: 1.7x, with TF "SAME" padding as without; bench_tower.py),
     and GPUs prefer it for mixed precision too.
+
+    `drop_path_rate` is timm's stochastic depth: residual blocks are skipped at random in training, at a
+    rate rising linearly with depth to this value. It changes no weight and nothing in eval mode, and
+    locked stages stay in eval mode, so only the trained stages ever drop (and cached features stay valid).
     """
-    return timm.create_model(model_name, pretrained=False, num_classes=0).to(memory_format=torch.channels_last)
+    options = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
+    try:
+        tower = timm.create_model(model_name, pretrained=False, num_classes=0, **options)
+    except TypeError as error:  # a timm model without stochastic depth refuses the keyword
+        raise ValueError(f"--image_drop_path: timm's {model_name!r} has no stochastic depth ({error})") from None
+    return tower.to(memory_format=torch.channels_last)
 
 
 def image_tower_groups(tower: nn.Module) -> list[nn.Module]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import zipfile
 from pathlib import Path
 
@@ -16,6 +17,11 @@ from clipsearch.models.registry import register_family
 from clipsearch.models.transforms import OPENAI_MEAN, OPENAI_STD
 
 logger = logging.getLogger(__name__)
+
+# A transformer block (`resblocks.<i>.`, from 0) or a ModifiedResNet stage (`visual.layer<k>.`, from 1).
+BLOCK_INDEX = re.compile(r"(?:\.resblocks\.|^visual\.layer)(\d+)\.")
+# What sits above the last block of each tower: final norms, a ResNet's attention pool, projections.
+TOWER_TOPS = ("ln_final.", "visual.ln_post.", "visual.attnpool.", "text_projection", "visual.proj", "logit_scale")
 
 # Small architectures of ours (CPU runs, tests) live beside open_clip's own configs, as data.
 LOCAL_CONFIG_DIR = Path(__file__).parent / "configs"
@@ -91,6 +97,28 @@ class OpenAICLIP(open_clip.CLIP):
         if not self.towers_pretrained:
             return names
         return names & {"text_projection", "visual.proj", "logit_scale"}
+
+    def tower_depths(self) -> dict[str, int]:
+        """Each parameter's depth below the top of its tower, for --layer_decay: the last transformer
+        block with its final norm (or a ResNet's attention pool) is 0, the embeddings or stem the
+        deepest; the projections count as top."""
+        visual = self.visual
+        if hasattr(visual, "attnpool"):  # ModifiedResNet: stem, layer1..layer4, attention pool
+            image_levels, image_offset = 5, 0
+        else:
+            image_levels, image_offset = len(visual.transformer.resblocks), 1
+        text_levels = len(self.transformer.resblocks)
+        depths = {}
+        for name, _ in self.named_parameters():
+            levels, offset = (image_levels, image_offset) if name.startswith("visual.") else (text_levels, 1)
+            block = BLOCK_INDEX.search(name)
+            if block:
+                depths[name] = levels - offset - int(block.group(1))
+            elif name.startswith(TOWER_TOPS):
+                depths[name] = 0
+            else:  # token and position embeddings, class token, patch embedding and ln_pre, or ResNet stem
+                depths[name] = levels
+        return depths
 
 
 @register_family("openai")

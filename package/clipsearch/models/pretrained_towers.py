@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from clipsearch.errors import UserError
 from clipsearch.models.bundle import SPEC_VERSION
 from clipsearch.models.image_tower import (
     DEFAULT_IMAGE_MODEL,
@@ -82,13 +83,14 @@ def _unpack_tokenizer(files: dict[str, str]):
 class PretrainedTowersCLIP(nn.Module):
     """Pretrained text and image towers with fresh projections into one `embed_dim` space."""
 
-    def __init__(self, text_config: dict, pooling: str, image_model: str, embed_dim: int, pad_token_id: int):
+    def __init__(self, text_config: dict, pooling: str, image_model: str, embed_dim: int, pad_token_id: int,
+                 image_drop_path: float = 0.0):
         super().__init__()
         from transformers import AutoConfig, AutoModel
 
         config = dict(text_config)
         self.text = AutoModel.from_config(AutoConfig.for_model(**config), add_pooling_layer=False)
-        self.visual = create_image_tower(image_model)
+        self.visual = create_image_tower(image_model, image_drop_path)
         self.pooling = pooling
         self.pad_token_id = pad_token_id
         self.text_projection = nn.Linear(self.text.config.hidden_size, embed_dim, bias=False)
@@ -100,6 +102,23 @@ class PretrainedTowersCLIP(nn.Module):
     def new_parameter_names(self) -> set[str]:
         """Projections and temperature start untrained; the towers (`text.`, `visual.`) come pretrained."""
         return {name for name, _ in self.named_parameters() if not name.startswith(("text.", "visual."))}
+
+    def tower_depths(self) -> dict[str, int]:
+        """Each tower parameter's depth below the top of its tower, for --layer_decay: 0 for the last
+        transformer layer and the last image stage, counting down to the embeddings and the stem.
+
+        Image stages are the ones `image_tower_groups` lists (and --lock_image_unlocked_groups counts).
+        """
+        layers = list(getattr(getattr(self.text, "encoder", None), "layer", []))
+        if not layers:
+            raise UserError("--layer_decay needs a BERT-like text model (encoder.layer)")
+        depth_of = {}
+        for stack in ([self.text.embeddings, *layers], image_tower_groups(self.visual)):
+            for position, module in enumerate(stack):
+                for parameter in module.parameters():
+                    depth_of[id(parameter)] = len(stack) - 1 - position
+        return {name: depth_of.get(id(parameter), 0) for name, parameter in self.named_parameters()
+                if name.startswith(("text.", "visual."))}
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.image_projection(self.visual(images.contiguous(memory_format=torch.channels_last)))
@@ -176,6 +195,7 @@ def pretrained_towers_spec(
     pooling: str = "mean",
     context_length: int = 64,
     image_size: int | None = None,
+    image_drop_path: float = 0.0,
 ) -> tuple[dict, object]:
     """The spec of a PretrainedTowersCLIP, reading the text model's config and tokenizer; returns (spec, hf tokenizer).
 
@@ -216,6 +236,8 @@ def pretrained_towers_spec(
             "std": image_input["std"],
         },
     }
+    if image_drop_path:  # absent at 0, as in checkpoints written before stochastic depth
+        spec["image"]["drop_path_rate"] = float(image_drop_path)
     return spec, tokenizer
 
 
@@ -229,6 +251,7 @@ def build_pretrained_towers(spec: dict):
         image_model=spec["image"]["timm_name"],
         embed_dim=spec["embed_dim"],
         pad_token_id=tokenizer.pad_token_id,
+        image_drop_path=spec["image"].get("drop_path_rate", 0.0),
     )
     return model, HFTokenizer(tokenizer, spec["text"]["context_length"])
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -44,36 +45,23 @@ positive_int = _number(int, 1, "an integer >= 1")
 non_negative_int = _number(int, 0, "an integer >= 0")
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
+def _float_in(accepts: Callable[[float], bool], description: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan  # accepted by no range
+        if not accepts(value):
+            raise argparse.ArgumentTypeError(f"expected {description}, got {text!r}")
+        return value
+
+    parse.__name__ = description
+    return parse
 
 
-def drop_rate(text: str) -> float:
-    """A probability of dropping something in training: 0 (off) up to, not including, 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a rate in [0, 1), got {text!r}")
-    return value
-
-
-def unit_fraction(text: str) -> float:
-    """A factor above 0 and at most 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
+positive_float = _float_in(lambda value: value > 0, "a positive number")
+drop_rate = _float_in(lambda value: 0 <= value < 1, "a rate in [0, 1)")  # a probability of dropping in training
+unit_fraction = _float_in(lambda value: 0 < value <= 1, "a number in (0, 1]")
 
 
 class DefaultsFormatter(argparse.RawDescriptionHelpFormatter):

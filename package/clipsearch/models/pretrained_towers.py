@@ -103,13 +103,17 @@ class PretrainedTowersCLIP(nn.Module):
         """Projections and temperature start untrained; the towers (`text.`, `visual.`) come pretrained."""
         return {name for name, _ in self.named_parameters() if not name.startswith(("text.", "visual."))}
 
+    def _text_layers(self) -> list[nn.Module]:
+        """The text model's transformer layers in order; empty for a model that is not BERT-like."""
+        return list(getattr(getattr(self.text, "encoder", None), "layer", []))
+
     def tower_depths(self) -> dict[str, int]:
         """Each tower parameter's depth below the top of its tower, for --layer_decay: 0 for the last
         transformer layer and the last image stage, counting down to the embeddings and the stem.
 
         Image stages are the ones `image_tower_groups` lists (and --lock_image_unlocked_groups counts).
         """
-        layers = list(getattr(getattr(self.text, "encoder", None), "layer", []))
+        layers = self._text_layers()
         if not layers:
             raise UserError("--layer_decay needs a BERT-like text model (encoder.layer)")
         depth_of = {}
@@ -171,7 +175,7 @@ class PretrainedTowersCLIP(nn.Module):
 
     def lock_text_tower(self, unlocked_layers: int = 0) -> None:
         """Freeze the text tower except its last `unlocked_layers` transformer layers."""
-        layers = list(getattr(getattr(self.text, "encoder", None), "layer", []))
+        layers = self._text_layers()
         if unlocked_layers > 0 and not layers:
             raise ValueError("partial text locking needs a BERT-like model (encoder.layer); use 0 to lock it all")
         locked = [self.text] if unlocked_layers <= 0 else [self.text.embeddings, *layers[: len(layers) - unlocked_layers]]

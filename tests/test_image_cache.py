@@ -56,13 +56,16 @@ def build_cache(folder: Path, image_paths: list[str], world_size: int = 1) -> Im
     return cache
 
 
-def test_cache_resumes_after_a_kill_and_lists_unreadable_images(tiny_dataset, tmp_path):
+def test_cache_resumes_after_a_kill_and_lists_unreadable_images(tiny_dataset, tmp_path, capsys):
     paths = sorted(str(p) for p in (tiny_dataset / "images").rglob("*.*"))[:9]
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
     paths.append(str(broken))
     whole = build_cache(tmp_path / "whole", paths)
     assert whole.is_complete()
+    # Progress: a line per tenth of the images (here every batch of two), the last one at the end.
+    progress = [line for line in capsys.readouterr().err.splitlines() if "images/s" in line]
+    assert len(progress) == 5 and "10/10 images x 2 views" in progress[-1]
     assert whole.read(str(broken), 0) == (None, "not an image")
     first, _ = whole.read(paths[0], 0)
     assert first.dtype == torch.float16 and not torch.equal(first, whole.read(paths[0], 1)[0]), "views differ"
@@ -159,3 +162,9 @@ def test_a_cache_is_reused_across_text_side_changes_and_rebuilt_for_image_side_o
                         with_random_mirror(transform))
     assert not run_on_a_copy("mirrored", "--flip_images")
     assert len(wrapped) == 1
+    # A cache drawn before training crops came from the centred square holds other crops of these
+    # non-square images: it is remade.
+    state = json.loads(state_file.read_text())
+    del state["identity"]["crop"]
+    state_file.write_text(json.dumps(state))
+    assert not run_on_a_copy("older-crops")

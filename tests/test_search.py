@@ -236,3 +236,21 @@ def test_mirror_average_travels_with_the_checkpoint_to_shards_and_queries(tmp_pa
     assert hits[0][0].path == str(paths[2]) and hits[0][0].score == pytest.approx(1.0, abs=1e-4)
     with pytest.raises(EmbeddingMismatchError):
         SearchEngine.from_files(tiny_checkpoint, emb_path)
+
+
+def test_images_embed_a_few_at_a_time_on_the_cpu_with_the_same_rows(tiny_checkpoint):
+    from clipsearch.models import embed_images
+    from clipsearch.models.bundle import CPU_IMAGE_CHUNK
+    from clipsearch.models.released import load_model
+
+    model = load_model(str(tiny_checkpoint)).model.eval()
+    calls = []
+    whole = model.encode_image
+    model.encode_image = lambda images: calls.append(images.shape[0]) or whole(images)
+    pixels = torch.randn(CPU_IMAGE_CHUNK * 2 + 3, 3, 64, 64)
+    with torch.inference_mode():
+        chunked = embed_images(model, pixels, mirror_average=True)
+        one_by_one = [embed_images(model, image[None], mirror_average=True) for image in pixels]
+    # Twice the images (each and its mirror image), CPU_IMAGE_CHUNK at a time.
+    assert calls[:5] == [CPU_IMAGE_CHUNK] * 4 + [6]
+    torch.testing.assert_close(chunked, torch.cat(one_by_one), atol=1e-5, rtol=1e-4)

@@ -224,6 +224,23 @@ def test_flip_images_mirrors_half_of_the_images_and_is_part_of_the_run_identity(
     assert "flip_images" not in default.identity and not default.flip_images
 
 
+def test_training_crops_are_random_crops_of_the_centred_square_evaluation_sees():
+    # A 4:3 photo: red bands at the sides, outside the centred square, and a gradient inside it.
+    pixels = torch.zeros(60, 80, 3, dtype=torch.uint8)
+    pixels[:, :10, 0] = pixels[:, 70:, 0] = 255
+    pixels[:, 10:70, 1] = torch.linspace(0, 255, 60).to(torch.uint8)
+    image = Image.fromarray(pixels.numpy())
+    train_crop = make_image_transform(32, (0.0,) * 3, (1.0,) * 3, is_train=True)
+    torch.manual_seed(0)
+    crops = [train_crop(image) for _ in range(20)]
+    assert max(crop[0].max().item() for crop in crops) < 0.05  # never a pixel of the side bands
+    # Random crops, not torchvision's fixed fallback (a near-square crop of 80-100% of a 4:3 image does not fit).
+    assert len({tuple(crop[1, 16].tolist()) for crop in crops}) >= 15
+    # Evaluation keeps the same square (its resize blurs a column of the bands' edge in).
+    evaluation = make_image_transform(32, (0.0,) * 3, (1.0,) * 3, is_train=False)(image)
+    assert evaluation[0].mean().item() < 0.05
+
+
 @pytest.fixture()
 def tiny_openai_weights(tmp_path):
     """A tiny CLIP saved the two ways OpenAI-format weights come: a state dict and a TorchScript archive."""

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from clipsearch.data_report import DataReport
 from clipsearch.images import load_image
+from clipsearch.models.bundle import in_cpu_chunks
 from clipsearch.store import write_json
 from clipsearch.training_order import seeded_randomness
 
@@ -209,13 +210,14 @@ class ImageFeatureCache:
         todo = _Views(self.image_paths, indices[state["done"]:], self.views, transform, seed)
         loader = DataLoader(todo, batch_size=None, num_workers=num_workers, collate_fn=None)
         device = next(split.tower.parameters()).device
-        started, pending, pending_rows = time.perf_counter(), [], []
+        started, first_done, pending, pending_rows = time.perf_counter(), state["done"], [], []
 
         def flush() -> None:
+            flushed = len(pending_rows)
             if pending:
                 stacked = torch.cat(pending).to(device)
                 with torch.inference_mode():
-                    features = split.prefix(stacked.flatten(0, 1)).to(torch.float16).cpu()
+                    features = in_cpu_chunks(split.prefix, stacked.flatten(0, 1)).to(torch.float16).cpu()
                 features = features.unflatten(0, (len(pending_rows), self.views))
                 first = state["done"]
                 matrix[first: first + len(pending_rows)] = features.contiguous().numpy()
@@ -224,6 +226,11 @@ class ImageFeatureCache:
             write_json(progress_file, state)  # after the rows are on disk: a kill loses at most one batch
             pending.clear()
             pending_rows.clear()
+            # A line per tenth, printed: minutes of caching with no sign of life look like a hang.
+            if flushed and (state["done"] % max(1, total // 10) < flushed or state["done"] == total):
+                rate = (state["done"] - first_done) / max(time.perf_counter() - started, 1e-9)
+                print(f"caching the locked image stages (rank {rank}): {state['done']}/{total} images x "
+                      f"{self.views} views, {rate:.1f} images/s", file=sys.stderr, flush=True)
 
         total = len(indices)
         megabytes = cache_megabytes(total, self.views, feature_shape)
@@ -239,11 +246,6 @@ class ImageFeatureCache:
                 pending.append(crops.unsqueeze(0))
             if len(pending_rows) * self.views >= batch_size:
                 flush()
-                if state["done"] % max(1, (total // 10)) < len(pending_rows) or state["done"] == total:
-                    rate = state["done"] / max(time.perf_counter() - started, 1e-9)
-                    # A line per tenth, printed: minutes of caching with no sign of life look like a hang.
-                    print(f"caching the locked image stages (rank {rank}): {state['done']}/{total} images x "
-                          f"{self.views} views, {rate:.1f} images/s", file=sys.stderr, flush=True)
         flush()
         if state["bad"]:
             logger.warning("image cache: %d unreadable images will be skipped", len(state["bad"]))

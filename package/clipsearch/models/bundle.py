@@ -10,6 +10,11 @@ from torch import nn
 
 # Bumped when the meaning of a spec changes, so old checkpoints fail loudly instead of loading wrongly.
 SPEC_VERSION = 1
+# On a CPU an image tower runs faster per image on a few images at a time: the activations of 16
+# images stay in the CPU's caches, those of 128 do not. Milliseconds per 224 px image on 2 cores,
+# 16 at a time against 128: EfficientNet-Lite0 13.9 / 22.8, Lite2 21.5 / 31.8, OpenAI's ViT-B/32
+# 48.2 / 61.3, RN50 67.7 / 88.9 (random weights, inference). GPUs want the whole batch.
+CPU_IMAGE_CHUNK = 16
 
 
 @dataclass
@@ -56,7 +61,16 @@ def embed_images(model: nn.Module, images: torch.Tensor, mirror_average: bool = 
     reported recall always agree. Training mirrors images only with --flip_images.
     """
     if not mirror_average:
-        return model.encode_image(images).float()
-    # One pass over twice the batch: better use of the cores than two passes over one.
-    own, mirrored = F.normalize(model.encode_image(torch.cat([images, images.flip(-1)])).float(), dim=-1).chunk(2)
+        return in_cpu_chunks(model.encode_image, images).float()
+    # One call over twice the batch: on a GPU better use of the device than two calls over one.
+    both = in_cpu_chunks(model.encode_image, torch.cat([images, images.flip(-1)]))
+    own, mirrored = F.normalize(both.float(), dim=-1).chunk(2)
     return (own + mirrored) / 2
+
+
+def in_cpu_chunks(function: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+    """`function(images)` for a function of each image alone (an image tower in eval mode): on a CPU
+    over CPU_IMAGE_CHUNK images at a time, which is faster and gives the same rows; elsewhere whole."""
+    if images.device.type != "cpu" or images.shape[0] <= CPU_IMAGE_CHUNK:
+        return function(images)
+    return torch.cat([function(chunk) for chunk in images.split(CPU_IMAGE_CHUNK)])

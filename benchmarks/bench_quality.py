@@ -24,6 +24,14 @@ REPO = Path(__file__).resolve().parents[1]
 FROZEN_FLOOR = {"text_to_image_R@1": 13.0, "text_to_image_R@10": 47.0}
 TARGET = {"text_to_image_R@1": 30.0, "text_to_image_R@10": 75.0}
 CURVES = ("text_to_image_R@1", "text_to_image_R@10", "image_to_text_R@1", "image_to_text_R@10")
+# How the report names the packaged image towers (timm name -> name).
+TOWER_NAMES = {"tf_efficientnet_lite0": "EfficientNet-Lite0", "tf_efficientnet_lite2": "EfficientNet-Lite2"}
+
+
+def image_tower_name(params: dict) -> str:
+    """The run's image tower as the report names it; runs made before the flag was recorded used Lite0."""
+    timm_name = params.get("model", {}).get("pretrain_image", "tf_efficientnet_lite0")
+    return TOWER_NAMES.get(timm_name, timm_name)
 
 
 def read_scalars(log_dir: Path):
@@ -88,7 +96,7 @@ def charged_curves(models_dir: Path, logs_dir: Path, run_name: str, cache_from: 
             for name, points in curves.items()}, borrowed
 
 
-def plot(curves: dict, path: Path, baseline: tuple[str, dict] | None = None, peer: dict | None = None) -> None:
+def plot(tower: str, curves: dict, path: Path, baseline: tuple[str, dict] | None = None, peer: dict | None = None) -> None:
     """Recall against minutes; an earlier run's curves dashed, open_clip's final scores as stars."""
     import matplotlib
 
@@ -116,7 +124,7 @@ def plot(curves: dict, path: Path, baseline: tuple[str, dict] | None = None, pee
         axis.text(0.5, value + 0.8, f"frozen towers + linear heads, {name.replace('_', ' ')}", color="gray", fontsize=7)
     axis.set_xlabel("minutes of training (2 CPU cores, validation included)")
     axis.set_ylabel("recall (%) on Flickr8k dev (1000 images, 5000 captions)")
-    axis.set_title('"Our" CLIP (MiniLM-L6 + EfficientNet-Lite0) on Flickr8k')
+    axis.set_title(f'"Our" CLIP (MiniLM-L6 + {tower}) on Flickr8k')
     axis.set_xlim(left=0)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -162,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
                     charged_curves(models_dir, logs_dir, args.baseline_run, args.baseline_image_cache_from)[0])
     peer_file = common.RESULTS_DIR / "quality_open_clip.json"
     peer = json.loads(peer_file.read_text()) if peer_file.is_file() else None
-    plot(curves, plot_path, baseline, peer)
+    plot(image_tower_name(params), curves, plot_path, baseline, peer)
     results = {
         **header,
         "load_average_end": common.load_average(),
@@ -203,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
 Command: `{args.command or 'see params'}`, then `python benchmarks/bench_quality.py --run_name {args.run_name}`
 
 - Machine: {results['machine']['nproc']} CPUs ({results['machine']['cpu_model']}); date {results['date']}
-- "Our" CLIP: packaged MiniLM-L6 text tower + packaged ImageNet EfficientNet-Lite0 image tower, trained
+- "Our" CLIP: packaged MiniLM-L6 text tower + packaged ImageNet {image_tower_name(params)} image tower, trained
   {results['training_minutes']:.0f} minutes (wall clock from the run's start: loading, image caching and validation
   included) on Flickr8k train (6000 images, 30000 captions); evaluated on the dev split (1000 images, 5000
   captions) by `4_evaluate.sh`'s code.

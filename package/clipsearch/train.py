@@ -163,8 +163,8 @@ class BuildImageCache(Callback):
             workers = default_num_workers(1) if self.config.num_workers is None else self.config.num_workers
             if module.device.type == "cpu" and torch.get_num_threads() >= (os.cpu_count() or 1):
                 # The locked stages keep every core busy, so a decoding process would only take turns
-                # with them: EfficientNet-Lite2 on 2 cores caches an image in 52 ms in one process,
-                # 73 ms with one decoder. The crops are seeded per image, so the cache is the same.
+                # with them: EfficientNet-Lite2 on 2 cores caches a photo in 47 ms in one process, 52 ms
+                # with one decoder (bench_cpu_chunks.py). The crops are seeded per image: the same cache.
                 workers = 0
             self.cache.build(split, self.bundle.train_transform, trainer.global_rank, self.config.seed, image_size,
                              batch_size=self.config.batch_size, num_workers=workers)

@@ -12,8 +12,8 @@ from torch import nn
 SPEC_VERSION = 1
 # On a CPU an image tower runs faster per image on a few images at a time: the activations of 16
 # images stay in the CPU's caches, those of 128 do not. Milliseconds per 224 px image on 2 cores,
-# 16 at a time against 128: EfficientNet-Lite0 13.9 / 22.8, Lite2 21.5 / 31.8, OpenAI's ViT-B/32
-# 48.2 / 61.3, RN50 67.7 / 88.9 (random weights, inference). GPUs want the whole batch.
+# 16 at a time against 128 (benchmarks/bench_cpu_chunks.py): EfficientNet-Lite0 12.9 / 25.7,
+# Lite2 22.7 / 34.3, OpenAI's ViT-B/32 53.6 / 62.0, RN50 73.2 / 90.1. GPUs want the whole batch.
 CPU_IMAGE_CHUNK = 16
 
 

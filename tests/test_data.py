@@ -17,7 +17,13 @@ from torchvision import transforms
 
 from clipsearch import images
 from clipsearch.data import DataReport, load_image, read_table
-from clipsearch.datasets import ImageCaptionDataset, ImageGroupDataset, collate_groups, collate_pairs
+from clipsearch.datasets import (
+    ImageCaptionDataset,
+    ImageGroupDataset,
+    WordDropout,
+    collate_groups,
+    collate_pairs,
+)
 
 TOKEN_LENGTH = 8
 image_transform = transforms.Compose([transforms.Resize((8, 8)), transforms.ToTensor()])
@@ -358,6 +364,38 @@ def test_pair_dataset_item_and_skip_marker(mixed_folder):
     assert torch.equal(item["tokens"], fake_tokenizer(["first caption of good0"])[0])
     assert item["caption"] == "first caption of good0"
     assert dataset[4]["skipped"] == "missing file"
+
+
+def test_word_dropout_drops_words_keeps_one_and_repeats_for_the_same_draw(mixed_folder):
+    caption = "a black dog runs through the tall green grass"
+    words = caption.split()
+    dropout = WordDropout(fake_tokenizer, 0.5)
+    torch.manual_seed(0)
+    dropped = [dropout.drop_words(caption).split() for _ in range(200)]
+    assert all(kept and all(word in words for word in kept) for kept in dropped)
+    assert 0.4 < sum(map(len, dropped)) / (200 * len(words)) < 0.6
+    assert {dropout.drop_words("dog") for _ in range(10)} == {"dog"}  # one word: nothing to drop
+    assert all(WordDropout(fake_tokenizer, 0.99).drop_words(caption) in words for _ in range(20))
+    assert WordDropout(fake_tokenizer, 0.0).drop_words(caption) == caption
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        WordDropout(fake_tokenizer, 1.0)
+    # In a training set, the words dropped are a function of the draw (index, augmentation seed),
+    # whatever the global generator did before: a resumed run reads the captions it read before.
+    def word_ids(texts: list[str]) -> torch.Tensor:
+        tokens = torch.zeros(len(texts), len(words), dtype=torch.long)
+        for row, text in enumerate(texts):
+            tokens[row, : len(text.split())] = torch.tensor([words.index(word) + 1 for word in text.split()])
+        return tokens
+
+    folder, _, _ = mixed_folder
+    table = read_table(folder, "train")
+    table["caption"] = caption
+    dataset = ImageCaptionDataset(table, image_transform, WordDropout(word_ids, 0.5))
+    first = dataset[0, 1234]["tokens"]
+    torch.rand(100)
+    assert torch.equal(dataset[0, 1234]["tokens"], first)
+    draws = {tuple(dataset[0, seed]["tokens"].tolist()) for seed in range(20)}
+    assert len(draws) > 15 and not torch.equal(first, word_ids([caption])[0])
 
 
 def test_collate_pairs_drops_bad_items_through_dataloader(mixed_folder):

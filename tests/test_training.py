@@ -224,6 +224,16 @@ def test_flip_images_mirrors_half_of_the_images_and_is_part_of_the_run_identity(
     assert "flip_images" not in default.identity and not default.flip_images
 
 
+def test_caption_word_dropout_is_part_of_the_run_identity_and_below_one(tiny_dataset, capsys):
+    flags = ["--pretrain_clip=ViT-Tiny-16", f"--dataset_path={tiny_dataset}"]
+    assert pretrain_parse_args([*flags, "--caption_word_dropout=0.1"]).identity["caption_word_dropout"] == 0.1
+    default = pretrain_parse_args(flags)  # identities made before the flag stay as they were
+    assert "caption_word_dropout" not in default.identity and default.caption_word_dropout == 0.0
+    with pytest.raises(SystemExit):
+        pretrain_parse_args([*flags, "--caption_word_dropout=1"])  # every word gone is no caption
+    assert "--caption_word_dropout: expected a rate in [0, 1)" in capsys.readouterr().err
+
+
 def test_training_crops_are_random_crops_of_the_centred_square_evaluation_sees():
     # A 4:3 photo: red bands at the sides, outside the centred square, and a gradient inside it.
     pixels = torch.zeros(60, 80, 3, dtype=torch.uint8)
@@ -411,9 +421,11 @@ def test_resumed_run_equals_an_uninterrupted_one(tiny_dataset, tmp_path, monkeyp
 
 
 def test_heads_first_run_holds_its_towers_and_resumes_to_the_uninterrupted_result(tiny_dataset, tmp_path, monkeypatch):
-    """--head_only_steps 2 with mirrored images: killed after step 3 (checkpoint at 2), resumed to step 5."""
+    """--head_only_steps 2 with mirrored images and dropped caption words: killed after step 3
+    (checkpoint at 2), resumed to step 5."""
     flags = ["--image_resolution=32", "--text_length=16", "--embed_dim=16", "--lock_text",
-             "--lock_text_unlocked_layers=1", "--head_only_steps=2", "--flip_images", "--num_workers=1"]
+             "--lock_text_unlocked_layers=1", "--head_only_steps=2", "--flip_images", "--caption_word_dropout=0.3",
+             "--num_workers=1"]
     uninterrupted = our_main([*flags, *common_flags(tiny_dataset, tmp_path, "whole", steps=5)])
     interrupted = [*flags, *common_flags(tiny_dataset, tmp_path, "killed", steps=5)]
     kill_after_step(our_main, interrupted, 3, monkeypatch)

@@ -16,6 +16,35 @@ Tokenizer = Callable[[list[str]], torch.Tensor]
 ImageTransform = Callable[[Image.Image], torch.Tensor]
 
 
+class WordDropout:
+    """A training tokenizer that first drops each word of a caption with probability `rate`.
+
+    Flickr-sized data shows each caption a handful of times per run, and the text tower learns
+    the captions word for word; a few missing words each time make it read for content instead.
+    At least one word stays. The draws come from torch's global generator, which a
+    `ResumableSampler` draw seeds (`seeded_randomness`), so a resumed run drops the same words.
+    Validation, evaluation and search tokenise with the plain tokenizer.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, rate: float):
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"word dropout rate must be in [0, 1), got {rate}")
+        self.tokenizer = tokenizer
+        self.rate = rate
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        return self.tokenizer([self.drop_words(caption) for caption in captions])
+
+    def drop_words(self, caption: str) -> str:
+        words = caption.split()
+        if len(words) < 2:
+            return caption
+        kept = torch.rand(len(words)) >= self.rate
+        if not kept.any():
+            kept[torch.randint(len(words), ())] = True
+        return " ".join(word for word, keep in zip(words, kept.tolist()) if keep)
+
+
 def _load_for_item(path: str, image_transform: ImageTransform) -> tuple[torch.Tensor | None, dict[str, int]]:
     """Load and transform one image with its own report, whose counts travel with the item."""
     item_report = DataReport()
@@ -50,20 +79,21 @@ class ImageCaptionDataset(Dataset):
         # A ResumableSampler draws (index, augmentation seed): the crop then depends on the draw alone.
         index, augment_seed = key if isinstance(key, tuple) else (key, None)
         image_path, caption = self.image_paths[index], self.captions[index]
-        image, item_counts = self._image(image_path, augment_seed)
-        if image is None:
-            return _skip_marker(image_path, item_counts)
+        with seeded_randomness(augment_seed):  # the crop and any word dropout: a function of the draw
+            image, item_counts = self._image(image_path, augment_seed)
+            if image is None:
+                return _skip_marker(image_path, item_counts)
+            tokens = self.tokenizer([caption])[0]
         return {
             "image": image,
-            "tokens": self.tokenizer([caption])[0],
+            "tokens": tokens,
             "caption": caption,
             "image_path": image_path,
             "report": item_counts,
         }
 
     def _image(self, image_path: str, augment_seed: int | None) -> tuple[torch.Tensor | None, dict[str, int]]:
-        with seeded_randomness(augment_seed):
-            return _load_for_item(image_path, self.image_transform)
+        return _load_for_item(image_path, self.image_transform)
 
 
 class CachedImageCaptionDataset(ImageCaptionDataset):

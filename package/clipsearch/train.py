@@ -26,6 +26,7 @@ from clipsearch.datasets import (
     CachedImageCaptionDataset,
     ImageCaptionDataset,
     ImageGroupDataset,
+    WordDropout,
     collate_groups,
     collate_pairs,
 )
@@ -190,7 +191,14 @@ def _cached_image_pairs(config: TrainConfig, bundle: ModelBundle, table) -> tupl
         identity["flip_images"] = True
     image_paths = list(dict.fromkeys(str(path) for path in table["image"]))
     cache = ImageFeatureCache(folder, image_paths, model_flags["cache_image_views"], identity)
-    return CachedImageCaptionDataset(table, cache, bundle.tokenizer), cache
+    return CachedImageCaptionDataset(table, cache, training_tokenizer(config, bundle)), cache
+
+
+def training_tokenizer(config: TrainConfig, bundle: ModelBundle):
+    """The bundle's tokenizer, dropping words first with --caption_word_dropout (training pairs only)."""
+    if config.caption_word_dropout:
+        return WordDropout(bundle.tokenizer, config.caption_word_dropout)
+    return bundle.tokenizer
 
 
 def _training_set(config: TrainConfig, bundle: ModelBundle, report: DataReport):
@@ -201,7 +209,8 @@ def _training_set(config: TrainConfig, bundle: ModelBundle, report: DataReport):
             raise UserError("--cache_image_views needs a table of training pairs, not webdataset shards")
         # A stream has no length: every rank and worker yields the same count so DDP steps stay in lockstep.
         samples = config.sample_num or config.max_steps * config.batch_size * config.accumulate_grad_batches
-        return make_webdataset(config.dataset_path, bundle.train_transform, bundle.tokenizer, epoch_samples=samples), None
+        return make_webdataset(config.dataset_path, bundle.train_transform, training_tokenizer(config, bundle),
+                               epoch_samples=samples), None
     table = read_table(config.dataset_path, config.train_split, report=report)
     if config.sample_num is not None:
         table = table.iloc[: config.sample_num]
@@ -210,7 +219,7 @@ def _training_set(config: TrainConfig, bundle: ModelBundle, report: DataReport):
                         f"fewer than one batch (--batch_size {config.batch_size})")
     if caching:
         return _cached_image_pairs(config, bundle, table)
-    return ImageCaptionDataset(table, bundle.train_transform, bundle.tokenizer), None
+    return ImageCaptionDataset(table, bundle.train_transform, training_tokenizer(config, bundle)), None
 
 
 def make_loaders(config: TrainConfig, bundle: ModelBundle):

@@ -49,6 +49,7 @@ class TrainConfig:
     verbose: bool
     head_only_steps: int = 0
     layer_decay: float = 1.0
+    caption_word_dropout: float = 0.0
     identity: dict = field(default_factory=dict)
 
     @property

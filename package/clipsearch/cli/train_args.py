@@ -14,6 +14,7 @@ from clipsearch.cli.common import (
     PRECISIONS,
     CommandParser,
     UserError,
+    drop_rate,
     non_negative_int,
     positive_float,
     positive_int,
@@ -57,6 +58,9 @@ def add_training_args(parser: argparse.ArgumentParser, pretrained_towers: bool =
     data.add_argument("--flip_images", action="store_true",
                       help="mirror half of the training images at random (and of the cached crops with "
                            "--cache_image_views); captions that name a side are then wrong on those")
+    data.add_argument("--caption_word_dropout", type=drop_rate, default=0.0,
+                      help="drop each word of a training caption with this probability (one word always "
+                           "stays), drawn anew each time the pair is read; validation reads whole captions")
     data.add_argument("--sample_num", type=positive_int, default=None, help="use only the first N training pairs (quick runs)")
 
     optim = parser.add_argument_group("optimisation")
@@ -244,6 +248,8 @@ def training_config(args: argparse.Namespace, model_group, variant: str,
         del identity["layer_decay"]
     if not identity["flip_images"]:
         del identity["flip_images"]
+    if not identity["caption_word_dropout"]:
+        del identity["caption_word_dropout"]
     run_name = settings.pop("run_name") or default_run_name(
         variant, settings["dataset_path"], batch_size, lr, max_steps, identity)
     return TrainConfig(variant=variant, model=model, tower_lr=tower_lr, head_only_steps=head_only_steps,

@@ -152,10 +152,20 @@ def test_clicking_a_result_searches_for_similar_images(page, base_url):
 
 def test_uploaded_image_finds_itself_first(page, base_url, colour_images):
     _, image_paths = colour_images
+    # /api/health is held back, as a busy server may: an image chosen before it answers must still
+    # get the URL's top_k, and the page's own first search, made once it answers, must not replace it.
+    held_health = []
+    page.route("**/api/health", lambda route: held_health.append(route))
     page.goto(base_url + "/?top_k=4")
     page.set_input_files("#image-input", str(image_paths[9]))
     wait_for_first_result(page, 9)
     wait_for_loaded_results(page, 4)
+    assert held_health, "the page never asked /api/health"
+    for route in held_health:
+        route.continue_()
+    page.wait_for_function("() => document.getElementById('collection-info').textContent.includes('12 images')")
+    assert wait_for_loaded_results(page, 4)[0] == 9
+    assert page.input_value("#top-k") == "4"
     assert page.locator("#query-preview").is_visible()
 
 

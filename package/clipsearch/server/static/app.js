@@ -25,6 +25,8 @@ const elements = {
 // Only the newest search may paint the grid; older responses arriving late are dropped.
 let inFlight = null;
 let previewUrl = null;
+// The URL's own search waits for /api/health; one the user starts meanwhile must not be replaced by it.
+let searchesStarted = 0;
 
 function clampTopK(value) {
   const number = Number.parseInt(value, 10);
@@ -147,10 +149,15 @@ function requestFor(search) {
   return [`/api/search/image?top_k=${topK}`, { method: "POST", body: form }];
 }
 
-async function runSearch(search, { push }) {
+function showInForm(search) {
   elements.topK.value = String(search.topK);
   if (search.kind === "text") elements.query.value = search.text;
   if (search.kind !== "image") elements.imageInput.value = "";
+}
+
+async function runSearch(search, { push }) {
+  searchesStarted += 1;
+  showInForm(search);
   if (search.kind === "none") return;
 
   // An uploaded image cannot live in a URL, so an image search keeps only top_k there.
@@ -266,5 +273,11 @@ window.addEventListener("popstate", () => {
   runSearch(search, { push: false });
 });
 
-// The first search waits for the server's limits, so a URL without top_k gets the server's default.
-loadCollectionInfo().finally(() => runSearch(searchFromUrl(), { push: false }));
+// The form shows the URL's search at once, so an image dropped before /api/health answers gets the
+// URL's top_k. The search itself waits for the server's limits, so a URL without top_k gets the
+// server's default, unless the user has started a search of their own by then.
+showInForm(searchFromUrl());
+const searchesBeforeHealth = searchesStarted;
+loadCollectionInfo().finally(() => {
+  if (searchesStarted === searchesBeforeHealth) runSearch(searchFromUrl(), { push: false });
+});

@@ -131,6 +131,32 @@ def test_overfitting_one_batch_drives_loss_far_below_chance(tiny_dataset):
     assert loss.item() < 0.5 * math.log(16)  # chance is log(16)
 
 
+
+def test_a_large_batch_trains_its_image_tower_in_cpu_slices_with_the_same_gradients(monkeypatch):
+    import clipsearch.lightning_module as lightning_module
+
+    torch.manual_seed(0)
+    bundle = build_from_spec(openai_clip_spec("ViT-Tiny-16", image_size=32))  # LayerNorm: each image alone
+    module = CLIPModule(bundle.model, bundle.spec).train()
+    images, tokens = torch.randn(10, 3, 32, 32), bundle.tokenizer(["a red circle"] * 10)
+
+    def features_and_gradients():
+        module.zero_grad(set_to_none=True)
+        image_features, _ = module(images, tokens)
+        image_features.square().sum().backward()
+        return image_features.detach(), [p.grad.clone() for p in bundle.model.visual.parameters()]
+
+    whole_features, whole_gradients = features_and_gradients()
+    calls = []
+    encode_image = bundle.model.encode_image
+    monkeypatch.setattr(bundle.model, "encode_image", lambda batch: calls.append(len(batch)) or encode_image(batch))
+    monkeypatch.setattr(lightning_module, "CPU_TRAIN_IMAGE_SLICE", 4)
+    sliced_features, sliced_gradients = features_and_gradients()
+    assert calls == [4, 4, 2]
+    torch.testing.assert_close(sliced_features, whole_features, atol=1e-5, rtol=1e-4)
+    for sliced, whole in zip(sliced_gradients, whole_gradients, strict=True):
+        torch.testing.assert_close(sliced, whole, atol=1e-5, rtol=1e-4)
+
 def _distributed_loss_worker(rank: int, world_size: int, port: int, loss_name: str, images, texts, scale, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)

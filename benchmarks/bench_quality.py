@@ -96,6 +96,19 @@ def charged_curves(models_dir: Path, logs_dir: Path, run_name: str, cache_from: 
             for name, points in curves.items()}, borrowed
 
 
+def baseline_curves(models_dir: Path, logs_dir: Path, run_name: str, cache_from: str | None) -> dict:
+    """The baseline run's charged curves from its logs, or, where they are gone (another machine), from
+    the quality.json this report last wrote if that recorded the run."""
+    if (logs_dir / run_name).is_dir():
+        return charged_curves(models_dir, logs_dir, run_name, cache_from)[0]
+    recorded_file = common.RESULTS_DIR / "quality.json"
+    recorded = json.loads(recorded_file.read_text()) if recorded_file.is_file() else {}
+    if recorded.get("run_name") != run_name:
+        raise SystemExit(f"--baseline_run {run_name}: no TensorBoard logs in {logs_dir / run_name}, "
+                         f"and {recorded_file} records {recorded.get('run_name')!r}, not this run")
+    return recorded["curves"]
+
+
 def plot(tower: str, curves: dict, path: Path, baseline: tuple[str, dict] | None = None, peer: dict | None = None) -> None:
     """Recall against minutes; an earlier run's curves dashed, open_clip's final scores as stars."""
     import matplotlib
@@ -166,8 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     plot_path.parent.mkdir(parents=True, exist_ok=True)
     baseline = None
     if args.baseline_run:
-        baseline = (args.baseline_run,
-                    charged_curves(models_dir, logs_dir, args.baseline_run, args.baseline_image_cache_from)[0])
+        baseline = (args.baseline_run, baseline_curves(models_dir, logs_dir, args.baseline_run, args.baseline_image_cache_from))
     peer_file = common.RESULTS_DIR / "quality_open_clip.json"
     peer = json.loads(peer_file.read_text()) if peer_file.is_file() else None
     plot(image_tower_name(params), curves, plot_path, baseline, peer)

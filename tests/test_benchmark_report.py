@@ -126,3 +126,18 @@ def test_the_open_clip_peer_extends_only_runs_made_under_the_same_settings(tmp_p
     section = peer.report_markdown(results)
     assert "Then, at its calibration: `python benchmarks/bench_quality_open_clip.py --lrs 3e-4 --extend`" in section
     assert "lr 0.0003 later, 2 / 1" in section and "| open_clip_train.main, lr 0.0003 |" in section
+
+
+def test_the_quality_baseline_comes_from_its_logs_or_else_from_the_last_report(tmp_path, monkeypatch):
+    """A fresh machine has no logs of the run the last report was made from; its recorded curves stand in."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import bench_quality
+    import common
+    import pytest
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    curves = {"text_to_image_R@1": [[21.6, 274, 19.7], [59.5, 1099, 29.0]]}
+    (tmp_path / "quality.json").write_text(json.dumps({"run_name": "earlier", "curves": curves}))
+    assert bench_quality.baseline_curves(tmp_path / "models", tmp_path / "logs", "earlier", None) == curves
+    with pytest.raises(SystemExit, match="records 'earlier', not this run"):
+        bench_quality.baseline_curves(tmp_path / "models", tmp_path / "logs", "other", None)

@@ -1,6 +1,6 @@
-"""Image towers on a CPU: a few images per call against the whole batch, and caching with or without a decoder.
+"""Image towers on a CPU: a few images per call against the whole batch, caching with or without a decoder, training in slices.
 
-    .venv/bin/python benchmarks/bench_cpu_chunks.py --image_dir ../shared/data/flickr8k/Flicker8k_Dataset   # ~4 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_cpu_chunks.py --image_dir ../shared/data/flickr8k/Flicker8k_Dataset   # ~5 minutes on 2 cores
 
 Part 1, the towers: `embed_images`, which every image encoding goes through (validation,
 `4_evaluate.sh`, `2_inference_encode.sh`, image queries) and which on a CPU calls the tower on
@@ -12,6 +12,9 @@ OpenAI's ViT-B/32 and RN50 (random weights: speed does not depend on them).
 Part 2, the image cache of `--cache_image_views`: the locked stages of EfficientNet-Lite2 with 4
 trained groups, 3 mirrored crops of each photo, built the way the trainer builds it (in one process
 on a CPU) against one decoding worker process beside it (what `--num_workers 1` gave before).
+Part 3, training: the trained stages of that Lite2 tower (from cached inputs, with stochastic
+depth 0.2 as the Flickr8k recipe trains them), forward and backward over a batch of 256 in slices of
+`CPU_TRAIN_IMAGE_SLICE` (what training does on a CPU) against one call over the whole batch.
 With --report, results go to benchmarks/results/cpu_chunks.json and BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -41,18 +44,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache_images", type=int, default=300, help="photos cached in each way")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per contender")
+    parser.add_argument("--train_batch_size", type=int, default=256, help="images per training step in part 3")
     common.add_report_flags(parser)
     return parser.parse_args(argv)
 
 
-def build_model(kind: str, name: str, size: int):
+def build_model(kind: str, name: str, size: int, **options):
     from clipsearch.models import build_from_spec
     from clipsearch.models.openai_clip import openai_clip_spec
     from clipsearch.models.pretrained_towers import pretrained_towers_spec
 
     if kind == "openai":
         return build_from_spec(openai_clip_spec(name, image_size=size))
-    return build_from_spec(pretrained_towers_spec(image_model=name, image_size=size)[0])
+    return build_from_spec(pretrained_towers_spec(image_model=name, image_size=size, **options)[0])
 
 
 def tower_speeds(args) -> dict:
@@ -104,27 +108,55 @@ def cache_speeds(args) -> dict:
     return results
 
 
+def training_speeds(args) -> dict:
+    import torch
+
+    from clipsearch.models.bundle import CPU_TRAIN_IMAGE_SLICE, in_cpu_chunks
+
+    model = build_model("pretrained_towers", "tf_efficientnet_lite2", args.size, image_drop_path=0.2).model
+    model.lock_image_tower(unlocked_groups=4)
+    split = model.image_cache_split(args.size)
+    model.train()
+    with torch.no_grad():
+        cached = in_cpu_chunks(split.prefix, torch.randn(args.train_batch_size, 3, args.size, args.size))
+
+    def step(slice_size: int):
+        model.zero_grad(set_to_none=True)
+        in_cpu_chunks(model.encode_cached_image, cached, slice_size).square().mean().backward()
+
+    times = common.interleaved_ms({"sliced": lambda: step(CPU_TRAIN_IMAGE_SLICE),
+                                   "whole": lambda: step(args.train_batch_size)}, repeats=args.repeats, warmup=1)
+    results = {way: round(common.median(ms) / args.train_batch_size, 2) for way, ms in times.items()}
+    print("training", results, flush=True)
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     sys.path.insert(0, str(REPO / "package"))
     import torch
 
     torch.set_num_threads(args.threads)
-    from clipsearch.models.bundle import CPU_IMAGE_CHUNK
+    from clipsearch.models.bundle import CPU_IMAGE_CHUNK, CPU_TRAIN_IMAGE_SLICE
 
     results = {**common.run_header(),
                "settings": {"batch_size": args.batch_size, "size": args.size, "chunk": CPU_IMAGE_CHUNK,
-                            "threads": args.threads, "repeats": args.repeats, "cache_images": args.cache_images}}
+                            "threads": args.threads, "repeats": args.repeats, "cache_images": args.cache_images,
+                            "train_batch_size": args.train_batch_size, "train_slice": CPU_TRAIN_IMAGE_SLICE}}
     results["ms_per_image"] = tower_speeds(args)
     results["cache_ms_per_photo"] = cache_speeds(args)
+    results["training_ms_per_image"] = training_speeds(args)
     results["load_average_end"] = common.load_average()
     results["command"] = common.command_line("bench_cpu_chunks.py", argv)
     speedups = {label: times["whole"] / times["chunked"] for label, times in results["ms_per_image"].items()}
     cache = list(results["cache_ms_per_photo"].values())
+    training = results["training_ms_per_image"]
     results["findings"] = [
         f"- A few images per call are {min(speedups.values()):.2f}x to {max(speedups.values()):.2f}x faster per "
         f"image than the whole batch of {args.batch_size}, for every tower.",
         f"- The cache is {cache[1] / cache[0]:.2f}x faster built in one process than with a decoder beside it.",
+        f"- Training the trained stages in slices of {CPU_TRAIN_IMAGE_SLICE} is "
+        f"{training['whole'] / training['sliced']:.2f}x faster per image than one call over {args.train_batch_size}.",
     ]
     common.publish("cpu_chunks", results, report_markdown(results), args.report)
     return results
@@ -135,6 +167,7 @@ def report_markdown(results: dict) -> str:
     tower_rows = [[label, f"{t['whole']:.1f}", f"{t['chunked']:.1f}", f"{t['whole'] / t['chunked']:.2f}"]
                   for label, t in results["ms_per_image"].items()]
     cache_rows = [[label, f"{ms:.1f}"] for label, ms in results["cache_ms_per_photo"].items()]
+    training = results["training_ms_per_image"]
     body = [
         "",
         f"Milliseconds per {settings['size']} px image in eval mode, median of {settings['repeats']} calls on a batch of "
@@ -148,6 +181,14 @@ def report_markdown(results: dict) -> str:
         f"{settings['cache_images']} Flickr8k photos), milliseconds per photo:",
         "",
         *common.markdown_table(["how", "ms per photo"], cache_rows, "lr"),
+        "",
+        f"Training those trained stages (stochastic depth 0.2) from cached inputs, forward and backward over a batch of "
+        f"{settings['train_batch_size']}, milliseconds per image, median of {settings['repeats']} steps interleaved:",
+        "",
+        *common.markdown_table(["how", "ms per image"], [
+            [f"one call over {settings['train_batch_size']}", f"{training['whole']:.1f}"],
+            [f"slices of {settings['train_slice']} (training on a CPU)", f"{training['sliced']:.1f}"],
+        ], "lr"),
     ]
     return common.report_section("Image towers on a CPU: a few images per call", results, body)
 

@@ -74,8 +74,10 @@ def embed_images(model: nn.Module, images: torch.Tensor, mirror_average: bool = 
 
 def in_cpu_chunks(function: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
                   chunk: int = CPU_IMAGE_CHUNK) -> torch.Tensor:
-    """`function(images)` for a function of each image alone (an image tower in eval mode): on a CPU
-    over `chunk` images at a time, which is faster and gives the same rows; elsewhere whole."""
+    """`function(images)` on a CPU over `chunk` images at a time, which is faster; elsewhere whole.
+
+    For a function of each image alone (an image tower in eval mode) the rows are the same. A tower
+    training its BatchNorm (CLIPModule.forward) gets each slice's own statistics instead."""
     if images.device.type != "cpu" or images.shape[0] <= chunk:
         return function(images)
     return torch.cat([function(part) for part in images.split(chunk)])

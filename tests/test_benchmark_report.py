@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -133,7 +135,6 @@ def test_the_quality_baseline_comes_from_its_logs_or_else_from_the_last_report(t
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import bench_quality
     import common
-    import pytest
 
     monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
     curves = {"text_to_image_R@1": [[21.6, 274, 19.7], [59.5, 1099, 29.0]]}

@@ -349,7 +349,7 @@ def test_group_dataset_groups_captions_by_image(tmp_path):
     (tmp_path / "dev.tsv").write_text("image\tcaption\nb.png\tb1\na.png\ta1\nb.png\tb2\na.png\ta2\nb.png\tb3\n")
     dataset = ImageGroupDataset(read_table(tmp_path, "dev"), image_transform, fake_tokenizer)
     assert dataset.image_paths == [str(tmp_path / "b.png"), str(tmp_path / "a.png")]
-    assert dataset.captions_per_image == [["b1", "b2", "b3"], ["a1", "a2"]]
+    assert dataset.captions == [["b1", "b2", "b3"], ["a1", "a2"]]
     item = dataset[0]
     assert item["tokens"].shape == (3, TOKEN_LENGTH) and item["tokens"].dtype == torch.long
     assert item["image"].shape == (3, 8, 8)
@@ -364,6 +364,32 @@ def test_pair_dataset_item_and_skip_marker(mixed_folder):
     assert torch.equal(item["tokens"], fake_tokenizer(["first caption of good0"])[0])
     assert item["caption"] == "first caption of good0"
     assert dataset[4]["skipped"] == "missing file"
+
+
+def test_several_captions_per_image_are_drawn_by_the_draw_and_collated_with_their_image(tmp_path):
+    for name in ("a", "b", "c"):
+        save_rgb(tmp_path / f"{name}.png")
+    rows = [("a.png", f"a{i}") for i in range(5)] + [("b.png", "b0")] + [("c.png", f"c{i}") for i in range(3)]
+    (tmp_path / "train.tsv").write_text("image\tcaption\n" + "".join(f"{image}\t{caption}\n" for image, caption in rows))
+    table = read_table(tmp_path, "train")
+    dataset = ImageCaptionDataset(table, image_transform, fake_tokenizer, captions_per_image=3)
+    assert len(dataset) == 3  # one item per image, not per row
+    item = dataset[0, 1234]
+    assert item["tokens"].shape == (3, TOKEN_LENGTH) and len(set(item["captions"])) == 3
+    assert set(item["captions"]) <= {f"a{i}" for i in range(5)}
+    assert torch.equal(item["tokens"], fake_tokenizer(item["captions"]))
+    torch.rand(100)  # the captions are a function of the draw, as the crop is: a resumed run reads the same
+    assert dataset[0, 1234]["captions"] == item["captions"]
+    assert len({tuple(dataset[0, seed]["captions"]) for seed in range(30)}) > 5  # over draws, all of them
+    assert dataset[1, 7]["captions"] == ["b0"]  # fewer than asked for: all it has
+    batch = collate_pairs([dataset[index, 7] for index in range(3)])
+    assert batch["images"].shape[0] == 3 and batch["tokens"].shape == (7, TOKEN_LENGTH)
+    assert batch["caption_images"].tolist() == [0, 0, 0, 1, 2, 2, 2]
+    assert batch["captions"][3] == "b0"
+    pairs = collate_pairs([ImageCaptionDataset(table, image_transform, fake_tokenizer)[index] for index in range(3)])
+    assert pairs["caption_images"].tolist() == [0, 1, 2] and pairs["tokens"].shape == (3, TOKEN_LENGTH)
+    with pytest.raises(ValueError, match="at least 1"):
+        ImageCaptionDataset(table, image_transform, fake_tokenizer, captions_per_image=0)
 
 
 def test_word_dropout_drops_words_keeps_one_and_repeats_for_the_same_draw(mixed_folder):
@@ -435,7 +461,7 @@ def test_collate_groups_through_dataloader_with_two_workers(mixed_folder):
     assert image_ids == good_ids
     assert caption_image_ids == [image_id for image_id in good_ids for _ in range(2)]
     for image_id, caption in zip(caption_image_ids, captions):
-        assert caption in dataset.captions_per_image[image_id]
+        assert caption in dataset.captions[image_id]
     assert report.as_dict() == dict(Counter(bad.values()))
 
 

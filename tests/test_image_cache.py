@@ -158,7 +158,8 @@ def test_a_cache_is_reused_across_text_side_changes_and_rebuilt_for_image_side_o
         without_checkpoints(our_main(flags(run_name, *extra)))
         return matrix.stat().st_mtime_ns == stamp
 
-    assert run_on_a_copy("text-side", "--embed_dim=16", "--lock_text", "--mirror_average")
+    # Drawing several captions per image reads the same cached crops.
+    assert run_on_a_copy("text-side", "--embed_dim=16", "--lock_text", "--mirror_average", "--captions_per_image=2")
     # Stochastic depth acts in the trained stages only, after the cached ones.
     assert run_on_a_copy("stochastic-depth", "--image_drop_path=0.2")
     assert not run_on_a_copy("image-side", "--lock_image_unlocked_groups=2")

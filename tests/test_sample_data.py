@@ -75,7 +75,7 @@ def test_tables_load_with_several_captions_per_image(sample_root):
         table = read_table(sample_root, split)
         dataset = ImageGroupDataset(table, image_transform=lambda image: image, tokenizer=lambda texts: texts)
         assert len(dataset.image_paths) == count
-        assert all(2 <= len(captions) <= 3 for captions in dataset.captions_per_image)
+        assert all(2 <= len(captions) <= 3 for captions in dataset.captions)
         image = load_image(dataset.image_paths[0])
         assert image.mode == "RGB" and image.size == (SMALL["image_size"], SMALL["image_size"])
 

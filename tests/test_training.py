@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
@@ -218,6 +219,46 @@ def test_sigmoid_loss_is_each_pair_a_binary_question():
     assert tuple(LOSSES) == LOSS_NAMES  # the flag's choices, named without importing torch
 
 
+def test_every_caption_of_an_image_is_its_positive_in_both_losses():
+    torch.manual_seed(0)
+    images, texts, scale = torch.randn(3, 8), torch.randn(7, 8), 3.0
+    owners = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    similarity = scale * F.normalize(images, dim=-1) @ F.normalize(texts, dim=-1).T
+    sigmoid = LOSSES["sigmoid"]()
+    logits = similarity + sigmoid.logit_bias.item()
+    expected = sum(-math.log(torch.sigmoid(logits[i, j] if owners[j] == i else -logits[i, j]).item())
+                   for i in range(3) for j in range(7)) / 3
+    log_scale = torch.tensor(math.log(scale))
+    assert sigmoid(images, texts, log_scale, caption_images=owners).item() == pytest.approx(expected, rel=1e-5)
+    # Softmax: an image's target spreads evenly over its captions; a caption's is its one image.
+    per_image, per_text = similarity.log_softmax(dim=1), similarity.T.log_softmax(dim=1)
+    image_term = -sum(per_image[i, owners == i].mean() for i in range(3)) / 3
+    text_term = -per_text[torch.arange(7), owners].mean()
+    assert (ContrastiveLoss()(images, texts, log_scale, caption_images=owners).item()
+            == pytest.approx(((image_term + text_term) / 2).item(), rel=1e-5))
+    for loss in (ContrastiveLoss(), sigmoid):  # one caption each: the pairs' diagonal
+        assert (loss(images, texts[:3], log_scale, caption_images=torch.arange(3)).item()
+                == pytest.approx(loss(images, texts[:3], log_scale).item(), rel=1e-6))
+
+
+@pytest.mark.parametrize("loss_name", ["contrastive", "sigmoid"])
+def test_several_captions_per_image_split_over_ranks_score_as_one_batch(loss_name):
+    """Each rank's captions follow its images in the gathered batch; a rank's positives are its own."""
+    torch.manual_seed(0)
+    images, texts, log_scale = torch.randn(5, 8), torch.randn(10, 8), torch.tensor(1.0)
+    owners = torch.tensor([0, 1, 1, 1, 2, 2, 3, 3, 3, 4])  # rank 0: images 0-2, rank 1: images 3-4
+    whole = LOSSES[loss_name]()(images, texts, log_scale, caption_images=owners).item()
+    total = 0.0
+    for image_rows, text_rows in ((slice(0, 3), slice(0, 6)), (slice(3, 5), slice(6, 10))):
+        gathered = {3 if image_rows.start == 0 else 2: (F.normalize(images, dim=-1), image_rows.start),
+                    6 if text_rows.start == 0 else 4: (F.normalize(texts, dim=-1), text_rows.start)}
+        loss = LOSSES[loss_name]()
+        loss.distribute(2, lambda features, gathered=gathered: gathered[features.shape[0]])
+        local = loss(images[image_rows], texts[text_rows], log_scale, caption_images=owners[text_rows] - image_rows.start)
+        total += local.item() * (image_rows.stop - image_rows.start)  # each rank averages over its own images
+    assert total / 5 == pytest.approx(whole, rel=1e-5)
+
+
 def test_sigmoid_loss_trains_its_bias_at_lr_in_its_own_run(tiny_dataset, tmp_path):
     flags = ["--pretrain_clip=ViT-Tiny-16", "--image_resolution=32", "--num_workers=0"]
     result = pretrain_main([*flags, *common_flags(tiny_dataset, tmp_path, "sigmoid", steps=3), "--val_check_interval=3",
@@ -250,7 +291,7 @@ def test_flip_images_mirrors_half_of_the_images_and_is_part_of_the_run_identity(
     assert "flip_images" not in default.identity and not default.flip_images
 
 
-def test_caption_word_dropout_is_part_of_the_run_identity_and_below_one(tiny_dataset, capsys):
+def test_caption_flags_are_part_of_the_run_identity_and_checked(tiny_dataset, capsys):
     flags = ["--pretrain_clip=ViT-Tiny-16", f"--dataset_path={tiny_dataset}"]
     assert pretrain_parse_args([*flags, "--caption_word_dropout=0.1"]).identity["caption_word_dropout"] == 0.1
     default = pretrain_parse_args(flags)  # identities made before the flag stay as they were
@@ -258,6 +299,8 @@ def test_caption_word_dropout_is_part_of_the_run_identity_and_below_one(tiny_dat
     with pytest.raises(SystemExit):
         pretrain_parse_args([*flags, "--caption_word_dropout=1"])  # every word gone is no caption
     assert "--caption_word_dropout: expected a rate in [0, 1)" in capsys.readouterr().err
+    assert pretrain_parse_args([*flags, "--captions_per_image=5"]).identity["captions_per_image"] == 5
+    assert "captions_per_image" not in default.identity and default.captions_per_image == 1
 
 
 def test_training_crops_are_random_crops_of_the_centred_square_evaluation_sees():
@@ -365,6 +408,10 @@ def test_training_reads_webdataset_shards(tiny_dataset, tmp_path):
                             *common_flags(tiny_dataset, tmp_path, "shards", steps=2), f"--dataset_path={shards}"])
     assert result.global_step == 2
     assert "val/text_to_image_R@1" in result.metrics
+    with pytest.raises(UserError, match="one caption per sample"):  # no table to group captions by image
+        pretrain_main(["--pretrain_clip=ViT-Tiny-16", "--image_resolution=32", f"--val_path={tiny_dataset}",
+                       *common_flags(tiny_dataset, tmp_path, "shards-grouped", steps=2), f"--dataset_path={shards}",
+                       "--captions_per_image=2"])
 
 
 def _record_initial_weights_and_batches(monkeypatch, build_name):
@@ -447,11 +494,11 @@ def test_resumed_run_equals_an_uninterrupted_one(tiny_dataset, tmp_path, monkeyp
 
 
 def test_heads_first_run_holds_its_towers_and_resumes_to_the_uninterrupted_result(tiny_dataset, tmp_path, monkeypatch):
-    """--head_only_steps 2 with mirrored images and dropped caption words: killed after step 3
-    (checkpoint at 2), resumed to step 5."""
+    """--head_only_steps 2 with mirrored images, two drawn captions per image and dropped caption
+    words: killed after step 3 (checkpoint at 2), resumed to step 5."""
     flags = ["--image_resolution=32", "--text_length=16", "--embed_dim=16", "--lock_text",
              "--lock_text_unlocked_layers=1", "--head_only_steps=2", "--flip_images", "--caption_word_dropout=0.3",
-             "--num_workers=1"]
+             "--captions_per_image=2", "--num_workers=1"]
     uninterrupted = our_main([*flags, *common_flags(tiny_dataset, tmp_path, "whole", steps=5)])
     interrupted = [*flags, *common_flags(tiny_dataset, tmp_path, "killed", steps=5)]
     kill_after_step(our_main, interrupted, 3, monkeypatch)

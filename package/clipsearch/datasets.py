@@ -61,16 +61,37 @@ def _skip_marker(path: str, item_counts: dict[str, int]) -> dict:
     return {"skipped": reasons[0] if reasons else "unknown", "image_path": path}
 
 
-class ImageCaptionDataset(Dataset):
-    """One training pair per table row; a bad image gives a skip marker instead of raising.
+def captions_by_image(table: pd.DataFrame) -> dict[str, list[str]]:
+    """Each image path of a table with its captions, both in table order."""
+    grouped: dict[str, list[str]] = {}
+    for image_path, caption in zip(table["image"], table["caption"]):
+        grouped.setdefault(str(image_path), []).append(str(caption))
+    return grouped
 
-    Items are {"image", "tokens", "caption", "image_path", "report"}, where "report" holds the
-    item's conversion counts; a skip marker is {"skipped": reason, "image_path"}.
+
+class ImageCaptionDataset(Dataset):
+    """Training items from a table; a bad image gives a skip marker instead of raising.
+
+    With `captions_per_image` 1, one pair per table row: {"image", "tokens" [L], "caption",
+    "image_path", "report"}. Above 1, one item per image, carrying up to that many of its captions,
+    drawn anew each time: {"image", "tokens" [k, L], "captions", ...}. One image forward then
+    serves k captions (on Flickr a text forward costs about what the trained image stages do), and
+    the loss counts every caption of an image as its positive, where pairs drawn by row put two
+    captions of one photo in a batch as each other's negatives. "report" holds the item's
+    conversion counts; a skip marker is {"skipped": reason, "image_path"}.
     """
 
-    def __init__(self, table: pd.DataFrame, image_transform: ImageTransform, tokenizer: Tokenizer):
-        self.image_paths = [str(path) for path in table["image"]]
-        self.captions = [str(caption) for caption in table["caption"]]
+    def __init__(self, table: pd.DataFrame, image_transform: ImageTransform, tokenizer: Tokenizer,
+                 captions_per_image: int = 1):
+        if captions_per_image < 1:
+            raise ValueError(f"captions_per_image must be at least 1, got {captions_per_image}")
+        if captions_per_image == 1:
+            self.image_paths = [str(path) for path in table["image"]]
+            self.captions = [[str(caption)] for caption in table["caption"]]
+        else:
+            grouped = captions_by_image(table)
+            self.image_paths, self.captions = list(grouped), list(grouped.values())
+        self.captions_per_image = captions_per_image
         self.image_transform = image_transform
         self.tokenizer = tokenizer
 
@@ -80,19 +101,20 @@ class ImageCaptionDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         # A ResumableSampler draws (index, augmentation seed): the crop then depends on the draw alone.
         index, augment_seed = key if isinstance(key, tuple) else (key, None)
-        image_path, caption = self.image_paths[index], self.captions[index]
-        with seeded_randomness(augment_seed):  # the crop and any word dropout: a function of the draw
+        image_path, captions = self.image_paths[index], self.captions[index]
+        # The crop, the captions drawn and any word dropout: a function of the draw.
+        with seeded_randomness(augment_seed):
             image, item_counts = self._image(image_path, augment_seed)
             if image is None:
                 return _skip_marker(image_path, item_counts)
-            tokens = self.tokenizer([caption])[0]
-        return {
-            "image": image,
-            "tokens": tokens,
-            "caption": caption,
-            "image_path": image_path,
-            "report": item_counts,
-        }
+            if self.captions_per_image == 1:
+                return {"image": image, "tokens": self.tokenizer(captions)[0], "caption": captions[0],
+                        "image_path": image_path, "report": item_counts}
+            if len(captions) > self.captions_per_image:
+                drawn = torch.randperm(len(captions))[: self.captions_per_image].sort().values.tolist()
+                captions = [captions[position] for position in drawn]
+            return {"image": image, "tokens": self.tokenizer(captions), "captions": captions,
+                    "image_path": image_path, "report": item_counts}
 
     def _image(self, image_path: str, augment_seed: int | None) -> tuple[torch.Tensor | None, dict[str, int]]:
         return _load_for_item(image_path, self.image_transform)
@@ -105,8 +127,8 @@ class CachedImageCaptionDataset(ImageCaptionDataset):
     the uninterrupted one read.
     """
 
-    def __init__(self, table: pd.DataFrame, cache, tokenizer: Tokenizer):
-        super().__init__(table, image_transform=None, tokenizer=tokenizer)
+    def __init__(self, table: pd.DataFrame, cache, tokenizer: Tokenizer, captions_per_image: int = 1):
+        super().__init__(table, image_transform=None, tokenizer=tokenizer, captions_per_image=captions_per_image)
         self.cache = cache
 
     def _image(self, image_path: str, augment_seed: int | None) -> tuple[torch.Tensor | None, dict[str, int]]:
@@ -122,11 +144,9 @@ class ImageGroupDataset(Dataset):
     """
 
     def __init__(self, table: pd.DataFrame, image_transform: ImageTransform, tokenizer: Tokenizer):
-        captions_by_image: dict[str, list[str]] = {}
-        for image_path, caption in zip(table["image"], table["caption"]):
-            captions_by_image.setdefault(str(image_path), []).append(str(caption))
-        self.image_paths = list(captions_by_image)
-        self.captions_per_image = list(captions_by_image.values())
+        grouped = captions_by_image(table)
+        self.image_paths = list(grouped)
+        self.captions = list(grouped.values())
         self.image_transform = image_transform
         self.tokenizer = tokenizer
 
@@ -134,7 +154,7 @@ class ImageGroupDataset(Dataset):
         return len(self.image_paths)
 
     def __getitem__(self, index: int) -> dict:
-        image_path, captions = self.image_paths[index], self.captions_per_image[index]
+        image_path, captions = self.image_paths[index], self.captions[index]
         image, item_counts = _load_for_item(image_path, self.image_transform)
         if image is None:
             return _skip_marker(image_path, item_counts)
@@ -162,11 +182,12 @@ def _batch_counts(items: Iterable[dict]) -> tuple[dict[str, int], dict[str, int]
 
 
 def collate_pairs(items: list[dict]) -> dict:
-    """Stack training pairs, dropping skip markers.
+    """Stack training items (pairs, or images with several captions), dropping skip markers.
 
-    Returns images [B,3,H,W], tokens [B,L], captions, image_paths, and the batch's `skipped`
-    and `conversions` counts as plain dicts. When every item was skipped, images and tokens are
-    empty tensors of shape [0]: check `len(batch["image_paths"]) == 0`.
+    Returns images [B,3,H,W], tokens [T,L] (T = B for pairs), captions [T], caption_images [T]
+    (each caption's image row), image_paths [B], and the batch's `skipped` and `conversions`
+    counts as plain dicts. When every item was skipped, images and tokens are empty tensors of
+    shape [0]: check `len(batch["image_paths"]) == 0`.
     """
     skipped, conversions, kept = _batch_counts(items)
     if not kept:
@@ -174,14 +195,18 @@ def collate_pairs(items: list[dict]) -> dict:
             "images": torch.empty(0),
             "tokens": torch.empty(0, dtype=torch.long),
             "captions": [],
+            "caption_images": torch.empty(0, dtype=torch.long),
             "image_paths": [],
             "skipped": skipped,
             "conversions": conversions,
         }
+    captions = [item["captions"] if "captions" in item else [item["caption"]] for item in kept]
+    tokens = [torch.as_tensor(item["tokens"]) for item in kept]
     return {
         "images": torch.stack([item["image"] for item in kept]),
-        "tokens": torch.stack([torch.as_tensor(item["tokens"]) for item in kept]),
-        "captions": [item["caption"] for item in kept],
+        "tokens": torch.cat([rows if rows.ndim == 2 else rows[None] for rows in tokens]),
+        "captions": [caption for image_captions in captions for caption in image_captions],
+        "caption_images": torch.arange(len(kept)).repeat_interleave(torch.tensor([len(c) for c in captions])),
         "image_paths": [item["image_path"] for item in kept],
         "skipped": skipped,
         "conversions": conversions,

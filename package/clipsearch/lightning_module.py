@@ -114,7 +114,8 @@ class CLIPModule(L.LightningModule):
         if len(batch["image_paths"]) < 2 and self.trainer.world_size == 1:
             return None  # every image of the batch was bad: nothing to contrast, skip the step
         image_features, text_features = self(batch["images"], batch["tokens"])
-        loss = self.loss_fn(image_features, text_features, self.model.logit_scale)
+        loss = self.loss_fn(image_features, text_features, self.model.logit_scale,
+                            caption_images=batch.get("caption_images"))
         batch_size = len(batch["image_paths"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         # The loss clamps the scale it applies at MAX_LOGIT_SCALE (OpenAI's 100); this is that value.

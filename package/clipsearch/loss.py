@@ -44,20 +44,45 @@ class _GlobalBatchLoss(nn.Module):
         return features, 0
 
 
+def positive_columns(caption_images: torch.Tensor | None, images: int, captions: int, all_captions: int,
+                     caption_offset: int, device: torch.device) -> torch.Tensor:
+    """[images, all_captions] booleans: which of the global batch's captions belong to each local image.
+
+    `caption_images` [captions] is each local caption's local image row (None: pairs, caption i of
+    image i). A caption always travels with its image, so an image's positives are among its own
+    rank's captions, which start at `caption_offset` of the gathered ones.
+    """
+    caption_images = torch.arange(images, device=device) if caption_images is None else caption_images.to(device)
+    positives = torch.zeros(images, all_captions, dtype=torch.bool, device=device)
+    local = torch.arange(images, device=device)[:, None] == caption_images[None, :]
+    positives[:, caption_offset : caption_offset + captions] = local
+    return positives
+
+
 class ContrastiveLoss(_GlobalBatchLoss):
-    """CLIP's loss: cross-entropy over each image's row of captions and each caption's row of images."""
+    """CLIP's loss: cross-entropy over each image's row of captions and each caption's row of images.
+
+    With several captions per image (`caption_images`), an image's target spreads evenly over its
+    captions, and each caption's target is its one image.
+    """
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                distributed: bool = True) -> torch.Tensor:
+                distributed: bool = True, caption_images: torch.Tensor | None = None) -> torch.Tensor:
         image_features = F.normalize(image_features, dim=-1)
         text_features = F.normalize(text_features, dim=-1)
-        all_image_features, offset = self.global_rows(image_features, distributed)
-        all_text_features, _ = self.global_rows(text_features, distributed)
+        all_image_features, image_offset = self.global_rows(image_features, distributed)
+        all_text_features, caption_offset = self.global_rows(text_features, distributed)
         scale = logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
         logits_per_image = scale * image_features @ all_text_features.T
         logits_per_text = scale * text_features @ all_image_features.T
-        labels = torch.arange(image_features.shape[0], device=image_features.device) + offset
-        return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+        device = logits_per_image.device
+        positives = positive_columns(caption_images, image_features.shape[0], text_features.shape[0],
+                                     all_text_features.shape[0], caption_offset, device)
+        # For pairs, one-hot targets: the same loss as class labels on the diagonal.
+        image_targets = positives.float() / positives.sum(dim=1, keepdim=True)
+        local_images = torch.arange(image_features.shape[0], device=device) if caption_images is None else caption_images
+        caption_labels = local_images.to(device) + image_offset
+        return (F.cross_entropy(logits_per_image, image_targets) + F.cross_entropy(logits_per_text, caption_labels)) / 2
 
 
 class SigmoidLoss(_GlobalBatchLoss):
@@ -75,15 +100,16 @@ class SigmoidLoss(_GlobalBatchLoss):
         self.logit_bias = nn.Parameter(torch.tensor(SIGMOID_BIAS_INIT))
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                distributed: bool = True) -> torch.Tensor:
+                distributed: bool = True, caption_images: torch.Tensor | None = None) -> torch.Tensor:
         image_features = F.normalize(image_features, dim=-1)
         text_features = F.normalize(text_features, dim=-1)
-        all_text_features, offset = self.global_rows(text_features, distributed)
+        all_text_features, caption_offset = self.global_rows(text_features, distributed)
         scale = logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
         logits = scale * image_features @ all_text_features.T + self.logit_bias
-        rows = torch.arange(image_features.shape[0], device=image_features.device)
-        signs = -torch.ones_like(logits)
-        signs[rows, rows + offset] = 1.0
+        # Every caption of an image is a positive ("yes, this is its caption"); all other pairs negatives.
+        positives = positive_columns(caption_images, image_features.shape[0], text_features.shape[0],
+                                     all_text_features.shape[0], caption_offset, logits.device)
+        signs = positives.float() * 2 - 1
         # Summed over pairs, averaged over this rank's images (the paper's normalisation).
         return -F.logsigmoid(signs * logits).sum() / image_features.shape[0]
 

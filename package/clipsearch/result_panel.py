@@ -14,12 +14,12 @@ PANEL_TOP_K = 5
 class ResultPanel(Callback):
     """Draws what the module's last validation found, so progress can be seen, not only read.
 
-    `image_paths` and `captions_per_image` are the validation dataset's, indexed by image id.
+    `image_paths` and `image_captions` are the validation dataset's, indexed by image id.
     """
 
-    def __init__(self, image_paths: list[str], captions_per_image: list[list[str]]):
+    def __init__(self, image_paths: list[str], image_captions: list[list[str]]):
         self.image_paths = image_paths
-        self.captions_per_image = captions_per_image
+        self.image_captions = image_captions
 
     def on_validation_end(self, trainer, module) -> None:
         experiment = getattr(trainer.logger, "experiment", None)
@@ -40,6 +40,6 @@ class ResultPanel(Callback):
             found = [int(image_ids[index]) for index in top.indices[panel]]
             labels = [f"{rank + 1}: {score:.2f}{' *' if found_id == image_id else ''}"
                       for rank, (found_id, score) in enumerate(zip(found, top.values[panel].tolist()))]
-            title = f"{self.captions_per_image[image_id][position]}  (* = its image)"
+            title = f"{self.image_captions[image_id][position]}  (* = its image)"
             grid = make_grid([self.image_paths[i] for i in found], labels, title=title, thumb_size=96)
             experiment.add_image(f"val/top_images_{panel}", np.asarray(grid), module.global_step, dataformats="HWC")

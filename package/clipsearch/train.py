@@ -191,7 +191,7 @@ def _cached_image_pairs(config: TrainConfig, bundle: ModelBundle, table) -> tupl
         identity["flip_images"] = True
     image_paths = list(dict.fromkeys(str(path) for path in table["image"]))
     cache = ImageFeatureCache(folder, image_paths, model_flags["cache_image_views"], identity)
-    return CachedImageCaptionDataset(table, cache, training_tokenizer(config, bundle)), cache
+    return CachedImageCaptionDataset(table, cache, training_tokenizer(config, bundle), config.captions_per_image), cache
 
 
 def training_tokenizer(config: TrainConfig, bundle: ModelBundle):
@@ -207,6 +207,9 @@ def _training_set(config: TrainConfig, bundle: ModelBundle, report: DataReport):
     if is_webdataset_path(config.dataset_path):
         if caching:
             raise UserError("--cache_image_views needs a table of training pairs, not webdataset shards")
+        if config.captions_per_image > 1:
+            raise UserError("--captions_per_image groups a table's captions by image; webdataset shards hold "
+                            "one caption per sample: leave it at 1")
         # A stream has no length: every rank and worker yields the same count so DDP steps stay in lockstep.
         samples = config.sample_num or config.max_steps * config.batch_size * config.accumulate_grad_batches
         return make_webdataset(config.dataset_path, bundle.train_transform, training_tokenizer(config, bundle),
@@ -214,12 +217,16 @@ def _training_set(config: TrainConfig, bundle: ModelBundle, report: DataReport):
     table = read_table(config.dataset_path, config.train_split, report=report)
     if config.sample_num is not None:
         table = table.iloc[: config.sample_num]
-    if len(table) < config.batch_size:
-        raise UserError(f"--dataset_path {config.dataset_path}: {len(table)} usable training pairs, "
-                        f"fewer than one batch (--batch_size {config.batch_size})")
     if caching:
-        return _cached_image_pairs(config, bundle, table)
-    return ImageCaptionDataset(table, bundle.train_transform, training_tokenizer(config, bundle)), None
+        train_set, cache = _cached_image_pairs(config, bundle, table)
+    else:
+        train_set, cache = ImageCaptionDataset(table, bundle.train_transform, training_tokenizer(config, bundle),
+                                               config.captions_per_image), None
+    if len(train_set) < config.batch_size:
+        unit = "training pairs" if config.captions_per_image == 1 else "training images (--captions_per_image)"
+        raise UserError(f"--dataset_path {config.dataset_path}: {len(train_set)} usable {unit}, "
+                        f"fewer than one batch (--batch_size {config.batch_size})")
+    return train_set, cache
 
 
 def make_loaders(config: TrainConfig, bundle: ModelBundle):
@@ -389,7 +396,7 @@ def run_training(config: TrainConfig, build: Callable[[object], ModelBundle]) ->
     if not smoke_test:
         callbacks += [LearningRateMonitor(logging_interval="step"), last_checkpoint]
         if val_set is not None:
-            callbacks += [best_checkpoint, ResultPanel(val_set.image_paths, val_set.captions_per_image)]
+            callbacks += [best_checkpoint, ResultPanel(val_set.image_paths, val_set.captions)]
     if StepProgressBar is not None:
         callbacks.append(StepProgressBar())
     interval = config.val_check_interval

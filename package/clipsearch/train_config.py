@@ -50,6 +50,7 @@ class TrainConfig:
     head_only_steps: int = 0
     layer_decay: float = 1.0
     caption_word_dropout: float = 0.0
+    captions_per_image: int = 1
     identity: dict = field(default_factory=dict)
 
     @property

@@ -52,7 +52,8 @@ def add_training_args(parser: argparse.ArgumentParser, pretrained_towers: bool =
     data.add_argument("--train_split", default="train", help="table name for training pairs")
     data.add_argument("--val_split", default="dev", help="table name for validation; missing -> no validation")
     data.add_argument("--batch_size", type=positive_int, default=64,
-                      help="pairs per device per step (the contrastive batch is this x devices x nodes)")
+                      help="pairs (images, with --captions_per_image) per device per step (the contrastive batch "
+                           "is this x devices x nodes)")
     data.add_argument("--num_workers", type=non_negative_int, default=None,
                       help="DataLoader workers per device (default: cores/devices - 1, at most 8)")
     data.add_argument("--flip_images", action="store_true",
@@ -61,6 +62,10 @@ def add_training_args(parser: argparse.ArgumentParser, pretrained_towers: bool =
     data.add_argument("--caption_word_dropout", type=drop_rate, default=0.0,
                       help="drop each word of a training caption with this probability (one word always "
                            "stays), drawn anew each time the pair is read; validation reads whole captions")
+    data.add_argument("--captions_per_image", type=positive_int, default=1,
+                      help="1: one training pair per table row. N > 1: one item per image with up to N of its "
+                           "captions, drawn anew each epoch; --batch_size then counts images, the loss takes "
+                           "all of an image's captions as positives, and one image forward serves N captions")
     data.add_argument("--sample_num", type=positive_int, default=None, help="use only the first N training pairs (quick runs)")
 
     optim = parser.add_argument_group("optimisation")
@@ -250,6 +255,8 @@ def training_config(args: argparse.Namespace, model_group, variant: str,
         del identity["flip_images"]
     if not identity["caption_word_dropout"]:
         del identity["caption_word_dropout"]
+    if identity["captions_per_image"] == 1:
+        del identity["captions_per_image"]
     run_name = settings.pop("run_name") or default_run_name(
         variant, settings["dataset_path"], batch_size, lr, max_steps, identity)
     return TrainConfig(variant=variant, model=model, tower_lr=tower_lr, head_only_steps=head_only_steps,

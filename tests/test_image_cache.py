@@ -163,6 +163,9 @@ def test_a_cache_is_reused_across_text_side_changes_and_rebuilt_for_image_side_o
     # Stochastic depth acts in the trained stages only, after the cached ones.
     assert run_on_a_copy("stochastic-depth", "--image_drop_path=0.2")
     assert not run_on_a_copy("image-side", "--lock_image_unlocked_groups=2")
+    # The cache holds training crops: training at the same size and encoding larger reuses it.
+    assert run_on_a_copy("encoded-larger", "--image_resolution=40", "--train_resolution=32")
+    assert not run_on_a_copy("trained-larger", "--image_resolution=40")
     # Mirrored crops are other features: the cache is rebuilt, through the mirroring transform.
     wrapped = []
     monkeypatch.setattr(train, "with_random_mirror", lambda transform: wrapped.append(transform) or

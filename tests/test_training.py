@@ -517,6 +517,25 @@ def test_heads_first_run_holds_its_towers_and_resumes_to_the_uninterrupted_resul
     assert_same_last_weights(uninterrupted.run_dir, resumed.run_dir)
 
 
+def test_export_encodes_a_convolutional_tower_larger_and_refuses_other_towers(tiny_dataset, tmp_path, tiny_checkpoint):
+    from clipsearch.checkpoint import model_fingerprint, save_bundle
+    from clipsearch.cli.export import main as export_main
+    from clipsearch.models.released import load_model
+
+    args = our_parse_args([f"--dataset_path={tiny_dataset}", "--image_resolution=32", "--text_length=16", "--embed_dim=16"])
+    trained = save_bundle(variants.build_pretrained_towers(args.model_args), tmp_path / "our.ckpt")
+    export_main(["--load_model", str(trained), "--out", str(tmp_path / "at48.ckpt"), "--image_resolution", "48"])
+    original, larger = load_model(str(trained)), load_model(str(tmp_path / "at48.ckpt"))
+    assert larger.spec["image"]["size"] == 48
+    assert larger.eval_transform(Image.new("RGB", (70, 50))).shape == (3, 48, 48)
+    assert model_fingerprint(larger) != model_fingerprint(original)  # shards of one never pass for the other's
+    weights = original.model.state_dict()
+    assert all(torch.equal(value, weights[name]) for name, value in larger.model.state_dict().items())
+    with pytest.raises(UserError, match="only 'our' CLIP"):  # an OpenAI ViT's grid is fixed
+        export_main(["--load_model", str(tiny_checkpoint), "--out", str(tmp_path / "vit.ckpt"), "--image_resolution", "48"])
+    assert not (tmp_path / "vit.ckpt").exists()
+
+
 def our_tiny_flags(dataset: Path, tmp_path: Path) -> list[str]:
     """The README's `bash 1_pretrain_our.sh` on tiny settings, run names left to the default."""
     return [f"--dataset_path={dataset}", f"--models_dir={tmp_path / 'models'}", f"--logs_dir={tmp_path / 'logs'}",

@@ -77,7 +77,8 @@ class ImageCaptionDataset(Dataset):
     drawn anew each time: {"image", "tokens" [k, L], "captions", ...}. One image forward then
     serves k captions (on Flickr a text forward costs about what the trained image stages do), and
     the loss counts every caption of an image as its positive, where pairs drawn by row put two
-    captions of one photo in a batch as each other's negatives. "report" holds the item's
+    captions of one photo in a batch as each other's negatives (on Flickr8k, two captions per
+    photo still trailed pairs at equal minutes: BENCHMARKS.md). "report" holds the item's
     conversion counts; a skip marker is {"skipped": reason, "image_path"}.
     """
 

@@ -185,6 +185,10 @@ def _cached_image_pairs(config: TrainConfig, bundle: ModelBundle, table) -> tupl
     folder = config.run_dir / "image_cache" if not config.fast_dev_run else Path(tempfile.mkdtemp(prefix="image-cache-"))
     # Only what changes the cached features: a run that changes the text tower or the head reuses the cache.
     image_flags = {name: value for name, value in model_flags.items() if name not in FLAGS_NOT_IN_IMAGE_FEATURES}
+    # The cache holds training crops: a run that trains at 224 px and encodes at 256 (--train_resolution)
+    # caches what a run at 224 does, and reuses its cache.
+    if image_flags.get("train_resolution"):
+        image_flags |= {"image_resolution": image_flags["train_resolution"], "train_resolution": None}
     identity = {"dataset_path": str(Path(config.dataset_path).resolve()), "split": config.train_split,
                 "sample_num": config.sample_num, "seed": config.seed, "model": image_flags, "crop": TRAIN_CROP}
     if config.flip_images:  # only when on, so caches made before the flag keep matching

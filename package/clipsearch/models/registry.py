@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from clipsearch.models.bundle import SPEC_VERSION, ModelBundle
@@ -67,3 +68,34 @@ def build_from_spec(spec: dict) -> ModelBundle:
     return ModelBundle(
         model=model, train_transform=train_transform, eval_transform=eval_transform, tokenizer=tokenizer, spec=spec
     )
+
+
+def with_image_size(bundle: ModelBundle, size: int) -> ModelBundle:
+    """The same model and weights, encoding images at `size` px.
+
+    Only convolutional towers take any size, so only the pretrained-towers family's timm towers
+    are offered, and a forward pass at the new size must succeed (a timm ViT's fixed grid fails
+    here, not at encoding time). Why: a CNN trained on random crops sees objects larger than a
+    whole image at the same size shows them, and scores better encoded somewhat larger (FixRes,
+    Touvron et al. 2019); the spec, and so the fingerprint, records the new size.
+    """
+    from clipsearch.models.pretrained_towers import FAMILY as PRETRAINED_TOWERS
+
+    family = _ALIASES.get(bundle.spec.get("family"), bundle.spec.get("family"))
+    if family != PRETRAINED_TOWERS:
+        raise ValueError(f"only 'our' CLIP (pretrained towers) encodes at another image size; this model is "
+                         f"{bundle.spec.get('family')!r}, whose image tower is built for {bundle.spec.get('image', {}).get('size')} px")
+    spec = {**bundle.spec, "image": {**bundle.spec["image"], "size": int(size)}}
+    train_transform, eval_transform = _TRANSFORMS.get(family, _default_transforms)(spec)
+    was_training = bundle.model.training
+    bundle.model.eval()
+    try:
+        with torch.no_grad():
+            bundle.model.encode_image(torch.zeros(1, 3, size, size))
+    except Exception as error:  # noqa: BLE001 - any failure means the tower cannot take this size
+        raise ValueError(f"the image tower {spec['image'].get('timm_name')!r} cannot encode {size} px images: "
+                         f"{error}") from error
+    finally:
+        bundle.model.train(was_training)
+    return ModelBundle(model=bundle.model, train_transform=train_transform, eval_transform=eval_transform,
+                       tokenizer=bundle.tokenizer, spec=spec)

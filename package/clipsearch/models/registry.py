@@ -91,7 +91,7 @@ def with_image_size(bundle: ModelBundle, size: int) -> ModelBundle:
     bundle.model.eval()
     try:
         with torch.no_grad():
-            bundle.model.encode_image(torch.zeros(1, 3, size, size))
+            bundle.model.encode_image(torch.zeros(1, 3, size, size, device=next(bundle.model.parameters()).device))
     except Exception as error:  # noqa: BLE001 - any failure means the tower cannot take this size
         raise ValueError(f"the image tower {spec['image'].get('timm_name')!r} cannot encode {size} px images: "
                          f"{error}") from error

@@ -111,7 +111,8 @@ def cache_speeds(args) -> dict:
 def training_speeds(args) -> dict:
     import torch
 
-    from clipsearch.models.bundle import CPU_TRAIN_IMAGE_SLICE, in_cpu_chunks
+    from clipsearch.models.bundle import in_cpu_chunks
+    from clipsearch.train_config import CPU_TRAIN_IMAGE_SLICE
 
     model = build_model("pretrained_towers", "tf_efficientnet_lite2", args.size, image_drop_path=0.2).model
     model.lock_image_tower(unlocked_groups=4)
@@ -137,7 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from clipsearch.models.bundle import CPU_IMAGE_CHUNK, CPU_TRAIN_IMAGE_SLICE
+    from clipsearch.models.bundle import CPU_IMAGE_CHUNK
+    from clipsearch.train_config import CPU_TRAIN_IMAGE_SLICE
 
     results = {**common.run_header(),
                "settings": {"batch_size": args.batch_size, "size": args.size, "chunk": CPU_IMAGE_CHUNK,

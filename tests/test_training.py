@@ -134,11 +134,9 @@ def test_overfitting_one_batch_drives_loss_far_below_chance(tiny_dataset):
 
 
 def test_a_large_batch_trains_its_image_tower_in_cpu_slices_with_the_same_gradients(monkeypatch):
-    import clipsearch.lightning_module as lightning_module
-
     torch.manual_seed(0)
     bundle = build_from_spec(openai_clip_spec("ViT-Tiny-16", image_size=32))  # LayerNorm: each image alone
-    module = CLIPModule(bundle.model, bundle.spec).train()
+    module = CLIPModule(bundle.model, bundle.spec, cpu_image_slice=10).train()
     images, tokens = torch.randn(10, 3, 32, 32), bundle.tokenizer(["a red circle"] * 10)
 
     def features_and_gradients():
@@ -151,7 +149,7 @@ def test_a_large_batch_trains_its_image_tower_in_cpu_slices_with_the_same_gradie
     calls = []
     encode_image = bundle.model.encode_image
     monkeypatch.setattr(bundle.model, "encode_image", lambda batch: calls.append(len(batch)) or encode_image(batch))
-    monkeypatch.setattr(lightning_module, "CPU_TRAIN_IMAGE_SLICE", 4)
+    module.cpu_image_slice = 4
     sliced_features, sliced_gradients = features_and_gradients()
     assert calls == [4, 4, 2]
     torch.testing.assert_close(sliced_features, whole_features, atol=1e-5, rtol=1e-4)
@@ -301,6 +299,12 @@ def test_caption_flags_are_part_of_the_run_identity_and_checked(tiny_dataset, ca
     assert "--caption_word_dropout: expected a rate in [0, 1)" in capsys.readouterr().err
     assert pretrain_parse_args([*flags, "--captions_per_image=5"]).identity["captions_per_image"] == 5
     assert "captions_per_image" not in default.identity and default.captions_per_image == 1
+
+
+def test_the_cpu_image_slice_is_how_a_step_runs_not_what_the_run_is(tiny_dataset):
+    flags = ["--pretrain_clip=ViT-Tiny-16", f"--dataset_path={tiny_dataset}"]
+    sliced = pretrain_parse_args([*flags, "--cpu_image_slice=8"])
+    assert sliced.cpu_image_slice == 8 and sliced.identity == pretrain_parse_args(flags).identity  # a run resumes
 
 
 def test_training_crops_are_random_crops_of_the_centred_square_evaluation_sees():

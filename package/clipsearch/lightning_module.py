@@ -13,7 +13,8 @@ from clipsearch.errors import UserError
 from clipsearch.evaluate import concat_encoded, encode_groups, split_embeddings
 from clipsearch.loss import LOSSES, MAX_LOGIT_SCALE
 from clipsearch.metrics import retrieval_metrics
-from clipsearch.models.bundle import CPU_TRAIN_IMAGE_SLICE, in_cpu_chunks
+from clipsearch.models.bundle import in_cpu_chunks
+from clipsearch.train_config import CPU_TRAIN_IMAGE_SLICE
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class CLIPModule(L.LightningModule):
         loss: str = "contrastive",
         head_only_steps: int = 0,
         layer_decay: float = 1.0,
+        cpu_image_slice: int = CPU_TRAIN_IMAGE_SLICE,
     ):
         super().__init__()
         self.model = model
@@ -66,6 +68,7 @@ class CLIPModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model", "spec", "cached_images"])
         # Training batches hold cached outputs of the locked image stages instead of images.
         self.cached_images = cached_images
+        self.cpu_image_slice = cpu_image_slice
         # The loss may hold parameters (the sigmoid loss's bias): made here, so a resumed run
         # restores them; setup() only tells it the world.
         self.loss_fn = LOSSES[loss]()
@@ -103,10 +106,9 @@ class CLIPModule(L.LightningModule):
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
         encode_image = self.model.encode_cached_image if self.cached_images else self.model.encode_image
-        # Batches above CPU_TRAIN_IMAGE_SLICE images train their image tower in slices on a CPU, which
-        # is faster there. A trained BatchNorm then normalises each slice by its own statistics, as two
-        # devices with 128 images each would under DDP; smaller batches are unchanged.
-        return in_cpu_chunks(encode_image, images, CPU_TRAIN_IMAGE_SLICE), self.model.encode_text(tokens)
+        # On a CPU, batches above `cpu_image_slice` images train their image tower in slices, which
+        # is faster there (CPU_TRAIN_IMAGE_SLICE); a trained BatchNorm then sees each slice alone.
+        return in_cpu_chunks(encode_image, images, self.cpu_image_slice), self.model.encode_text(tokens)
 
     def training_step(self, batch: dict, batch_idx: int):
         self.data_report.merge(batch["skipped"])

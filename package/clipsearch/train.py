@@ -385,6 +385,7 @@ def run_training(config: TrainConfig, build: Callable[[object], ModelBundle]) ->
         loss=config.loss,
         head_only_steps=config.head_only_steps,
         layer_decay=config.layer_decay,
+        cpu_image_slice=config.cpu_image_slice,
     )
     run_dir = config.run_dir
     # best.ckpt holds the weights alone (a third of last.ckpt's size); last.ckpt keeps what resuming needs.

@@ -22,7 +22,7 @@ from clipsearch.cli.common import (
 )
 from clipsearch.model_reference import OPENAI_WEIGHTS_DIR as LOCAL_WEIGHTS_DIR  # noqa: F401  the doors name it
 from clipsearch.tables import TABLE_EXTENSIONS, find_table, is_webdataset_path
-from clipsearch.train_config import LOSS_NAMES, RESUME_CHOICES, TrainConfig
+from clipsearch.train_config import CPU_TRAIN_IMAGE_SLICE, LOSS_NAMES, RESUME_CHOICES, TrainConfig
 
 # Validation over the dev split is a whole pass: a 5-step run validating after every step spent
 # 7 of its minutes there. The default interval is a fifth of the run but never below this, and
@@ -33,7 +33,7 @@ MIN_VAL_INTERVAL = 25
 NOT_IDENTITY = frozenset({
     "max_steps", "val_path", "val_split", "num_workers", "accelerator", "devices", "num_nodes", "strategy",
     "precision", "val_check_interval", "fast_dev_run", "log_every_n_steps", "checkpoint_every_steps",
-    "run_name", "resume", "models_dir", "logs_dir", "verbose",
+    "run_name", "resume", "models_dir", "logs_dir", "verbose", "cpu_image_slice",
 })
 
 # Model flags added after runs were made: left out of a run's identity while off, so those runs keep
@@ -102,6 +102,10 @@ def add_training_args(parser: argparse.ArgumentParser, pretrained_towers: bool =
     trainer.add_argument("--precision", default=None, choices=PRECISIONS,
                          help="32, 16-mixed (CUDA) or bf16-mixed; native torch AMP, no apex "
                               "(default: 16-mixed on CUDA, else 32)")
+    trainer.add_argument("--cpu_image_slice", type=positive_int, default=CPU_TRAIN_IMAGE_SLICE,
+                         help="on a CPU, train the image tower on this many images of a batch at a time, which is "
+                              "faster there; a trained BatchNorm normalises each slice on its own, as under DDP "
+                              "(GPUs take the whole batch)")
     trainer.add_argument("--val_check_interval", type=positive_float, default=None,
                          help="validate every N steps (>= 1) or fraction of an epoch (< 1) "
                               f"(default: 5 times per run, at most every {MIN_VAL_INTERVAL} steps; the last step always)")

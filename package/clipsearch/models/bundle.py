@@ -15,10 +15,6 @@ SPEC_VERSION = 1
 # 16 at a time against 128 (benchmarks/bench_cpu_chunks.py): EfficientNet-Lite0 16.1 / 25.1,
 # Lite2 19.2 / 32.2, OpenAI's ViT-B/32 53.8 / 63.1, RN50 71.4 / 90.4. GPUs want the whole batch.
 CPU_IMAGE_CHUNK = 16
-# Training keeps every activation for the backward pass, so its slices are larger: EfficientNet-Lite2's
-# trained stages (4 groups, 224 px, from cached inputs) take 11.0 ms an image forward and backward
-# in slices of 128, 12.7 ms in one call over 256, on 2 cores (the same benchmark).
-CPU_TRAIN_IMAGE_SLICE = 128
 
 
 @dataclass

@@ -200,7 +200,7 @@ def test_cli_interactive_prompt_ends_on_empty_line_or_eof(
 def test_mirror_average_travels_with_the_checkpoint_to_shards_and_queries(tmp_path, tiny_checkpoint):
     from clipsearch.checkpoint import model_fingerprint
     from clipsearch.cli.export import main as export_main
-    from clipsearch.models import embed_images
+    from clipsearch.models import ImageViews, embed_images
     from clipsearch.models.released import load_model
 
     # A bar on the left of each image: its mirror image embeds differently.
@@ -223,7 +223,7 @@ def test_mirror_average_travels_with_the_checkpoint_to_shards_and_queries(tmp_pa
         flipped = F.normalize(plain.model.encode_image(pixels.flip(-1)), dim=-1)
         expected = F.normalize(own + flipped, dim=-1)
         assert (own * flipped).sum(dim=1).max() < 0.9999
-        torch.testing.assert_close(F.normalize(embed_images(mirrored.model, pixels, True), dim=-1), expected)
+        torch.testing.assert_close(F.normalize(embed_images(mirrored.model, pixels, ImageViews(mirror=True)), dim=-1), expected)
 
     emb_path = tmp_path / "emb"
     encode_main(["--load_model", str(mirrored_path), "--dataset_path", str(tmp_path / "images"),
@@ -239,7 +239,7 @@ def test_mirror_average_travels_with_the_checkpoint_to_shards_and_queries(tmp_pa
 
 
 def test_images_embed_a_few_at_a_time_on_the_cpu_with_the_same_rows(tiny_checkpoint):
-    from clipsearch.models import embed_images
+    from clipsearch.models import ImageViews, embed_images
     from clipsearch.models.bundle import CPU_IMAGE_CHUNK
     from clipsearch.models.released import load_model
 
@@ -249,8 +249,8 @@ def test_images_embed_a_few_at_a_time_on_the_cpu_with_the_same_rows(tiny_checkpo
     model.encode_image = lambda images: calls.append(images.shape[0]) or whole(images)
     pixels = torch.randn(CPU_IMAGE_CHUNK * 2 + 3, 3, 64, 64)
     with torch.inference_mode():
-        chunked = embed_images(model, pixels, mirror_average=True)
-        one_by_one = [embed_images(model, image[None], mirror_average=True) for image in pixels]
+        chunked = embed_images(model, pixels, ImageViews(mirror=True))
+        one_by_one = [embed_images(model, image[None], ImageViews(mirror=True)) for image in pixels]
     # Twice the images (each and its mirror image), CPU_IMAGE_CHUNK at a time.
     assert calls[:5] == [CPU_IMAGE_CHUNK] * 4 + [6]
     torch.testing.assert_close(chunked, torch.cat(one_by_one), atol=1e-5, rtol=1e-4)

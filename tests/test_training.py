@@ -540,6 +540,46 @@ def test_export_encodes_a_convolutional_tower_larger_and_refuses_other_towers(ti
     assert not (tmp_path / "vit.ckpt").exists()
 
 
+def test_export_averages_sizes_as_the_spec_records_and_refuses_what_cannot_be(tiny_dataset, tmp_path, tiny_checkpoint):
+    from clipsearch.checkpoint import model_fingerprint, save_bundle
+    from clipsearch.cli.export import main as export_main
+    from clipsearch.models import ImageViews, embed_images
+    from clipsearch.models.released import load_model
+
+    args = our_parse_args([f"--dataset_path={tiny_dataset}", "--image_resolution=32", "--text_length=16", "--embed_dim=16"])
+    bundle = variants.build_pretrained_towers(args.model_args)
+    bundle.set_mirror_average(True)  # both kinds of view together
+    trained = save_bundle(bundle, tmp_path / "our.ckpt")
+    averaged_path = tmp_path / "averaged.ckpt"
+    export_main(["--load_model", str(trained), "--out", str(averaged_path), "--image_resolution", "48",
+                 "--scale_average", "32,24"])
+    averaged = load_model(str(averaged_path))
+    assert averaged.image_views == ImageViews(mirror=True, extra_sizes=(32, 24))
+    assert model_fingerprint(averaged) != model_fingerprint(load_model(str(trained)))
+    pixels = torch.stack([averaged.eval_transform(Image.new("RGB", (70, 50), (40 * i, 90, 200 - 30 * i))) for i in range(3)])
+    model = averaged.model.eval()
+    with torch.no_grad():
+        def unit(size):
+            sized = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True) if size != 48 else pixels
+            return F.normalize(embed_images(model, sized, ImageViews(mirror=True)), dim=-1)
+
+        expected = (unit(48) + unit(32) + unit(24)) / 3
+        torch.testing.assert_close(embed_images(model, pixels, averaged.image_views), expected)
+    # Moving the encoding size onto an averaged size drops that one; "off" clears the rest.
+    export_main(["--load_model", str(averaged_path), "--out", str(tmp_path / "at32.ckpt"), "--image_resolution", "32"])
+    assert load_model(str(tmp_path / "at32.ckpt")).image_views.extra_sizes == (24,)
+    export_main(["--load_model", str(averaged_path), "--out", str(tmp_path / "one.ckpt"), "--scale_average", "off"])
+    single = load_model(str(tmp_path / "one.ckpt"))
+    assert single.image_views == ImageViews(mirror=True) and "scale_average" not in single.spec
+    with pytest.raises(UserError, match="already encodes at"):
+        export_main(["--load_model", str(averaged_path), "--out", str(tmp_path / "same.ckpt"), "--scale_average", "48"])
+    with pytest.raises(UserError, match="only 'our' CLIP"):
+        export_main(["--load_model", str(tiny_checkpoint), "--out", str(tmp_path / "vit.ckpt"), "--scale_average", "24"])
+    with pytest.raises(SystemExit):
+        export_main(["--load_model", str(trained), "--out", str(tmp_path / "bad.ckpt"), "--scale_average", "32,x"])
+    assert not any((tmp_path / name).exists() for name in ("same.ckpt", "vit.ckpt", "bad.ckpt"))
+
+
 def our_tiny_flags(dataset: Path, tmp_path: Path) -> list[str]:
     """The README's `bash 1_pretrain_our.sh` on tiny settings, run names left to the default."""
     return [f"--dataset_path={dataset}", f"--models_dir={tmp_path / 'models'}", f"--logs_dir={tmp_path / 'logs'}",

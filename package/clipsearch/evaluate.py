@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from clipsearch.data import DataReport, read_table
 from clipsearch.datasets import ImageGroupDataset, collate_groups
 from clipsearch.metrics import RECALL_KS, retrieval_metrics
-from clipsearch.models import ModelBundle, embed_images
+from clipsearch.models import ImageViews, ModelBundle, embed_images
 
 logger = logging.getLogger(__name__)
 
@@ -27,17 +27,17 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def encode_groups(model: torch.nn.Module, batch: dict, device: torch.device | str | None = None,
-                  mirror_average: bool = False) -> dict:
+                  views: ImageViews = ImageViews()) -> dict:
     """One batch of `collate_groups` encoded, as float32 tensors on the model's device.
 
     Returns {"image_ids" [B], "image_embeddings" [B, D], "caption_image_ids" [M], "text_embeddings"
     [M, D]}, ids being the dataset's image ids. Validation and `evaluate` both encode this way,
-    with the model spec's `mirror_average` (`embed_images`).
+    with the model spec's `ImageViews` (`embed_images`).
     """
     device = device if device is not None else model_device(model)
     return {
         "image_ids": batch["image_ids"].to(device),
-        "image_embeddings": embed_images(model, batch["images"].to(device), mirror_average),
+        "image_embeddings": embed_images(model, batch["images"].to(device), views),
         "caption_image_ids": batch["caption_image_ids"].to(device),
         "text_embeddings": model.encode_text(batch["tokens"].to(device)).float(),
     }
@@ -126,7 +126,7 @@ def encode_split(
             report.merge(batch["conversions"])
             if batch["image_paths"]:
                 encoded.append({key: value.cpu() for key, value in
-                                encode_groups(model, batch, device, bundle.mirror_average).items()})
+                                encode_groups(model, batch, device, bundle.image_views).items()})
     finally:
         model.train(was_training)
     if not encoded:

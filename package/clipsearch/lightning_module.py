@@ -13,7 +13,7 @@ from clipsearch.errors import UserError
 from clipsearch.evaluate import concat_encoded, encode_groups, split_embeddings
 from clipsearch.loss import LOSSES, MAX_LOGIT_SCALE
 from clipsearch.metrics import retrieval_metrics
-from clipsearch.models.bundle import in_cpu_chunks
+from clipsearch.models.bundle import ImageViews, in_cpu_chunks
 from clipsearch.train_config import CPU_TRAIN_IMAGE_SLICE
 
 logger = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ class CLIPModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if len(batch["image_paths"]) == 0:
             return
-        encoded = encode_groups(self.model, batch, self.device, bool(self.spec.get("mirror_average")))
+        encoded = encode_groups(self.model, batch, self.device, ImageViews.of(self.spec))
         caption_image_ids = encoded["caption_image_ids"]
         # The loss pairs each image with its first caption (captions of one image arrive together).
         first_caption = torch.ones_like(caption_image_ids, dtype=torch.bool)

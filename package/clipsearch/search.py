@@ -287,7 +287,7 @@ class SearchEngine:
 
         pixels = torch.stack([self.bundle.eval_transform(image.convert("RGB")) for image in images])
         with torch.inference_mode():
-            return F.normalize(embed_images(self.bundle.model, pixels, self.bundle.mirror_average), dim=-1)
+            return F.normalize(embed_images(self.bundle.model, pixels, self.bundle.image_views), dim=-1)
 
     def search_text(self, texts: list[str], top_k: int) -> list[list[Hit]]:
         if not texts:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipsearch.models.bundle import embed_images
+from clipsearch.models.bundle import ImageViews, embed_images
 
 AUTOCAST_DTYPES = {"32": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 
@@ -29,16 +29,16 @@ class ImageEmbedder:
     """
 
     def __init__(self, model: nn.Module, device: torch.device | str = "cpu", precision: str = "32",
-                 mirror_average: bool = False):
+                 views: ImageViews = ImageViews()):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.precision = precision
-        self.mirror_average = mirror_average  # the model spec's: see `embed_images`
+        self.views = views  # the model spec's: see `embed_images`
         autocast_context(self.device, precision)  # validate early, before any data is read
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
         with torch.inference_mode(), autocast_context(self.device, self.precision):
-            embeddings = embed_images(self.model, images, self.mirror_average)
+            embeddings = embed_images(self.model, images, self.views)
         # Normalise in float32: half-precision norms lose digits that ranking later depends on.
         return F.normalize(embeddings, dim=-1)

@@ -96,7 +96,7 @@ def encode_rank(config: EncodeConfig, rank: int, world_size: int, local_rank: in
     if len(pending) < len(shards):
         logger.info("rank %d: resuming, %d of %d shards already done", rank, len(shards) - len(pending), len(shards))
     batches, batch_steps = shard_batches(pending, config.batch_size)
-    embedder = ImageEmbedder(bundle.model, device, config.precision, bundle.mirror_average)
+    embedder = ImageEmbedder(bundle.model, device, config.precision, bundle.image_views)
     loader = make_loader(rank_paths, bundle.eval_transform, batches, config.num_workers, pin_memory=device.type == "cuda")
     pending_images = sum(length for _, _, length in pending)
     progress = tqdm(

@@ -73,29 +73,59 @@ def build_from_spec(spec: dict) -> ModelBundle:
 def with_image_size(bundle: ModelBundle, size: int) -> ModelBundle:
     """The same model and weights, encoding images at `size` px.
 
-    Only convolutional towers take any size, so only the pretrained-towers family's timm towers
-    are offered, and a forward pass at the new size must succeed (a timm ViT's fixed grid fails
-    here, not at encoding time). Why: a CNN trained on random crops sees objects larger than a
-    whole image at the same size shows them, and scores better encoded somewhat larger (FixRes,
-    Touvron et al. 2019); the spec, and so the fingerprint, records the new size.
+    Why: a CNN trained on random crops sees objects larger than a whole image at the same size
+    shows them, and scores better encoded somewhat larger (FixRes, Touvron et al. 2019); the
+    spec, and so the fingerprint, records the new size. Sizes it also averages over
+    (`with_scale_average`) stay as they were.
     """
+    family = _resizable_family(bundle)
+    _check_encodes(bundle, size)
+    spec = {**bundle.spec, "image": {**bundle.spec["image"], "size": int(size)}}
+    spec.pop("scale_average", None)
+    train_transform, eval_transform = _TRANSFORMS.get(family, _default_transforms)(spec)
+    resized = ModelBundle(model=bundle.model, train_transform=train_transform, eval_transform=eval_transform,
+                          tokenizer=bundle.tokenizer, spec=spec)
+    resized.set_scale_average([extra for extra in bundle.image_views.extra_sizes if extra != int(size)])
+    return resized
+
+
+def with_scale_average(bundle: ModelBundle, sizes: list[int]) -> ModelBundle:
+    """The same model, each image also embedded at `sizes` px (resized from the encoding size) and
+    the unit embeddings of all sizes averaged (`ImageViews`); no sizes turns it off."""
+    if sizes:
+        _resizable_family(bundle)
+    encoding_size = int(bundle.spec["image"]["size"])
+    for size in sizes:
+        if size == encoding_size:
+            raise ValueError(f"{size} px is the size the model already encodes at; name other sizes")
+        _check_encodes(bundle, size)
+    spec = {**bundle.spec}
+    averaged = ModelBundle(model=bundle.model, train_transform=bundle.train_transform,
+                           eval_transform=bundle.eval_transform, tokenizer=bundle.tokenizer, spec=spec)
+    averaged.set_scale_average(sizes)
+    return averaged
+
+
+def _resizable_family(bundle: ModelBundle) -> str:
+    """The family, when its image tower takes any size: only the pretrained-towers family's timm CNNs."""
     from clipsearch.models.pretrained_towers import FAMILY as PRETRAINED_TOWERS
 
     family = _ALIASES.get(bundle.spec.get("family"), bundle.spec.get("family"))
     if family != PRETRAINED_TOWERS:
         raise ValueError(f"only 'our' CLIP (pretrained towers) encodes at another image size; this model is "
                          f"{bundle.spec.get('family')!r}, whose image tower is built for {bundle.spec.get('image', {}).get('size')} px")
-    spec = {**bundle.spec, "image": {**bundle.spec["image"], "size": int(size)}}
-    train_transform, eval_transform = _TRANSFORMS.get(family, _default_transforms)(spec)
+    return family
+
+
+def _check_encodes(bundle: ModelBundle, size: int) -> None:
+    """A forward pass at `size` px, on the model's device: a timm ViT's fixed grid fails here, not at encoding time."""
     was_training = bundle.model.training
     bundle.model.eval()
     try:
         with torch.no_grad():
             bundle.model.encode_image(torch.zeros(1, 3, size, size, device=next(bundle.model.parameters()).device))
     except Exception as error:  # noqa: BLE001 - any failure means the tower cannot take this size
-        raise ValueError(f"the image tower {spec['image'].get('timm_name')!r} cannot encode {size} px images: "
+        raise ValueError(f"the image tower {bundle.spec['image'].get('timm_name')!r} cannot encode {size} px images: "
                          f"{error}") from error
     finally:
         bundle.model.train(was_training)
-    return ModelBundle(model=bundle.model, train_transform=train_transform, eval_transform=eval_transform,
-                       tokenizer=bundle.tokenizer, spec=spec)

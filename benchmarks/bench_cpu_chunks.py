@@ -14,7 +14,8 @@ trained groups, 3 mirrored crops of each photo, built the way the trainer builds
 on a CPU) against one decoding worker process beside it (what `--num_workers 1` gave before).
 Part 3, training: the trained stages of that Lite2 tower (from cached inputs, with stochastic
 depth 0.2 as the Flickr8k recipe trains them), forward and backward over a batch of 256 in slices of
-`CPU_TRAIN_IMAGE_SLICE` (what training does on a CPU) against one call over the whole batch.
+`CPU_TRAIN_IMAGE_SLICE` (the default of `--cpu_image_slice`), in slices of 128 (the default before)
+and in one call over the whole batch, at 224 and 256 px.
 With --report, results go to benchmarks/results/cpu_chunks.json and BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -45,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per contender")
     parser.add_argument("--train_batch_size", type=int, default=256, help="images per training step in part 3")
+    parser.add_argument("--train_sizes", default="224,256", help="input sizes of part 3, comma-separated")
     common.add_report_flags(parser)
     return parser.parse_args(argv)
 
@@ -109,26 +111,30 @@ def cache_speeds(args) -> dict:
 
 
 def training_speeds(args) -> dict:
+    """Per input size: milliseconds per image for each way of calling the trained stages."""
     import torch
 
     from clipsearch.models.bundle import in_cpu_chunks
     from clipsearch.train_config import CPU_TRAIN_IMAGE_SLICE
 
-    model = build_model("pretrained_towers", "tf_efficientnet_lite2", args.size, image_drop_path=0.2).model
-    model.lock_image_tower(unlocked_groups=4)
-    split = model.image_cache_split(args.size)
-    model.train()
-    with torch.no_grad():
-        cached = in_cpu_chunks(split.prefix, torch.randn(args.train_batch_size, 3, args.size, args.size))
+    results = {}
+    for size in (int(text) for text in args.train_sizes.split(",")):
+        model = build_model("pretrained_towers", "tf_efficientnet_lite2", size, image_drop_path=0.2).model
+        model.lock_image_tower(unlocked_groups=4)
+        split = model.image_cache_split(size)
+        model.train()
+        with torch.no_grad():
+            cached = in_cpu_chunks(split.prefix, torch.randn(args.train_batch_size, 3, size, size))
 
-    def step(slice_size: int):
-        model.zero_grad(set_to_none=True)
-        in_cpu_chunks(model.encode_cached_image, cached, slice_size).square().mean().backward()
+        def step(slice_size: int, model=model, cached=cached):
+            model.zero_grad(set_to_none=True)
+            in_cpu_chunks(model.encode_cached_image, cached, slice_size).square().mean().backward()
 
-    times = common.interleaved_ms({"sliced": lambda: step(CPU_TRAIN_IMAGE_SLICE),
-                                   "whole": lambda: step(args.train_batch_size)}, repeats=args.repeats, warmup=1)
-    results = {way: round(common.median(ms) / args.train_batch_size, 2) for way, ms in times.items()}
-    print("training", results, flush=True)
+        ways = {"whole": args.train_batch_size, "slices of 128": 128, f"slices of {CPU_TRAIN_IMAGE_SLICE}": CPU_TRAIN_IMAGE_SLICE}
+        times = common.interleaved_ms({way: (lambda n=n: step(n)) for way, n in ways.items()},
+                                      repeats=args.repeats, warmup=1)
+        results[str(size)] = {way: round(common.median(ms) / args.train_batch_size, 2) for way, ms in times.items()}
+        print("training", size, results[str(size)], flush=True)
     return results
 
 
@@ -144,7 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = {**common.run_header(),
                "settings": {"batch_size": args.batch_size, "size": args.size, "chunk": CPU_IMAGE_CHUNK,
                             "threads": args.threads, "repeats": args.repeats, "cache_images": args.cache_images,
-                            "train_batch_size": args.train_batch_size, "train_slice": CPU_TRAIN_IMAGE_SLICE}}
+                            "train_batch_size": args.train_batch_size, "train_slice": CPU_TRAIN_IMAGE_SLICE,
+                            "train_sizes": args.train_sizes}}
     results["ms_per_image"] = tower_speeds(args)
     results["cache_ms_per_photo"] = cache_speeds(args)
     results["training_ms_per_image"] = training_speeds(args)
@@ -157,8 +164,10 @@ def main(argv: list[str] | None = None) -> dict:
         f"- A few images per call are {min(speedups.values()):.2f}x to {max(speedups.values()):.2f}x faster per "
         f"image than the whole batch of {args.batch_size}, for every tower.",
         f"- The cache is {cache[1] / cache[0]:.2f}x faster built in one process than with a decoder beside it.",
-        f"- Training the trained stages in slices of {CPU_TRAIN_IMAGE_SLICE} is "
-        f"{training['whole'] / training['sliced']:.2f}x faster per image than one call over {args.train_batch_size}.",
+        *(f"- At {size} px, training the trained stages in slices of {CPU_TRAIN_IMAGE_SLICE} is "
+          f"{ways['whole'] / ways[f'slices of {CPU_TRAIN_IMAGE_SLICE}']:.2f}x faster per image than one call over "
+          f"{args.train_batch_size}, and {ways['slices of 128'] / ways[f'slices of {CPU_TRAIN_IMAGE_SLICE}']:.2f}x "
+          "faster than slices of 128." for size, ways in training.items()),
     ]
     common.publish("cpu_chunks", results, report_markdown(results), args.report)
     return results
@@ -187,10 +196,10 @@ def report_markdown(results: dict) -> str:
         f"Training those trained stages (stochastic depth 0.2) from cached inputs, forward and backward over a batch of "
         f"{settings['train_batch_size']}, milliseconds per image, median of {settings['repeats']} steps interleaved:",
         "",
-        *common.markdown_table(["how", "ms per image"], [
-            [f"one call over {settings['train_batch_size']}", f"{training['whole']:.1f}"],
-            [f"slices of {settings['train_slice']} (training on a CPU)", f"{training['sliced']:.1f}"],
-        ], "lr"),
+        *common.markdown_table(
+            ["size", f"one call over {settings['train_batch_size']}", "slices of 128",
+             f"slices of {settings['train_slice']} (`--cpu_image_slice` default)"],
+            [[f"{size} px", *(f"{ms:.1f}" for ms in ways.values())] for size, ways in training.items()], "lrrr"),
     ]
     return common.report_section("Image towers on a CPU: a few images per call", results, body)
 

@@ -158,8 +158,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "it spent before its first step, beyond this run's, are added to every point")
     parser.add_argument("--baseline_image_cache_from", default=None,
                         help="the same for --baseline_run, so both curves count caching alike")
+    parser.add_argument("--image_resolution", type=int, default=None,
+                        help="score the best checkpoint encoded at this size, as `clipsearch.export --image_resolution` "
+                             "writes it (default: as it trained)")
+    parser.add_argument("--scale_average", default=None, metavar="SIZES",
+                        help="score it with these sizes averaged in, as `clipsearch.export --scale_average` writes it")
     common.add_report_flags(parser)
     return parser.parse_args(argv)
+
+
+def exported(bundle, image_resolution: int | None, scale_average: str | None):
+    """The best checkpoint as `clipsearch.export` with these flags would write it, and the flags as text."""
+    from clipsearch.cli.export import image_sizes
+    from clipsearch.models.registry import with_image_size, with_scale_average
+
+    flags = []
+    if image_resolution is not None:
+        bundle = with_image_size(bundle, image_resolution)
+        flags.append(f"--image_resolution {image_resolution}")
+    if scale_average is not None:
+        bundle = with_scale_average(bundle, image_sizes(scale_average))
+        flags.append(f"--scale_average {scale_average}")
+    return bundle, " ".join(flags)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -174,7 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
     models_dir, logs_dir = Path(args.models_dir), Path(args.logs_dir)
     curves, borrowed_minutes = charged_curves(models_dir, logs_dir, args.run_name, args.image_cache_from)
     header = common.run_header()
-    final = evaluate(load_bundle(run_dir / "best.ckpt"), args.dataset_path, "dev", batch_size=64, num_workers=1)
+    scored, export_flags = exported(load_bundle(run_dir / "best.ckpt"), args.image_resolution, args.scale_average)
+    final = evaluate(scored, args.dataset_path, "dev", batch_size=64, num_workers=1)
     plot_path = common.results_dir(args.report) / "quality_recall_vs_time.png"
     plot_path.parent.mkdir(parents=True, exist_ok=True)
     baseline = None
@@ -194,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
         "borrowed_cache_minutes": borrowed_minutes,
         "baseline_image_cache_from": args.baseline_image_cache_from,
         "curves": curves,
+        "export_flags": export_flags,
         "final": final,
     }
     metrics = final["metrics"]
@@ -220,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
                      " are added to every point here." if args.image_cache_from else "")
     markdown = f"""## Quality (Flickr8k)
 
-Command: `{args.command or 'see params'}`, then `python benchmarks/bench_quality.py --run_name {args.run_name}`
+Command: `{args.command or 'see params'}`, then `python benchmarks/bench_quality.py --run_name {args.run_name}{(' ' + export_flags) if export_flags else ''}`
 
 - Machine: {results['machine']['nproc']} CPUs ({results['machine']['cpu_model']}); date {results['date']}
 - "Our" CLIP: packaged MiniLM-L6 text tower + packaged ImageNet {image_tower_name(params)} image tower, trained
@@ -230,7 +252,7 @@ Command: `{args.command or 'see params'}`, then `python benchmarks/bench_quality
 - Target: text->image R@1 >= {TARGET['text_to_image_R@1']:.0f} and R@10 >= {TARGET['text_to_image_R@10']:.0f} within 60 minutes: {verdict}.
 - Floor: the same towers frozen with linear heads reach about {FROZEN_FLOOR['text_to_image_R@1']:.0f} / {FROZEN_FLOOR['text_to_image_R@10']:.0f} (text->image R@1 / R@10).{resumed_line}{borrowed_line}{baseline_line}
 
-Best checkpoint:
+Best checkpoint{f", exported with `{export_flags}` (the same weights; validation during training encoded at {params.get('model', {}).get('image_resolution')} px)" if export_flags else ""}:
 
 ```
 {format_metrics(metrics)}

@@ -10,8 +10,8 @@ RESUME_CHOICES = ("auto", "last", "none")
 LOSS_NAMES = ("contrastive", "sigmoid")
 # On a CPU the image tower trains on slices of a batch (--cpu_image_slice), whose activations stay
 # closer to the CPU's caches: EfficientNet-Lite2's trained stages (4 groups, from cached inputs)
-# take 9.7 ms an image forward and backward in slices of 32 against 13.3 ms in slices of 128 at
-# 224 px, and 12.9 against 18.0 at 256 px, on 2 cores (benchmarks/bench_cpu_chunks.py measures
+# take 9.6 ms an image forward and backward in slices of 32 against 10.3 ms in slices of 128 at
+# 224 px, and 12.8 against 14.7 at 256 px, on 2 cores (benchmarks/bench_cpu_chunks.py measures
 # the default against one call). A trained BatchNorm then normalises each slice by its own
 # statistics, as that many images per device would under DDP.
 CPU_TRAIN_IMAGE_SLICE = 32

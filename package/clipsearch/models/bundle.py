@@ -12,8 +12,8 @@ from torch import nn
 SPEC_VERSION = 1
 # On a CPU an image tower runs faster per image on a few images at a time: the activations of 16
 # images stay in the CPU's caches, those of 128 do not. Milliseconds per 224 px image on 2 cores,
-# 16 at a time against 128 (benchmarks/bench_cpu_chunks.py): EfficientNet-Lite0 16.1 / 25.1,
-# Lite2 19.2 / 32.2, OpenAI's ViT-B/32 53.8 / 63.1, RN50 71.4 / 90.4. GPUs want the whole batch.
+# 16 at a time against 128 (benchmarks/bench_cpu_chunks.py): EfficientNet-Lite0 12.3 / 23.8,
+# Lite2 18.3 / 32.9, OpenAI's ViT-B/32 51.6 / 67.4, RN50 70.6 / 87.8. GPUs want the whole batch.
 CPU_IMAGE_CHUNK = 16
 
 

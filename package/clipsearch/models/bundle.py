@@ -86,8 +86,8 @@ def embed_images(model: nn.Module, images: torch.Tensor, views: ImageViews = Ima
 
     The mirror average costs a second pass over every image and, on Flickr8k, bought about one
     point of R@1 in each direction. The scale average costs a pass per extra size (a 256 px pass
-    is 0.64 of a 320 px one); on Flickr8k, a Lite2 tower trained at 256 px and encoded at 320 px
-    and 256 px scored about one point of mean recall above either size alone. Training mirrors
+    is 0.64 of a 320 px one); on Flickr8k, two Lite2 towers trained at 256 px and encoded at 320 px
+    and 256 px scored 0.7 and 0.2 points of mean recall above 288 px alone. Training mirrors
     images only with --flip_images.
     """
     if not views.extra_sizes:

@@ -135,30 +135,44 @@ def encode_split(
     return EncodedSplit(image_embeddings, text_embeddings, caption_rows, report, len(dataset))
 
 
-def evaluate(bundle: ModelBundle, dataset_path: str | os.PathLike, split: str = "dev", **encode_options) -> dict:
+def evaluate(bundle: ModelBundle, dataset_path: str | os.PathLike, split: str = "dev",
+             querybank_split: str | None = None, querybank_size: int | None = None,
+             querybank_temperature: float | None = None, **encode_options) -> dict:
     """Retrieval metrics of `bundle` on a split, with the counts they were computed over.
 
     `encode_options` (batch_size, num_workers, device) go to `encode_split`. Returns {"dataset",
     "split", "metrics": retrieval_metrics(...), "counts": {"images", "captions", "skipped_images",
     "skipped": {reason: n}, "conversions": {mode: n}}}, where "skipped" also counts table rows
     dropped for an empty or unreadable caption or path.
+
+    With `querybank_split` (a split of the same dataset, e.g. train), text->image ranks are
+    querybank-normalised as `3_inference_search.sh --querybank` ranks them (querybank.py):
+    "metrics" are those, "metrics_without_querybank" the plain cosine ones, and "querybank" says
+    how many captions of which split made the bank, at which temperature.
     """
     image_embeddings, text_embeddings, caption_image_ids, report, table_images = encode_split(
         bundle, dataset_path, split, **encode_options
     )
     metrics = retrieval_metrics(image_embeddings, text_embeddings, caption_image_ids)
-    return {
-        "dataset": str(Path(dataset_path).resolve()),
-        "split": split,
-        "metrics": metrics,
-        "counts": {
-            "images": int(image_embeddings.shape[0]),
-            "captions": int(text_embeddings.shape[0]),
-            "skipped_images": table_images - int(image_embeddings.shape[0]),
-            "skipped": report.skipped(),
-            "conversions": report.conversions(),
-        },
+    result = {"dataset": str(Path(dataset_path).resolve()), "split": split, "metrics": metrics}
+    if querybank_split is not None:
+        from clipsearch import querybank
+
+        captions = querybank.bank_captions(dataset_path, querybank_split, querybank_size or querybank.DEFAULT_BANK_SIZE)
+        bank = querybank.encode_bank(bundle, captions, encode_options.get("device"))
+        temperature = querybank_temperature or querybank.model_temperature(bundle.model)
+        bias = querybank.hub_bias(image_embeddings, bank, temperature)
+        result["metrics"] = retrieval_metrics(image_embeddings, text_embeddings, caption_image_ids, image_bias=bias)
+        result["metrics_without_querybank"] = metrics
+        result["querybank"] = {"split": querybank_split, "captions": len(captions), "temperature": temperature}
+    result["counts"] = {
+        "images": int(image_embeddings.shape[0]),
+        "captions": int(text_embeddings.shape[0]),
+        "skipped_images": table_images - int(image_embeddings.shape[0]),
+        "skipped": report.skipped(),
+        "conversions": report.conversions(),
     }
+    return result
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

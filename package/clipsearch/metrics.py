@@ -21,13 +21,16 @@ def retrieval_metrics(
     text_embeddings: torch.Tensor,
     caption_image_ids: torch.Tensor,
     chunk_size: int = 4096,
+    image_bias: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """R@1/5/10, median and mean rank for text->image and image->text.
 
     image_embeddings [N, D], one row per unique image; text_embeddings [M, D], one row per caption;
     caption_image_ids [M] gives the row of each caption's image. An image counts as found from a
     caption when it is the caption's image; a caption counts as found from an image when any of
-    the image's captions is (the Flickr/COCO convention).
+    the image's captions is (the Flickr/COCO convention). `image_bias` [N] is added to every
+    caption's score for each image (querybank normalisation, querybank.py); image->text ranks are
+    the same either way, since it moves all of one image's scores alike.
     """
     images = F.normalize(image_embeddings.float(), dim=-1)
     texts = F.normalize(text_embeddings.float(), dim=-1)
@@ -38,7 +41,11 @@ def retrieval_metrics(
         chunk_ids = caption_image_ids[start : start + chunk_size]
         scores = texts[start : start + chunk_size] @ images.T  # [m, N]
         correct = scores.gather(1, chunk_ids[:, None])
-        text_to_image_ranks.append((scores > correct).sum(dim=1))
+        if image_bias is None:
+            text_to_image_ranks.append((scores > correct).sum(dim=1))
+        else:
+            biased = scores + image_bias.to(scores)[None, :]
+            text_to_image_ranks.append((biased > biased.gather(1, chunk_ids[:, None])).sum(dim=1))
         # For image->text: how many captions outscore this caption on its own image.
         column_scores = texts @ images[chunk_ids].T  # [M, m]
         caption_ranks_for_own_image.append((column_scores > correct.T).sum(dim=0))

@@ -27,6 +27,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_SCORE_BYTES = 256 * 2**20
 # Rows of an fp16 collection widened to fp32 at a time for multi-query scoring: 16 MB at 512-d.
 UPCAST_SLAB_ROWS = 8192
+# With per-row biases (querybank) an index's ranking is not the biased one: it is asked for this
+# many times top_k candidates, which the biases then re-rank. Biases span a few hundredths of a
+# cosine, so the biased top-k lies well inside that list.
+BIAS_CANDIDATE_FACTOR = 4
 
 __all__ = ["EmbeddingMismatchError", "Hit", "SearchEngine", "Searcher", "normalise_rows", "order_fingerprint"]
 
@@ -134,8 +138,12 @@ class Searcher:
             collection.paths, collection.embeddings, index, assume_normalised=True, duplicates=duplicates, **searcher_options
         )
 
-    def search(self, queries: torch.Tensor, top_k: int) -> list[list[Hit]]:
-        """The `top_k` best rows for each query of `queries` [q, d] (or one query [d]), best first."""
+    def search(self, queries: torch.Tensor, top_k: int, bias: torch.Tensor | None = None) -> list[list[Hit]]:
+        """The `top_k` best rows for each query of `queries` [q, d] (or one query [d]), best first.
+
+        `bias` [count], when given, is added to every query's cosine with each row (querybank
+        normalisation): hits are ranked and scored by cosine plus bias.
+        """
         if queries.ndim == 1:
             queries = queries.unsqueeze(0)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
@@ -148,7 +156,7 @@ class Searcher:
         queries = F.normalize(queries.detach().float().cpu(), dim=-1)
         candidates = top_k
         while True:
-            scores, ids = self.top_k_rows(queries, candidates)
+            scores, ids = self.top_k_rows(queries, candidates, bias)
             hits = [
                 self._fold(query_scores, query_ids, top_k) for query_scores, query_ids in zip(scores.tolist(), ids.tolist())
             ]
@@ -157,12 +165,19 @@ class Searcher:
                 return hits
             candidates = min(len(self), 2 * candidates)
 
-    def top_k_rows(self, queries: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def top_k_rows(self, queries: torch.Tensor, top_k: int,
+                   bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores and rows of unit-length `queries`, from the index when there is one, else exact."""
-        if self.index is not None:
-            scores, ids = self.index.search(queries.numpy(), top_k)
-            return torch.as_tensor(scores), torch.as_tensor(ids)
-        return self.exact_top_k(queries, top_k)
+        if self.index is None:
+            return self.exact_top_k(queries, top_k, bias)
+        candidates = top_k if bias is None else min(len(self), BIAS_CANDIDATE_FACTOR * top_k)
+        scores, ids = (torch.as_tensor(found) for found in self.index.search(queries.numpy(), candidates))
+        if bias is None:
+            return scores, ids
+        # Places the index could not fill (-1) stay last.
+        scores = torch.where(ids >= 0, scores.float() + bias[ids.clamp(min=0)], torch.finfo(torch.float32).min)
+        scores, order = scores.topk(min(top_k, scores.shape[1]), dim=1)
+        return scores, ids.gather(1, order)
 
     def _fold(self, scores: list[float], rows: list[int], top_k: int) -> list[Hit]:
         hits, seen = [], set()
@@ -179,15 +194,22 @@ class Searcher:
                 break
         return hits
 
-    def exact_top_k(self, queries: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores and rows of the exact top-k by inner product; memory stays under `max_score_bytes`."""
+    def exact_top_k(self, queries: torch.Tensor, top_k: int,
+                    bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores and rows of the exact top-k by inner product (plus `bias` [count] when given);
+        memory stays under `max_score_bytes`."""
         queries = queries.to(self.storage.dtype)
+
+        def scored(block: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+            scores = self.scores(block, start, end).float()
+            return scores if bias is None else scores.add_(bias[start:end])
+
         count, query_count = len(self), queries.shape[0]
         if query_count * count * 4 <= self.max_score_bytes:
             # One BLAS call over the whole matrix: the scan is bound by memory bandwidth, a single
             # query pays no per-chunk Python overhead, and the scores come out row-major, so top-k
             # runs along contiguous memory.
-            best_scores, best_rows = self.scores(queries).float().topk(top_k, dim=1)
+            best_scores, best_rows = scored(queries).topk(top_k, dim=1)
             return best_scores, best_rows
         # Too many scores at once: take query blocks, and scan the collection in row chunks,
         # keeping a running top-k per query. Blocks keep chunks at least a few thousand rows long.
@@ -198,7 +220,7 @@ class Searcher:
             block = queries[query_start : query_start + query_block]
             best_scores = best_rows = None
             for row_start in range(0, count, rows_per_chunk):
-                chunk_scores = self.scores(block, row_start, row_start + rows_per_chunk).float()
+                chunk_scores = scored(block, row_start, row_start + rows_per_chunk)
                 chunk_best, chunk_rows = chunk_scores.topk(min(top_k, chunk_scores.shape[1]), dim=1)
                 chunk_rows += row_start
                 if best_scores is None:
@@ -213,17 +235,37 @@ class Searcher:
         return torch.cat(all_scores), torch.cat(all_rows)
 
 
-class SearchEngine:
-    """A model bundle to embed queries, and a Searcher over a collection embedded by the same model."""
+def check_encoded_with(encoded_with_model: dict, load_model: str | os.PathLike, fingerprint: str,
+                       emb_path: str | os.PathLike) -> None:
+    """Refuse embeddings whose recorded model (model.json) is not the query model."""
+    encoded_with = encoded_with_model.get("fingerprint")
+    if encoded_with is not None and encoded_with != fingerprint:
+        query_model = {**model_source(load_model), "fingerprint": fingerprint}
+        raise EmbeddingMismatchError(
+            f"{emb_path} was encoded with another model, {describe_model(encoded_with_model)}, than the query "
+            f"model, {describe_model(query_model)}; re-encode with the query model, or search with the model "
+            "that encoded them."
+        )
 
-    def __init__(self, bundle, searcher: Searcher):
+
+class SearchEngine:
+    """A model bundle to embed queries, and a Searcher over a collection embedded by the same model.
+
+    With a `querybank` (querybank.py), text queries rank by cosine plus each image's querybank
+    bias; image queries keep the plain cosine, since the bank holds captions, not images.
+    """
+
+    def __init__(self, bundle, searcher: Searcher, querybank=None):
         if bundle.embed_dim != searcher.dim:
             raise EmbeddingMismatchError(
                 f"the query model makes {bundle.embed_dim}-d embeddings but the collection holds "
                 f"{searcher.dim}-d embeddings"
             )
+        if querybank is not None and querybank.bias.shape != (len(searcher),):
+            raise EmbeddingMismatchError(f"the querybank holds {querybank.bias.numel()} biases for {len(searcher)} images")
         self.bundle = bundle
         self.searcher = searcher
+        self.querybank = querybank
         self.bundle.model.eval()
 
     @classmethod
@@ -235,12 +277,15 @@ class SearchEngine:
         dtype: torch.dtype = torch.float32,
         fold_duplicates: bool = False,
         mapped: bool = False,
+        querybank: bool = False,
     ) -> SearchEngine:
         """The query model and the folder's current collection; refuses embeddings of another model.
 
         `mapped` searches the folder's consolidated fp16 matrix (`mmap_store`, built on first use and
         rebuilt when the shards change) memory-mapped, so a large collection is never read into
-        memory first: pages load as the scoring touches them.
+        memory first: pages load as the scoring touches them. `querybank` ranks text queries with
+        the folder's querybank biases (python -m clipsearch.querybank), refused when they were
+        computed for other rows or another model.
         """
         from clipsearch.checkpoint import model_fingerprint
         from clipsearch.models.released import load_model as load_any_model
@@ -256,14 +301,8 @@ class SearchEngine:
         else:
             collection = load_collection(emb_path, dtype=dtype)
             encoded_with_model = collection.model
-        query_model = {**model_source(load_model), "fingerprint": model_fingerprint(bundle)}
-        encoded_with = encoded_with_model.get("fingerprint")
-        if encoded_with is not None and encoded_with != query_model["fingerprint"]:
-            raise EmbeddingMismatchError(
-                f"{emb_path} was encoded with another model, {describe_model(encoded_with_model)}, than the query "
-                f"model, {describe_model(query_model)}; re-encode with the query model, or search with the model "
-                "that encoded them."
-            )
+        fingerprint = model_fingerprint(bundle)
+        check_encoded_with(encoded_with_model, load_model, fingerprint, emb_path)
         if collection.dim != bundle.embed_dim:
             raise EmbeddingMismatchError(
                 f"query model {load_model}: embeddings in {emb_path} are {collection.dim}-d but the query model "
@@ -274,9 +313,14 @@ class SearchEngine:
             from clipsearch.index import load_index  # one way only: the index never imports search
 
             index = load_index(index_path)
+        bank = None
+        if querybank:
+            from clipsearch.querybank import QueryBank
+
+            bank = QueryBank.load(emb_path, collection.paths, collection.dim, fingerprint)
         if mapped:
-            return cls(bundle, Searcher(collection.paths, collection.embeddings, index, assume_normalised=True))
-        return cls(bundle, Searcher.from_collection(collection, index, fold_duplicates=fold_duplicates))
+            return cls(bundle, Searcher(collection.paths, collection.embeddings, index, assume_normalised=True), bank)
+        return cls(bundle, Searcher.from_collection(collection, index, fold_duplicates=fold_duplicates), bank)
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         with torch.inference_mode():
@@ -292,7 +336,8 @@ class SearchEngine:
     def search_text(self, texts: list[str], top_k: int) -> list[list[Hit]]:
         if not texts:
             return []
-        return self.searcher.search(self.encode_texts(texts), top_k)
+        bias = self.querybank.bias if self.querybank is not None else None
+        return self.searcher.search(self.encode_texts(texts), top_k, bias)
 
     def search_image(self, images: list, top_k: int) -> list[list[Hit]]:
         if not images:

@@ -10,6 +10,7 @@ from clipsearch.cli.common import (
     CommandParser,
     UserError,
     non_negative_int,
+    positive_float,
     positive_int,
     run_command,
 )
@@ -27,6 +28,15 @@ def parse_args(argv: list[str] | None = None):
     data.add_argument("--split", default="dev", help="table to evaluate on, e.g. dev or test")
     data.add_argument("--batch_size", type=positive_int, default=64, help="images per batch (each brings all its captions)")
     data.add_argument("--num_workers", type=non_negative_int, default=2, help="DataLoader processes decoding images")
+    ranking = parser.add_argument_group("ranking")
+    ranking.add_argument("--querybank", default=None, metavar="SPLIT",
+                         help="also score text->image querybank-normalised, as 3_inference_search.sh --querybank ranks: "
+                              "each image's score corrected by how strongly the captions of this split (e.g. train) "
+                              "point at it")
+    ranking.add_argument("--querybank_size", type=positive_int, default=None,
+                         help="captions of --querybank to use, drawn at random when it has more (default: 50000)")
+    ranking.add_argument("--querybank_temperature", type=positive_float, default=None,
+                         help="inverted-softmax temperature (default: the model's learnt logit scale, at most 100)")
     model = parser.add_argument_group("model")
     model.add_argument("--load_model", default=DEFAULT_MODEL, help=LOAD_MODEL_HELP)
     trainer = parser.add_argument_group("trainer")
@@ -41,6 +51,10 @@ def parse_args(argv: list[str] | None = None):
         raise UserError(f"--devices {args.devices}: evaluation runs on one device; pass --devices 1")
     check_model_reference(args.load_model)
     check_dataset(args.dataset_path, args.split, shards_allowed=False)
+    if args.querybank is not None:
+        check_dataset(args.dataset_path, args.querybank, shards_allowed=False)
+    elif args.querybank_size is not None or args.querybank_temperature is not None:
+        raise UserError("--querybank_size and --querybank_temperature apply only with --querybank SPLIT")
     return args
 
 
@@ -73,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
     bundle.model.to(device)
     try:
         result = evaluate(bundle, args.dataset_path, args.split, batch_size=args.batch_size,
-                          num_workers=args.num_workers, device=device)
+                          num_workers=args.num_workers, device=device, querybank_split=args.querybank,
+                          querybank_size=args.querybank_size, querybank_temperature=args.querybank_temperature)
     except ValueError as error:
         raise UserError(str(error)) from None
     result = {"checkpoint": model_label(args.load_model), **result}
@@ -88,6 +103,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if counts["skipped"]:
         print("skipped: " + ", ".join(f"{count} {reason}" for reason, count in counts["skipped"].items()))
+    if "querybank" in result:
+        bank = result["querybank"]
+        print(format_metrics(result["metrics_without_querybank"]))
+        print(f"querybank-normalised text->image ({bank['captions']} {bank['split']} captions, "
+              f"temperature {bank['temperature']:.1f}):")
     print(format_metrics(result["metrics"]))
     print(f"written to {out}")
     return result

@@ -58,6 +58,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                            "into memory")
     data.add_argument("--fold_duplicates", action="store_true",
                       help="answer images with the same bytes as one result that lists every path")
+    data.add_argument("--querybank", action="store_true",
+                      help="rank text queries by cosine plus each image's querybank bias, which lowers images that "
+                           "come up for too many queries (compute it once with python -m clipsearch.querybank)")
 
     query = parser.add_argument_group("queries")
     query.add_argument("--query", action="append", default=[], help="text query; repeat for several")
@@ -300,6 +303,7 @@ def load_engine(args: argparse.Namespace):
             dtype=torch.float16 if args.fp16 else torch.float32,
             fold_duplicates=args.fold_duplicates,
             mapped=args.mmap,
+            querybank=args.querybank,
         )
     except (FileNotFoundError, ValueError) as error:  # ValueError: not shards, or another model's (EmbeddingMismatchError)
         raise UserError(str(error)) from error

@@ -41,11 +41,9 @@ def retrieval_metrics(
         chunk_ids = caption_image_ids[start : start + chunk_size]
         scores = texts[start : start + chunk_size] @ images.T  # [m, N]
         correct = scores.gather(1, chunk_ids[:, None])
-        if image_bias is None:
-            text_to_image_ranks.append((scores > correct).sum(dim=1))
-        else:
-            biased = scores + image_bias.to(scores)[None, :]
-            text_to_image_ranks.append((biased > biased.gather(1, chunk_ids[:, None])).sum(dim=1))
+        # Text->image ranks by what search ranks by: the cosine, plus the image's bias when given.
+        ranked = scores if image_bias is None else scores + image_bias.to(scores)[None, :]
+        text_to_image_ranks.append((ranked > ranked.gather(1, chunk_ids[:, None])).sum(dim=1))
         # For image->text: how many captions outscore this caption on its own image.
         column_scores = texts @ images[chunk_ids].T  # [M, m]
         caption_ranks_for_own_image.append((column_scores > correct.T).sum(dim=0))

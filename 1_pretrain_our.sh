@@ -4,7 +4,5 @@
 # sample data unless --dataset_path says otherwise. Flags: bash 1_pretrain_our.sh --help
 #   bash 1_pretrain_our.sh --pretrain_text=bert-base-uncased --pretrain_image=resnet50 --dataset_path dataset/flickr8k/data
 set -euo pipefail
-cd "$(dirname "$0")"
-PY=.venv/bin/python; [ -x "$PY" ] || PY=python3
-export CLIPSEARCH_PROG="bash $0"  # usage lines name this script
-exec "$PY" -m clipsearch.cli.pretrain_our "$@"
+# Paths you type are taken from the folder you run it in; the defaults live in this repository.
+CLIPSEARCH_PROG="bash $0" exec "$(dirname "$0")/clipsearch" pretrain_our "$@"  # usage lines name this script

@@ -4,7 +4,5 @@
 #   bash 2_inference_encode.sh --load_model models/latest/best.ckpt --dataset_path dataset/sample
 #   bash 2_inference_encode.sh --dataset_path ~/photos --emb_path ~/photos-emb --devices 4 --precision 16-mixed
 set -euo pipefail
-cd "$(dirname "$0")"
-PY=.venv/bin/python; [ -x "$PY" ] || PY=python3
-export CLIPSEARCH_PROG="bash $0"  # usage lines name this script
-exec "$PY" -m clipsearch.cli.encode "$@"
+# Paths you type are taken from the folder you run it in; the defaults live in this repository.
+CLIPSEARCH_PROG="bash $0" exec "$(dirname "$0")/clipsearch" encode "$@"  # usage lines name this script

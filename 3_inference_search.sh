@@ -3,7 +3,5 @@
 # Without --query/--image it prompts "Search: "; --serve starts the web page. Flags: --help
 #   bash 3_inference_search.sh --load_model models/latest/best.ckpt --emb_path dataset/sample/emb --query "Hello World"
 set -euo pipefail
-cd "$(dirname "$0")"
-PY=.venv/bin/python; [ -x "$PY" ] || PY=python3
-export CLIPSEARCH_PROG="bash $0"  # usage lines name this script
-exec "$PY" -m clipsearch.cli.search "$@"
+# Paths you type are taken from the folder you run it in; the defaults live in this repository.
+CLIPSEARCH_PROG="bash $0" exec "$(dirname "$0")/clipsearch" search "$@"  # usage lines name this script

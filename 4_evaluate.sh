@@ -4,7 +4,5 @@
 #   bash 4_evaluate.sh --load_model models/X.ckpt --dataset_path dataset/flickr8k/data --split dev
 #   bash 4_evaluate.sh --load_model models/X.ckpt --accelerator gpu --devices 1
 set -euo pipefail
-cd "$(dirname "$0")"
-PY=.venv/bin/python; [ -x "$PY" ] || PY=python3
-export CLIPSEARCH_PROG="bash $0"  # usage lines name this script
-exec "$PY" -m clipsearch.cli.evaluate "$@"
+# Paths you type are taken from the folder you run it in; the defaults live in this repository.
+CLIPSEARCH_PROG="bash $0" exec "$(dirname "$0")/clipsearch" evaluate "$@"  # usage lines name this script

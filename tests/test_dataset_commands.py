@@ -46,9 +46,9 @@ def test_the_refusal_is_one_line_and_exits_1(tmp_path):
     (root / "emb").mkdir(parents=True)
     (root / "emb" / "manifest.json").write_text("{}")
     env = {**os.environ, "PYTHONPATH": str(REPO / "package")}
-    # The old door, python -m clipsearch.sample_data, reaches the same command.
-    for module in ("clipsearch.cli.sample_data", "clipsearch.sample_data"):
-        completed = subprocess.run([sys.executable, "-m", module, "--path", str(root), *SMALL],
+    # Both doors, the command's module and python -m clipsearch <command>, reach the same command.
+    for door in (["clipsearch.cli.sample_data"], ["clipsearch", "sample_data"]):
+        completed = subprocess.run([sys.executable, "-m", *door, "--path", str(root), *SMALL],
                                    capture_output=True, text=True, env=env, timeout=60)
         assert completed.returncode == 1, completed.stderr
         assert completed.stderr.startswith("error: ") and completed.stderr.count("\n") == 1, completed.stderr

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from clipsearch.cli.common import UserError
+from clipsearch.cli.common import DEFAULT_DATASETS_DIR, UserError
 from clipsearch.cli.encode import main as encode_main
 from clipsearch.cli.encode import parse_args
 from clipsearch.encoding.launcher import ProcessLayout, layout_from_env
@@ -97,7 +97,8 @@ def test_launcher_environments():
 
 def test_flags_validated_and_defaults():
     args = parse_args(["--dataset_path", "some/where"])
-    assert args.emb_path == os.path.join("some/where", "emb") and args.batch_size == 64
+    # A folder outside the project's dataset/ gets dataset/<its name>/emb in the project, not a folder inside it.
+    assert args.emb_path == os.path.join(DEFAULT_DATASETS_DIR, "where", "emb") and args.batch_size == 64
     with pytest.raises(SystemExit):
         parse_args(["--node_rank", "1"])
     with pytest.raises(SystemExit):

@@ -84,7 +84,7 @@ def encoded_colours(tmp_path, tiny_checkpoint, colour_images):
 
 
 def test_search_ranks_text_by_cosine_plus_the_stored_bias(tiny_checkpoint, encoded_colours, caption_tables, colour_images, capsys):
-    with pytest.raises(UserError, match="python -m clipsearch.querybank"):
+    with pytest.raises(UserError, match="./clipsearch querybank"):
         SearchEngine.from_files(tiny_checkpoint, encoded_colours, querybank=True)
     querybank_main(["--emb_path", str(encoded_colours), "--load_model", str(tiny_checkpoint),
                     "--dataset_path", str(caption_tables), "--size", "20"])

@@ -54,7 +54,7 @@ def test_help_shows_every_default_and_the_flags_accept_dashes():
     completed = run_search("--help", block_torch=True)
     assert completed.returncode == 0
     text = " ".join(completed.stdout.split())  # help wraps long lines
-    for default in (f"(default: {DEFAULT_TOP_K})", "(default: 8000)", "(default: models/latest/best.ckpt)"):
+    for default in (f"(default: {DEFAULT_TOP_K})", "(default: 8000)", "model.json records, else models/latest/best.ckpt)"):
         assert default in text
     assert parse_args(["--top-k", "7", "--no-grid"]).top_k == 7
     assert parse_args([]).top_k == DEFAULT_TOP_K

@@ -11,19 +11,16 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import DataLoader
 
+from clipsearch import querybank
 from clipsearch.data import DataReport, read_table
 from clipsearch.datasets import ImageGroupDataset, collate_groups
 from clipsearch.metrics import RECALL_KS, retrieval_metrics
-from clipsearch.models import ImageViews, ModelBundle, embed_images
+from clipsearch.models import ImageViews, ModelBundle, embed_images, model_device
+from clipsearch.tables import CAPTION_COLUMN, IMAGE_COLUMN
 
 logger = logging.getLogger(__name__)
 
 DIRECTIONS = {"text_to_image": "text->image", "image_to_text": "image->text"}
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
 
 
 def encode_groups(model: torch.nn.Module, batch: dict, device: torch.device | str | None = None,
@@ -100,6 +97,8 @@ def encode_split(
     batch_size: int = 64,
     num_workers: int = 0,
     device: torch.device | str | None = None,
+    image_column: str = IMAGE_COLUMN,
+    caption_column: str = CAPTION_COLUMN,
 ) -> EncodedSplit:
     """Encode every unique image of a split once and all of its captions.
 
@@ -107,7 +106,7 @@ def encode_split(
     could be read; the report says how much that was.
     """
     report = DataReport()
-    table = read_table(dataset_path, split, report=report)
+    table = read_table(dataset_path, split, image_column, caption_column, report=report)
     if table.empty:
         raise ValueError(f"{dataset_path}: split {split!r} has no usable rows ({report.summary()})")
     dataset = ImageGroupDataset(table, bundle.eval_transform, bundle.tokenizer)
@@ -156,9 +155,9 @@ def evaluate(bundle: ModelBundle, dataset_path: str | os.PathLike, split: str = 
     metrics = retrieval_metrics(image_embeddings, text_embeddings, caption_image_ids)
     result = {"dataset": str(Path(dataset_path).resolve()), "split": split, "metrics": metrics}
     if querybank_split is not None:
-        from clipsearch import querybank
-
-        captions = querybank.bank_captions(dataset_path, querybank_split, querybank_size or querybank.DEFAULT_BANK_SIZE)
+        columns = {name: encode_options[name] for name in ("image_column", "caption_column") if name in encode_options}
+        captions = querybank.bank_captions(dataset_path, querybank_split, querybank_size or querybank.DEFAULT_BANK_SIZE,
+                                           **columns)
         bank = querybank.encode_bank(bundle, captions, encode_options.get("device"))
         temperature = querybank_temperature or querybank.model_temperature(bundle.model)
         bias = querybank.hub_bias(image_embeddings, bank, temperature)

@@ -222,7 +222,7 @@ def load_index(index_path: str | os.PathLike, nprobe: int | None = None, mmap: b
     if not index_path.is_file() or not info_path.is_file():
         raise FileNotFoundError(
             f"no index at {index_path} (with {info_path.name}); build one with "
-            "python -m clipsearch.index --emb_path <folder>"
+            "./clipsearch index --emb_path <folder>"
         )
     info = json.loads(info_path.read_text())
     if nprobe is not None:
@@ -239,7 +239,7 @@ def load_index(index_path: str | os.PathLike, nprobe: int | None = None, mmap: b
         else:
             logger.warning(
                 "%s: the consolidated store it re-ranks from is missing or stale; answering from PQ codes alone "
-                "(lower recall). Rebuild with python -m clipsearch.index --emb_path %s",
+                "(lower recall). Rebuild with ./clipsearch index --emb_path %s",
                 index_path,
                 index_path.parent,
             )
@@ -400,10 +400,3 @@ def build_index(
         info["recall_at_10"] = 1.0
     info["build_seconds"] = round(time.perf_counter() - started, 2)
     return built
-
-
-if __name__ == "__main__":  # the historical door; the command lives in clipsearch.cli.index
-    from clipsearch.cli.common import run_command
-    from clipsearch.cli.index import main
-
-    run_command(main)

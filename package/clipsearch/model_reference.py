@@ -6,11 +6,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from clipsearch.defaults import DEFAULT_OUTPUTS_DIR, in_project
 from clipsearch.errors import UserError
 
 # The four OpenAI releases, found as files where finetuning looks for them too.
 OPENAI_SHORT_NAMES = ("ViT-B/32", "RN50", "RN101", "RN50x4")
-OPENAI_WEIGHTS_DIR = Path("models/openai")
+OPENAI_WEIGHTS_DIR = Path(in_project("models/openai"))
 OPEN_CLIP_PREFIX = "open_clip:"
 OPEN_CLIP_SCHEMAS = ("hf-hub:", "local-dir:")
 WEIGHT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors", ".npz")
@@ -164,4 +165,4 @@ def results_stem(reference: str) -> Path:
     if parsed.kind in ("file", "hf_folder"):
         return Path(parsed.location)
     safe = re.sub(r"[^\w.-]+", "_", parsed.label.removeprefix(OPEN_CLIP_PREFIX)).strip("_")
-    return Path("outputs") / (safe + ".model")
+    return Path(DEFAULT_OUTPUTS_DIR) / (safe + ".model")

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from clipsearch.errors import UserError
 from clipsearch.store import atomic_replace, order_fingerprint
+from clipsearch.tables import CAPTION_COLUMN, IMAGE_COLUMN, read_table
 
 QUERYBANK_FILE = "querybank.pt"
 # Captions drawn for the bank, at most. On Flickr8k dev (two models, two random draws each) 10,000
@@ -76,11 +77,10 @@ def hub_bias(images: torch.Tensor, bank: torch.Tensor, temperature: float,
     return bias
 
 
-def bank_captions(dataset_path: str | os.PathLike, split: str, size: int = DEFAULT_BANK_SIZE, seed: int = 0) -> list[str]:
+def bank_captions(dataset_path: str | os.PathLike, split: str, size: int = DEFAULT_BANK_SIZE, seed: int = 0,
+                  image_column: str = IMAGE_COLUMN, caption_column: str = CAPTION_COLUMN) -> list[str]:
     """The captions of a split's table, or a random `size` of them (fixed by `seed`) when it has more."""
-    from clipsearch.tables import read_table
-
-    captions = list(read_table(dataset_path, split)["caption"])
+    captions = list(read_table(dataset_path, split, image_column, caption_column)["caption"])
     if not captions:
         raise ValueError(f"{dataset_path}: split {split!r} has no captions for a querybank")
     if len(captions) > size:
@@ -92,7 +92,7 @@ def bank_captions(dataset_path: str | os.PathLike, split: str, size: int = DEFAU
 @torch.no_grad()
 def encode_bank(bundle, captions: list[str], device: torch.device | str | None = None) -> torch.Tensor:
     """Unit-length text embeddings [len(captions), D] of the bank, float32 on the CPU."""
-    from clipsearch.evaluate import model_device
+    from clipsearch.models import model_device
 
     device = device if device is not None else model_device(bundle.model)
     was_training = bundle.model.training
@@ -127,7 +127,7 @@ class QueryBank:
     def load(cls, emb_path: str | os.PathLike, paths: list[str], dim: int, model_fingerprint: str | None) -> QueryBank:
         """The folder's querybank, checked against the collection rows and the query model."""
         path = Path(emb_path) / QUERYBANK_FILE
-        rebuild = f"build it with python -m clipsearch.querybank --emb_path {emb_path} --load_model <the model>"
+        rebuild = f"build it with ./clipsearch querybank --emb_path {emb_path} --load_model <the model>"
         if not path.is_file():
             raise QueryBankMismatchError(f"{path} not found; {rebuild}")
         try:
@@ -141,10 +141,3 @@ class QueryBank:
         if model_fingerprint is not None and bank.model_fingerprint != model_fingerprint:
             raise QueryBankMismatchError(f"{path} was computed with another model than the query model; {rebuild}")
         return bank
-
-
-if __name__ == "__main__":  # the door; the command lives in clipsearch.cli.querybank
-    from clipsearch.cli.common import run_command
-    from clipsearch.cli.querybank import main
-
-    run_command(main)

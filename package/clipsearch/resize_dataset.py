@@ -67,10 +67,3 @@ def resize_dataset(dataset_path: str | Path, out: str | Path, size: int = 256, w
         counts[split] = len(table)
     print(f"resized {len(sources)} images to {size} px into {out}: {counts}; {report.summary()}")
     return counts
-
-
-if __name__ == "__main__":  # a door kept for old command lines; the command lives in clipsearch.cli.resize_dataset
-    from clipsearch.cli.common import run_command
-    from clipsearch.cli.resize_dataset import main
-
-    run_command(main)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from clipsearch.defaults import DEFAULT_DATASET
+from clipsearch.defaults import DEFAULT_DATASET, is_default_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ def _exclusive_lock(root: Path):
 
 
 def ensure_sample_dataset(
-    path: str | os.PathLike = "dataset/sample",
+    path: str | os.PathLike = DEFAULT_DATASET,
     num_train: int = 4000,
     num_dev: int = 300,
     image_size: int = SAMPLE_IMAGE_SIZE,
@@ -326,7 +326,7 @@ def needs_generation(
 def sample_image_size(dataset_path: str | os.PathLike) -> int | None:
     """`generated_image_size`, or the default size for the default sample folder not generated yet."""
     size = generated_image_size(dataset_path)
-    if size is None and str(dataset_path).rstrip("/") == DEFAULT_DATASET and not Path(dataset_path, META_FILE).exists():
+    if size is None and is_default_dataset(dataset_path) and not Path(dataset_path, META_FILE).exists():
         return SAMPLE_IMAGE_SIZE
     return size
 
@@ -336,12 +336,5 @@ def prepare_default_sample(dataset_path: str | os.PathLike) -> None:
 
     A complete copy made with other settings (e.g. more images) is used as it is, not regenerated.
     """
-    if str(dataset_path).rstrip("/") == DEFAULT_DATASET and not Path(dataset_path, COMPLETE_MARKER).is_file():
+    if is_default_dataset(dataset_path) and not Path(dataset_path, COMPLETE_MARKER).is_file():
         ensure_sample_dataset(DEFAULT_DATASET)
-
-
-if __name__ == "__main__":  # a door kept for old command lines; the command lives in clipsearch.cli.sample_data
-    from clipsearch.cli.common import run_command
-    from clipsearch.cli.sample_data import main
-
-    run_command(main)

@@ -92,13 +92,13 @@ class Searcher:
         if index.count != len(self):
             raise EmbeddingMismatchError(
                 f"the index holds {index.count} vectors but the collection has {len(self)}; rebuild it with "
-                "python -m clipsearch.index --emb_path <folder>"
+                "./clipsearch index --emb_path <folder>"
             )
         expected = order_fingerprint(self.paths, self.dim)
         if getattr(index, "order_fingerprint", expected) != expected:
             raise EmbeddingMismatchError(
                 "the index was built on other embeddings (or another row order) than these shards; rebuild it "
-                "with python -m clipsearch.index --emb_path <folder>"
+                "with ./clipsearch index --emb_path <folder>"
             )
 
     def __len__(self) -> int:
@@ -286,7 +286,7 @@ class SearchEngine:
         `mapped` searches the folder's consolidated fp16 matrix (`mmap_store`, built on first use and
         rebuilt when the shards change) memory-mapped, so a large collection is never read into
         memory first: pages load as the scoring touches them. `querybank` ranks text queries with
-        the folder's querybank biases (python -m clipsearch.querybank), refused when they were
+        the folder's querybank biases (./clipsearch querybank), refused when they were
         computed for other rows or another model.
         """
         from clipsearch.checkpoint import model_fingerprint

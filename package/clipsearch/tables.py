@@ -10,8 +10,11 @@ import logging
 import math
 import os
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from clipsearch.errors import UserError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -22,6 +25,40 @@ logger = logging.getLogger(__name__)
 
 TABLE_EXTENSIONS = (".tsv", ".csv", ".parquet")
 SHARD_SUFFIX = ".tar"
+IMAGE_COLUMN = "image"
+CAPTION_COLUMN = "caption"
+# The flag that names each column, for messages (every command with a table takes them).
+COLUMN_FLAGS = {"image": "--image_column", "caption": "--caption_column"}
+
+
+class TableColumnsError(UserError, ValueError):
+    """A table without the columns asked for: one line naming those it has and the flags to choose."""
+
+
+def table_columns(table_path: str | os.PathLike) -> list[str]:
+    """A table's column names, read from its header alone (no pandas), so commands check them at once."""
+    path = Path(table_path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet
+
+        return list(pyarrow.parquet.read_schema(path).names)
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as file:
+        header = next(csv.reader(file, delimiter="\t" if path.suffix == ".tsv" else ","), [])
+    return [name.strip() for name in header]
+
+
+def check_columns(table_path: str | os.PathLike, found: list[str], image_column: str,
+                  caption_column: str | None) -> None:
+    """Raise TableColumnsError unless `found` holds the image column (and the caption column, if asked)."""
+    wanted = {"image": image_column} if caption_column is None else {"image": image_column, "caption": caption_column}
+    missing = {role: name for role, name in wanted.items() if name not in found}
+    if not missing:
+        return
+    named = ", ".join(f"{role} column {name!r}" for role, name in missing.items())
+    flags = " and ".join(f"{COLUMN_FLAGS[role]} <name>" for role in missing)
+    raise TableColumnsError(
+        f"{table_path} has no {named}; its columns are {', '.join(found) or '(none)'}: name yours with {flags}"
+    )
 
 
 def is_webdataset_path(path: str | os.PathLike) -> bool:
@@ -45,6 +82,36 @@ def find_table(dataset_path: str | os.PathLike, split: str) -> Path:
     raise FileNotFoundError(f"no table for split {split!r}; tried {tried}")
 
 
+# Splits encoded when --split is left to "auto" and the dataset folder has tables: every image
+# that a user could look for, so search covers the whole collection.
+AUTO_SPLITS = ("train", "dev", "test")
+FOLDER_SPLIT = "folder"
+
+
+def tables_present(dataset_path: str | os.PathLike, splits: Sequence[str] = AUTO_SPLITS) -> list[str]:
+    present = []
+    for split in splits:
+        try:
+            find_table(dataset_path, split)
+        except FileNotFoundError:
+            continue
+        present.append(split)
+    return present
+
+
+def encoding_splits(dataset_path: str | os.PathLike, split: str) -> list[str]:
+    """The tables an encoding of `dataset_path` reads; none means a scan of the folder for images.
+
+    `split` is "auto" (the tables among train/dev/test that exist), "folder" (none, whatever
+    tables exist), or comma-separated split names.
+    """
+    if split == FOLDER_SPLIT:
+        return []
+    if split == "auto":
+        return tables_present(dataset_path)
+    return [name.strip() for name in split.split(",") if name.strip()]
+
+
 def _as_text(value: object) -> str:
     """A table cell as a stripped string; missing values become the empty string."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -64,8 +131,8 @@ def _has_undecodable_bytes(text: str) -> bool:
 def read_table(
     dataset_path: str | os.PathLike,
     split: str,
-    image_column: str = "image",
-    caption_column: str = "caption",
+    image_column: str = IMAGE_COLUMN,
+    caption_column: str = CAPTION_COLUMN,
     report: DataReport | None = None,
     require_caption: bool = True,
 ) -> pd.DataFrame:
@@ -105,16 +172,12 @@ def read_table(
             engine="python",
         )
 
-    expected = [image_column, caption_column]
-    missing = [column for column in expected if column not in frame.columns]
-    if missing:
-        found = [str(column) for column in frame.columns]
-        raise ValueError(
-            f"{table_path}: expected columns {expected} (missing {missing}), found columns {found}"
-        )
+    check_columns(table_path, [str(column) for column in frame.columns], image_column,
+                  caption_column if require_caption else None)
 
     images = [_as_text(value) for value in frame[image_column]]
-    captions = [_as_text(value) for value in frame[caption_column]]
+    captions = ([_as_text(value) for value in frame[caption_column]] if caption_column in frame.columns
+                else [""] * len(images))
     drop_reasons: Counter[str] = Counter()
     if require_caption:
         if malformed_rows:

@@ -218,7 +218,8 @@ def _training_set(config: TrainConfig, bundle: ModelBundle, report: DataReport):
         samples = config.sample_num or config.max_steps * config.batch_size * config.accumulate_grad_batches
         return make_webdataset(config.dataset_path, bundle.train_transform, training_tokenizer(config, bundle),
                                epoch_samples=samples), None
-    table = read_table(config.dataset_path, config.train_split, report=report)
+    table = read_table(config.dataset_path, config.train_split, config.image_column, config.caption_column,
+                       report=report)
     if config.sample_num is not None:
         table = table.iloc[: config.sample_num]
     if caching:
@@ -258,7 +259,8 @@ def make_loaders(config: TrainConfig, bundle: ModelBundle):
     except (FileNotFoundError, NotADirectoryError):
         logger.warning("no '%s' table in %s: training without validation", config.val_split, val_path)
     else:
-        val_set = ImageGroupDataset(read_table(val_path, config.val_split, report=report),
+        val_set = ImageGroupDataset(read_table(val_path, config.val_split, config.image_column, config.caption_column,
+                                               report=report),
                                     bundle.eval_transform, bundle.tokenizer)
     val_loader = (
         DataLoader(val_set, shuffle=False, collate_fn=collate_groups, **loader_options) if val_set is not None else None

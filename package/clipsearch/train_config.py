@@ -58,6 +58,8 @@ class TrainConfig:
     layer_decay: float = 1.0
     caption_word_dropout: float = 0.0
     captions_per_image: int = 1
+    image_column: str = "image"
+    caption_column: str = "caption"
     cpu_image_slice: int = CPU_TRAIN_IMAGE_SLICE
     identity: dict = field(default_factory=dict)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import math
 import os
 import sys
@@ -15,8 +16,12 @@ from collections.abc import Callable, Sequence
 
 from clipsearch.defaults import (  # noqa: F401  re-exported: every command imports them from here
     DEFAULT_DATASET,
+    DEFAULT_DATASETS_DIR,
     DEFAULT_EMB_PATH,
+    DEFAULT_LOGS_DIR,
     DEFAULT_MODEL,
+    DEFAULT_MODELS_DIR,
+    DEFAULT_OUTPUTS_DIR,
     DEFAULT_TOP_K,
     PRECISIONS,
     default_num_workers,
@@ -62,6 +67,14 @@ def _float_in(accepts: Callable[[float], bool], description: str) -> Callable[[s
 positive_float = _float_in(lambda value: value > 0, "a positive number")
 drop_rate = _float_in(lambda value: 0 <= value < 1, "a rate in [0, 1)")  # a probability of dropping in training
 unit_fraction = _float_in(lambda value: 0 < value <= 1, "a number in (0, 1]")
+
+
+def add_column_args(group: argparse._ArgumentGroup, caption: bool = True) -> None:
+    """--image_column / --caption_column: the columns of a dataset's tables, for tables named otherwise."""
+    group.add_argument("--image_column", default="image",
+                       help="the tables' column of image paths (relative to the dataset folder, or absolute)")
+    if caption:
+        group.add_argument("--caption_column", default="caption", help="the tables' column of captions")
 
 
 class DefaultsFormatter(argparse.RawDescriptionHelpFormatter):
@@ -120,6 +133,42 @@ class CommandParser(argparse.ArgumentParser):
             hint = f"; did you mean {close[0]}?" if close else f"; see {self.prog} --help"
             self.error(f"unrecognised argument{'s' if len(unknown) > 1 else ''}: {' '.join(unknown)}{hint}")
         return parsed
+
+
+# Records an encoding run writes beside its shards; either may name the image folder it read.
+RECORD_FILES = ("model.json", "manifest.json")
+
+
+def _recorded(emb_path: str | os.PathLike, field: str, files: Sequence[str] = RECORD_FILES) -> str | None:
+    for name in files:
+        try:
+            with open(os.path.join(emb_path, name), encoding="utf-8") as file:
+                recorded = json.load(file).get(field)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(recorded, str) and recorded:
+            return recorded
+    return None
+
+
+def recorded_dataset(emb_path: str | os.PathLike) -> str | None:
+    """The image or dataset folder an embedding folder's records say it was encoded from, if any."""
+    return _recorded(emb_path, "dataset_path")
+
+
+def model_for(emb_path: str | os.PathLike, load_model: str | None) -> str:
+    """--load_model as given, else the model the embedding folder was encoded with, else the default.
+
+    Queries must be embedded by the model that encoded the collection, so a folder's model.json
+    is a better default than models/latest. Which one was taken is said in one line.
+    """
+    if load_model is not None:
+        return load_model
+    recorded = _recorded(emb_path, "load_model", files=("model.json",))
+    if recorded is None:
+        return DEFAULT_MODEL
+    print(f"model: {recorded}, which encoded {emb_path} (--load_model chooses another)", file=sys.stderr)
+    return recorded
 
 
 def run_command(main: Callable[[list[str]], object], argv: list[str] | None = None) -> None:

@@ -9,17 +9,22 @@ import sys
 
 from clipsearch.cli.common import (
     DEFAULT_DATASET,
+    DEFAULT_DATASETS_DIR,
     DEFAULT_MODEL,
     PRECISIONS,
     CommandParser,
     UserError,
+    add_column_args,
     default_num_workers,
     non_negative_int,
     positive_int,
+    recorded_dataset,
     run_command,
 )
+from clipsearch.defaults import is_default_dataset, same_path
 from clipsearch.model_reference import HELP as LOAD_MODEL_HELP
 from clipsearch.model_reference import check_model_reference
+from clipsearch.tables import check_columns, encoding_splits, find_table, table_columns
 
 EPILOG = """\
 Output, in --emb_path:
@@ -74,13 +79,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="'auto': the unique images of every table among train/dev/test, or a folder scan when there "
         "is none; 'folder': always scan; or comma-separated split names, e.g. train,dev",
     )
-    data.add_argument("--emb_path", default=None, help="output folder for shards (default: <dataset_path>/emb)")
+    data.add_argument(
+        "--emb_path",
+        default=None,
+        help="output folder for shards (default: dataset/<name of --dataset_path>/emb in this repository, "
+        "or <dataset_path>/emb for a dataset inside the repository's dataset/ folder; never inside your "
+        "own image folder unless you say so)",
+    )
     data.add_argument(
         "--shard_size",
         type=positive_int,
         default=10_000,
         help="input images per shard (10000 x 512-d is about 20 MB); also the unit of resuming",
     )
+    add_column_args(data, caption=False)
     data.add_argument("--batch_size", type=positive_int, default=64, help="images per model call")
     data.add_argument(
         "--num_workers",
@@ -114,15 +126,52 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--node_rank must be in 0..{args.num_nodes - 1}, got {args.node_rank}")
     if args.num_workers is None:
         args.num_workers = default_num_workers(args.devices)
+    args.emb_path_is_default = args.emb_path is None
     if args.emb_path is None:
-        args.emb_path = os.path.join(args.dataset_path, "emb")
+        args.emb_path = default_emb_path(args.dataset_path)
     return args
+
+
+def default_emb_path(dataset_path: str) -> str:
+    """Where a collection's shards go when --emb_path is not given: a folder of the project's own.
+
+    A dataset inside the project's dataset/ folder (the sample data, a prepared Flickr8k) keeps
+    them in <dataset>/emb, as it always has; any other folder gets dataset/<its name>/emb, so
+    encoding never writes into a user's photo folder unasked.
+    """
+    dataset = os.path.abspath(dataset_path)
+    datasets_dir = os.path.abspath(DEFAULT_DATASETS_DIR)
+    if dataset.startswith(datasets_dir + os.sep):
+        return os.path.join(dataset_path, "emb")
+    name = os.path.basename(dataset.rstrip(os.sep)) or "root"
+    return os.path.join(DEFAULT_DATASETS_DIR, name, "emb")
+
+
+def check_default_emb_path(args: argparse.Namespace) -> None:
+    """Say where the default --emb_path is, refusing one that already holds another folder's embeddings."""
+    if not args.emb_path_is_default:
+        return
+    recorded = recorded_dataset(args.emb_path)
+    if recorded is not None and not same_path(recorded, args.dataset_path):
+        raise UserError(
+            f"the default --emb_path {args.emb_path} holds the embeddings of {recorded}, not of "
+            f"{args.dataset_path}; pass --emb_path <folder> for this one"
+        )
+    print(f"embeddings go to {args.emb_path} (--emb_path chooses another folder)", file=sys.stderr)
 
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Missing inputs answer at once, before torch and the model load."""
-    if not os.path.isdir(args.dataset_path) and os.path.normpath(args.dataset_path) != os.path.normpath(DEFAULT_DATASET):
+    if not os.path.isdir(args.dataset_path) and not is_default_dataset(args.dataset_path):
         raise UserError(f"--dataset_path {args.dataset_path} is not a folder; give an image folder or a dataset folder")
+    check_default_emb_path(args)
+    if os.path.isdir(args.dataset_path):
+        for split in encoding_splits(args.dataset_path, args.split):
+            try:
+                table = find_table(args.dataset_path, split)
+            except FileNotFoundError:
+                raise UserError(f"--split {split}: {args.dataset_path} holds no such table") from None
+            check_columns(table, table_columns(table), args.image_column, None)
     check_model_reference(args.load_model)
     if os.path.exists(args.emb_path) and not os.path.isdir(args.emb_path):
         raise UserError(f"--emb_path {args.emb_path} is a file; give a folder for the shards")
@@ -135,11 +184,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     from clipsearch.encoding.launcher import run
     from clipsearch.encoding.runner import EncodeConfig
 
-    if os.path.normpath(args.dataset_path) == os.path.normpath(DEFAULT_DATASET):
-        # The default dataset is generated on first use, as training does, so the scripts run in order.
-        from clipsearch.sample_data import ensure_sample_dataset
+    # The default dataset is generated on first use, as training does, so the scripts run in order.
+    from clipsearch.sample_data import prepare_default_sample
 
-        ensure_sample_dataset(DEFAULT_DATASET)
+    prepare_default_sample(args.dataset_path)
     # The flags carry the config's names; only the progress switch is phrased the other way round.
     names = [field.name for field in dataclasses.fields(EncodeConfig) if field.name != "progress"]
     config = EncodeConfig(**{name: getattr(args, name) for name in names}, progress=not args.no_progress)

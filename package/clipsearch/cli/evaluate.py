@@ -9,6 +9,7 @@ from clipsearch.cli.common import (
     DEFAULT_MODEL,
     CommandParser,
     UserError,
+    add_column_args,
     non_negative_int,
     positive_float,
     positive_int,
@@ -28,6 +29,7 @@ def parse_args(argv: list[str] | None = None):
     data.add_argument("--split", default="dev", help="table to evaluate on, e.g. dev or test")
     data.add_argument("--batch_size", type=positive_int, default=64, help="images per batch (each brings all its captions)")
     data.add_argument("--num_workers", type=non_negative_int, default=2, help="DataLoader processes decoding images")
+    add_column_args(data)
     ranking = parser.add_argument_group("ranking")
     ranking.add_argument("--querybank", default=None, metavar="SPLIT",
                          help="also score text->image querybank-normalised, as 3_inference_search.sh --querybank ranks: "
@@ -50,9 +52,10 @@ def parse_args(argv: list[str] | None = None):
     if args.devices not in ("1", "auto"):
         raise UserError(f"--devices {args.devices}: evaluation runs on one device; pass --devices 1")
     check_model_reference(args.load_model)
-    check_dataset(args.dataset_path, args.split, shards_allowed=False)
+    columns = {"image_column": args.image_column, "caption_column": args.caption_column}
+    check_dataset(args.dataset_path, args.split, shards_allowed=False, **columns)
     if args.querybank is not None:
-        check_dataset(args.dataset_path, args.querybank, shards_allowed=False)
+        check_dataset(args.dataset_path, args.querybank, shards_allowed=False, **columns)
     elif args.querybank_size is not None or args.querybank_temperature is not None:
         raise UserError("--querybank_size and --querybank_temperature apply only with --querybank SPLIT")
     return args
@@ -75,8 +78,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from clipsearch.evaluate import default_output_path, evaluate, format_metrics
     from clipsearch.models.released import load_model
+    from clipsearch.sample_data import prepare_default_sample
 
     device = _device(args)
+    prepare_default_sample(args.dataset_path)  # the default dataset is generated on first use
     try:
         bundle = load_model(args.load_model)
     except UserError:
@@ -88,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         result = evaluate(bundle, args.dataset_path, args.split, batch_size=args.batch_size,
                           num_workers=args.num_workers, device=device, querybank_split=args.querybank,
+                          image_column=args.image_column, caption_column=args.caption_column,
                           querybank_size=args.querybank_size, querybank_temperature=args.querybank_temperature)
     except ValueError as error:
         raise UserError(str(error)) from None

@@ -1,5 +1,5 @@
 """Compute the querybank biases of an embedding folder, for `3_inference_search.sh --querybank`:
-`python -m clipsearch.querybank --emb_path <folder> --load_model <model> --dataset_path <captions> --split train`."""
+`./clipsearch querybank --emb_path <folder> --load_model <model> --dataset_path <captions> --split train`."""
 from __future__ import annotations
 
 import argparse
@@ -8,9 +8,10 @@ import sys
 from clipsearch.cli.common import (
     DEFAULT_DATASET,
     DEFAULT_EMB_PATH,
-    DEFAULT_MODEL,
     CommandParser,
     UserError,
+    add_column_args,
+    model_for,
     positive_float,
     positive_int,
     run_command,
@@ -30,19 +31,22 @@ search refuses a querybank computed for other rows or another model.
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = CommandParser(prog="python -m clipsearch.querybank", description=__doc__, epilog=EPILOG)
+    parser = CommandParser(prog="./clipsearch querybank", description=__doc__, epilog=EPILOG)
     parser.add_argument("--emb_path", default=DEFAULT_EMB_PATH, help="folder of embedding shards the biases are for")
-    parser.add_argument("--load_model", default=DEFAULT_MODEL, help=LOAD_MODEL_HELP)
+    parser.add_argument("--load_model", default=None, help=LOAD_MODEL_HELP + " (default: the model that encoded --emb_path, as its model.json records, else models/latest/best.ckpt)")
     parser.add_argument("--dataset_path", default=DEFAULT_DATASET, help="dataset folder whose captions make the bank")
     parser.add_argument("--split", default="train", help="table of --dataset_path whose captions make the bank")
+    add_column_args(parser)
     parser.add_argument("--size", type=positive_int, default=None,
                         help="captions to use, drawn at random when the table has more (default: 50000)")
     parser.add_argument("--temperature", type=positive_float, default=None,
                         help="inverted-softmax temperature (default: the model's learnt logit scale, at most 100)")
     args = parser.parse_args(argv)
     check_emb_path(args.emb_path)
+    args.load_model = model_for(args.emb_path, args.load_model)
     check_model_reference(args.load_model)
-    check_dataset(args.dataset_path, args.split, shards_allowed=False)
+    check_dataset(args.dataset_path, args.split, shards_allowed=False,
+                  image_column=args.image_column, caption_column=args.caption_column)
     return args
 
 
@@ -51,9 +55,11 @@ def main(argv: list[str] | None = None):
     from clipsearch import querybank
     from clipsearch.checkpoint import model_fingerprint
     from clipsearch.models.released import load_model
+    from clipsearch.sample_data import prepare_default_sample
     from clipsearch.search import EmbeddingMismatchError, check_encoded_with
     from clipsearch.store import load_collection, order_fingerprint
 
+    prepare_default_sample(args.dataset_path)  # the default dataset is generated on first use
     try:
         collection = load_collection(args.emb_path)
         bundle = load_model(args.load_model)
@@ -62,7 +68,8 @@ def main(argv: list[str] | None = None):
         if collection.dim != bundle.embed_dim:
             raise EmbeddingMismatchError(f"{args.emb_path} holds {collection.dim}-d embeddings but {args.load_model} "
                                          f"makes {bundle.embed_dim}-d ones")
-        captions = querybank.bank_captions(args.dataset_path, args.split, args.size or querybank.DEFAULT_BANK_SIZE)
+        captions = querybank.bank_captions(args.dataset_path, args.split, args.size or querybank.DEFAULT_BANK_SIZE,
+                                           image_column=args.image_column, caption_column=args.caption_column)
     except (FileNotFoundError, ValueError) as error:
         raise UserError(str(error)) from None
     bank_embeddings = querybank.encode_bank(bundle, captions)

@@ -12,11 +12,13 @@ from pathlib import Path
 
 from clipsearch.cli.common import (
     DEFAULT_EMB_PATH,
-    DEFAULT_MODEL,
+    DEFAULT_OUTPUTS_DIR,
     DEFAULT_TOP_K,
     CommandParser,
     UserError,
+    model_for,
     positive_int,
+    recorded_dataset,
     run_command,
 )
 from clipsearch.model_reference import HELP as LOAD_MODEL_HELP
@@ -34,21 +36,19 @@ The web server sends only image files under the dataset folder the embeddings we
 (symlinks resolved); --serve_root adds folders, --serve_any_path lifts the check.
 """
 HISTORY_LENGTH = 1000
-# Records an encoding run writes beside its shards; either may name the dataset folder it read.
-RECORD_FILES = ("manifest.json", "model.json")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = CommandParser(prog="3_inference_search.sh", description=__doc__, epilog=EPILOG)
     model = parser.add_argument_group("model")
-    model.add_argument("--load_model", default=DEFAULT_MODEL, help=LOAD_MODEL_HELP)
+    model.add_argument("--load_model", default=None, help=LOAD_MODEL_HELP + " (default: the model that encoded --emb_path, as its model.json records, else models/latest/best.ckpt)")
 
     data = parser.add_argument_group("data")
     data.add_argument("--emb_path", default=DEFAULT_EMB_PATH, help="folder of embedding shards to search")
     data.add_argument(
         "--index_path",
         default=None,
-        help="faiss index to answer through (built by python -m clipsearch.index); load only indexes you "
+        help="faiss index to answer through (built by ./clipsearch index); load only indexes you "
         "built or trust: faiss files are not safe against tampering",
     )
     data.add_argument("--fp16", action="store_true", help="hold the embeddings as float16: half the memory")
@@ -60,7 +60,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                       help="answer images with the same bytes as one result that lists every path")
     data.add_argument("--querybank", action="store_true",
                       help="rank text queries by cosine plus each image's querybank bias, which lowers images that "
-                           "come up for too many queries (compute it once with python -m clipsearch.querybank)")
+                           "come up for too many queries (compute it once with ./clipsearch querybank)")
 
     query = parser.add_argument_group("queries")
     query.add_argument("--query", action="append", default=[], help="text query; repeat for several")
@@ -70,7 +70,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     output = parser.add_argument_group("output")
     output.add_argument("--json", action="store_true", help="print one JSON object per query instead of text")
     output.add_argument("--no_grid", action="store_true", help="save no contact sheets")
-    output.add_argument("--out_dir", default="outputs/search", help="folder for the result grids")
+    output.add_argument("--out_dir", default=os.path.join(DEFAULT_OUTPUTS_DIR, "search"), help="folder for the result grids")
     output.add_argument("--thumb_size", type=positive_int, default=160, help="thumbnail size in the grids, pixels")
     output.add_argument("--columns", type=positive_int, default=5, help="thumbnails per grid row")
 
@@ -100,12 +100,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Stop on a missing file before the model loads (seconds), naming the flag to fix."""
-    # Checkpoint files are checked here; other model names are the model loader's to resolve.
-    check_model_reference(args.load_model)
     if not os.path.isdir(args.emb_path):
         raise UserError(f"--emb_path {args.emb_path}: no such folder (make it with 2_inference_encode.sh)")
+    args.load_model = model_for(args.emb_path, args.load_model)
+    # Checkpoint files are checked here; other model names are the model loader's to resolve.
+    check_model_reference(args.load_model)
     if args.index_path is not None and not os.path.exists(args.index_path):
-        raise UserError(f"--index_path {args.index_path}: no such file (build it with python -m clipsearch.index)")
+        raise UserError(f"--index_path {args.index_path}: no such file (build it with ./clipsearch index)")
     for image_path in args.image:
         if not os.path.isfile(image_path):
             raise UserError(f"--image {image_path}: no such file")
@@ -137,14 +138,9 @@ def collection_roots(args: argparse.Namespace) -> list[str] | None:
     if args.serve_any_path:
         return None
     roots = list(args.serve_root)
-    for name in RECORD_FILES:
-        try:
-            recorded = json.loads((Path(args.emb_path) / name).read_text()).get("dataset_path")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(recorded, str) and recorded:
-            roots.append(recorded)
-            break
+    recorded = recorded_dataset(args.emb_path)
+    if recorded is not None:
+        roots.append(recorded)
     else:
         # No record names the dataset (an older or unfinished run): the default layout keeps the
         # embeddings inside it, <dataset>/emb.

@@ -11,17 +11,21 @@ from pathlib import Path
 
 from clipsearch.cli.common import (
     DEFAULT_DATASET,
+    DEFAULT_LOGS_DIR,
+    DEFAULT_MODELS_DIR,
     PRECISIONS,
     CommandParser,
     UserError,
+    add_column_args,
     drop_rate,
     non_negative_int,
     positive_float,
     positive_int,
     unit_fraction,
 )
+from clipsearch.defaults import is_default_dataset, project_relative
 from clipsearch.model_reference import OPENAI_WEIGHTS_DIR as LOCAL_WEIGHTS_DIR  # noqa: F401  the doors name it
-from clipsearch.tables import TABLE_EXTENSIONS, find_table, is_webdataset_path
+from clipsearch.tables import TABLE_EXTENSIONS, check_columns, find_table, is_webdataset_path, table_columns
 from clipsearch.train_config import CPU_TRAIN_IMAGE_SLICE, LOSS_NAMES, RESUME_CHOICES, TrainConfig
 
 # Validation over the dev split is a whole pass: a 5-step run validating after every step spent
@@ -67,6 +71,7 @@ def add_training_args(parser: argparse.ArgumentParser, pretrained_towers: bool =
                            "captions, drawn anew each epoch; --batch_size then counts images, the loss takes "
                            "all of an image's captions as positives, and one image forward serves N captions")
     data.add_argument("--sample_num", type=positive_int, default=None, help="use only the first N training pairs (quick runs)")
+    add_column_args(data)
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: the variant's)")
@@ -124,8 +129,8 @@ def add_training_args(parser: argparse.ArgumentParser, pretrained_towers: bool =
     program.add_argument("--resume", default="auto",
                          help="'auto' (continue models/<run>/last.ckpt when it was made with the same model, optimiser "
                               "and data flags), 'last', 'none', or a checkpoint path")
-    program.add_argument("--models_dir", default="models", help="where run folders with checkpoints go")
-    program.add_argument("--logs_dir", default="logs", help="where TensorBoard run folders go")
+    program.add_argument("--models_dir", default=DEFAULT_MODELS_DIR, help="where run folders with checkpoints go")
+    program.add_argument("--logs_dir", default=DEFAULT_LOGS_DIR, help="where TensorBoard run folders go")
     program.add_argument("--verbose", action="store_true",
                          help="show library messages too (model summary, Lightning tips and warnings, weight loading)")
     return parser
@@ -178,12 +183,14 @@ def _devices(text: str) -> int | str:
     return devices
 
 
-def check_dataset(dataset_path: str, split: str, flag: str = "--dataset_path", shards_allowed: bool = True) -> None:
-    """One line naming the flag when the split's table cannot be found.
+def check_dataset(dataset_path: str, split: str, flag: str = "--dataset_path", shards_allowed: bool = True,
+                  image_column: str = "image", caption_column: str | None = "caption") -> None:
+    """One line naming the flag when the split's table cannot be found or lacks the columns asked for
+    (`caption_column` None: only images are read).
 
-    The default sample data passes when it is not there yet: training generates it.
+    The default sample data always passes: training generates it when it is missing or incomplete.
     """
-    if dataset_path.rstrip("/") == DEFAULT_DATASET and not Path(dataset_path).is_dir():
+    if is_default_dataset(dataset_path):
         return
     if shards_allowed and is_webdataset_path(dataset_path):
         return
@@ -193,10 +200,11 @@ def check_dataset(dataset_path: str, split: str, flag: str = "--dataset_path", s
     if not folder.is_dir():
         raise UserError(f"{flag} {dataset_path} is not a folder of tables or webdataset shards")
     try:
-        find_table(folder, split)
+        table = find_table(folder, split)
     except FileNotFoundError:
         tried = ", ".join(f"{split}{extension}" for extension in TABLE_EXTENSIONS)
         raise UserError(f"{flag} {dataset_path} holds no '{split}' table (looked for {tried})") from None
+    check_columns(table, table_columns(table), image_column, caption_column)
 
 
 def _identity_hash(identity: dict) -> str:
@@ -237,9 +245,10 @@ def training_config(args: argparse.Namespace, model_group, variant: str,
     resume = settings["resume"]
     if resume not in RESUME_CHOICES and not Path(resume).is_file():
         raise UserError(f"--resume: no checkpoint at {resume} (or pass one of {', '.join(RESUME_CHOICES)})")
-    check_dataset(settings["dataset_path"], settings["train_split"])
+    columns = {"image_column": settings["image_column"], "caption_column": settings["caption_column"]}
+    check_dataset(settings["dataset_path"], settings["train_split"], **columns)
     if settings["val_path"] is not None:
-        check_dataset(settings["val_path"], settings["val_split"], flag="--val_path")
+        check_dataset(settings["val_path"], settings["val_split"], flag="--val_path", **columns)
     interval = settings["val_check_interval"]
     if interval is None:
         interval = max(MIN_VAL_INTERVAL, max_steps // 5)
@@ -251,6 +260,7 @@ def training_config(args: argparse.Namespace, model_group, variant: str,
     if head_only_steps:
         identity["head_only_steps"] = head_only_steps
     identity |= {name: value for name, value in settings.items() if name not in NOT_IDENTITY}
+    identity["dataset_path"] = project_relative(identity["dataset_path"])
     if identity["loss"] == "contrastive":
         del identity["loss"]
     if identity.get("layer_decay") == 1.0:
@@ -261,6 +271,9 @@ def training_config(args: argparse.Namespace, model_group, variant: str,
         del identity["caption_word_dropout"]
     if identity["captions_per_image"] == 1:
         del identity["captions_per_image"]
+    for name, default in (("image_column", "image"), ("caption_column", "caption")):
+        if identity[name] == default:
+            del identity[name]
     run_name = settings.pop("run_name") or default_run_name(
         variant, settings["dataset_path"], batch_size, lr, max_steps, identity)
     return TrainConfig(variant=variant, model=model, tower_lr=tower_lr, head_only_steps=head_only_steps,

@@ -13,16 +13,11 @@ from clipsearch.data import (
     CONVERSION_PREFIX,
     IMAGE_EXTENSIONS,
     DataReport,
-    find_table,
     load_image,
     read_table,
 )
 from clipsearch.store import file_digest
-
-# Splits encoded when --split is left to "auto" and the dataset folder has tables: every image
-# that a user could look for, so search covers the whole collection.
-AUTO_SPLITS = ("train", "dev", "test")
-FOLDER_SPLIT = "folder"
+from clipsearch.tables import AUTO_SPLITS, FOLDER_SPLIT, IMAGE_COLUMN, encoding_splits, tables_present  # noqa: F401
 
 
 def scan_image_folder(folder: str | os.PathLike) -> list[str]:
@@ -36,37 +31,21 @@ def scan_image_folder(folder: str | os.PathLike) -> list[str]:
     return sorted(image_paths)
 
 
-def tables_present(dataset_path: str | os.PathLike, splits: Sequence[str] = AUTO_SPLITS) -> list[str]:
-    present = []
-    for split in splits:
-        try:
-            find_table(dataset_path, split)
-        except FileNotFoundError:
-            continue
-        present.append(split)
-    return present
+def collect_image_paths(dataset_path: str | os.PathLike, split: str = "auto", image_column: str = IMAGE_COLUMN) -> list[str]:
+    """The sorted, de-duplicated absolute image paths a run encodes (the tables `encoding_splits`
+    names, or a folder scan when it names none).
 
-
-def collect_image_paths(dataset_path: str | os.PathLike, split: str = "auto") -> list[str]:
-    """The sorted, de-duplicated absolute image paths a run encodes.
-
-    `split` is "auto" (the tables among train/dev/test that exist, else a folder scan),
-    "folder" (scan for image files whatever tables exist), or comma-separated split names.
     Paths listed in a table but missing on disk are kept: the reader reports them as skipped.
     """
     if not Path(dataset_path).is_dir():
         raise FileNotFoundError(f"dataset folder not found: {dataset_path}")
-    if split == FOLDER_SPLIT:
-        splits = []
-    elif split == "auto":
-        splits = tables_present(dataset_path)
-    else:
-        splits = [name.strip() for name in split.split(",") if name.strip()]
+    splits = encoding_splits(dataset_path, split)
     if not splits:
         return scan_image_folder(dataset_path)
     unique_paths: set[str] = set()
     for split_name in splits:
-        table = read_table(dataset_path, split_name, require_caption=False)  # encoding needs only the image
+        # Encoding needs only the image column.
+        table = read_table(dataset_path, split_name, image_column, require_caption=False)
         unique_paths.update(os.path.normpath(str(path)) for path in table["image"])
     return sorted(unique_paths)
 

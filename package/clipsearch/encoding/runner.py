@@ -38,6 +38,7 @@ class EncodeConfig:
     dataset_path: str
     emb_path: str
     split: str = "auto"
+    image_column: str = "image"
     batch_size: int = 64
     shard_size: int = 10_000
     num_workers: int = 0
@@ -63,7 +64,7 @@ def encode_rank(config: EncodeConfig, rank: int, world_size: int, local_rank: in
         # Ranks on one machine share its cores; oversubscribed BLAS threads slow every rank down.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
     bundle = load_model(config.load_model)
-    image_paths = collect_image_paths(config.dataset_path, config.split)
+    image_paths = collect_image_paths(config.dataset_path, config.split, config.image_column)
     if not image_paths:
         raise UserError(
             f"no images to encode in {config.dataset_path} (split {config.split!r}; looked for "
@@ -77,6 +78,8 @@ def encode_rank(config: EncodeConfig, rank: int, world_size: int, local_rank: in
         **model_source(config.load_model),
         "fingerprint": model_fingerprint(bundle),
         "embed_dim": bundle.embed_dim,
+        # Recorded from the first run on, so the folder names its images before any manifest.
+        "dataset_path": os.path.abspath(config.dataset_path),
     }
     check_model(emb_path, identity, config.overwrite)
     # Whatever this rank recorded before may be incomplete now; records are rebuilt at the end.

@@ -17,6 +17,12 @@ SPEC_VERSION = 1
 CPU_IMAGE_CHUNK = 16
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where a model's weights are (the CPU for a model without parameters)."""
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
 @dataclass
 class ModelBundle:
     """Everything needed to turn images and captions into comparable embeddings.

@@ -245,7 +245,7 @@ def pretrained_towers_spec(
     return spec, tokenizer
 
 
-@register_family(FAMILY, "our")
+@register_family(FAMILY, "our", resizable_image=True)
 def build_pretrained_towers(spec: dict):
     """Random-init PretrainedTowersCLIP and its tokenizer, from a spec made by `pretrained_towers_spec`."""
     tokenizer = _unpack_tokenizer(spec["text"]["tokenizer_files"])

@@ -20,12 +20,19 @@ _BUILDERS: dict[str, FamilyBuilder] = {}
 _TRANSFORMS: dict[str, TransformsBuilder] = {}
 # Older names a family answers to, so checkpoints written under them keep loading.
 _ALIASES: dict[str, str] = {}
+# Families whose image tower takes any input size (convolutional towers), so they may encode
+# at another size than they trained at.
+_RESIZABLE: set[str] = set()
 
 
 def register_family(
-    name: str, *aliases: str, transforms: TransformsBuilder | None = None
+    name: str, *aliases: str, transforms: TransformsBuilder | None = None, resizable_image: bool = False
 ) -> Callable[[FamilyBuilder], FamilyBuilder]:
-    """Decorator: `build(spec) -> (model, tokenizer)` builds specs whose "family" is `name` or an alias."""
+    """Decorator: `build(spec) -> (model, tokenizer)` builds specs whose "family" is `name` or an alias.
+
+    `resizable_image`: the family's image tower may take other sizes than its spec's (checked by a
+    forward pass for each model, since a family may hold both CNNs and fixed-grid ViTs).
+    """
 
     def register(build: FamilyBuilder) -> FamilyBuilder:
         for key in (name, *aliases):
@@ -35,6 +42,8 @@ def register_family(
         if transforms is not None:
             _TRANSFORMS[name] = transforms
         _ALIASES.update(dict.fromkeys(aliases, name))
+        if resizable_image:
+            _RESIZABLE.add(name)
         return build
 
     return register
@@ -107,11 +116,9 @@ def with_scale_average(bundle: ModelBundle, sizes: list[int]) -> ModelBundle:
 
 
 def _resizable_family(bundle: ModelBundle) -> str:
-    """The family, when its image tower takes any size: only the pretrained-towers family's timm CNNs."""
-    from clipsearch.models.pretrained_towers import FAMILY as PRETRAINED_TOWERS
-
+    """The family, when its image tower may take other sizes (so far the pretrained-towers family's timm CNNs)."""
     family = _ALIASES.get(bundle.spec.get("family"), bundle.spec.get("family"))
-    if family != PRETRAINED_TOWERS:
+    if family not in _RESIZABLE:
         raise ValueError(f"only 'our' CLIP (pretrained towers) encodes at another image size; this model is "
                          f"{bundle.spec.get('family')!r}, whose image tower is built for {bundle.spec.get('image', {}).get('size')} px")
     return family

@@ -171,3 +171,50 @@ def test_clipsearch_wrapper_lists_and_runs_every_command():
     assert completed.returncode == 0 and completed.stdout.startswith("usage: ./clipsearch sample_data")
     completed = subprocess.run(["./clipsearch", "sample_dta"], cwd=REPO, capture_output=True, text=True, timeout=30)
     assert completed.returncode == 2 and "unknown command 'sample_dta'" in completed.stderr
+
+
+def _clipsearch_imports() -> dict[str, set[str]]:
+    """Each module of the package -> the package's modules it imports, at the top or inside functions."""
+    import ast
+
+    root = PACKAGE / "clipsearch"
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+                imported.update(f"{node.module}.{alias.name}" for alias in node.names)
+        graph[name] = {module for module in imported if module in modules and module != name}
+    return graph
+
+
+def test_the_layout_keeps_its_rules():
+    """ARCHITECTURE.md: the library never imports cli/ (only the doors do), and no module imports
+    back up into one that imports it, even inside a function."""
+    graph = _clipsearch_imports()
+    doors = {"clipsearch.console", "clipsearch.__main__", "clipsearch.export"}
+    library_to_cli = sorted(f"{module} -> {imported}" for module, imports in graph.items()
+                            if not module.startswith("clipsearch.cli") and module not in doors
+                            for imported in imports if imported.startswith("clipsearch.cli"))
+    assert not library_to_cli, library_to_cli
+    mutual = sorted(f"{first} <-> {second}" for first, imports in graph.items() for second in imports
+                    if first < second and first in graph[second])
+    assert not mutual, mutual
+
+
+def test_python_m_clipsearch_runs_any_command():
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE)}
+    listed = subprocess.run([sys.executable, "-m", "clipsearch", "--help"], capture_output=True, text=True, env=env, timeout=60)
+    assert listed.returncode == 0 and all(command in listed.stdout for command in command_modules())
+    helped = subprocess.run([sys.executable, "-m", "clipsearch", "index", "--help"], capture_output=True, text=True,
+                            env=env, timeout=60)
+    assert helped.returncode == 0 and "--max_memory" in helped.stdout
+    unknown = subprocess.run([sys.executable, "-m", "clipsearch", "indx"], capture_output=True, text=True, env=env, timeout=60)
+    assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1 and "unknown command" in unknown.stderr

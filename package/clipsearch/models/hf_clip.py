@@ -9,6 +9,7 @@ from torch import nn
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from clipsearch.models.bundle import SPEC_VERSION
 from clipsearch.models.pretrained_towers import HFTokenizer, _pack_tokenizer_files, _unpack_tokenizer
 from clipsearch.models.registry import register_family
 from clipsearch.models.transforms import make_image_transform
@@ -140,7 +141,6 @@ def _stable_config(config: dict) -> dict:
 
 def hf_clip_spec(config, tokenizer, processor_config: dict, released: str) -> dict:
     """The self-describing spec of a transformers CLIP: its config, tokenizer files and preprocessing."""
-    from clipsearch.models import SPEC_VERSION
 
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(

@@ -7,6 +7,7 @@ import logging
 import open_clip
 import torch
 
+from clipsearch.models.bundle import SPEC_VERSION
 from clipsearch.models.pretrained_towers import HFTokenizer, _pack_tokenizer_files, _unpack_tokenizer
 from clipsearch.models.registry import register_family
 from clipsearch.models.transforms import make_image_transform
@@ -18,7 +19,6 @@ FAMILY = "open_clip"
 
 def open_clip_spec(model: torch.nn.Module, model_config: dict, tokenizer, released: str) -> dict:
     """The self-describing spec of an open_clip model: its config, tokenizer and preprocessing."""
-    from clipsearch.models import SPEC_VERSION
 
     preprocess = model.visual.preprocess_cfg
     size = preprocess["size"]

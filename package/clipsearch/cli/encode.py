@@ -164,7 +164,6 @@ def check_inputs(args: argparse.Namespace) -> None:
     """Missing inputs answer at once, before torch and the model load."""
     if not os.path.isdir(args.dataset_path) and not is_default_dataset(args.dataset_path):
         raise UserError(f"--dataset_path {args.dataset_path} is not a folder; give an image folder or a dataset folder")
-    check_default_emb_path(args)
     if os.path.isdir(args.dataset_path):
         for split in encoding_splits(args.dataset_path, args.split):
             try:
@@ -175,6 +174,7 @@ def check_inputs(args: argparse.Namespace) -> None:
     check_model_reference(args.load_model)
     if os.path.exists(args.emb_path) and not os.path.isdir(args.emb_path):
         raise UserError(f"--emb_path {args.emb_path} is a file; give a folder for the shards")
+    check_default_emb_path(args)
 
 
 def main(argv: list[str] | None = None) -> dict | None:

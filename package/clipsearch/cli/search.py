@@ -137,19 +137,22 @@ def collection_roots(args: argparse.Namespace) -> list[str] | None:
     if args.serve_any_path:
         return None
     roots = list(args.serve_root)
+    # No record names the dataset (an older or unfinished run): the default layout keeps the
+    # embeddings inside it, <dataset>/emb.
+    roots.append(recorded_dataset_path(args.emb_path) or str(Path(args.emb_path).resolve().parent))
+    return roots
+
+
+def recorded_dataset_path(emb_path: str) -> str | None:
+    """The dataset folder the encoding run's records name, if any."""
     for name in RECORD_FILES:
         try:
-            recorded = json.loads((Path(args.emb_path) / name).read_text()).get("dataset_path")
+            recorded = json.loads((Path(emb_path) / name).read_text()).get("dataset_path")
         except (OSError, ValueError, AttributeError):
             continue
         if isinstance(recorded, str) and recorded:
-            roots.append(recorded)
-            break
-    else:
-        # No record names the dataset (an older or unfinished run): the default layout keeps the
-        # embeddings inside it, <dataset>/emb.
-        roots.append(str(Path(args.emb_path).resolve().parent))
-    return roots
+            return recorded
+    return None
 
 
 def hit_records(hits) -> list[dict]:

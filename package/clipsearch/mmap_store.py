@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from clipsearch.durable import FolderLock, atomic_folder, write_durably
-from clipsearch.store import list_shards, load_collection, order_fingerprint, read_json
+from clipsearch.store import folder_inputs, list_shards, load_collection, order_fingerprint, read_json
 
 STORE_DIR = "consolidated"
 MATRIX_FILE = "embeddings.f16"
@@ -49,18 +49,10 @@ class ConsolidatedStore:
 
 
 def source_fingerprint(emb_path: str | os.PathLike) -> str:
-    """Which inputs the folder holds: name, size and mtime of every shard and JSON record.
-
-    Adding, replacing or deleting a shard, or a new manifest (which records deleted images), changes
-    it, so a store built from other inputs is never served. An index's record (X.json beside
-    X.faiss) is an output, not an input.
-    """
-    emb_path = Path(emb_path)
+    """Which inputs the folder holds (store.folder_inputs), so a store built from other inputs is never served."""
     digest = hashlib.sha256()
-    records = [path for path in sorted(emb_path.glob("*.json")) if not path.with_suffix(".faiss").exists()]
-    for path in [*list_shards(emb_path), *records]:
-        stat = path.stat()
-        digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    for name, size, mtime_ns, _ in folder_inputs(emb_path):
+        digest.update(f"{name}\0{size}\0{mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:16]
 
 

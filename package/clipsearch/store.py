@@ -466,6 +466,47 @@ def load_collection(emb_path: str | os.PathLike, dtype: torch.dtype = torch.floa
 
 
 # ---------------------------------------------------------------------------------------------
+# What a folder holds now: for derived files (consolidated store) and servers that watch it
+# ---------------------------------------------------------------------------------------------
+
+
+def file_versions(paths: Iterable[Path]) -> list[tuple[str, int, int, int]]:
+    """(name, size, mtime_ns, inode) of each file that exists: a new version of a file changes its entry."""
+    versions = []
+    for path in paths:
+        try:
+            stat = path.stat()
+        except OSError:  # gone since it was listed
+            continue
+        versions.append((path.name, stat.st_size, stat.st_mtime_ns, stat.st_ino))
+    return versions
+
+
+def folder_inputs(emb_path: str | os.PathLike) -> list[tuple[str, int, int, int]]:
+    """The versions of every shard and JSON record: what the folder's collection is made of.
+
+    Adding, replacing or deleting a shard, or a new record (a manifest records deleted images),
+    changes it. An index's record (X.json beside X.faiss) is an output, not an input.
+    """
+    emb_path = Path(emb_path)
+    records = [path for path in sorted(emb_path.glob("*.json")) if not path.with_suffix(".faiss").exists()]
+    return file_versions([*list_shards(emb_path), *records])
+
+
+def update_in_progress(emb_path: str | os.PathLike) -> bool:
+    """Whether an encoding run is changing the folder now (or was stopped): records without a manifest."""
+    emb_path = Path(emb_path)
+    return (emb_path / MODEL_FILE).is_file() and not (emb_path / MANIFEST_FILE).is_file()
+
+
+def served_update(emb_path: str | os.PathLike) -> int | None:
+    """The number of the folder's latest update (finished or not), or None for plain shards."""
+    updates = [int(match.group(1)) for path in Path(emb_path).glob("update-*.json")
+               if (match := UPDATE_PATTERN.match(path.name))]
+    return max(updates, default=None)
+
+
+# ---------------------------------------------------------------------------------------------
 # Run records: clearing for --overwrite, and the manifest once every rank is done
 # ---------------------------------------------------------------------------------------------
 

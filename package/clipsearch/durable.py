@@ -212,18 +212,20 @@ def fsync_folder(folder: str | os.PathLike) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def write_durably(path: Path, content: Content, size_hint: int | None = None) -> None:
+def write_durably(path: Path, content: Content, size_hint: int | None = None, name: str | None = None) -> None:
     """Write `content` to a new file `path` (which must not exist) and flush it to disk.
 
     `content` is bytes or text (the disk is checked for room first), or `write(stream)` for data
-    streamed as it is made; `size_hint` then says how much it will be, for the full-disk message.
+    streamed as it is made; `size_hint` then says how much it will be, for the full-disk message,
+    which calls the file `name` (default: its own).
     """
+    name = name or path.name
     data = content.encode("utf-8", "surrogateescape") if isinstance(content, str) else content
     needed = len(data) if isinstance(data, (bytes, bytearray, memoryview)) else size_hint
     if isinstance(data, (bytes, bytearray, memoryview)):
         free = free_bytes(path.parent)
         if free is not None and free < len(data):
-            raise disk_full(path.parent, path.name, len(data))
+            raise disk_full(path.parent, name, len(data))
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     stream = _Stream(descriptor)
     try:
@@ -237,7 +239,7 @@ def write_durably(path: Path, content: Content, size_hint: int | None = None) ->
         os.close(descriptor)
         path.unlink(missing_ok=True)  # before the message counts what is free
         if isinstance(error, Exception) and (stream.full or is_disk_full(error)):
-            raise disk_full(path.parent, path.name, needed, stream.written) from None
+            raise disk_full(path.parent, name, needed, stream.written) from None
         raise
     os.close(descriptor)
 
@@ -252,7 +254,7 @@ def atomic_write(path: str | os.PathLike, content: Content, size_hint: int | Non
     path = Path(path)
     temporary = temporary_path(path)
     try:
-        write_durably(temporary, content, size_hint)
+        write_durably(temporary, content, size_hint, path.name)
         crash_point("rename")
         os.replace(temporary, path)
         crash_point("renamed")

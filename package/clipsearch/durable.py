@@ -193,6 +193,34 @@ def remove_stale_temporaries(folder: str | os.PathLike, target: str | None = Non
     return stale
 
 
+def remove_stale_locks(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Delete the lock files in `folder` (or only `name`'s) that no live process holds: their holders were killed.
+
+    Each is locked before it is removed, as its release would remove it; a process opening it at
+    the same moment finds the name gone and makes a new one (see FolderLock.acquire).
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return []
+    removed = []
+    for path in Path(folder).glob(f"{name or '*'}{LOCK_SUFFIX}"):
+        try:
+            descriptor = os.open(path, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(descriptor).st_ino == os.stat(path).st_ino:
+                path.unlink()
+                removed.append(path)
+        except OSError:  # held by a live process, or already gone
+            pass
+        finally:
+            os.close(descriptor)
+    return removed
+
+
 def fsync_folder(folder: str | os.PathLike) -> None:
     """Flush a folder's entries (a rename is durable only once its folder is)."""
     try:
@@ -368,8 +396,13 @@ class FolderLock:
                 try:
                     fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
+                    holder = _read_holder(self.path)
+                    if self._being_removed(descriptor, holder):
+                        os.close(descriptor)
+                        time.sleep(0.01)
+                        continue
                     if not self.wait:
-                        raise self.refusal(_read_holder(self.path)) from None
+                        raise self.refusal(holder) from None
                     logger.warning("%s: waiting for %s, %s", self.folder, _describe_holder(_read_holder(self.path)),
                                    self.purpose)
                     fcntl.flock(descriptor, fcntl.LOCK_EX)
@@ -400,7 +433,18 @@ class FolderLock:
     def _held(self) -> FolderLock:
         # Whatever a killed writer left in this folder is garbage now; live writers' files are spared.
         remove_stale_temporaries(self.folder)
+        remove_stale_locks(self.folder)
         return self
+
+    def _being_removed(self, descriptor: int, holder: dict) -> bool:
+        """Whether the lock we could not take is a dead holder's, held for a moment by `remove_stale_locks`."""
+        try:
+            if os.fstat(descriptor).st_ino != os.stat(self.path).st_ino:
+                return True
+        except FileNotFoundError:
+            return True
+        pid = holder.get("pid")
+        return holder.get("host") == _HOST and isinstance(pid, int) and not process_alive(pid)
 
     def _acquire_by_pid(self) -> FolderLock:
         while True:

@@ -12,7 +12,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipsearch.durable import FolderLock, atomic_folder, write_durably
+from clipsearch.durable import (
+    FolderLock,
+    atomic_folder,
+    remove_stale_locks,
+    remove_stale_temporaries,
+    write_durably,
+)
 from clipsearch.store import folder_inputs, list_shards, load_collection, order_fingerprint, read_json
 
 STORE_DIR = "consolidated"
@@ -134,6 +140,9 @@ def consolidate(emb_path: str | os.PathLike) -> ConsolidatedStore:
     emb_path = Path(emb_path)
     if not list_shards(emb_path):
         raise FileNotFoundError(f"no embedding shards (*.ckpt) in {emb_path}; encode images first with 2_inference_encode.sh")
+    # A build killed earlier may have left its folders and lock, even when the store it made is complete.
+    remove_stale_temporaries(emb_path, STORE_DIR)
+    remove_stale_locks(emb_path, STORE_DIR)
     store = open_store(emb_path)
     if store is not None:
         return store

@@ -636,3 +636,17 @@ def test_durable_writes_leave_the_old_file_or_the_new_one(tmp_path):
     live.write_text("in progress")
     with durable.FolderLock(tmp_path, "work", "a test"):
         assert not stale.exists() and live.exists()
+
+
+def test_locks_where_flock_is_missing_go_by_the_holders_pid(tmp_path, monkeypatch, caplog):
+    """Some network filesystems have no flock: a lock names its pid, and a dead pid's lock is taken over."""
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock_file = tmp_path / "work.lock"
+    lock_file.write_text(json.dumps({"pid": int(ended.stdout), "host": socket.gethostname(), "command": "gone"}))
+    with caplog.at_level("WARNING", logger="clipsearch.durable"):
+        lock = durable.FolderLock(tmp_path, "work", "a test")._acquire_by_pid()
+    assert f"taking over the lock left by pid {int(ended.stdout)}" in caplog.text
+    with pytest.raises(durable.FolderLockedError, match=f"in use: a second test by pid {os.getpid()} "):
+        durable.FolderLock(tmp_path, "work", "a second test")._acquire_by_pid()
+    lock.release()
+    assert not lock_file.exists()

@@ -428,10 +428,7 @@ class FolderLock:
         os.ftruncate(descriptor, 0)
         os.write(descriptor, json.dumps(_this_process()).encode("utf-8", "surrogateescape"))
         self.descriptor = descriptor
-        return self._held()
-
-    def _held(self) -> FolderLock:
-        # Whatever a killed writer left in this folder is garbage now; live writers' files are spared.
+        # Whatever a killed process left in this folder is garbage now; live ones' files are spared.
         remove_stale_temporaries(self.folder)
         remove_stale_locks(self.folder)
         return self
@@ -464,7 +461,8 @@ class FolderLock:
                 raise self.refusal(holder) from None
             os.write(descriptor, json.dumps(_this_process()).encode("utf-8", "surrogateescape"))
             self.descriptor = descriptor
-            return self._held()
+            remove_stale_temporaries(self.folder)
+            return self
 
     def release(self) -> None:
         if self.descriptor is None:

@@ -195,6 +195,8 @@ def set_aside_unreadable(run_dir: Path, resume_from: str | None) -> None:
     last = run_dir / LAST_CHECKPOINT
     if resume_from is None or Path(resume_from) != run_dir / PREVIOUS_CHECKPOINT or not last.exists():
         return
+    if checkpoint_problem(last)[0] is None:  # the previous one was asked for by name; the last is fine
+        return
     aside = last.with_name(LAST_CHECKPOINT + UNREADABLE_SUFFIX)
     os.replace(last, aside)
     print(f"warning: the unreadable checkpoint is kept as {aside}; delete it when you no longer need it",

@@ -73,7 +73,7 @@ def make_bad_files(folder):
     return {
         folder / "missing.jpg": "missing file",
         folder / "zero.png": "empty file",
-        folder / "truncated.jpg": "corrupt image",
+        folder / "truncated.jpg": "truncated image",
         folder / "corrupt.jpg": "corrupt image",
         folder / "corrupt.png": "corrupt image",
         folder / "notes.jpg": "not an image",

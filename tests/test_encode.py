@@ -196,7 +196,7 @@ def test_bad_images_are_skipped_listed_and_counted(tmp_path, tiny_checkpoint, co
     bad = {
         str(dataset / "images" / "empty.jpg"): "empty file",
         str(dataset / "images" / "text.jpg"): "not an image",
-        str(dataset / "images" / "cut.png"): "corrupt image",
+        str(dataset / "images" / "cut.png"): "truncated image",
         str(dataset / "images" / "gone.png"): "missing file",
     }
     rows = [*good, *bad]

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 
 import torch
 
+from clipsearch.durable import atomic_write
 from clipsearch.models import ModelBundle, build_from_spec
 
 # Key under which a checkpoint carries its model spec; Lightning checkpoints get it in on_save_checkpoint.
@@ -19,8 +21,9 @@ def save_bundle(bundle: ModelBundle, path: str | Path, **extra) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state_dict = {MODEL_PREFIX + key: value for key, value in bundle.model.state_dict().items()}
-    torch.save({"state_dict": state_dict, META_KEY: {"spec": bundle.spec, **extra}}, path)
-    return path
+    buffer = io.BytesIO()
+    torch.save({"state_dict": state_dict, META_KEY: {"spec": bundle.spec, **extra}}, buffer)
+    return atomic_write(path, buffer.getbuffer())
 
 
 def read_checkpoint(path: str | Path) -> dict:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import warnings
+import zlib
 from collections.abc import Sequence
 from typing import BinaryIO, Protocol
 
@@ -22,6 +24,15 @@ MAX_IMAGE_PIXELS = 89_478_485
 _IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
 
 DECOMPRESSION_BOMB = "decompression bomb"
+# The one rule for cut files, for the encoder and uploads alike: an image is used only when its file
+# holds every pixel its header declares. Pillow refuses most cut files itself; a PNG whose compressed
+# stream ends cleanly before the last row it does not, so its pixel data is counted (_png_is_complete).
+TRUNCATED_IMAGE = "truncated image"
+# Samples per pixel of each PNG colour type (greyscale, RGB, palette, grey+alpha, RGBA).
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+# Adam7 passes: (first column, first row, column step, row step).
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+_INFLATE_BLOCK = 1 << 20
 
 
 class ImageReport(Protocol):
@@ -100,6 +111,56 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _png_raw_bytes(width: int, height: int, bits_per_pixel: int, interlaced: bool) -> int:
+    """Bytes of decompressed pixel data a PNG of this header holds: each row is a filter byte and its samples."""
+    passes = _ADAM7 if interlaced else ((0, 0, 1, 1),)
+    total = 0
+    for first_column, first_row, column_step, row_step in passes:
+        columns = -(-(width - first_column) // column_step) if width > first_column else 0
+        rows = -(-(height - first_row) // row_step) if height > first_row else 0
+        if columns and rows:
+            total += rows * (1 + -(-(columns * bits_per_pixel) // 8))
+    return total
+
+
+def _png_is_complete(file: BinaryIO) -> bool:
+    """Whether a PNG's compressed pixel data holds all the rows its header declares.
+
+    Inflates the IDAT chunks again, in blocks, counting bytes without keeping them: about the
+    cost of the inflate Pillow did, paid for PNGs only.
+    """
+    file.seek(8)
+    expected, produced = None, 0
+    inflater = zlib.decompressobj()
+    while True:
+        head = file.read(8)
+        if len(head) < 8:
+            return False
+        length, kind = struct.unpack(">I4s", head)
+        if kind == b"IHDR":
+            header = file.read(length)
+            if len(header) < 13:
+                return False
+            width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", header[:13])
+            expected = _png_raw_bytes(width, height, depth * _PNG_CHANNELS.get(colour, 4), interlace == 1)
+            file.seek(4, os.SEEK_CUR)
+        elif kind == b"IDAT" and expected is not None:
+            data = file.read(length)
+            try:
+                produced += len(inflater.decompress(data, _INFLATE_BLOCK))
+                while inflater.unconsumed_tail and produced < expected:
+                    produced += len(inflater.decompress(inflater.unconsumed_tail, _INFLATE_BLOCK))
+            except zlib.error:
+                return False
+            if produced >= expected:
+                return True
+            file.seek(4, os.SEEK_CUR)
+        elif kind == b"IEND":
+            return False
+        else:
+            file.seek(length + 4, os.SEEK_CUR)
+
+
 def _turn_upright(image: Image.Image) -> None:
     """Apply the EXIF orientation of phone photos in place, before any conversion can drop the tag."""
     try:
@@ -139,6 +200,9 @@ def decode_image(
             # Image.open only reads the header; load() decodes everything, which is where a
             # truncated file shows itself. Animated images stay on their first frame.
             image.load()
+            if image.format == "PNG" and not _png_is_complete(file):
+                report.add(TRUNCATED_IMAGE, name)
+                return None
             _turn_upright(image)
             animated = getattr(image, "is_animated", False)
             source_mode = image.mode
@@ -157,8 +221,8 @@ def decode_image(
     except PermissionError:
         report.add("unreadable file", name)
         return None
-    except Exception:  # any decoder failure means only this one file is unusable
-        report.add("corrupt image", name)
+    except Exception as error:  # any decoder failure means only this one file is unusable
+        report.add(TRUNCATED_IMAGE if "truncated" in str(error) else "corrupt image", name)
         return None
 
     if source_mode != "RGB":

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipsearch.store import atomic_replace, write_json
+from clipsearch.durable import atomic_write, write_json
+from clipsearch.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,10 @@ RERANK_FACTOR = 10
 TARGET_RECALL = 0.95
 RECALL_QUERIES = 500
 TOP_K = 10
+
+
+class IndexMismatchError(UserError, ValueError):
+    """An index file and its record do not belong together."""
 
 
 def default_nlist(count: int) -> int:
@@ -171,10 +176,21 @@ class FaissIndex:
         return rerank(queries, candidates, self.rerank_rows, int(top_k))
 
     def save(self, index_path: str | os.PathLike) -> Path:
+        """Write the index, then its record; the record's byte count ties the pair together.
+
+        Each file is replaced atomically, but not both at once: a build stopped between the two
+        leaves an index whose record describes another, which `load_index` refuses by its size.
+        """
         import faiss
 
         index_path = Path(index_path)
-        atomic_replace(index_path, lambda temporary: faiss.write_index(self.index, str(temporary)))
+
+        def write(stream):
+            writer = faiss.PyCallbackIOWriter(stream.write)
+            faiss.write_index(self.index, writer)
+            del writer  # flushes faiss's buffer into the stream
+
+        atomic_write(index_path, write, size_hint=self.info.get("estimated_bytes"))
         self.info["index_bytes"] = index_path.stat().st_size
         write_json(info_path_of(index_path), self.info)
         return index_path
@@ -225,6 +241,12 @@ def load_index(index_path: str | os.PathLike, nprobe: int | None = None, mmap: b
             "./clipsearch index --emb_path <folder>"
         )
     info = json.loads(info_path.read_text())
+    if info.get("index_bytes") not in (None, index_path.stat().st_size):
+        raise IndexMismatchError(
+            f"{index_path} ({index_path.stat().st_size:,} bytes) is not the index {info_path.name} describes "
+            f"({info['index_bytes']:,} bytes): a build stopped between writing the two; rebuild it with "
+            f"python -m clipsearch.index --emb_path {index_path.parent}"
+        )
     if nprobe is not None:
         info["params"]["nprobe"] = int(nprobe)
     index, mapped = read_faiss_index(index_path, mmap)

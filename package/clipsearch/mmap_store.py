@@ -4,8 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +12,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipsearch.store import list_shards, load_collection, order_fingerprint, read_json, write_json
+from clipsearch.durable import (
+    FolderLock,
+    atomic_folder,
+    remove_stale_locks,
+    remove_stale_temporaries,
+    write_durably,
+)
+from clipsearch.store import folder_inputs, list_shards, load_collection, order_fingerprint, read_json
 
 STORE_DIR = "consolidated"
 MATRIX_FILE = "embeddings.f16"
@@ -49,66 +55,54 @@ class ConsolidatedStore:
 
 
 def source_fingerprint(emb_path: str | os.PathLike) -> str:
-    """Which inputs the folder holds: name, size and mtime of every shard and JSON record.
-
-    Adding, replacing or deleting a shard, or a new manifest (which records deleted images), changes
-    it, so a store built from other inputs is never served. An index's record (X.json beside
-    X.faiss) is an output, not an input.
-    """
-    emb_path = Path(emb_path)
+    """Which inputs the folder holds (store.folder_inputs), so a store built from other inputs is never served."""
     digest = hashlib.sha256()
-    records = [path for path in sorted(emb_path.glob("*.json")) if not path.with_suffix(".faiss").exists()]
-    for path in [*list_shards(emb_path), *records]:
-        stat = path.stat()
-        digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    for name, size, mtime_ns, _ in folder_inputs(emb_path):
+        digest.update(f"{name}\0{size}\0{mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:16]
 
 
-def _live_rows(emb_path: Path) -> Iterator[tuple[list[str], torch.Tensor]]:
-    """(paths, embeddings) of the collection's live rows (updates applied, deletions dropped), in row order.
-
-    Read once in fp16: the build holds the collection at half size for the time of the write.
-    """
-    collection = load_collection(emb_path, dtype=torch.float16)
-    yield collection.paths, collection.embeddings
-
-
-def write_store(folder: str | os.PathLike, chunks: Iterable[tuple[list[str], torch.Tensor]], source: str) -> ConsolidatedStore:
+def write_store(
+    folder: str | os.PathLike,
+    chunks: Iterable[tuple[list[str], torch.Tensor]],
+    source: str,
+    expected_bytes: int | None = None,
+) -> ConsolidatedStore:
     """Write (paths, embeddings) chunks as a store in `folder`, normalised, without holding them all.
 
-    Written into a temporary folder and renamed, so a kill leaves the old store or none.
+    Built in a new folder that then replaces `folder` whole (durable.atomic_folder), so a kill
+    leaves the old store or none, never a part. The caller holds the store's lock.
+    `expected_bytes` (the matrix's size, when known) goes into the message of a full disk.
     """
     folder = Path(folder)
-    temporary = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
     paths: list[str] = []
-    dim = None
-    with open(temporary / MATRIX_FILE, "wb") as matrix:
+    dims: list[int] = []
+
+    def write_matrix(stream) -> None:
         for chunk_paths, embeddings in chunks:
             if len(chunk_paths) != embeddings.shape[0]:
                 raise ValueError(f"{len(chunk_paths)} paths but {embeddings.shape[0]} embeddings")
-            if dim is None:
-                dim = int(embeddings.shape[1])
-            elif embeddings.shape[1] != dim:
-                raise ValueError(f"embeddings of {embeddings.shape[1]} dimensions after {dim}; one model per folder")
+            if dims and embeddings.shape[1] != dims[0]:
+                raise ValueError(f"embeddings of {embeddings.shape[1]} dimensions after {dims[0]}; one model per folder")
+            dims[:] = [int(embeddings.shape[1])]
             for start in range(0, embeddings.shape[0], WRITE_ROWS):
                 rows = F.normalize(torch.as_tensor(embeddings[start : start + WRITE_ROWS]).float(), dim=-1)
-                matrix.write(rows.half().numpy().tobytes())
+                stream.write(rows.half().numpy().tobytes())
             paths.extend(chunk_paths)
-    if dim is None:
-        raise ValueError(f"no embeddings to consolidate into {folder}")
-    (temporary / PATHS_FILE).write_text(json.dumps(paths))
-    info = {
-        "count": len(paths),
-        "dim": dim,
-        "dtype": "float16",
-        "source_fingerprint": source,
-        "order_fingerprint": order_fingerprint(paths, dim),
-    }
-    write_json(temporary / INFO_FILE, info)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(temporary, folder)
+
+    with atomic_folder(folder) as building:
+        write_durably(building / MATRIX_FILE, write_matrix, size_hint=expected_bytes)
+        if not dims:
+            raise ValueError(f"no embeddings to consolidate into {folder}")
+        write_durably(building / PATHS_FILE, json.dumps(paths))
+        info = {
+            "count": len(paths),
+            "dim": dims[0],
+            "dtype": "float16",
+            "source_fingerprint": source,
+            "order_fingerprint": order_fingerprint(paths, dims[0]),
+        }
+        write_durably(building / INFO_FILE, json.dumps(info, indent=2) + "\n")  # last: a store without it is no store
     return _open(folder)
 
 
@@ -138,8 +132,26 @@ def open_store(emb_path: str | os.PathLike) -> ConsolidatedStore | None:
 
 
 def consolidate(emb_path: str | os.PathLike) -> ConsolidatedStore:
-    """Open the folder's store, building (or rebuilding) it first when the shards changed."""
+    """Open the folder's store, building (or rebuilding) it first when the shards changed.
+
+    One process builds at a time (the store's lock); another that needs it waits, then opens what
+    the first built.
+    """
     emb_path = Path(emb_path)
     if not list_shards(emb_path):
         raise FileNotFoundError(f"no embedding shards (*.ckpt) in {emb_path}; encode images first with 2_inference_encode.sh")
-    return open_store(emb_path) or write_store(store_folder(emb_path), _live_rows(emb_path), source_fingerprint(emb_path))
+    # A build killed earlier may have left its folders and lock, even when the store it made is complete.
+    remove_stale_temporaries(emb_path, STORE_DIR)
+    remove_stale_locks(emb_path, STORE_DIR)
+    store = open_store(emb_path)
+    if store is not None:
+        return store
+    with FolderLock(emb_path, STORE_DIR, "building the consolidated store", wait=True):
+        store = open_store(emb_path)
+        if store is not None:  # built by the process this one waited for
+            return store
+        source = source_fingerprint(emb_path)
+        # Read once in fp16: the build holds the collection at half size for the time of the write.
+        collection = load_collection(emb_path, dtype=torch.float16)
+        matrix_bytes = len(collection.paths) * collection.dim * 2
+        return write_store(store_folder(emb_path), [(collection.paths, collection.embeddings)], source, matrix_bytes)

@@ -20,6 +20,7 @@ split being scored. Image->text ranking is unchanged: an image's bias moves all 
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 from dataclasses import dataclass
@@ -28,8 +29,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from clipsearch.durable import atomic_write
 from clipsearch.errors import UserError
-from clipsearch.store import atomic_replace, order_fingerprint
+from clipsearch.store import order_fingerprint
 from clipsearch.tables import CAPTION_COLUMN, IMAGE_COLUMN, read_table
 
 QUERYBANK_FILE = "querybank.pt"
@@ -121,7 +123,9 @@ class QueryBank:
         record = {"bias": self.bias.float().contiguous(), "temperature": float(self.temperature),
                   "order_fingerprint": self.order_fingerprint, "model_fingerprint": self.model_fingerprint,
                   "source": self.source}
-        return atomic_replace(Path(emb_path) / QUERYBANK_FILE, lambda tmp: torch.save(record, tmp))
+        buffer = io.BytesIO()
+        torch.save(record, buffer)
+        return atomic_write(Path(emb_path) / QUERYBANK_FILE, buffer.getbuffer())
 
     @classmethod
     def load(cls, emb_path: str | os.PathLike, paths: list[str], dim: int, model_fingerprint: str | None) -> QueryBank:

@@ -9,12 +9,14 @@ reason; this does it for a dataset already on disk:
 from __future__ import annotations
 
 import hashlib
+import io
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from PIL import Image
 
 from clipsearch.data import DataReport, find_table, load_image, read_table
+from clipsearch.durable import atomic_write
 
 DEFAULT_SPLITS = ("train", "dev", "test")
 
@@ -31,9 +33,9 @@ def resize_one(job: tuple[str, str, int]) -> tuple[str, str | None]:
     if scale < 1:
         image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
     Path(target).parent.mkdir(parents=True, exist_ok=True)
-    temporary = f"{target}.tmp"
-    image.save(temporary, format="JPEG", quality=92)
-    Path(temporary).replace(target)
+    encoded = io.BytesIO()
+    image.save(encoded, format="JPEG", quality=92)
+    atomic_write(target, encoded.getbuffer())
     return source, target
 
 
@@ -63,7 +65,7 @@ def resize_dataset(dataset_path: str | Path, out: str | Path, size: int = 256, w
     for split, table in tables.items():
         table = table.assign(image=table.image.map(written)).dropna(subset=["image"])
         table = table.assign(image=table.image.map(lambda path: str(Path(path).relative_to(out))))
-        table.to_csv(out / f"{split}.tsv", sep="\t", index=False)
+        atomic_write(out / f"{split}.tsv", table.to_csv(sep="\t", index=False))
         counts[split] = len(table)
     print(f"resized {len(sources)} images to {size} px into {out}: {counts}; {report.summary()}")
     return counts

@@ -1,7 +1,6 @@
 """Deterministic synthetic image-caption dataset of coloured shapes, generated on first use."""
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -13,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from clipsearch.defaults import DEFAULT_DATASET, is_default_dataset
+from clipsearch.durable import FolderLock, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -230,9 +230,7 @@ def _write_split(root: Path, split: str, count: int, image_size: int, seed: int)
         relative_path = f"images/{split}/{index:06d}.png"
         image.save(root / relative_path, format="PNG")
         lines.extend(f"{relative_path}\t{caption}" for caption in captions)
-    temporary = root / f"{split}.tsv.partial"
-    temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(temporary, root / f"{split}.tsv")
+    atomic_write(root / f"{split}.tsv", "\n".join(lines) + "\n")
 
 
 def _expected_meta(num_train: int, num_dev: int, image_size: int, seed: int) -> dict:
@@ -255,22 +253,6 @@ def is_complete(root: Path, meta: dict) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _exclusive_lock(root: Path):
-    """Serialise generation across processes, e.g. several DDP ranks starting at once."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no lock, generation is still correct for a single process
-        yield
-        return
-    with open(root / ".lock", "w") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
-
-
 def ensure_sample_dataset(
     path: str | os.PathLike = DEFAULT_DATASET,
     num_train: int = 4000,
@@ -285,7 +267,8 @@ def ensure_sample_dataset(
     if not force and is_complete(root, meta):
         return root
     root.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(root):
+    # Several processes (DDP ranks starting at once) generate it once: the others wait, then find it done.
+    with FolderLock(root, "generate", "generating the sample dataset", wait=True):
         if not force and is_complete(root, meta):  # another process finished while we waited
             return root
         logger.info("generating sample dataset in %s (%s)", root, meta)
@@ -293,11 +276,11 @@ def ensure_sample_dataset(
         # Only delete images from a folder this generator wrote, never from a user's folder.
         if (root / META_FILE).is_file():
             shutil.rmtree(root / "images", ignore_errors=True)
-        (root / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        atomic_write(root / META_FILE, json.dumps(meta, indent=2) + "\n")
         _write_split(root, "train", num_train, image_size, seed)
         _write_split(root, "dev", num_dev, image_size, seed)
         # Written last: a generation killed halfway leaves no marker and is redone next time.
-        (root / COMPLETE_MARKER).write_text(json.dumps(meta) + "\n", encoding="utf-8")
+        atomic_write(root / COMPLETE_MARKER, json.dumps(meta) + "\n")
         logger.info("sample dataset ready: %d train and %d dev images", num_train, num_dev)
     return root
 

@@ -13,11 +13,15 @@ from clipsearch.errors import UserError
 from clipsearch.store import (
     MODEL_FILE,
     describe_model,
+    file_versions,
+    folder_inputs,
     load_collection,
     model_source,
     normalise_rows,
     order_fingerprint,
     read_json,
+    served_update,
+    update_in_progress,
 )
 
 logger = logging.getLogger(__name__)
@@ -34,7 +38,8 @@ UPCAST_SLAB_ROWS = 8192
 BIAS_CANDIDATE_FACTOR = 8
 BIAS_MIN_CANDIDATES = 64
 
-__all__ = ["EmbeddingMismatchError", "Hit", "SearchEngine", "Searcher", "normalise_rows", "order_fingerprint"]
+__all__ = ["CollectionSource", "EmbeddingMismatchError", "Hit", "SearchEngine", "Searcher", "normalise_rows",
+           "order_fingerprint"]
 
 
 class EmbeddingMismatchError(UserError, ValueError):
@@ -250,11 +255,39 @@ def check_encoded_with(encoded_with_model: dict, load_model: str | os.PathLike, 
         )
 
 
+@dataclass(frozen=True)
+class CollectionSource:
+    """Where an engine's collection comes from and how it is held, so it can be loaded again after an update."""
+
+    emb_path: str
+    index_path: str | None = None
+    dtype: torch.dtype = torch.float32
+    fold_duplicates: bool = False
+    mapped: bool = False
+    querybank: bool = False
+
+
+def source_signature(source: CollectionSource) -> tuple:
+    """The versions of every file an engine over `source` reads: shards, records, querybank and index.
+
+    Equal signatures mean the engine would load the same collection again.
+    """
+    emb_path = Path(source.emb_path)
+    extra = [emb_path / "querybank.pt"] if source.querybank else []  # querybank.QUERYBANK_FILE, without its import
+    if source.index_path is not None:
+        index_path = Path(source.index_path)
+        index_file = index_path / "index.faiss" if index_path.is_dir() else index_path  # index.resolve_index_path
+        extra += [index_file, index_file.with_suffix(".json")]
+    return tuple(folder_inputs(emb_path)), tuple(file_versions(extra))
+
+
 class SearchEngine:
     """A model bundle to embed queries, and a Searcher over a collection embedded by the same model.
 
     With a `querybank` (querybank.py), text queries rank by cosine plus each image's querybank
-    bias; image queries keep the plain cosine, since the bank holds captions, not images.
+    bias; image queries keep the plain cosine, since the bank holds captions, not images. An
+    engine made by `from_files` knows its `source` and the `update` of the folder it holds, and
+    `reload` makes a new engine over the folder as it is now, sharing the model.
     """
 
     def __init__(self, bundle, searcher: Searcher, querybank=None):
@@ -269,6 +302,12 @@ class SearchEngine:
         self.searcher = searcher
         self.querybank = querybank
         self.bundle.model.eval()
+        self.source: CollectionSource | None = None
+        self.signature: tuple | None = None  # source_signature(source) when the collection was loaded
+        self.update: int | None = None  # the folder's update this engine holds (store.served_update)
+        self.complete = True  # False when that update's encoding run had not finished
+        self._model_identity: tuple[str, str] | None = None  # (--load_model as given, fingerprint)
+        self._rows_by_path: dict[str, int] | None = None
 
     @classmethod
     def from_files(
@@ -292,18 +331,28 @@ class SearchEngine:
         from clipsearch.checkpoint import model_fingerprint
         from clipsearch.models.released import load_model as load_any_model
 
+        if mapped and fold_duplicates:
+            raise UserError("folding duplicates needs the shards' digests: leave out --mmap or --fold_duplicates")
         bundle = load_any_model(load_model)
-        if mapped:
-            if fold_duplicates:
-                raise UserError("folding duplicates needs the shards' digests: leave out --mmap or --fold_duplicates")
+        source = CollectionSource(str(emb_path), None if index_path is None else str(index_path), dtype,
+                                  fold_duplicates, mapped, querybank)
+        return cls._over(bundle, source, (str(load_model), model_fingerprint(bundle)))
+
+    @classmethod
+    def _over(cls, bundle, source: CollectionSource, model_identity: tuple[str, str]) -> SearchEngine:
+        """An engine with `bundle` over the source's collection as the folder holds it now."""
+        load_model, fingerprint = model_identity
+        emb_path = source.emb_path
+        # Read before the collection: an update landing meanwhile then shows as a change, never hides.
+        signature, update, complete = source_signature(source), served_update(emb_path), not update_in_progress(emb_path)
+        if source.mapped:
             from clipsearch.mmap_store import consolidate
 
             collection = consolidate(emb_path)
             encoded_with_model = read_json(Path(emb_path) / MODEL_FILE) or {}
         else:
-            collection = load_collection(emb_path, dtype=dtype)
+            collection = load_collection(emb_path, dtype=source.dtype)
             encoded_with_model = collection.model
-        fingerprint = model_fingerprint(bundle)
         check_encoded_with(encoded_with_model, load_model, fingerprint, emb_path)
         if collection.dim != bundle.embed_dim:
             raise EmbeddingMismatchError(
@@ -311,18 +360,35 @@ class SearchEngine:
                 f"makes {bundle.embed_dim}-d embeddings"
             )
         index = None
-        if index_path is not None:
+        if source.index_path is not None:
             from clipsearch.index import load_index  # one way only: the index never imports search
 
-            index = load_index(index_path)
+            index = load_index(source.index_path)
         bank = None
-        if querybank:
+        if source.querybank:
             from clipsearch.querybank import QueryBank
 
             bank = QueryBank.load(emb_path, collection.paths, collection.dim, fingerprint)
-        if mapped:
-            return cls(bundle, Searcher(collection.paths, collection.embeddings, index, assume_normalised=True), bank)
-        return cls(bundle, Searcher.from_collection(collection, index, fold_duplicates=fold_duplicates), bank)
+        if source.mapped:
+            searcher = Searcher(collection.paths, collection.embeddings, index, assume_normalised=True)
+        else:
+            searcher = Searcher.from_collection(collection, index, fold_duplicates=source.fold_duplicates)
+        engine = cls(bundle, searcher, bank)
+        engine.source, engine.signature, engine._model_identity = source, signature, model_identity
+        engine.update, engine.complete = update, complete
+        return engine
+
+    def reload(self) -> SearchEngine:
+        """A new engine over the folder as it is now, with this engine's model; this one is left as it was."""
+        if self.source is None or self._model_identity is None:
+            raise ValueError("this engine was not loaded from an embedding folder, so it cannot be reloaded")
+        return self._over(self.bundle, self.source, self._model_identity)
+
+    def row_of(self, path: str) -> int | None:
+        """The collection row holding `path`, or None (the lookup table is built on first use)."""
+        if self._rows_by_path is None:
+            self._rows_by_path = {image_path: row for row, image_path in enumerate(self.searcher.paths)}
+        return self._rows_by_path.get(path)
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         with torch.inference_mode():

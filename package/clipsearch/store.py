@@ -2,19 +2,20 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import re
-import threading
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from clipsearch.durable import FolderLock, atomic_write, remove_stale_temporaries, write_json  # noqa: F401  write_json re-exported for the store's callers
 from clipsearch.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -118,51 +119,8 @@ def file_stat(path: str | os.PathLike) -> tuple[int, int] | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Durable, atomic files
+# Records
 # ---------------------------------------------------------------------------------------------
-
-
-def _fsync_folder(folder: Path) -> None:
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:  # some systems cannot open a folder; the rename is then as durable as they allow
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
-def atomic_replace(path: str | os.PathLike, write: Callable[[Path], object], per_process: bool = False) -> Path:
-    """Run `write(temporary_path)`, then rename over `path`; readers see the old file or the new one.
-
-    The temporary is flushed to disk before the rename and the folder after it, so a power cut
-    leaves the old file or the complete new one, never a renamed empty file.
-    `per_process` names the temporary after the process and thread, for files that several ranks
-    write at once: with one shared temporary name, one rank's rename takes away the file another
-    rank is about to rename (a crash seen in the two-process encoding test).
-    """
-    path = Path(path)
-    writer = f".{os.getpid()}-{threading.get_ident()}" if per_process else ""
-    temporary = path.with_name(path.name + writer + TMP_SUFFIX)
-    try:
-        write(temporary)
-        with open(temporary, "rb+") as file:
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-        _fsync_folder(path.parent)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-    return path
-
-
-def write_json(path: str | os.PathLike, data: dict) -> Path:
-    return atomic_replace(
-        path, lambda temporary: Path(temporary).write_text(json.dumps(data, indent=2) + "\n"), per_process=True
-    )
 
 
 def read_json(path: str | os.PathLike) -> dict | None:
@@ -197,7 +155,9 @@ def write_shard(
         shard["stat"] = [list(stat) if stat else None for stat in stats]
     if digests is not None:
         shard["digest"] = list(digests)
-    return atomic_replace(path, lambda temporary: torch.save(shard, temporary))
+    buffer = io.BytesIO()  # serialised first, so a full disk is found before a byte is written
+    torch.save(shard, buffer)
+    return atomic_write(path, buffer.getbuffer())
 
 
 def _unreadable(path: Path, reason: str) -> ShardError:
@@ -237,8 +197,19 @@ def read_shard(path: str | os.PathLike, mmap: bool = False) -> dict:
     return shard
 
 
+def encoding_lock(emb_path: str | os.PathLike, rank: int) -> FolderLock:
+    """The lock one rank of an encoding run holds on the folder: a second run is refused, naming the first.
+
+    Per rank, so the ranks of one run (started together, or node by node) never block each other,
+    while any two runs meet at rank 0 at the latest.
+    """
+    return FolderLock(emb_path, f"encode-rank-{rank}", f"encoding (rank {rank})")
+
+
 def remove_stale_tmp(emb_path: str | os.PathLike, rank: int) -> list[Path]:
-    """Delete this rank's leftovers of a killed run; other ranks may be writing theirs right now."""
+    """Delete leftovers of killed runs: this rank's partial shards (the caller holds the rank's lock,
+    so none is being written), and any other temporary whose writer has died; other ranks may be
+    writing theirs right now."""
     stale = [
         path
         for path in Path(emb_path).glob(f"{rank}-*{SHARD_SUFFIX}*{TMP_SUFFIX}")
@@ -246,7 +217,7 @@ def remove_stale_tmp(emb_path: str | os.PathLike, rank: int) -> list[Path]:
     ]
     for path in stale:
         path.unlink(missing_ok=True)
-    return stale
+    return stale + remove_stale_temporaries(emb_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,6 +466,47 @@ def load_collection(emb_path: str | os.PathLike, dtype: torch.dtype = torch.floa
 
 
 # ---------------------------------------------------------------------------------------------
+# What a folder holds now: for derived files (consolidated store) and servers that watch it
+# ---------------------------------------------------------------------------------------------
+
+
+def file_versions(paths: Iterable[Path]) -> list[tuple[str, int, int, int]]:
+    """(name, size, mtime_ns, inode) of each file that exists: a new version of a file changes its entry."""
+    versions = []
+    for path in paths:
+        try:
+            stat = path.stat()
+        except OSError:  # gone since it was listed
+            continue
+        versions.append((path.name, stat.st_size, stat.st_mtime_ns, stat.st_ino))
+    return versions
+
+
+def folder_inputs(emb_path: str | os.PathLike) -> list[tuple[str, int, int, int]]:
+    """The versions of every shard and JSON record: what the folder's collection is made of.
+
+    Adding, replacing or deleting a shard, or a new record (a manifest records deleted images),
+    changes it. An index's record (X.json beside X.faiss) is an output, not an input.
+    """
+    emb_path = Path(emb_path)
+    records = [path for path in sorted(emb_path.glob("*.json")) if not path.with_suffix(".faiss").exists()]
+    return file_versions([*list_shards(emb_path), *records])
+
+
+def update_in_progress(emb_path: str | os.PathLike) -> bool:
+    """Whether an encoding run is changing the folder now (or was stopped): records without a manifest."""
+    emb_path = Path(emb_path)
+    return (emb_path / MODEL_FILE).is_file() and not (emb_path / MANIFEST_FILE).is_file()
+
+
+def served_update(emb_path: str | os.PathLike) -> int | None:
+    """The number of the folder's latest update (finished or not), or None for plain shards."""
+    updates = [int(match.group(1)) for path in Path(emb_path).glob("update-*.json")
+               if (match := UPDATE_PATTERN.match(path.name))]
+    return max(updates, default=None)
+
+
+# ---------------------------------------------------------------------------------------------
 # Run records: clearing for --overwrite, and the manifest once every rank is done
 # ---------------------------------------------------------------------------------------------
 
@@ -520,13 +532,9 @@ def clear_folder(emb_path: Path, rank: int, world_size: int) -> None:
 
 
 def _write_tsv(path: Path, header: list[str], rows: Iterable[Sequence[str]]) -> None:
-    def write(temporary):
-        with open(temporary, "w", encoding="utf-8", errors="surrogateescape") as file:
-            for row in [header, *rows]:
-                # Tabs and newlines inside a file name would break the columns; they are escaped.
-                file.write("\t".join(value.replace("\t", "\\t").replace("\n", "\\n") for value in row) + "\n")
-
-    atomic_replace(path, write)
+    # Tabs and newlines inside a file name would break the columns; they are escaped.
+    lines = ("\t".join(value.replace("\t", "\\t").replace("\n", "\\n") for value in row) + "\n" for row in [header, *rows])
+    atomic_write(path, "".join(lines))
 
 
 def write_manifest_if_complete(emb_path: str | os.PathLike, extra: dict | None = None) -> dict | None:

@@ -1,6 +1,8 @@
 """The training run every variant shares: data loaders, Trainer, checkpoints, resume and the run folder."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -31,6 +34,7 @@ from clipsearch.datasets import (
     collate_pairs,
 )
 from clipsearch.defaults import default_num_workers
+from clipsearch.durable import FolderLock, atomic_write, fsync_folder, write_json
 from clipsearch.errors import UserError
 from clipsearch.evaluate import format_metrics
 from clipsearch.image_cache import ImageFeatureCache
@@ -48,6 +52,11 @@ logger = logging.getLogger(__name__)
 
 # What a run folder says about itself: the identity that --resume auto compares, and whether it finished.
 RUN_FILE = "run.json"
+LAST_CHECKPOINT = "last.ckpt"
+# The last.ckpt before the current one, kept so that a resume has a good checkpoint to fall back on.
+PREVIOUS_CHECKPOINT = "last-previous.ckpt"
+# Where an unreadable last.ckpt is put aside when a resume falls back on the previous one.
+UNREADABLE_SUFFIX = ".unreadable"
 # Model flags that leave the locked image stages' outputs as they are: the image cache ignores them.
 FLAGS_NOT_IN_IMAGE_FEATURES = frozenset({
     "pretrain_text", "text_length", "text_pooling", "lock_text", "lock_text_unlocked_layers", "embed_dim",
@@ -111,6 +120,87 @@ class ReproducibleSteps(Callback):
     def load_state_dict(self, state: dict) -> None:
         if self.sampler is not None and "sampler" in state:
             self.sampler.load_state_dict(state["sampler"])
+
+
+class DurableCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, committing each file in its own folder (durable.atomic_write).
+
+    Lightning stages a checkpoint in $TMPDIR and moves it into place: across filesystems the move
+    is a copy into the final name, which a kill or a full disk cuts short (a truncated last.ckpt
+    that blocks resuming, and a temporary left in $TMPDIR). Here the file is serialised in memory,
+    written beside its final name, flushed and renamed; a full disk is one line naming the folder.
+    Before last.ckpt is replaced, the current one becomes last-previous.ckpt (a hard link: no copy).
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        if path.name == LAST_CHECKPOINT and path.is_file():
+            keep_as_previous(path)
+        atomic_write(path, buffer.getbuffer())
+
+
+def keep_as_previous(last: Path) -> None:
+    """Make last-previous.ckpt the current last.ckpt, which stays in place meanwhile.
+
+    Done before the new last.ckpt is written, so at most two checkpoints are ever on disk.
+    """
+    previous = last.with_name(PREVIOUS_CHECKPOINT)
+    linked = last.with_name(f".{PREVIOUS_CHECKPOINT}.{os.getpid()}")
+    linked.unlink(missing_ok=True)
+    try:
+        os.link(last, linked)
+    except OSError:  # a filesystem without hard links: the previous checkpoint is not kept
+        return
+    os.replace(linked, previous)
+    fsync_folder(last.parent)
+
+
+def checkpoint_problem(path: Path) -> tuple[str | None, int | None]:
+    """(why the checkpoint cannot be resumed from, or None; its global step when it can)."""
+    try:
+        # Memory-mapped: only the record index and the small entries are read, not the weights.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # noqa: BLE001 - a cut or foreign file fails in many ways
+        return (str(error).strip().splitlines() or [type(error).__name__])[0][:160], None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        return "not a training checkpoint", None
+    return None, int(checkpoint.get("global_step", 0))
+
+
+def readable_checkpoint(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint a resume continues from: last.ckpt, or the previous one when last.ckpt cannot be read."""
+    last, previous = run_dir / LAST_CHECKPOINT, run_dir / PREVIOUS_CHECKPOINT
+    problem = checkpoint_problem(last)[0] if last.is_file() else "missing"
+    if problem is None:
+        return last
+    fallback_problem, step = checkpoint_problem(previous) if previous.is_file() else ("missing", None)
+    if fallback_problem is None:
+        print(f"warning: {last} cannot be read ({problem}); resuming from {previous} (step {step}), the checkpoint "
+              "before it", file=sys.stderr, flush=True)
+        return previous
+    raise UserError(f"--resume {resume}: {last} cannot be read ({problem}) and there is no earlier good checkpoint "
+                    f"({previous.name}: {fallback_problem}); pass another --run_name to start again")
+
+
+def set_aside_unreadable(run_dir: Path, resume_from: str | None) -> None:
+    """Before a run resumes from the previous checkpoint, move the unreadable last.ckpt out of its way.
+
+    Otherwise the next save would keep it as the previous checkpoint, replacing the good one.
+    """
+    last = run_dir / LAST_CHECKPOINT
+    if resume_from is None or Path(resume_from) != run_dir / PREVIOUS_CHECKPOINT or not last.exists():
+        return
+    if checkpoint_problem(last)[0] is None:  # the previous one was asked for by name; the last is fine
+        return
+    aside = last.with_name(LAST_CHECKPOINT + UNREADABLE_SUFFIX)
+    os.replace(last, aside)
+    print(f"warning: the unreadable checkpoint is kept as {aside}; delete it when you no longer need it",
+          file=sys.stderr, flush=True)
 
 
 class ThroughputLogger(Callback):
@@ -288,12 +378,13 @@ def _resume_path(config: TrainConfig) -> str | None:
     if config.resume not in RESUME_CHOICES:
         return config.resume  # an explicit checkpoint: the user chose it
     run_dir = config.run_dir
-    last = run_dir / "last.ckpt"
+    last = run_dir / LAST_CHECKPOINT
+    held = last.exists() or (run_dir / PREVIOUS_CHECKPOINT).exists()
     if config.resume == "none":
-        if last.exists():
+        if held:
             raise UserError(f"{run_dir} already holds a run; pass --resume auto to continue it or another --run_name")
         return None
-    if not last.exists():
+    if not held:
         if config.resume == "last":
             raise UserError(f"--resume last: no {last} to continue from")
         return None
@@ -306,7 +397,7 @@ def _resume_path(config: TrainConfig) -> str | None:
     if changes:
         raise UserError(f"{run_dir} holds a run made with other settings ({'; '.join(changes)}); pass another "
                         "--run_name, or leave it out (the default name carries a hash of these settings)")
-    return str(last)
+    return str(readable_checkpoint(run_dir, config.resume))
 
 
 @dataclass(frozen=True)
@@ -336,7 +427,7 @@ class RunClock:
 def _write_run_file(config: TrainConfig, finished: bool, global_step: int, clock: RunClock) -> None:
     record = {"identity": _as_stored(config.identity), "finished": finished, "global_step": global_step,
               "smoke": global_step < SMOKE_STEPS, "started_at": clock.started_at, "resumed_at": list(clock.resumed_at)}
-    (config.run_dir / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_json(config.run_dir / RUN_FILE, record)
 
 
 def _precision(config: TrainConfig) -> str:
@@ -428,12 +519,23 @@ def run_training(config: TrainConfig, build: Callable[[object], ModelBundle]) ->
         enable_checkpointing=not smoke_test,
         enable_model_summary=config.verbose,
         callbacks=callbacks,
+        plugins=[DurableCheckpointIO()],
         # Streams split their shards over ranks themselves; tables get Lightning's distributed sampler.
         use_distributed_sampler=not isinstance(train_loader.dataset, IterableDataset),
     )
+    # The process that writes the run folder holds its lock for the whole run: a second run into the
+    # same folder is refused in one line naming this one.
+    writes_run_folder = trainer.is_global_zero and not smoke_test
+    with FolderLock(run_dir, "train", "training") if writes_run_folder else contextlib.nullcontext():
+        return _fit(config, trainer, module, train_loader, val_loader, best_checkpoint, image_cache, resume_from, clock)
+
+
+def _fit(config: TrainConfig, trainer, module, train_loader, val_loader, best_checkpoint, image_cache, resume_from,
+         clock: RunClock) -> RunResult:
+    run_dir, smoke_test = config.run_dir, bool(config.fast_dev_run)
     if trainer.is_global_zero and not smoke_test:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "params.json").write_text(json.dumps(config.as_dict(), indent=2, default=str))
+        set_aside_unreadable(run_dir, resume_from)
+        write_json(run_dir / "params.json", json.loads(json.dumps(config.as_dict(), default=str)))
         _write_run_file(config, finished=False, global_step=0, clock=clock)
         resumed = f", resuming from {resume_from}" if resume_from else ""
         print(f"run {config.run_name}: checkpoints in {run_dir}, TensorBoard logs in "
@@ -460,7 +562,7 @@ def _report(config: TrainConfig, global_step: int, metrics: dict) -> None:
     if "val/mean_recall" in metrics:
         print(format_metrics({name.removeprefix("val/"): value for name, value in metrics.items()}))
     print(f"run {config.run_name}: step {global_step}; {run_dir / 'best.ckpt'} (best dev mean recall, weights only), "
-          f"{run_dir / 'last.ckpt'} (to resume)")
+          f"{run_dir / LAST_CHECKPOINT} (to resume)")
     if global_step >= SMOKE_STEPS:
         _point_latest(Path(config.models_dir), config.run_name)
         print(f"{Path(config.models_dir) / 'latest'} -> {config.run_name}")
@@ -470,7 +572,7 @@ def _report(config: TrainConfig, global_step: int, metrics: dict) -> None:
 
 def _finish_run(trainer, module, val_loader, best_checkpoint, run_dir: Path) -> dict:
     """Make last.ckpt the final state and best.ckpt the best validated one, the final model included."""
-    trainer.save_checkpoint(run_dir / "last.ckpt", weights_only=False)
+    trainer.save_checkpoint(run_dir / LAST_CHECKPOINT, weights_only=False)
     if val_loader is None:
         trainer.save_checkpoint(run_dir / "best.ckpt", weights_only=True)
         return {}

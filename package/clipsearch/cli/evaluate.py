@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"checkpoint": model_label(args.load_model), **result}
     out = Path(args.out) if args.out else default_output_path(results_stem(args.load_model), args.dataset_path, args.split)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    from clipsearch.durable import atomic_write
+
+    atomic_write(out, json.dumps(result, indent=2) + "\n")
 
     counts = result["counts"]
     print(

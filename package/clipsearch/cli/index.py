@@ -84,7 +84,17 @@ def consolidated_store(emb_path: str):
 
 def main(argv: list[str]):
     args = parse_args(argv)
-    from clipsearch.index import INDEX_FILE, build_index
+    from clipsearch.durable import FolderLock
+    from clipsearch.index import INDEX_FILE
+
+    out = Path(args.out) if args.out else Path(args.emb_path) / INDEX_FILE
+    # One build per index file: a second is refused in one line that names the first.
+    with FolderLock(out.parent, out.name, "an index build"):
+        return build(args, out)
+
+
+def build(args: argparse.Namespace, out: Path):
+    from clipsearch.index import build_index
 
     store = consolidated_store(args.emb_path)
     queries = None
@@ -99,7 +109,6 @@ def main(argv: list[str]):
         index = build_index(store.embeddings, store.order_fingerprint, rerank_rows=store.rows, queries=queries, **layout)
     except ValueError as error:  # the budget cannot hold any layout
         raise UserError(str(error)) from None
-    out = Path(args.out) if args.out else Path(args.emb_path) / INDEX_FILE
     index.save(out)
     print(f"wrote {index.info['factory']} index of {index.count:,} vectors to {out}: {json.dumps(index.info)}")
     recall = index.info.get("recall_at_10")

@@ -52,6 +52,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    from clipsearch.durable import FolderLock
+    from clipsearch.querybank import QUERYBANK_FILE
+
+    # One build per folder: a second is refused in one line that names the first.
+    with FolderLock(args.emb_path, QUERYBANK_FILE, "a querybank build"):
+        return build(args)
+
+
+def build(args: argparse.Namespace):
     from clipsearch import querybank
     from clipsearch.checkpoint import model_fingerprint
     from clipsearch.models.released import load_model

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import io
 import json
 import os
 import socket
@@ -172,6 +173,7 @@ def format_hits(hits) -> str:
 
 def save_grid(hits, title: str, out_dir: Path, name: str, thumb_size: int = 160, columns: int = 5) -> Path:
     """Write the hits' contact sheet as <out_dir>/<name>.png; `name` must already be a safe file name."""
+    from clipsearch.durable import atomic_write
     from clipsearch.grid import make_grid
     from clipsearch.images import display_path
 
@@ -182,8 +184,9 @@ def save_grid(hits, title: str, out_dir: Path, name: str, thumb_size: int = 160,
         raise ValueError(f"refusing to write {grid_path} outside {out_dir}")
     labels = [f"{rank}. {hit.score:.3f} {display_path(Path(hit.path).name)}" for rank, hit in enumerate(hits, start=1)]
     grid = make_grid([hit.path for hit in hits], labels, title=title, thumb_size=thumb_size, columns=columns)
-    grid.save(grid_path)
-    return grid_path
+    encoded = io.BytesIO()
+    grid.save(encoded, format="PNG")
+    return atomic_write(grid_path, encoded.getbuffer())
 
 
 def report(hits, query: dict, heading: str, grid_title: str, grid_name: str, args: argparse.Namespace) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -11,11 +12,13 @@ import torch.distributed as dist
 
 from clipsearch.encoding.runner import EncodeConfig, encode_rank
 from clipsearch.errors import UserError
-from clipsearch.store import MANIFEST_FILE, describe, read_json, write_manifest_if_complete
+from clipsearch.store import MANIFEST_FILE, describe, encoding_lock, read_json, write_manifest_if_complete
 
 # The only collective is the final barrier; ranks finish close together, but a rank that meets
 # many slow images should not time the others out.
 BARRIER_TIMEOUT = timedelta(hours=6)
+# A spawned rank that printed its own one-line error exits with this, so the parent adds nothing.
+REPORTED_EXIT_CODE = 3
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,16 @@ def node_rank_from_env(env, num_nodes: int, node_rank: int) -> int:
 
 
 def run_in_layout(config: EncodeConfig, layout: ProcessLayout) -> dict | None:
-    """Encode this rank's share, then wait for the others; the manifest is written once all are done."""
+    """Encode this rank's share, then wait for the others; the manifest is written once all are done.
+
+    The rank holds the folder's lock for its rank throughout, so a second run into the folder is
+    refused in one line naming this one.
+    """
+    with encoding_lock(config.emb_path, layout.rank):
+        return _encode_and_finish(config, layout)
+
+
+def _encode_and_finish(config: EncodeConfig, layout: ProcessLayout) -> dict | None:
     record = encode_rank(config, layout.rank, layout.world_size, layout.local_rank, layout.local_world_size)
     extra = {"dataset_path": os.path.abspath(config.dataset_path), "split": config.split, "precision": config.precision}
     if layout.use_process_group:
@@ -106,7 +118,11 @@ def _spawned_rank(
     if rendezvous:
         os.environ.update(rendezvous)
     layout = ProcessLayout(node_rank * devices + local_rank, world_size, local_rank, devices, rendezvous is not None)
-    run_in_layout(config, layout)
+    try:
+        run_in_layout(config, layout)
+    except UserError as error:  # one line from the rank, not a traceback relayed by the parent
+        print(f"error: rank {layout.rank}: {error}", file=sys.stderr, flush=True)
+        sys.exit(REPORTED_EXIT_CODE)
 
 
 def _free_port() -> int:
@@ -135,7 +151,13 @@ def run(config: EncodeConfig, devices: int = 1, num_nodes: int = 1, node_rank: i
         rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     else:
         rendezvous = None
-    torch.multiprocessing.spawn(
-        _spawned_rank, args=(config, devices, node_rank, world_size, rendezvous), nprocs=devices, join=True
-    )
+    try:
+        torch.multiprocessing.spawn(
+            _spawned_rank, args=(config, devices, node_rank, world_size, rendezvous), nprocs=devices, join=True
+        )
+    except torch.multiprocessing.ProcessExitedException as error:
+        if error.exit_code == REPORTED_EXIT_CODE:
+            raise SystemExit(1) from None  # the rank said why, in one line
+        raise UserError(f"encoding rank {error.error_index} stopped ({error}); run the same command again to "
+                        "resume: finished shards are kept") from None
     return read_json(os.path.join(config.emb_path, MANIFEST_FILE))

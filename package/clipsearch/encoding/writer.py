@@ -6,9 +6,8 @@ from pathlib import Path
 
 import torch
 
-# atomic_replace ... write_json moved to clipsearch.store; importable from here for older callers.
+# list_shards ... write_json moved to clipsearch.store; importable from here for older callers.
 from clipsearch.store import (  # noqa: F401
-    atomic_replace,
     list_shards,
     read_json,
     read_shard,

@@ -23,9 +23,11 @@ from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from clipsearch.defaults import DEFAULT_TOP_K
 from clipsearch.images import DECOMPRESSION_BOMB, SkipReasons, decode_image, display_path, load_image
+from clipsearch.server.live import RELOAD_POLL_SECONDS, LiveCollection
 
 logger = logging.getLogger(__name__)
 
@@ -119,11 +121,16 @@ async def read_capped_body(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"upload is larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB")
     chunks, received = [], 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > limit:
-            raise ApiError(413, f"upload is larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise ApiError(413, f"upload is larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB")
+            chunks.append(chunk)
+    except ClientDisconnect:  # nobody is left to answer; one line for the log, not a traceback
+        client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+        logger.warning("%s hung up during an upload, after %d bytes", client, received)
+        raise ApiError(400, "the upload was cut off") from None
     return b"".join(chunks)
 
 
@@ -160,17 +167,17 @@ class ThumbnailCache:
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.total_bytes = 0
-        self._entries: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._entries: OrderedDict[tuple, bytes] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[int, int]) -> bytes | None:
+    def get(self, key: tuple) -> bytes | None:
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return self._entries[key]
         return None
 
-    def put(self, key: tuple[int, int], value: bytes) -> None:
+    def put(self, key: tuple, value: bytes) -> None:
         if len(value) > self.max_bytes:
             return
         with self._lock:
@@ -182,7 +189,7 @@ class ThumbnailCache:
                 _, evicted = self._entries.popitem(last=False)
                 self.total_bytes -= len(evicted)
 
-    def keys(self) -> list[tuple[int, int]]:
+    def keys(self) -> list[tuple]:
         with self._lock:
             return list(self._entries)
 
@@ -214,14 +221,17 @@ def is_under_roots(path: str | os.PathLike, roots: Sequence[Path]) -> bool:
     return any(resolved.is_relative_to(root) for root in roots)
 
 
-def create_app(engine, serve_roots: Sequence[str | os.PathLike] | None = None) -> FastAPI:
+def create_app(engine, serve_roots: Sequence[str | os.PathLike] | None = None,
+               poll_seconds: float = RELOAD_POLL_SECONDS) -> FastAPI:
     """The web app over an already loaded engine; requests share its model and read-only embeddings.
 
     Image files are served only from under `serve_roots` (symlinks resolved), so a shard listing
-    /etc/passwd cannot make the server send it; None serves whatever the collection lists.
+    /etc/passwd cannot make the server send it; None serves whatever the collection lists. An
+    engine loaded from an embedding folder is reloaded when an update of the folder lands
+    (live.LiveCollection, looked for every `poll_seconds`); ids in results carry the update they
+    come from, so an image asked for by an older result's id is still the image it showed.
     """
-    searcher = engine.searcher
-    collection_size = len(searcher)
+    live = LiveCollection(engine, poll_seconds)
     model_description = describe_model(engine.bundle.spec)
     roots = None if serve_roots is None else resolved_roots(serve_roots)
     # Encoders are not documented as re-entrant, and the CPUs are better spent on one forward at a time;
@@ -231,8 +241,18 @@ def create_app(engine, serve_roots: Sequence[str | os.PathLike] | None = None) -
     decode_slots = threading.BoundedSemaphore(MAX_CONCURRENT_DECODES)
     thumbnails = ThumbnailCache(THUMBNAIL_CACHE_BYTES)
 
-    app = FastAPI(title="clipsearch", docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json")
+    @contextlib.asynccontextmanager
+    async def watching(app: FastAPI):
+        live.start()
+        try:
+            yield
+        finally:
+            live.stop()
+
+    app = FastAPI(title="clipsearch", docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json",
+                  lifespan=watching)
     app.state.thumbnails = thumbnails  # for tests and benchmarks to inspect
+    app.state.live = live
 
     @app.exception_handler(ApiError)
     async def api_error_response(request: Request, error: ApiError):
@@ -256,43 +276,62 @@ def create_app(engine, serve_roots: Sequence[str | os.PathLike] | None = None) -
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         return response
 
-    def result_list(hits) -> list[dict]:
+    def result_list(engine, hits) -> list[dict]:
         # Paths are shown escaped: a file name that is not UTF-8 cannot travel in JSON, the id fetches it.
+        # Image URLs name the update the ids belong to, so they stay right (and cacheable) across a reload.
+        update = "" if engine.update is None else f"update={engine.update}"
         return [
             {
                 "rank": rank,
                 "id": hit.id,
                 "path": display_path(hit.path),
                 "score": round(float(hit.score), 6),
-                "thumbnail_url": f"/api/image/{hit.id}?size={DEFAULT_THUMBNAIL_SIZE}",
+                "image_url": f"/api/image/{hit.id}" + (f"?{update}" if update else ""),
+                "thumbnail_url": f"/api/image/{hit.id}?size={DEFAULT_THUMBNAIL_SIZE}" + (f"&{update}" if update else ""),
             }
             for rank, hit in enumerate(hits, start=1)
         ]
+
+    def answer(engine, query: dict, top_k: int, hits) -> dict:
+        return {"query": query, "top_k": top_k, "update": engine.update, "results": result_list(engine, hits)}
+
+    def locate(engine, raw_id: str, update: int | None) -> tuple[str, int | None]:
+        """The image file an id names in the update it came from (the engine's by default), and its
+        row in `engine` when the id is the engine's own (else None: look the path up)."""
+        if update is None or update == engine.update:
+            row = parse_collection_id(raw_id, len(engine.searcher))
+            return engine.path_of(row), row
+        previous = live.previous
+        if previous is not None and previous.update == update:
+            return previous.paths[parse_collection_id(raw_id, len(previous.paths))], None
+        raise ApiError(410, f"ids of update {update} are out of date: the server now serves update {engine.update}; "
+                            "search again")
 
     def decode_within_slots(data: bytes) -> Image.Image:
         with decode_slots:
             return decode_upload(data)
 
-    def thumbnail_within_slots(key: tuple[int, int], path: str) -> bytes | None:
+    def thumbnail_within_slots(key: tuple, path: str) -> bytes | None:
         with decode_slots:
             # Requests for the same thumbnail queue here; only the first decodes it.
             cached = thumbnails.get(key)
             if cached is not None:
                 return cached
-            thumbnail = make_thumbnail(path, key[1])
+            thumbnail = make_thumbnail(path, key[-1])
             if thumbnail is not None:
                 thumbnails.put(key, thumbnail)
             return thumbnail
 
-    def search_text(text: str, top_k: int):
+    def search_text(engine, text: str, top_k: int):
         with inference_lock, torch.inference_mode():
             return engine.search_text([text], top_k)[0]
 
-    def search_image(image: Image.Image, top_k: int):
+    def search_image(engine, image: Image.Image, top_k: int):
         with inference_lock, torch.inference_mode():
             return engine.search_image([image], top_k)[0]
 
-    def search_similar(item_id: int, top_k: int):
+    def search_similar(engine, item_id: int, top_k: int):
+        searcher = engine.searcher
         with torch.inference_mode():
             # The item's stored (normalised) embedding is the query: no model call, no lock needed.
             # The item itself would top its own list, so one more is asked for and the item left out.
@@ -302,10 +341,13 @@ def create_app(engine, serve_roots: Sequence[str | os.PathLike] | None = None) -
 
     @app.get("/api/health")
     def health():
+        engine = live.engine
         return {
             "status": "ok",
-            "collection_size": collection_size,
-            "embedding_dim": int(searcher.dim),
+            "collection_size": len(engine.searcher),
+            "update": engine.update,  # the embedding folder's update these answers come from
+            "update_complete": engine.complete,
+            "embedding_dim": int(engine.searcher.dim),
             "model": model_description,
             "limits": {
                 "max_query_chars": MAX_QUERY_CHARS,
@@ -323,25 +365,33 @@ def create_app(engine, serve_roots: Sequence[str | os.PathLike] | None = None) -
         text = q.strip()
         if not text:
             raise ApiError(400, "the query is empty")
-        hits = await run_in_threadpool(search_text, text, top_k)
-        return {"query": {"kind": "text", "text": text}, "top_k": top_k, "results": result_list(hits)}
+        engine = live.engine  # this request's collection, whatever a reload does meanwhile
+        hits = await run_in_threadpool(search_text, engine, text, top_k)
+        return answer(engine, {"kind": "text", "text": text}, top_k, hits)
 
     @app.post("/api/search/image")
     async def image_search(request: Request, top_k: int = Query(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K)):
         data, filename = await read_uploaded_image_bytes(request)
         # Decoding is CPU work on untrusted input; keep it off the event loop like inference.
         image = await run_in_threadpool(decode_within_slots, data)
-        hits = await run_in_threadpool(search_image, image, top_k)
-        query = {"kind": "image", "filename": display_path(filename)}
-        return {"query": query, "top_k": top_k, "results": result_list(hits)}
+        engine = live.engine
+        hits = await run_in_threadpool(search_image, engine, image, top_k)
+        return answer(engine, {"kind": "image", "filename": display_path(filename)}, top_k, hits)
 
     # `:path` lets ids holding a decoded '/' reach parse_collection_id too, for the same clear 404.
     @app.get("/api/similar/{item_id:path}")
-    async def similar_search(item_id: str, top_k: int = Query(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K)):
-        index = parse_collection_id(item_id, collection_size)
-        hits = await run_in_threadpool(search_similar, index, top_k)
-        query = {"kind": "similar", "id": index, "path": display_path(engine.path_of(index))}
-        return {"query": query, "top_k": top_k, "results": result_list(hits)}
+    async def similar_search(
+        item_id: str,
+        top_k: int = Query(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K),
+        update: int | None = Query(None, description="the update the id comes from (results name it)"),
+    ):
+        engine = live.engine
+        path, index = locate(engine, item_id, update)
+        index = engine.row_of(path) if index is None else index
+        if index is None:
+            raise ApiError(404, f"collection item {item_id} of update {update} is no longer in the collection")
+        hits = await run_in_threadpool(search_similar, engine, index, top_k)
+        return answer(engine, {"kind": "similar", "id": index, "path": display_path(path)}, top_k, hits)
 
     @app.get("/api/image/{item_id:path}")
     async def collection_image(
@@ -349,28 +399,34 @@ def create_app(engine, serve_roots: Sequence[str | os.PathLike] | None = None) -
         size: int | None = Query(
             None, ge=MIN_THUMBNAIL_SIZE, le=MAX_THUMBNAIL_SIZE, description="thumbnail edge, served as the next of 96, 192, 384"
         ),
+        update: int | None = Query(None, description="the update the id comes from (results name it)"),
     ):
         # The file is looked up from the collection by index; no client-sent path ever reaches the filesystem.
-        index = parse_collection_id(item_id, collection_size)
-        path = engine.path_of(index)
+        path, _ = locate(live.engine, item_id, update)
         if roots is not None and not is_under_roots(path, roots):
-            logger.warning("refused collection item %d: %s is outside the collection's folders", index, display_path(path))
+            logger.warning("refused collection item %s: %s is outside the collection's folders", item_id, display_path(path))
             raise ApiError(
                 403,
-                f"collection item {index} lies outside the collection's folders; the server serves only "
+                f"collection item {item_id} lies outside the collection's folders; the server serves only "
                 "files under them (restart it with --serve_root <folder>, or --serve_any_path to lift this)",
             )
-        if not os.path.isfile(path):
-            raise ApiError(404, f"collection item {index} is no longer on disk")
-        cache_headers = {"Cache-Control": "public, max-age=3600"}
+        try:
+            stat = os.stat(path)
+        except OSError:
+            stat = None
+        if stat is None or not os.path.isfile(path):
+            raise ApiError(404, f"collection item {item_id} is no longer on disk")
+        # Only a URL naming its update may be cached long: without one, the id can mean another image later.
+        cache_headers = {"Cache-Control": "public, max-age=3600" if update is not None else "no-cache"}
         if size is None:
             return FileResponse(path, headers=cache_headers)
-        key = (index, thumbnail_size(size))
+        # Keyed by the file's version, not the id: ids change with updates, and a file can be rewritten.
+        key = (path, stat.st_size, stat.st_mtime_ns, thumbnail_size(size))
         thumbnail = thumbnails.get(key)
         if thumbnail is None:
             thumbnail = await run_in_threadpool(thumbnail_within_slots, key, path)
             if thumbnail is None:
-                raise ApiError(404, f"collection item {index} cannot be read as an image")
+                raise ApiError(404, f"collection item {item_id} cannot be read as an image")
         return Response(thumbnail, media_type="image/jpeg", headers=cache_headers)
 
     @app.get("/", include_in_schema=False)

@@ -38,7 +38,7 @@ function clampTopK(value) {
 function searchFromUrl() {
   const params = new URLSearchParams(window.location.search);
   const topK = clampTopK(params.get("top_k") ?? defaultTopK);
-  if (params.has("similar")) return { kind: "similar", id: params.get("similar"), topK };
+  if (params.has("similar")) return { kind: "similar", id: params.get("similar"), update: params.get("update"), topK };
   if (params.get("q")) return { kind: "text", text: params.get("q"), topK };
   return { kind: "none", topK };
 }
@@ -46,7 +46,11 @@ function searchFromUrl() {
 function urlForSearch(search) {
   const params = new URLSearchParams();
   if (search.kind === "text") params.set("q", search.text);
-  if (search.kind === "similar") params.set("similar", search.id);
+  if (search.kind === "similar") {
+    params.set("similar", search.id);
+    // Ids are rows of one update of the collection; the server maps an id of the update before.
+    if (search.update != null) params.set("update", search.update);
+  }
   params.set("top_k", String(search.topK));
   return `${window.location.pathname}?${params}`;
 }
@@ -109,12 +113,13 @@ function renderResults(search, response) {
     // Bars are relative to this result list, since cosine scores of different models live on different scales.
     const share = best > worst ? (result.score - worst) / (best - worst) : 1;
     card.querySelector(".score-bar span").style.width = `${Math.round(8 + 92 * share)}%`;
-    card.querySelector(".open").href = `/api/image/${result.id}`;
+    card.querySelector(".open").href = result.image_url || `/api/image/${result.id}`;
     card.querySelector(".filename").textContent = filename;
     card.querySelector(".folder").textContent = shortFolder(folder);
     card.querySelector(".meta").title = result.path;
     card.querySelector(".thumb").addEventListener("click", () => {
-      runSearch({ kind: "similar", id: String(result.id), topK: clampTopK(elements.topK.value) }, { push: true });
+      const similar = { kind: "similar", id: String(result.id), update: response.update, topK: clampTopK(elements.topK.value) };
+      runSearch(similar, { push: true });
       window.scrollTo({ top: 0, behavior: "smooth" });
     });
     card.dataset.id = String(result.id);
@@ -136,13 +141,17 @@ async function errorMessage(response) {
   return `${response.status} ${response.statusText}`;
 }
 
+function updateParameter(search) {
+  return search.update != null ? `&update=${encodeURIComponent(search.update)}` : "";
+}
+
 function requestFor(search) {
   const topK = encodeURIComponent(search.topK);
   if (search.kind === "text") {
     return [`/api/search?q=${encodeURIComponent(search.text)}&top_k=${topK}`, {}];
   }
   if (search.kind === "similar") {
-    return [`/api/similar/${encodeURIComponent(search.id)}?top_k=${topK}`, {}];
+    return [`/api/similar/${encodeURIComponent(search.id)}?top_k=${topK}${updateParameter(search)}`, {}];
   }
   const form = new FormData();
   form.append("image", search.file, search.file.name || "image");
@@ -166,7 +175,7 @@ async function runSearch(search, { push }) {
     window.history.pushState(null, "", url);
   }
   if (search.kind === "image") setPreview(URL.createObjectURL(search.file));
-  else if (search.kind === "similar") setPreview(`/api/image/${encodeURIComponent(search.id)}?size=96`);
+  else if (search.kind === "similar") setPreview(`/api/image/${encodeURIComponent(search.id)}?size=96${updateParameter(search)}`);
   else setPreview(null);
   document.title = search.kind === "text" ? `${search.text} · clipsearch` : "clipsearch";
 

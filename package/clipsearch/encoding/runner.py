@@ -48,17 +48,24 @@ class EncodeConfig:
     progress: bool = True
 
 
-def choose_device(accelerator: str, local_rank: int) -> torch.device:
+def use_rank_device(accelerator: str, local_rank: int) -> torch.device:
+    """This rank's device: the CPU, or GPU `local_rank` (modulo the GPUs seen), made the current one.
+
+    Whatever allocates on "the current device" (the loader's pin-memory thread, pinned buffers)
+    would otherwise open a CUDA context of a few hundred MB on GPU 0 in every rank.
+    """
     if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise UserError("--accelerator gpu was asked for, but PyTorch sees no CUDA device")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+    device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
 
 
 def encode_rank(config: EncodeConfig, rank: int, world_size: int, local_rank: int = 0, local_world_size: int = 1) -> dict:
     """Encode this rank's share of the folder's update, skipping shards a killed run finished; returns its record."""
-    device = choose_device(config.accelerator, local_rank)
+    device = use_rank_device(config.accelerator, local_rank)
     if device.type == "cpu":
         # Ranks on one machine share its cores; oversubscribed BLAS threads slow every rank down.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))

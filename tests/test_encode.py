@@ -1,4 +1,5 @@
 """Encoding: stages alone, the real CLI in one and two processes, resume after a kill, bad images."""
+import dataclasses
 import json
 import os
 import shutil
@@ -317,3 +318,25 @@ def test_each_encoding_rank_makes_its_own_gpu_the_current_one(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="no CUDA device"):
         use_rank_device("gpu", 0)
+
+
+def test_each_encoding_rank_takes_its_share_of_the_node_for_decoding(tmp_path, tiny_checkpoint, colour_images, monkeypatch):
+    """Four ranks on a 16-core node (torchrun passes no --devices): 16 / 4 - 1 decoders each, not 8."""
+    from clipsearch.encoding import runner
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    workers = []
+    make_loader = runner.make_loader
+    monkeypatch.setattr(runner, "make_loader", lambda *args, **kwargs: workers.append(args[3]) or make_loader(
+        *args[:3], 0, **kwargs))
+    root, _ = colour_images
+    config = runner.EncodeConfig(str(tiny_checkpoint), str(root), str(tmp_path / "emb"), accelerator="cpu", progress=False)
+    threads = torch.get_num_threads()  # a CPU rank sets its share of the (pretended) cores
+    try:
+        runner.encode_rank(config, rank=1, world_size=4, local_rank=1, local_world_size=4)
+        runner.encode_rank(dataclasses.replace(config, num_workers=2), rank=2, world_size=4, local_rank=2,
+                           local_world_size=4)
+    finally:
+        torch.set_num_threads(threads)
+    assert workers == [3, 2]
+    assert parse_args([]).num_workers is None  # decided by each rank, where the node's ranks are known

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from clipsearch.checkpoint import model_fingerprint
 from clipsearch.data import IMAGE_EXTENSIONS
+from clipsearch.defaults import default_num_workers
 from clipsearch.encoding.mapper import ImageEmbedder
 from clipsearch.encoding.plan import Layout, plan_update
 from clipsearch.encoding.reader import collect_image_paths, make_loader, shard_batches
@@ -40,7 +41,7 @@ class EncodeConfig:
     split: str = "auto"
     batch_size: int = 64
     shard_size: int = 10_000
-    num_workers: int = 0
+    num_workers: int | None = None  # None: this node's cores shared by its ranks (default_num_workers)
     precision: str = "32"
     accelerator: str = "auto"
     overwrite: bool = False
@@ -104,7 +105,10 @@ def encode_rank(config: EncodeConfig, rank: int, world_size: int, local_rank: in
         logger.info("rank %d: resuming, %d of %d shards already done", rank, len(shards) - len(pending), len(shards))
     batches, batch_steps = shard_batches(pending, config.batch_size)
     embedder = ImageEmbedder(bundle.model, device, config.precision, bundle.image_views)
-    loader = make_loader(rank_paths, bundle.eval_transform, batches, config.num_workers, pin_memory=device.type == "cuda")
+    # Decided here, where the ranks on this node are known whichever launcher started them (torchrun
+    # passes no --devices).
+    workers = default_num_workers(local_world_size) if config.num_workers is None else config.num_workers
+    loader = make_loader(rank_paths, bundle.eval_transform, batches, workers, pin_memory=device.type == "cuda")
     pending_images = sum(length for _, _, length in pending)
     progress = tqdm(
         total=pending_images,

@@ -199,8 +199,8 @@ def _temporary_cache_folder(num_nodes: int, models_dir: Path) -> Path:
 def wait_for_every_rank(world_size: int, reason: str) -> None:
     """A barrier for work that may keep ranks apart for hours (building a share of the image cache).
 
-    The trainer's process group times out after 30 minutes (NCCL's after 10); a rank that finds
-    its share done, in a resumed run, can wait much longer for one that is far behind. This
+    The trainer's process group times out after 30 minutes (Lightning's default); a rank that
+    finds its share done, in a resumed run, can wait much longer for one that is far behind. This
     barrier runs on its own CPU (gloo) group, timed out only after CACHE_WAIT; a rank that dies
     still ends the others' wait at once, as its connection closes.
     """

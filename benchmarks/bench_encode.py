@@ -3,13 +3,17 @@
     .venv/bin/python benchmarks/bench_encode.py                        # 256 generated JPEGs, "our" model
     .venv/bin/python benchmarks/bench_encode.py --image_dir ../shared/data/flickr8k/Flicker8k_Dataset \
         --images 256 --workers 0,2 --models our,vit-tiny                # real photos, read in place
+    python benchmarks/bench_encode.py --accelerator gpu --precision 16-mixed --models our,vit-b-32 \
+        --images 4096 --batch_size 256                                  # on a GPU (benchmarks/gpu_check.sh)
 
 The pipeline runs `python -m clipsearch.cli.encode` in this process, on a folder of symlinks to
 JPEGs: those of --image_dir read in place (e.g. Flickr8k), or photo-sized generated ones. Its steady rate comes from
 two runs of different image counts: (count difference) / (time difference) cancels the start-up
 (DataLoader workers, first batch) that a short run would otherwise be dominated by. The ceiling is
 the same model, threads and batch size on the same images decoded and transformed beforehand.
-Models have random weights: speed does not depend on them. With --report, results go to
+Models have random weights: speed does not depend on them. vit-b-32 is the architecture behind
+clip-retrieval's published rate (1500 samples/s on an RTX 3080, image and text embedded), the
+reference for a GPU run. With --report, results go to
 benchmarks/results/encode.json and the "Encoding" section of BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -26,7 +30,8 @@ import common
 import numpy as np
 import torch
 
-MODELS = ("our", "vit-tiny")
+MODELS = ("our", "vit-tiny", "vit-b-32")
+ARCHITECTURES = {"vit-tiny": "ViT-Tiny-16", "vit-b-32": "ViT-B-32"}
 
 
 def image_folder(text: str) -> Path:
@@ -55,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--workers", default="0,1,2",
                      help="comma-separated --num_workers settings to try; the CLI's default is always included")
     run.add_argument("--repeats", type=int, default=2, help="measurements per setting (median reported)")
+    run.add_argument("--accelerator", default="cpu", choices=("cpu", "gpu"), help="where the model runs (the GPU: cuda:0)")
+    run.add_argument("--precision", default="32", choices=("32", "16-mixed", "bf16-mixed"),
+                     help="the encode CLI's --precision, for the pipeline and the model-only ceiling alike")
     common.add_report_flags(parser)
     args = parser.parse_args(argv)
     args.models = [name.strip() for name in args.models.split(",") if name.strip()]
@@ -113,18 +121,20 @@ def build_checkpoint(name: str, folder: Path) -> Path:
     else:
         from clipsearch.models.openai_clip import openai_clip_spec
 
-        spec = openai_clip_spec("ViT-Tiny-16")
+        spec = openai_clip_spec(ARCHITECTURES[name])
     torch.manual_seed(0)
     return save_bundle(build_from_spec(spec), folder / f"{name}.ckpt")
 
 
-def pipeline_seconds(checkpoint: Path, dataset: Path, emb_path: Path, batch_size: int, workers: int) -> float:
+def pipeline_seconds(checkpoint: Path, dataset: Path, emb_path: Path, batch_size: int, workers: int,
+                     accelerator: str = "cpu", precision: str = "32") -> float:
     """Seconds of the CLI's encoding loop (decode, model, shard writing), as its rank record states."""
     from clipsearch.cli import encode
 
     argv = [
         f"--load_model={checkpoint}", f"--dataset_path={dataset}", f"--emb_path={emb_path}", "--split=folder",
-        f"--batch_size={batch_size}", f"--num_workers={workers}", "--accelerator=cpu", "--overwrite", "--no_progress",
+        f"--batch_size={batch_size}", f"--num_workers={workers}", f"--accelerator={accelerator}",
+        f"--precision={precision}", "--overwrite", "--no_progress",
     ]
     with contextlib.redirect_stdout(io.StringIO()):
         encode.main(argv)
@@ -132,18 +142,28 @@ def pipeline_seconds(checkpoint: Path, dataset: Path, emb_path: Path, batch_size
     return float(record["seconds_this_run"])
 
 
-def model_only_rate(checkpoint: Path, images: list[Path], batch_size: int, repeats: int) -> dict:
-    """Images/s of the embedding stage alone on batches decoded and transformed beforehand."""
+def model_only_rate(checkpoint: Path, images: list[Path], batch_size: int, repeats: int,
+                    accelerator: str = "cpu", precision: str = "32") -> dict:
+    """Images/s of the embedding stage alone on batches decoded and transformed beforehand (in host
+    memory, as the pipeline's batches are: on a GPU the copy to it is part of the stage)."""
     from clipsearch.checkpoint import load_bundle
     from clipsearch.data import load_image
     from clipsearch.encoding.mapper import ImageEmbedder
 
     bundle = load_bundle(checkpoint)
     tensors = torch.stack([bundle.eval_transform(load_image(path)) for path in images])
-    batches = list(tensors.split(batch_size))
-    embedder = ImageEmbedder(bundle.model, "cpu")
-    embedder(batches[0])  # warm-up: first-call allocations and kernel selection
-    times = common.interleaved_ms({"model": lambda: [embedder(batch) for batch in batches]}, repeats, warmup=0)["model"]
+    on_gpu = accelerator == "gpu"
+    batches = [batch.pin_memory() if on_gpu else batch for batch in tensors.split(batch_size)]
+    embedder = ImageEmbedder(bundle.model, "cuda" if on_gpu else "cpu", precision)
+
+    def embed_all() -> None:
+        for batch in batches:
+            embedder(batch)
+        if on_gpu:  # the GPU runs behind the host: a time stops when its work is done
+            torch.cuda.synchronize()
+
+    embed_all()  # warm-up: first-call allocations and kernel selection
+    times = common.interleaved_ms({"model": embed_all}, repeats, warmup=0)["model"]
     return {"images_per_s": round(len(images) / (common.median(times) / 1000), 1), "all_ms": [round(t, 1) for t in times]}
 
 
@@ -179,9 +199,11 @@ def bench_model(name: str, args, images: list[Path], default_workers: int) -> di
         order = settings[repeat % len(settings):] + settings[: repeat % len(settings)]
         for workers in order:
             for size in ("short", "long"):
-                seconds = pipeline_seconds(checkpoint, datasets[size], folder / f"emb_{size}", args.batch_size, workers)
+                seconds = pipeline_seconds(checkpoint, datasets[size], folder / f"emb_{size}", args.batch_size, workers,
+                                           args.accelerator, args.precision)
                 pipeline[workers][size].append(seconds)
-        model_rates.append(model_only_rate(checkpoint, images, args.batch_size, repeats=1)["images_per_s"])
+        model_rates.append(model_only_rate(checkpoint, images, args.batch_size, repeats=1, accelerator=args.accelerator,
+                                           precision=args.precision)["images_per_s"])
     ceiling = sorted(model_rates)[len(model_rates) // 2]
 
     rows = []
@@ -224,7 +246,8 @@ def report_markdown(results: dict) -> str:
     ]
     return common.report_section("Encoding", results, [
         f"- Images: {results['images_source']}; pipeline = the encode CLI in-process (`--split=folder "
-        f"--accelerator=cpu`), steady rate from runs of {results['images'] // 2} and {results['images']} images; "
+        f"--accelerator={results.get('accelerator', 'cpu')} --precision={results.get('precision', '32')}`), "
+        f"steady rate from runs of {results['images'] // 2} and {results['images']} images; "
         f"model-only = the same `ImageEmbedder` on pre-decoded tensors; median of {results['repeats']} "
         "alternating measurements",
         "",
@@ -247,6 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
         "images": args.images,
         "images_source": images_source,
         "repeats": args.repeats,
+        "accelerator": args.accelerator,
+        "precision": args.precision,
         "cli_default_num_workers": default_workers,
         "models": [bench_model(name, args, images, default_workers) for name in args.models],
     }

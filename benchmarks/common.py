@@ -49,6 +49,9 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        # Where a run timed the GPU (bench_encode.py --accelerator gpu), which GPUs the machine had.
+        **({"gpus": [torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())]}
+           if torch.cuda.is_available() else {}),
     }
 
 
@@ -135,8 +138,9 @@ def publish(name: str, results: dict, markdown: str, report: bool) -> Path:
 
 def machine_lines(results: dict) -> str:
     machine = results["machine"]
+    gpus = f", GPUs: {', '.join(machine['gpus'])}" if machine.get("gpus") else ""
     return (
-        f"- Machine: {machine['nproc']} CPUs ({machine['cpu_model']}), torch {machine['torch']}, "
+        f"- Machine: {machine['nproc']} CPUs ({machine['cpu_model']}){gpus}, torch {machine['torch']}, "
         f"{machine['torch_threads']} torch threads\n"
         f"- Date: {results['date']}; load average (1/5/15 min) at start {results['load_average_start']}, "
         f"at end {results['load_average_end']}\n"

@@ -1,4 +1,5 @@
 """Encoding: stages alone, the real CLI in one and two processes, resume after a kill, bad images."""
+import dataclasses
 import json
 import os
 import shutil
@@ -87,12 +88,44 @@ def test_table_dataset_encodes_unique_images_of_all_splits(tmp_path, colour_imag
 def test_launcher_environments():
     torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
     assert layout_from_env(torchrun, devices=1, num_nodes=1) == ProcessLayout(3, 4, 1, 2, True)
-    srun = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "4(x2)"}
-    assert layout_from_env(srun, devices=4, num_nodes=2) == ProcessLayout(5, 8, 1, 4, False)
-    assert layout_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, devices=4, num_nodes=2) is None
-    with pytest.raises(UserError, match="SLURM started 8 tasks"):
-        layout_from_env(srun, devices=1, num_nodes=1)
     assert layout_from_env({}, devices=2, num_nodes=1) is None
+
+
+# What SLURM puts in a process's environment: the allocation's variables in every process of the job,
+# the step's only in tasks that srun started.
+JOB_OF_TWO_NODES = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8", "SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_NTASKS_PER_NODE": "4",
+                    "SLURM_JOB_NUM_NODES": "2", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
+
+
+def srun_task(job: dict, tasks: int, per_node: str, procid: int, localid: int, nodeid: int) -> dict:
+    return {**job, "SLURM_NTASKS": str(tasks), "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": str(tasks),
+            "SLURM_STEP_TASKS_PER_NODE": per_node, "SLURM_PROCID": str(procid), "SLURM_LOCALID": str(localid),
+            "SLURM_NODEID": str(nodeid)}
+
+
+def test_slurm_tasks_started_by_srun_are_ranks_and_a_batch_script_is_one_process():
+    from clipsearch.encoding.launcher import node_rank_from_env
+
+    # srun, one task per device: each task is a rank.
+    per_device = srun_task(JOB_OF_TWO_NODES, 8, "4(x2)", procid=5, localid=1, nodeid=1)
+    assert layout_from_env(per_device, devices=4, num_nodes=2) == ProcessLayout(5, 8, 1, 4, False)
+    with pytest.raises(UserError, match="SLURM started 8 tasks"):
+        layout_from_env(per_device, devices=1, num_nodes=1)
+    # srun, one task per node: each starts --devices ranks, at its node's place.
+    per_node = srun_task(JOB_OF_TWO_NODES, 2, "1(x2)", procid=1, localid=0, nodeid=1)
+    assert layout_from_env(per_node, devices=4, num_nodes=2) is None
+    assert node_rank_from_env(per_node, num_nodes=2, node_rank=0) == 1
+    # The batch script of `sbatch --ntasks=4` on one node, without srun: one process, which must start
+    # the 4 ranks itself rather than take itself for rank 0 of 4 and encode a quarter.
+    batch_script = {**JOB_OF_TWO_NODES, "SLURM_NTASKS": "4", "SLURM_TASKS_PER_NODE": "4", "SLURM_JOB_NUM_NODES": "1"}
+    assert layout_from_env(batch_script, devices=4, num_nodes=1) is None
+    assert node_rank_from_env(batch_script, num_nodes=1, node_rank=0) == 0
+    # Across two nodes a batch script alone would leave the second node's share undone: refused.
+    with pytest.raises(UserError, match="not started by srun"):
+        layout_from_env(JOB_OF_TWO_NODES, devices=4, num_nodes=2)
+    # An salloc shell run as an interactive step: one task, whatever the allocation holds.
+    interactive = srun_task(JOB_OF_TWO_NODES, 1, "1", procid=0, localid=0, nodeid=0)
+    assert layout_from_env({**interactive, "SLURM_NTASKS": "8"}, devices=4, num_nodes=1) is None
 
 
 def test_flags_validated_and_defaults():
@@ -268,3 +301,43 @@ def test_model_json_records_the_resolved_checkpoint_and_its_run(tmp_path, tiny_c
     encode(tmp_path / "models" / "latest" / "best.ckpt", root, tmp_path / "emb")
     model = json.loads((tmp_path / "emb" / "model.json").read_text())
     assert model["load_model"] == str((run / "best.ckpt").resolve()) and model["run"] == "2026-11-29-run"
+
+
+def test_each_encoding_rank_makes_its_own_gpu_the_current_one(monkeypatch):
+    """The loader's pin-memory thread and pinned buffers use the current GPU: left at GPU 0, every rank
+    would open a context there."""
+    from clipsearch.encoding.runner import use_rank_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    devices = [use_rank_device("auto", local_rank) for local_rank in range(6)]
+    assert devices == [torch.device("cuda", local_rank % 4) for local_rank in range(6)]
+    assert made_current == devices
+    assert use_rank_device("cpu", 3) == torch.device("cpu") and len(made_current) == 6
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="no CUDA device"):
+        use_rank_device("gpu", 0)
+
+
+def test_each_encoding_rank_takes_its_share_of_the_node_for_decoding(tmp_path, tiny_checkpoint, colour_images, monkeypatch):
+    """Four ranks on a 16-core node (torchrun passes no --devices): 16 / 4 - 1 decoders each, not 8."""
+    from clipsearch.encoding import runner
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    workers = []
+    make_loader = runner.make_loader
+    monkeypatch.setattr(runner, "make_loader", lambda *args, **kwargs: workers.append(args[3]) or make_loader(
+        *args[:3], 0, **kwargs))
+    root, _ = colour_images
+    config = runner.EncodeConfig(str(tiny_checkpoint), str(root), str(tmp_path / "emb"), accelerator="cpu", progress=False)
+    threads = torch.get_num_threads()  # a CPU rank sets its share of the (pretended) cores
+    try:
+        runner.encode_rank(config, rank=1, world_size=4, local_rank=1, local_world_size=4)
+        runner.encode_rank(dataclasses.replace(config, num_workers=2), rank=2, world_size=4, local_rank=2,
+                           local_world_size=4)
+    finally:
+        torch.set_num_threads(threads)
+    assert workers == [3, 2]
+    assert parse_args([]).num_workers is None  # decided by each rank, where the node's ranks are known

@@ -189,3 +189,40 @@ def test_split_embeddings_drop_the_groups_a_distributed_sampler_repeats():
     expected = sorted([(0, tuple(caption_embedding[(0, 0)])), (0, tuple(caption_embedding[(0, 1)])),
                        (2, tuple(caption_embedding[(3, 0)])), (1, tuple(caption_embedding[(1, 0)]))])
     assert kept == expected
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 4096])
+def test_identical_embeddings_score_perfect_recall_whatever_the_chunk_size(chunk_size):
+    """A caption whose embedding is its image's must rank it first in both directions: scores that
+    are compared come from one product, so a cosine never meets a differently rounded copy of itself."""
+    from clipsearch.metrics import retrieval_metrics
+
+    torch.manual_seed(0)
+    images = torch.randn(50, 64)
+    caption_image_ids = torch.arange(50).repeat_interleave(2)  # two captions per image
+    texts = images[caption_image_ids].clone()
+    texts[1::2] += 0.3 * torch.randn(50, 64)  # the second caption of each image is a near miss
+    metrics = retrieval_metrics(images, texts, caption_image_ids, chunk_size=chunk_size)
+    assert metrics["image_to_text_R@1"] == 100.0
+    assert metrics["image_to_text_mean_rank"] == 1.0
+    exact = retrieval_metrics(images, images.clone(), torch.arange(50), chunk_size=chunk_size)
+    assert exact["image_to_text_R@1"] == exact["text_to_image_R@1"] == 100.0
+
+
+def test_recall_ranks_equal_a_direct_count_on_random_embeddings():
+    """Chunking changes nothing: ranks equal a count over one full score matrix, images without captions left out."""
+    from clipsearch.metrics import retrieval_metrics
+
+    torch.manual_seed(1)
+    images, texts = torch.randn(30, 16), torch.randn(45, 16)
+    caption_image_ids = torch.randint(0, 29, (45,))  # image 29 has no caption
+    scores = nn.functional.normalize(texts, dim=-1) @ nn.functional.normalize(images, dim=-1).T  # [M, N]
+    text_ranks = (scores > scores.gather(1, caption_image_ids[:, None])).sum(dim=1).float()
+    image_ranks = []
+    for image in caption_image_ids.unique():
+        best_own = scores[caption_image_ids == image, image].max()
+        image_ranks.append(float((scores[:, image] > best_own).sum()))
+    metrics = retrieval_metrics(images, texts, caption_image_ids, chunk_size=4)
+    assert metrics["text_to_image_mean_rank"] == pytest.approx(text_ranks.mean().item() + 1)
+    assert metrics["image_to_text_mean_rank"] == pytest.approx(sum(image_ranks) / len(image_ranks) + 1)
+    assert metrics["image_to_text_R@5"] == pytest.approx(100 * sum(rank < 5 for rank in image_ranks) / len(image_ranks))

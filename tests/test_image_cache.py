@@ -178,3 +178,27 @@ def test_a_cache_is_reused_across_text_side_changes_and_rebuilt_for_image_side_o
     del state["identity"]["crop"]
     state_file.write_text(json.dumps(state))
     assert not run_on_a_copy("older-crops")
+
+
+def test_two_ranks_share_one_smoke_run_cache_and_the_first_removes_it(tiny_dataset, tmp_path):
+    """2 CPU ranks (gloo) with --fast_dev_run: each caches half the images, and each reads the other's half."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    command = [sys.executable, str(repo / "src_our" / "main.py"), f"--dataset_path={tiny_dataset}",
+               f"--models_dir={tmp_path / 'models'}", f"--logs_dir={tmp_path / 'logs'}", "--run_name=cached-ddp",
+               "--image_resolution=32", "--text_length=16", "--embed_dim=32", "--batch_size=8", "--num_workers=0",
+               "--lock_image", "--lock_image_unlocked_groups=3", "--cache_image_views=2", "--fast_dev_run=2",
+               "--devices=2", "--accelerator=cpu", "--strategy=ddp"]
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{repo / 'package'}", "HF_HUB_OFFLINE": "1",
+           "TMPDIR": str(scratch)}
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "fast_dev_run: 2 steps ran" in completed.stdout
+    assert "(rank 0): 12 of 12 images" in completed.stderr and "(rank 1): 12 of 12 images" in completed.stderr
+    assert not list(scratch.glob("image-cache-*")), "the smoke run's cache folder is removed"
+    assert not (tmp_path / "models").exists()

@@ -24,7 +24,7 @@ from clipsearch.data import read_table
 from clipsearch.datasets import ImageCaptionDataset, collate_pairs
 from clipsearch.evaluate import evaluate
 from clipsearch.lightning_module import CLIPModule
-from clipsearch.loss import LOSSES, ContrastiveLoss
+from clipsearch.loss import LOSSES, ContrastiveLoss, gather_rows
 from clipsearch.models import build_from_spec
 from clipsearch.models.openai_clip import openai_clip_spec
 from clipsearch.models.transforms import make_image_transform, with_random_mirror
@@ -156,52 +156,68 @@ def test_a_large_batch_trains_its_image_tower_in_cpu_slices_with_the_same_gradie
     for sliced, whole in zip(sliced_gradients, whole_gradients, strict=True):
         torch.testing.assert_close(sliced, whole, atol=1e-5, rtol=1e-4)
 
-def _distributed_loss_worker(rank: int, world_size: int, port: int, loss_name: str, images, texts, scale, queue) -> None:
+# Rows of an 8-row global batch on ranks 0 and 1: even, uneven (a skipped image or two), and a
+# rank whose images all failed.
+RANK_SPLITS = ((4, 4), (5, 3), (0, 8))
+
+
+def _distributed_loss_worker(rank: int, world_size: int, port: int, images, texts, scale, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     import torch.distributed.nn.functional as dist_nn
 
-    def gather(tensor):
-        return torch.cat(dist_nn.all_gather(tensor)), rank * tensor.shape[0]
+    def all_gather(tensor, sync_grads=False):  # Lightning's contract: [world_size, *shape]
+        if sync_grads:
+            return torch.stack(dist_nn.all_gather(tensor))
+        gathered = [torch.empty_like(tensor) for _ in range(world_size)]
+        dist.all_gather(gathered, tensor)
+        return torch.stack(gathered)
 
-    rows = images.shape[0] // world_size
-    local_images = images[rank * rows:(rank + 1) * rows].clone().requires_grad_(True)
-    local_texts = texts[rank * rows:(rank + 1) * rows].clone().requires_grad_(True)
-    loss = LOSSES[loss_name](world_size=world_size, gather=gather)(local_images, local_texts, scale)
-    loss.backward()
-    # As arrays, which pickle by value: torch would share tensors through a file descriptor that
-    # dies with this process if it exits before the parent has read them.
-    queue.put((rank, loss.item(), local_images.grad.numpy(), local_texts.grad.numpy()))
+    results = []
+    for loss_name in LOSSES:
+        for split in RANK_SPLITS:
+            rows = slice(sum(split[:rank]), sum(split[:rank + 1]))
+            local_images = images[rows].clone().requires_grad_(True)
+            local_texts = texts[rows].clone().requires_grad_(True)
+            loss_fn = LOSSES[loss_name](world_size=world_size,
+                                        gather=lambda features: gather_rows(features, rank, all_gather, sync_grads=True))
+            loss = loss_fn(local_images, local_texts, scale)
+            loss.backward()
+            # As arrays, which pickle by value: torch would share tensors through a file descriptor
+            # that dies with this process if it exits before the parent has read them.
+            results.append((loss_name, split, loss.item(), local_images.grad.numpy(), local_texts.grad.numpy()))
+    queue.put((rank, results))
     dist.barrier()
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("loss_name", ["contrastive", "sigmoid"])
-def test_loss_and_gradients_on_two_gloo_processes_match_one_process(loss_name):
+def test_loss_and_gradients_on_two_gloo_processes_match_one_process_even_with_uneven_or_empty_ranks():
     torch.manual_seed(0)
     images, texts, scale = torch.randn(8, 16), torch.randn(8, 16), torch.tensor(2.0)
-    single_images, single_texts = images.clone().requires_grad_(True), texts.clone().requires_grad_(True)
-    single_loss = LOSSES[loss_name]()(single_images, single_texts, scale)
-    single_loss.backward()
-
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
-    port = 29500 + os.getpid() % 1000 + 1000 * tuple(LOSSES).index(loss_name)  # a fresh port per case
-    processes = [context.Process(target=_distributed_loss_worker, args=(rank, 2, port, loss_name, images, texts, scale, queue))
+    port = 29500 + os.getpid() % 1000
+    processes = [context.Process(target=_distributed_loss_worker, args=(rank, 2, port, images, texts, scale, queue))
                  for rank in range(2)]
     for process in processes:
         process.start()
-    results = sorted((rank, loss, torch.from_numpy(image_grad), torch.from_numpy(text_grad))
-                     for rank, loss, image_grad, text_grad in (queue.get() for _ in processes))
+    by_rank = dict(queue.get() for _ in processes)
     for process in processes:
         process.join(timeout=60)
         assert process.exitcode == 0
-    # Each rank scores its own rows, so the mean over ranks is the single-process loss; DDP averages
-    # gradients over ranks, so rank gradients divided by the world size are the single-process ones.
-    assert sum(loss for _, loss, _, _ in results) / 2 == pytest.approx(single_loss.item(), rel=1e-5)
-    for rank, _, image_grad, text_grad in results:
-        torch.testing.assert_close(image_grad / 2, single_images.grad[rank * 4:(rank + 1) * 4], rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(text_grad / 2, single_texts.grad[rank * 4:(rank + 1) * 4], rtol=1e-4, atol=1e-6)
+    for case, (loss_name, split, _, _, _) in enumerate(by_rank[0]):
+        single_images, single_texts = images.clone().requires_grad_(True), texts.clone().requires_grad_(True)
+        single_loss = LOSSES[loss_name]()(single_images, single_texts, scale)
+        single_loss.backward()
+        # DDP averages the ranks' gradients, so rank gradients divided by the world size must be the
+        # single-process ones, and the ranks' losses must average to the single-process loss.
+        losses = [by_rank[rank][case][2] for rank in range(2)]
+        assert sum(losses) / 2 == pytest.approx(single_loss.item(), rel=1e-5), (loss_name, split)
+        for rank in range(2):
+            rows = slice(sum(split[:rank]), sum(split[:rank + 1]))
+            _, _, _, image_grad, text_grad = by_rank[rank][case]
+            torch.testing.assert_close(torch.from_numpy(image_grad) / 2, single_images.grad[rows], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(torch.from_numpy(text_grad) / 2, single_texts.grad[rows], rtol=1e-4, atol=1e-6)
 
 
 def test_sigmoid_loss_is_each_pair_a_binary_question():
@@ -253,8 +269,8 @@ def test_several_captions_per_image_split_over_ranks_score_as_one_batch(loss_nam
         loss = LOSSES[loss_name]()
         loss.distribute(2, lambda features, gathered=gathered: gathered[features.shape[0]])
         local = loss(images[image_rows], texts[text_rows], log_scale, caption_images=owners[text_rows] - image_rows.start)
-        total += local.item() * (image_rows.stop - image_rows.start)  # each rank averages over its own images
-    assert total / 5 == pytest.approx(whole, rel=1e-5)
+        total += local.item()
+    assert total / 2 == pytest.approx(whole, rel=1e-5)  # DDP averages the two ranks
 
 
 def test_sigmoid_loss_trains_its_bias_at_lr_in_its_own_run(tiny_dataset, tmp_path):
@@ -287,6 +303,27 @@ def test_flip_images_mirrors_half_of_the_images_and_is_part_of_the_run_identity(
     assert pretrain_parse_args([*flags, "--flip_images"]).identity["flip_images"] is True
     default = pretrain_parse_args(flags)  # identities made before the flag stay as they were
     assert "flip_images" not in default.identity and not default.flip_images
+
+
+def test_loader_workers_share_a_nodes_cores_among_its_ranks(tiny_dataset, monkeypatch):
+    """On a 16-core node with 8 GPUs, `--devices auto` starts 8 ranks: each gets 16 / 8 - 1 decoding
+    processes per loader, not 8 each (128 in all)."""
+    from dataclasses import replace
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    config = pretrain_parse_args(["--pretrain_clip=ViT-Tiny-16", "--image_resolution=32", f"--dataset_path={tiny_dataset}",
+                                  "--batch_size=8"])
+    assert config.devices == "auto" and config.num_workers is None
+    bundle = build_from_spec(openai_clip_spec("ViT-Tiny-16", image_size=32))
+    train_loader, val_loader, _, _ = train.make_loaders(config, bundle)
+    assert train_loader.num_workers == val_loader.num_workers == 1
+    assert train.loader_workers(replace(config, devices=2)) == 7
+    assert train.loader_workers(config, env={"LOCAL_WORLD_SIZE": "4"}) == 3  # torchrun started 4 on this node
+    assert train.loader_workers(replace(config, accelerator="cpu")) == 8  # one CPU process: at most 8
+    assert train.loader_workers(replace(config, num_workers=5)) == 5
 
 
 def test_caption_flags_are_part_of_the_run_identity_and_checked(tiny_dataset, capsys):
@@ -375,15 +412,66 @@ def test_clear_errors_for_bad_weights_names_and_flags(tiny_dataset, tmp_path):
         our_main(["--pretrain_image=not_a_model", *flags])
 
 
-def test_two_process_ddp_training_validates_the_whole_dev_split(tiny_dataset, tmp_path):
-    """2 CPU ranks (gloo): the distributed sampler pads the dev split, the metrics must not count pads."""
-    command = [sys.executable, str(REPO / "src_openai_pretrain" / "main.py"), "--pretrain_clip=ViT-Tiny-16",
+# Runs the pretraining door with images failing on purpose: rank 1's first batch loses every image
+# and rank 0's second keeps 3 of 8, and each rank records the rows and loss of its steps.
+BAD_BATCHES_DRIVER = """
+import faulthandler
+import sys
+
+import torch.distributed as dist
+
+from clipsearch import lightning_module, train
+from clipsearch.datasets import collate_pairs
+
+collated = []
+
+
+def collate_with_bad_images(items):
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    collated.append(len(items))
+    keep = {(1, 1): 0, (0, 2): 3}.get((rank, len(collated)), len(items))
+    items = items[:keep] + [{"skipped": "corrupt image", "image_path": "bad.jpg"} for _ in items[keep:]]
+    return collate_pairs(items)
+
+
+faulthandler.dump_traceback_later(150, exit=True)  # ranks waiting on each other fail the test with their stacks
+train.collate_pairs = collate_with_bad_images
+step = lightning_module.CLIPModule.training_step
+
+
+def recording_step(self, batch, batch_idx):
+    loss = step(self, batch, batch_idx)
+    with open(f"steps-{self.global_rank}.txt", "a") as record:
+        record.write(f"{len(batch['image_paths'])} {loss.item()}\\n")
+    return loss
+
+
+lightning_module.CLIPModule.training_step = recording_step
+from src_openai_pretrain.main import main  # noqa: E402
+
+main(sys.argv[1:])
+"""
+
+
+def test_two_process_ddp_training_survives_bad_batches_and_validates_the_whole_dev_split(tiny_dataset, tmp_path):
+    """2 CPU ranks (gloo): a rank whose batch lost every image takes part in the step with no rows
+    instead of crashing or leaving the other waiting, and the distributed sampler pads the dev
+    split, which the metrics must not count."""
+    driver = tmp_path / "ddp_with_bad_images.py"
+    driver.write_text(BAD_BATCHES_DRIVER)
+    command = [sys.executable, str(driver), "--pretrain_clip=ViT-Tiny-16",
                "--image_resolution=32", "--devices=2", "--accelerator=cpu", "--strategy=ddp",
                *common_flags(tiny_dataset, tmp_path, "ddp", steps=2)]
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'package'}", "HF_HUB_OFFLINE": "1"}
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
+    steps = {rank: [line.split() for line in (tmp_path / f"steps-{rank}.txt").read_text().splitlines()] for rank in (0, 1)}
+    assert [int(rows) for rows, _ in steps[0]] == [8, 3] and [int(rows) for rows, _ in steps[1]] == [0, 8]
+    assert float(steps[1][0][1]) == 0.0  # no rows, no share of the loss
+    assert all(math.isfinite(float(loss)) for rank in (0, 1) for _, loss in steps[rank])
     run_dir = tmp_path / "models" / "ddp"
+    state = read_checkpoint(run_dir / "last.ckpt")["state_dict"]
+    assert all(torch.isfinite(value).all() for value in state.values() if value.is_floating_point())
     single = evaluate(load_bundle(run_dir / "last.ckpt"), tiny_dataset, "dev", batch_size=8)["metrics"]
     validated = read_checkpoint(run_dir / "last.ckpt")["callbacks"]
     assert validated, "checkpoint callbacks state missing"

@@ -161,9 +161,9 @@ def _same_settings(stored: dict | None, current: dict) -> bool:
 class ImageFeatureCache:
     """The prefix outputs of `views` crops of each image, split over `world_size` rank files."""
 
-    def __init__(self, folder: str | Path, image_paths: Sequence[str], views: int, identity: dict,
+    def __init__(self, folder: str | Path | None, image_paths: Sequence[str], views: int, identity: dict,
                  world_size: int = 1):
-        self.folder = Path(folder)
+        self.folder = Path(folder) if folder is not None else None  # None: the builder chooses it (a smoke run)
         self.image_paths = list(image_paths)
         self.views = int(views)
         self.world_size = int(world_size)  # set again by the builder once the ranks are known

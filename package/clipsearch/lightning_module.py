@@ -11,7 +11,7 @@ from clipsearch.checkpoint import META_KEY
 from clipsearch.data_report import DataReport
 from clipsearch.errors import UserError
 from clipsearch.evaluate import concat_encoded, encode_groups, split_embeddings
-from clipsearch.loss import LOSSES, MAX_LOGIT_SCALE
+from clipsearch.loss import LOSSES, MAX_LOGIT_SCALE, gather_rows
 from clipsearch.metrics import retrieval_metrics
 from clipsearch.models.bundle import ImageViews, in_cpu_chunks
 from clipsearch.train_config import CPU_TRAIN_IMAGE_SLICE
@@ -85,21 +85,10 @@ class CLIPModule(L.LightningModule):
         self.loss_fn.distribute(self.trainer.world_size, lambda features: self._gather(features, sync_grads=True))
 
     def _gather(self, rows: torch.Tensor, sync_grads: bool = False) -> tuple[torch.Tensor, int]:
-        """All ranks' rows in rank order, and where this rank's rows start.
-
-        Ranks may hold different numbers of rows (a skipped bad image shrinks a training batch; a
-        split rarely divides evenly), and all_gather needs equal shapes: so sizes travel first and
-        short tensors are padded. With `sync_grads`, gradients flow back to each rank's rows.
-        """
+        """All ranks' rows in rank order (any count per rank), and where this rank's rows start."""
         if self.trainer.world_size == 1:
             return rows, 0
-        sizes = self.all_gather(torch.tensor([rows.shape[0]], device=rows.device)).flatten().tolist()
-        offset = sum(sizes[: self.global_rank])
-        if len(set(sizes)) == 1:
-            return self.all_gather(rows, sync_grads=sync_grads).flatten(0, 1), offset
-        padded = torch.cat([rows, rows.new_zeros((max(sizes) - rows.shape[0], *rows.shape[1:]))])
-        gathered = self.all_gather(padded, sync_grads=sync_grads)
-        return torch.cat([gathered[rank, :size] for rank, size in enumerate(sizes)]), offset
+        return gather_rows(rows, self.global_rank, self.all_gather, sync_grads=sync_grads)
 
     def on_train_start(self) -> None:
         self.start_step = self.global_step  # above zero when resumed
@@ -113,12 +102,19 @@ class CLIPModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int):
         self.data_report.merge(batch["skipped"])
         self.data_report.merge(batch.get("conversions", {}))
-        if len(batch["image_paths"]) < 2 and self.trainer.world_size == 1:
+        rows = len(batch["image_paths"])
+        # Ranks decide together: returning None on one rank alone would leave the others waiting
+        # in the loss's gathers and DDP's gradient reduction.
+        global_rows = rows if self.trainer.world_size == 1 else int(self.all_gather(torch.tensor(rows, device=self.device)).sum())
+        if global_rows < 2:
             return None  # every image of the batch was bad: nothing to contrast, skip the step
-        image_features, text_features = self(batch["images"], batch["tokens"])
-        loss = self.loss_fn(image_features, text_features, self.model.logit_scale,
-                            caption_images=batch.get("caption_images"))
-        batch_size = len(batch["image_paths"])
+        if rows == 0:
+            loss = self._loss_without_rows()
+        else:
+            image_features, text_features = self(batch["images"], batch["tokens"])
+            loss = self.loss_fn(image_features, text_features, self.model.logit_scale,
+                                caption_images=batch.get("caption_images"))
+        batch_size = max(rows, 1)  # a rank without rows still logs its (zero) share
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         # The loss clamps the scale it applies at MAX_LOGIT_SCALE (OpenAI's 100); this is that value.
         self.log("train/logit_scale", self.model.logit_scale.detach().exp().clamp(max=MAX_LOGIT_SCALE),
@@ -127,6 +123,21 @@ class CLIPModule(L.LightningModule):
             self.log("train/logit_bias", self.loss_fn.logit_bias.detach(), batch_size=batch_size)
         self.log("train/skipped", float(self.data_report.total_skipped()), batch_size=batch_size)
         return loss
+
+    def _loss_without_rows(self) -> torch.Tensor:
+        """The share of a rank whose images all failed while other ranks have some: zero, with the
+        backward of a rank that has rows.
+
+        It joins the loss's gathers with no rows (adding nothing to the global batch). The empty
+        features hang from every trained weight of the model, so, as on the other ranks, the
+        gathers' backward runs first and DDP's reduction of the weights (zero here) after it:
+        collectives met in another order would leave the ranks waiting on each other.
+        """
+        loss_inputs = {id(self.model.logit_scale)}  # the loss uses it directly, as on every rank
+        weights = [p for p in self.model.parameters() if p.requires_grad and id(p) not in loss_inputs]
+        zero = 0.0 * sum(weight.sum() for weight in weights)
+        no_rows = torch.zeros(0, int(self.spec["embed_dim"]), device=self.device)
+        return self.loss_fn(no_rows + zero, no_rows + zero, self.model.logit_scale)
 
     def configure_optimizers(self):
         """AdamW in named groups: new (projections, temperature, the loss's own bias) at --lr,

@@ -35,22 +35,29 @@ def retrieval_metrics(
     images = F.normalize(image_embeddings.float(), dim=-1)
     texts = F.normalize(text_embeddings.float(), dim=-1)
     caption_image_ids = caption_image_ids.long().to(images.device)
-    num_images = images.shape[0]
-    text_to_image_ranks, caption_ranks_for_own_image = [], []
-    for start in range(0, texts.shape[0], chunk_size):
+    num_images, num_captions = images.shape[0], texts.shape[0]
+    # Each direction compares scores taken from one product only: the same cosine computed by two
+    # products of different shapes can round differently (BLAS picks kernels by shape), and then a
+    # caption identical to its image's embedding outscores itself.
+    text_to_image_ranks = []
+    for start in range(0, num_captions, chunk_size):
         chunk_ids = caption_image_ids[start : start + chunk_size]
         scores = texts[start : start + chunk_size] @ images.T  # [m, N]
-        correct = scores.gather(1, chunk_ids[:, None])
         # Text->image ranks by what search ranks by: the cosine, plus the image's bias when given.
-        ranked = scores if image_bias is None else scores + image_bias.to(scores)[None, :]
-        text_to_image_ranks.append((ranked > ranked.gather(1, chunk_ids[:, None])).sum(dim=1))
-        # For image->text: how many captions outscore this caption on its own image.
-        column_scores = texts @ images[chunk_ids].T  # [M, m]
-        caption_ranks_for_own_image.append((column_scores > correct.T).sum(dim=0))
+        if image_bias is not None:
+            scores = scores + image_bias.to(scores)[None, :]
+        text_to_image_ranks.append((scores > scores.gather(1, chunk_ids[:, None])).sum(dim=1))
+    # Image->text: an image's rank is that of its best-scoring caption, i.e. how many captions
+    # outscore the best of its own.
+    image_to_text_ranks = []
+    for start in range(0, num_images, chunk_size):
+        scores = images[start : start + chunk_size] @ texts.T  # [n, M]
+        rows = torch.arange(start, start + scores.shape[0], device=images.device)
+        own = caption_image_ids[None, :] == rows[:, None]
+        best_own = scores.masked_fill(~own, float("-inf")).amax(dim=1, keepdim=True)
+        image_to_text_ranks.append((scores > best_own).sum(dim=1))
     text_to_image = torch.cat(text_to_image_ranks)
-    per_caption = torch.cat(caption_ranks_for_own_image)
-    image_to_text = torch.full((num_images,), texts.shape[0], dtype=per_caption.dtype, device=per_caption.device)
-    image_to_text = image_to_text.scatter_reduce(0, caption_image_ids, per_caption, reduce="amin")
+    image_to_text = torch.cat(image_to_text_ranks)
     has_caption = torch.zeros(num_images, dtype=torch.bool, device=images.device)
     has_caption[caption_image_ids] = True
     metrics = {

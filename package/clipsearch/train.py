@@ -13,6 +13,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
@@ -65,6 +66,8 @@ FLAGS_NOT_IN_IMAGE_FEATURES = frozenset({
 # A run that ends below this many steps (or any --fast_dev_run) is a smoke test: it keeps its run
 # folder but never becomes models/latest, which encoding and search use by default.
 SMOKE_STEPS = 50
+# How long ranks wait for each other to finish their shares of the image cache (see wait_for_every_rank).
+CACHE_WAIT = timedelta(hours=12)
 
 
 def quiet_libraries(verbose: bool) -> None:
@@ -237,21 +240,28 @@ class BuildImageCache(Callback):
 
     It runs in `on_fit_start`, when the ranks and the device are known and before any training
     batch is read; a resumed run finds the cache complete (or half-made by a killed run, and
-    finishes it).
+    finishes it). A smoke run's cache (no folder given) goes to a temporary folder that rank 0
+    makes and names to the others, so every rank reads the rows the others cached; rank 0 removes
+    it (`remove_temporary_folder`).
     """
 
     def __init__(self, cache: ImageFeatureCache, bundle: ModelBundle, config: TrainConfig):
         self.cache, self.bundle, self.config = cache, bundle, config
+        self.temporary_folder: Path | None = None  # made by this process, so removed by it
 
     def on_fit_start(self, trainer, module):
         self.cache.world_size = trainer.world_size
+        if self.cache.folder is None:
+            if trainer.is_global_zero:
+                self.temporary_folder = _temporary_cache_folder(trainer.num_nodes, Path(self.config.models_dir))
+            self.cache.folder = Path(trainer.strategy.broadcast(str(self.temporary_folder), src=0))
         image_size = int(self.bundle.train_transform(Image.new("RGB", (8, 8))).shape[-1])
         try:
             split = module.model.image_cache_split(image_size)
         except ValueError as error:  # e.g. a ViT tower: one line for the user, not a traceback
             raise UserError(f"--cache_image_views: {error}") from error
         if not self.cache.is_complete():
-            workers = default_num_workers(1) if self.config.num_workers is None else self.config.num_workers
+            workers = loader_workers(self.config)
             if module.device.type == "cpu" and torch.get_num_threads() >= (os.cpu_count() or 1):
                 # The locked stages keep every core busy, so a decoding process would only take turns
                 # with them: EfficientNet-Lite2 on 2 cores caches a photo in 47 ms in one process, 52 ms
@@ -259,7 +269,40 @@ class BuildImageCache(Callback):
                 workers = 0
             self.cache.build(split, self.bundle.train_transform, trainer.global_rank, self.config.seed, image_size,
                              batch_size=self.config.batch_size, num_workers=workers)
-        trainer.strategy.barrier("image cache")
+        wait_for_every_rank(trainer.world_size, "image cache")
+
+    def remove_temporary_folder(self) -> None:
+        if self.temporary_folder is not None:
+            shutil.rmtree(self.temporary_folder, ignore_errors=True)
+            self.temporary_folder = None
+
+
+def _temporary_cache_folder(num_nodes: int, models_dir: Path) -> Path:
+    """Where a smoke run caches: the system's temporary folder, which every rank of one machine
+    sees; across machines, a hidden folder in --models_dir, which they share as they share run folders."""
+    if num_nodes == 1:
+        return Path(tempfile.mkdtemp(prefix="image-cache-"))
+    models_dir.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=".image-cache-smoke-", dir=models_dir))
+
+
+def wait_for_every_rank(world_size: int, reason: str) -> None:
+    """A barrier for work that may keep ranks apart for hours (building a share of the image cache).
+
+    The trainer's process group times out after 30 minutes (Lightning's default); a rank that
+    finds its share done, in a resumed run, can wait much longer for one that is far behind. This
+    barrier runs on its own CPU (gloo) group, timed out only after CACHE_WAIT; a rank that dies
+    still ends the others' wait at once, as its connection closes.
+    """
+    if world_size == 1 or not torch.distributed.is_initialized():
+        return
+    group = torch.distributed.new_group(backend="gloo", timeout=CACHE_WAIT)
+    try:
+        torch.distributed.barrier(group=group)
+    except RuntimeError as error:
+        raise RuntimeError(f"waiting for every rank ({reason}): {error}") from error
+    finally:
+        torch.distributed.destroy_process_group(group)
 
 
 def _cached_image_pairs(config: TrainConfig, bundle: ModelBundle, table) -> tuple[CachedImageCaptionDataset,
@@ -271,8 +314,9 @@ def _cached_image_pairs(config: TrainConfig, bundle: ModelBundle, table) -> tupl
     if not hasattr(bundle.model, "image_cache_split"):
         raise UserError(f"--cache_image_views: the {config.variant} model cannot cache its image stages "
                         "(only the pretrained-towers variant, 1_pretrain_our.sh, can)")
-    # Under the run folder, so --resume finds it; a smoke run writes nothing there and caches in a temporary folder.
-    folder = config.run_dir / "image_cache" if not config.fast_dev_run else Path(tempfile.mkdtemp(prefix="image-cache-"))
+    # Under the run folder, so --resume finds it; a smoke run writes nothing there: BuildImageCache
+    # gives it a temporary folder once the ranks are known.
+    folder = config.run_dir / "image_cache" if not config.fast_dev_run else None
     # Only what changes the cached features: a run that changes the text tower or the head reuses the cache.
     image_flags = {name: value for name, value in model_flags.items() if name not in FLAGS_NOT_IN_IMAGE_FEATURES}
     # The cache holds training crops: a run that trains at 224 px and encodes at 256 (--train_resolution)
@@ -324,13 +368,33 @@ def _training_set(config: TrainConfig, bundle: ModelBundle, report: DataReport):
     return train_set, cache
 
 
+def _uses_cuda(config: TrainConfig) -> bool:
+    return torch.cuda.is_available() and config.accelerator in ("auto", "gpu", "cuda")
+
+
+def processes_per_node(config: TrainConfig, env=os.environ) -> int:
+    """How many training processes share this machine's cores: --devices, or what 'auto' becomes."""
+    if isinstance(config.devices, int):
+        return config.devices
+    started_here = env.get("LOCAL_WORLD_SIZE", "")  # torchrun says how many processes it started on this node
+    if started_here.isdigit():
+        return int(started_here)
+    # Lightning's 'auto': one process per visible GPU, or a single process on the CPU.
+    return torch.cuda.device_count() if _uses_cuda(config) else 1
+
+
+def loader_workers(config: TrainConfig, env=os.environ) -> int:
+    """Decoding processes per loader of each rank: --num_workers, or the node's cores shared by its ranks."""
+    if config.num_workers is not None:
+        return config.num_workers
+    return default_num_workers(processes_per_node(config, env))
+
+
 def make_loaders(config: TrainConfig, bundle: ModelBundle):
     """Training pairs (seeded, resumable order; full batches so every rank gathers equal shapes) and dev groups."""
     report = DataReport()
     train_set, image_cache = _training_set(config, bundle, report)
-    workers = config.num_workers
-    if workers is None:
-        workers = default_num_workers(config.devices if isinstance(config.devices, int) else 1)
+    workers = loader_workers(config)
     loader_options = {
         "batch_size": config.batch_size,
         "num_workers": workers,
@@ -431,7 +495,7 @@ def _write_run_file(config: TrainConfig, finished: bool, global_step: int, clock
 
 
 def _precision(config: TrainConfig) -> str:
-    cuda = torch.cuda.is_available() and config.accelerator in ("auto", "gpu", "cuda")
+    cuda = _uses_cuda(config)
     if config.precision is None:
         return "16-mixed" if cuda else "32"
     if config.precision == "16-mixed" and not cuda:
@@ -489,8 +553,9 @@ def run_training(config: TrainConfig, build: Callable[[object], ModelBundle]) ->
                                       every_n_train_steps=config.checkpoint_every_steps, enable_version_counter=False)
     sampler = train_loader.sampler if isinstance(train_loader, ResumableLoader) else None
     callbacks = [ThroughputLogger(config.log_every_n_steps), ReproducibleSteps(config.seed, sampler)]
-    if image_cache is not None:
-        callbacks.insert(0, BuildImageCache(image_cache, bundle, config))
+    cache_builder = BuildImageCache(image_cache, bundle, config) if image_cache is not None else None
+    if cache_builder is not None:
+        callbacks.insert(0, cache_builder)
     if not smoke_test:
         callbacks += [LearningRateMonitor(logging_interval="step"), last_checkpoint]
         if val_set is not None:
@@ -527,10 +592,11 @@ def run_training(config: TrainConfig, build: Callable[[object], ModelBundle]) ->
     # same folder is refused in one line naming this one.
     writes_run_folder = trainer.is_global_zero and not smoke_test
     with FolderLock(run_dir, "train", "training") if writes_run_folder else contextlib.nullcontext():
-        return _fit(config, trainer, module, train_loader, val_loader, best_checkpoint, image_cache, resume_from, clock)
+        return _fit(config, trainer, module, train_loader, val_loader, best_checkpoint, cache_builder, resume_from,
+                    clock)
 
 
-def _fit(config: TrainConfig, trainer, module, train_loader, val_loader, best_checkpoint, image_cache, resume_from,
+def _fit(config: TrainConfig, trainer, module, train_loader, val_loader, best_checkpoint, cache_builder, resume_from,
          clock: RunClock) -> RunResult:
     run_dir, smoke_test = config.run_dir, bool(config.fast_dev_run)
     if trainer.is_global_zero and not smoke_test:
@@ -543,8 +609,8 @@ def _fit(config: TrainConfig, trainer, module, train_loader, val_loader, best_ch
     try:
         trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from, weights_only=True)
     finally:
-        if smoke_test and image_cache is not None:  # its temporary cache folder (see _cached_image_pairs)
-            shutil.rmtree(image_cache.folder, ignore_errors=True)
+        if cache_builder is not None:  # a smoke run's temporary cache folder, on the rank that made it
+            cache_builder.remove_temporary_folder()
     if smoke_test:
         if trainer.is_global_zero:
             print(f"fast_dev_run: {trainer.global_step} steps ran; nothing was written")

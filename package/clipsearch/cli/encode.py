@@ -15,7 +15,6 @@ from clipsearch.cli.common import (
     CommandParser,
     UserError,
     add_column_args,
-    default_num_workers,
     non_negative_int,
     positive_int,
     recorded_dataset,
@@ -98,7 +97,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--num_workers",
         type=non_negative_int,
         default=None,
-        help="image decoding processes per rank (default: CPU cores / devices - 1, at least 1, at most 8)",
+        help="image decoding processes per rank (default: CPU cores / processes on the node - 1, at least 1, at most 8)",
     )
 
     trainer = parser.add_argument_group("processes and devices")
@@ -124,8 +123,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.node_rank >= args.num_nodes:
         parser.error(f"--node_rank must be in 0..{args.num_nodes - 1}, got {args.node_rank}")
-    if args.num_workers is None:
-        args.num_workers = default_num_workers(args.devices)
     args.emb_path_is_default = args.emb_path is None
     if args.emb_path is None:
         args.emb_path = default_emb_path(args.dataset_path)

@@ -30,17 +30,31 @@ class ProcessLayout:
     use_process_group: bool = False
 
 
-def _int_env(env, name: str, default: int) -> int:
-    value = env.get(name, "")
+def _leading_int(value: str, default: int) -> int:
     digits = value.split("(")[0].split(",")[0]  # SLURM writes e.g. "4(x2)" for tasks per node
     return int(digits) if digits.isdigit() else default
+
+
+def _int_env(env, name: str, default: int) -> int:
+    return _leading_int(env.get(name, ""), default)
+
+
+def srun_tasks(env) -> int | None:
+    """How many tasks the `srun` step that started this process has, or None outside one.
+
+    A batch script (sbatch) or an `salloc` shell also carries SLURM_PROCID=0 and the allocation's
+    SLURM_NTASKS, but it is one process: only srun sets the step's own variables.
+    """
+    if "SLURM_PROCID" not in env or "SLURM_STEP_ID" not in env:
+        return None
+    return _int_env(env, "SLURM_STEP_NUM_TASKS", _int_env(env, "SLURM_NTASKS", 1))
 
 
 def layout_from_env(env, devices: int, num_nodes: int) -> ProcessLayout | None:
     """The layout a launcher already set up, or None when this process should start the ranks.
 
     torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE: torch.distributed.run's
-    contract) come first; `srun` with one task per device sets SLURM_PROCID/SLURM_NTASKS/
+    contract) come first; `srun` with one task per device sets SLURM_PROCID/SLURM_STEP_NUM_TASKS/
     SLURM_LOCALID. A process group (for the final barrier) is used only when MASTER_ADDR is known;
     without it the last rank to finish writes the manifest.
     """
@@ -54,16 +68,26 @@ def layout_from_env(env, devices: int, num_nodes: int) -> ProcessLayout | None:
             local_world_size=_int_env(env, "LOCAL_WORLD_SIZE", 1),
             use_process_group=world_size > 1 and rendezvous,
         )
-    tasks = _int_env(env, "SLURM_NTASKS", 1)
-    if "SLURM_PROCID" in env and tasks > 1 and tasks == devices * num_nodes:
+    tasks = srun_tasks(env)
+    if tasks is None:
+        if _int_env(env, "SLURM_NTASKS", 1) > 1 and num_nodes > 1:
+            # A batch script on the first node: alone, it would encode that node's share and stop.
+            raise UserError(
+                f"--num_nodes {num_nodes} in a SLURM job, but this process was not started by srun; run it "
+                f"as srun --ntasks-per-node={devices} (one task per device) or --ntasks-per-node=1 (one task "
+                "per node that starts --devices processes)"
+            )
+        return None  # one process on one node (a batch script, salloc, no SLURM): it starts --devices ranks
+    if tasks > 1 and tasks == devices * num_nodes:
+        local_tasks = env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_NTASKS_PER_NODE", ""))
         return ProcessLayout(
             rank=_int_env(env, "SLURM_PROCID", 0),
             world_size=tasks,
             local_rank=_int_env(env, "SLURM_LOCALID", 0),
-            local_world_size=_int_env(env, "SLURM_NTASKS_PER_NODE", devices),
+            local_world_size=_leading_int(local_tasks, devices),
             use_process_group=rendezvous,
         )
-    if "SLURM_PROCID" in env and tasks > 1 and tasks != num_nodes:
+    if tasks > 1 and tasks != num_nodes:
         raise UserError(
             f"SLURM started {tasks} tasks, but --devices {devices} x --num_nodes {num_nodes} = "
             f"{devices * num_nodes}. Either run one task per device (srun --ntasks-per-node=<devices>) "
@@ -74,7 +98,7 @@ def layout_from_env(env, devices: int, num_nodes: int) -> ProcessLayout | None:
 
 def node_rank_from_env(env, num_nodes: int, node_rank: int) -> int:
     """With srun starting one task per node, SLURM_NODEID tells each task which node it is."""
-    if "SLURM_PROCID" in env and num_nodes > 1 and _int_env(env, "SLURM_NTASKS", 1) == num_nodes:
+    if num_nodes > 1 and srun_tasks(env) == num_nodes:
         return _int_env(env, "SLURM_NODEID", _int_env(env, "SLURM_PROCID", node_rank))
     return node_rank
 

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from clipsearch.checkpoint import model_fingerprint
 from clipsearch.data import IMAGE_EXTENSIONS
+from clipsearch.defaults import default_num_workers
 from clipsearch.encoding.mapper import ImageEmbedder
 from clipsearch.encoding.plan import Layout, plan_update
 from clipsearch.encoding.reader import collect_image_paths, make_loader, shard_batches
@@ -41,7 +42,7 @@ class EncodeConfig:
     image_column: str = "image"
     batch_size: int = 64
     shard_size: int = 10_000
-    num_workers: int = 0
+    num_workers: int | None = None  # None: this node's cores shared by its ranks (default_num_workers)
     precision: str = "32"
     accelerator: str = "auto"
     overwrite: bool = False
@@ -49,17 +50,24 @@ class EncodeConfig:
     progress: bool = True
 
 
-def choose_device(accelerator: str, local_rank: int) -> torch.device:
+def use_rank_device(accelerator: str, local_rank: int) -> torch.device:
+    """This rank's device: the CPU, or GPU `local_rank` (modulo the GPUs seen), made the current one.
+
+    Whatever allocates on "the current device" (the loader's pin-memory thread, pinned buffers)
+    would otherwise open a CUDA context of a few hundred MB on GPU 0 in every rank.
+    """
     if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise UserError("--accelerator gpu was asked for, but PyTorch sees no CUDA device")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+    device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
 
 
 def encode_rank(config: EncodeConfig, rank: int, world_size: int, local_rank: int = 0, local_world_size: int = 1) -> dict:
     """Encode this rank's share of the folder's update, skipping shards a killed run finished; returns its record."""
-    device = choose_device(config.accelerator, local_rank)
+    device = use_rank_device(config.accelerator, local_rank)
     if device.type == "cpu":
         # Ranks on one machine share its cores; oversubscribed BLAS threads slow every rank down.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
@@ -100,7 +108,10 @@ def encode_rank(config: EncodeConfig, rank: int, world_size: int, local_rank: in
         logger.info("rank %d: resuming, %d of %d shards already done", rank, len(shards) - len(pending), len(shards))
     batches, batch_steps = shard_batches(pending, config.batch_size)
     embedder = ImageEmbedder(bundle.model, device, config.precision, bundle.image_views)
-    loader = make_loader(rank_paths, bundle.eval_transform, batches, config.num_workers, pin_memory=device.type == "cuda")
+    # Decided here, where the ranks on this node are known whichever launcher started them (torchrun
+    # passes no --devices).
+    workers = default_num_workers(local_world_size) if config.num_workers is None else config.num_workers
+    loader = make_loader(rank_paths, bundle.eval_transform, batches, workers, pin_memory=device.type == "cuda")
     pending_images = sum(length for _, _, length in pending)
     progress = tqdm(
         total=pending_images,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from clipsearch.cli.common import DEFAULT_EMB_PATH, CommandParser, UserError, positive_int, run_command
 from clipsearch.cli.index import check_emb_path, consolidated_store
-from clipsearch.cli.search import recorded_dataset_path
+from clipsearch.cli.common import recorded_dataset
 
 EPILOG = """\
 Writes <out>/img_emb/img_emb_N.npy (fp16, unit-length rows) and <out>/metadata/metadata_N.parquet
@@ -42,7 +42,7 @@ def check_out(out: str, emb_path: str) -> None:
 
     out_path = Path(out).resolve()
     folders = {"--emb_path": emb_path}
-    dataset = recorded_dataset_path(emb_path)
+    dataset = recorded_dataset(emb_path)
     if dataset is not None:
         folders["the image folder the embeddings were encoded from"] = dataset
     for name, folder in folders.items():

@@ -5,9 +5,15 @@ import argparse
 import os
 from pathlib import Path
 
-from clipsearch.cli.common import DEFAULT_EMB_PATH, CommandParser, UserError, positive_int, run_command
+from clipsearch.cli.common import (
+    DEFAULT_EMB_PATH,
+    CommandParser,
+    UserError,
+    positive_int,
+    recorded_dataset,
+    run_command,
+)
 from clipsearch.cli.index import check_emb_path, consolidated_store
-from clipsearch.cli.common import recorded_dataset
 
 EPILOG = """\
 Writes <out>/img_emb/img_emb_N.npy (fp16, unit-length rows) and <out>/metadata/metadata_N.parquet

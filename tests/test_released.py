@@ -300,7 +300,7 @@ def _run(module: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProce
 @pytest.mark.parametrize(("module", "reference", "message"), [
     ("clipsearch.cli.search", "ViT-L/14", "unknown model name"),
     ("clipsearch.cli.encode", "models/nowhere/best.ckpt", "no such file"),
-    ("clipsearch.cli.encode", "RN50x4", "is not at models/openai/RN50x4.pt"),
+    ("clipsearch.cli.encode", "RN50x4", "models/openai/RN50x4.pt"),
     ("clipsearch.cli.search", "openai/clip-vit-base-patch32", "HF_HUB_OFFLINE=1"),
     ("clipsearch.export", "open_clip:ViT-B-32/laion2b_s34b_b79k", "HF_HUB_OFFLINE=1 forbids downloading"),
 ])

@@ -101,11 +101,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Stop on a missing file before the model loads (seconds), naming the flag to fix."""
+    # Checkpoint files are checked here; other model names are the model loader's to resolve. Without
+    # --load_model, the model is the one the embedding folder records, so the folder comes first.
+    if args.load_model is not None:
+        check_model_reference(args.load_model)
     if not os.path.isdir(args.emb_path):
         raise UserError(f"--emb_path {args.emb_path}: no such folder (make it with 2_inference_encode.sh)")
-    args.load_model = model_for(args.emb_path, args.load_model)
-    # Checkpoint files are checked here; other model names are the model loader's to resolve.
-    check_model_reference(args.load_model)
+    if args.load_model is None:
+        args.load_model = model_for(args.emb_path, None)
+        check_model_reference(args.load_model)
     if args.index_path is not None and not os.path.exists(args.index_path):
         raise UserError(f"--index_path {args.index_path}: no such file (build it with ./clipsearch index)")
     for image_path in args.image:

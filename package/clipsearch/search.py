@@ -18,6 +18,7 @@ from clipsearch.store import (
     MODEL_FILE,
     ROWS_CAPTIONS,
     ROWS_IMAGES,
+    caption_row_image,
     describe_model,
     file_versions,
     folder_inputs,
@@ -295,6 +296,11 @@ class Searcher:
         return torch.cat(all_scores), torch.cat(all_rows)
 
 
+def image_file(path: str, kind: str = ROWS_IMAGES) -> str:
+    """The image file a row of `path` shows: the path itself, or for a caption row its image."""
+    return caption_row_image(path) if kind == ROWS_CAPTIONS else path
+
+
 def _with_bias(scores: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor | None,
                top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """An index's candidates re-ranked by score plus `bias`, the best `top_k`; places it could not fill (-1) stay last."""
@@ -527,9 +533,15 @@ class SearchEngine:
         """The hits of one combined query, ranks offset+1 .. offset+top_k, among the rows `where` keeps, with
         their fields. Text-only queries take the querybank's biases (the bank holds captions); rows in
         `exclude` are left out (an item is not its own "similar")."""
-        query = self.embed_terms(terms)
-        bias = self.querybank.bias if self.querybank is not None and all(term.kind == TEXT for term in terms) else None
-        return self._ranked(query[None], top_k, where, offset, bias, exclude)[0]
+        text = all(term.kind == TEXT for term in terms)
+        return self.search_embedding(self.embed_terms(terms), top_k, where, offset, text, exclude)
+
+    def search_embedding(self, query: torch.Tensor, top_k: int, where: Sequence[str | Condition] = (),
+                         offset: int = 0, text: bool = False, exclude: Sequence[int] = ()) -> list[Hit]:
+        """`search` for a query already embedded ([d], unit length); `text` says it is text alone, which
+        the querybank's biases are for."""
+        bias = self.querybank.bias if self.querybank is not None and text else None
+        return self._ranked(query.reshape(1, -1), top_k, where, offset, bias, exclude)[0]
 
     def _ranked(self, queries: torch.Tensor, top_k: int, where, offset: int, bias, exclude=()) -> list[list[Hit]]:
         allowed = self.rows_where(where)
@@ -564,8 +576,6 @@ class SearchEngine:
     def path_of(self, hit_id: int) -> str:
         return self.searcher.paths[hit_id]
 
-    def image_of(self, hit_id: int) -> str | None:
+    def image_of(self, hit_id: int) -> str:
         """The image file a row shows: the row's own path, or for a caption its image's."""
-        if self.rows_kind == ROWS_CAPTIONS:
-            return self.fields.row(hit_id).get("image")
-        return self.searcher.paths[hit_id]
+        return image_file(self.searcher.paths[hit_id], self.rows_kind)

@@ -36,6 +36,7 @@ UPDATE_PATTERN = re.compile(r"^update-(\d+)\.json$")
 INDEX_FILES = ("index.faiss", "index.json")
 # What a folder's rows are (model.json's "rows"): images, or the captions of a table (encode --captions).
 ROWS_IMAGES, ROWS_CAPTIONS = "images", "captions"
+CAPTION_SEPARATOR = "#"
 # model.json of this layout; a folder without it (or older) is read as described in `accepted_shards`.
 FOLDER_FORMAT = 2
 # Normalising a large matrix is done this many rows at a time so it needs no second full copy.
@@ -501,6 +502,18 @@ def load_fields(emb_path: str | os.PathLike, paths: Sequence[str] | None = None)
     if paths is not None and list(paths) != live_paths:
         raise StoreError(f"{emb_path} changed while it was being read; run the command again")
     return MetadataTable.from_shards(live_paths, catalog.loaded, catalog.rows.values())
+
+
+def caption_row_name(image_path: str, caption: str) -> str:
+    """The row name of a caption in a folder of encode --captions: its image's path and a digest of its
+    text, so an edited caption is a new row and the image is read back from the name."""
+    digest = hashlib.blake2b(caption.encode("utf-8", "surrogateescape"), digest_size=6).hexdigest()
+    return f"{image_path}{CAPTION_SEPARATOR}{digest}"
+
+
+def caption_row_image(name: str) -> str:
+    """The image file a caption row (`caption_row_name`) belongs to."""
+    return name.rsplit(CAPTION_SEPARATOR, 1)[0]
 
 
 def rows_kind(model: dict) -> str:

@@ -20,7 +20,7 @@ from clipsearch.data import (
 )
 from clipsearch.fields import scalar
 from clipsearch.images import capture_date
-from clipsearch.store import file_digest
+from clipsearch.store import caption_row_name, file_digest
 from clipsearch.tables import (  # noqa: F401
     AUTO_SPLITS,
     CAPTION_COLUMN,
@@ -95,17 +95,11 @@ class CaptionRow:
     fields: dict  # the caption, its image's path, and the table row's other columns
 
 
-def caption_key(image_path: str, caption: str) -> str:
-    """A caption's row name: its image and a digest of its text, so an edited caption is a new row."""
-    digest = hashlib.blake2b(caption.encode("utf-8", "surrogateescape"), digest_size=6).hexdigest()
-    return f"{image_path}#{digest}"
-
-
 def caption_rows(
     dataset_path: str | os.PathLike, split: str = "auto", image_column: str = IMAGE_COLUMN,
     caption_column: str = CAPTION_COLUMN,
 ) -> dict[str, CaptionRow]:
-    """Every distinct (image, caption) pair of the tables a run reads, by row name (`caption_key`).
+    """Every distinct (image, caption) pair of the tables a run reads, by row name (store.caption_row_name).
 
     A caption repeated for the same image is one row; rows without a caption are dropped (and logged).
     """
@@ -116,7 +110,7 @@ def caption_rows(
         for cells in table.itertuples(index=False, name=None):
             row = dict(zip(columns, cells))
             image, caption = os.path.normpath(str(row.pop("image"))), str(row.pop("caption"))
-            key = caption_key(image, caption)
+            key = caption_row_name(image, caption)
             if key not in rows:
                 others = {column: value for column, value in ((column, scalar(cell)) for column, cell in row.items())
                           if value is not None}
@@ -129,7 +123,7 @@ class CaptionBatch:
     """Tokenised captions and their row names: what the text mapper and the writer take."""
 
     inputs: torch.Tensor  # [n, context_length] tokens
-    image_paths: list[str]  # the rows' names (caption_key), as image batches name their files
+    image_paths: list[str]  # the rows' names (store.caption_row_name), as image batches name their files
     skipped: list[tuple[str, str]] = field(default_factory=list)
     digests: list[str | None] = field(default_factory=list)
     facts: list[dict] = field(default_factory=list)

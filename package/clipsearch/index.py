@@ -207,6 +207,19 @@ class FaissIndex:
             return scores, rows
         return rerank(queries, rows, self.rerank_rows, int(top_k))
 
+    def range_search(self, queries: np.ndarray, radius: float, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every row whose inner product with a query is above `radius`, as faiss answers it: (lims,
+        scores, rows), the matches of query i at lims[i]:lims[i + 1]. An IVF index probes `nprobe`
+        lists (default its own); scores are those of its codes, not re-ranked."""
+        import faiss
+
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.kind.startswith("ivf"):
+            nlist = int(faiss.extract_index_ivf(self.index).nlist)
+            probes = min(nlist, int(nprobe or self.info["params"]["nprobe"]))
+            return self.index.range_search(queries, float(radius), params=faiss.SearchParametersIVF(nprobe=probes))
+        return self.index.range_search(queries, float(radius))
+
     def save(self, index_path: str | os.PathLike) -> Path:
         """Write the index, then its record; the record's byte count ties the pair together.
 

@@ -344,7 +344,7 @@ class CollectionSource:
     emb_path: str
     index_path: str | None = None
     dtype: torch.dtype = torch.float32
-    fold_duplicates: bool = False
+    fold_duplicates: bool | str = False  # True: same bytes; a duplicates report's path: its groups too
     mapped: bool = False
     querybank: bool = False
 
@@ -360,6 +360,8 @@ def source_signature(source: CollectionSource) -> tuple:
         index_path = Path(source.index_path)
         index_file = index_path / "index.faiss" if index_path.is_dir() else index_path  # index.resolve_index_path
         extra += [index_file, index_file.with_suffix(".json")]
+    if isinstance(source.fold_duplicates, str):
+        extra.append(Path(source.fold_duplicates))
     return tuple(folder_inputs(emb_path)), tuple(file_versions(extra))
 
 
@@ -403,7 +405,7 @@ class SearchEngine:
         emb_path: str | os.PathLike,
         index_path: str | os.PathLike | None = None,
         dtype: torch.dtype = torch.float32,
-        fold_duplicates: bool = False,
+        fold_duplicates: bool | str | os.PathLike = False,
         mapped: bool = False,
         querybank: bool = False,
     ) -> SearchEngine:
@@ -413,13 +415,18 @@ class SearchEngine:
         rebuilt when the shards change) memory-mapped, so a large collection is never read into
         memory first: pages load as the scoring touches them. `querybank` ranks text queries with
         the folder's querybank biases (./clipsearch querybank), refused when they were
-        computed for other rows or another model.
+        computed for other rows or another model. `fold_duplicates` answers images with the same
+        bytes as one hit; given the path of a report of ./clipsearch duplicates, its groups of
+        near-duplicates too.
         """
         from clipsearch.checkpoint import model_fingerprint
         from clipsearch.models.released import load_model as load_any_model
 
-        if mapped and fold_duplicates:
-            raise UserError("folding duplicates needs the shards' digests: leave out --mmap or --fold_duplicates")
+        if mapped and fold_duplicates is True:
+            raise UserError("folding exact duplicates needs the shards' digests: leave out --mmap, or fold by a "
+                            "report of ./clipsearch duplicates")
+        if fold_duplicates not in (True, False):
+            fold_duplicates = str(fold_duplicates)
         bundle = load_any_model(load_model)
         source = CollectionSource(str(emb_path), None if index_path is None else str(index_path), dtype,
                                   fold_duplicates, mapped, querybank)
@@ -458,10 +465,15 @@ class SearchEngine:
             from clipsearch.querybank import QueryBank
 
             bank = QueryBank.load(emb_path, collection.paths, collection.dim, fingerprint)
-        if source.mapped:
-            searcher = Searcher(collection.paths, collection.embeddings, index, assume_normalised=True)
-        else:
-            searcher = Searcher.from_collection(collection, index, fold_duplicates=source.fold_duplicates)
+        duplicates = None
+        if source.fold_duplicates:
+            duplicates = [] if source.mapped else collection.duplicate_groups()
+            if isinstance(source.fold_duplicates, str):
+                from clipsearch.near_duplicates import groups_from_report, merge_groups
+
+                near = groups_from_report(source.fold_duplicates, order_fingerprint(collection.paths, collection.dim))
+                duplicates = merge_groups(len(collection.paths), duplicates, near)
+        searcher = Searcher(collection.paths, collection.embeddings, index, assume_normalised=True, duplicates=duplicates)
         engine = cls(bundle, searcher, bank, fields, rows_kind(encoded_with_model))
         engine.source, engine.signature, engine._model_identity = source, signature, model_identity
         engine.update, engine.complete = update, complete

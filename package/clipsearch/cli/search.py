@@ -68,8 +68,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                       help="search a memory-mapped fp16 copy of the collection (<emb_path>/consolidated/, built on "
                            "first use, rebuilt when the shards change): a large collection starts without being read "
                            "into memory")
-    data.add_argument("--fold_duplicates", action="store_true",
-                      help="answer images with the same bytes as one result that lists every path")
+    data.add_argument("--fold_duplicates", nargs="?", const=True, default=False, metavar="REPORT",
+                      help="answer images with the same bytes as one result that lists every path; given the "
+                           "duplicates.json of ./clipsearch duplicates, its near-duplicate groups too")
     data.add_argument("--querybank", action="store_true",
                       help="rank text queries by cosine plus each image's querybank bias, which lowers images that "
                            "come up for too many queries (compute it once with ./clipsearch querybank)")
@@ -165,6 +166,8 @@ def check_inputs(args: argparse.Namespace) -> None:
     args.load_model = model_for(args.emb_path, args.load_model)
     # Checkpoint files are checked here; other model names are the model loader's to resolve.
     check_model_reference(args.load_model)
+    if args.fold_duplicates not in (True, False) and not os.path.isfile(args.fold_duplicates):
+        raise UserError(f"--fold_duplicates {args.fold_duplicates}: no such report (./clipsearch duplicates writes one)")
     if args.index_path is not None and not os.path.exists(args.index_path):
         raise UserError(f"--index_path {args.index_path}: no such file (build it with ./clipsearch index)")
     for image_path in args.image:
@@ -235,7 +238,7 @@ def format_hits(hits, rank_from: int = 1) -> str:
     from clipsearch.images import display_path
 
     def line(rank: int, hit) -> str:
-        same = f"  (same bytes: {', '.join(display_path(path) for path in hit.duplicates)})" if hit.duplicates else ""
+        same = f"  (duplicates: {', '.join(display_path(path) for path in hit.duplicates)})" if hit.duplicates else ""
         shown = {name: value for name, value in hit.fields.items() if name not in QUIET_FIELDS}
         fields = "".join(f"\n{'':15}{name}: {display_path(str(value)).replace(chr(10), ' | ')}"
                          for name, value in shown.items())

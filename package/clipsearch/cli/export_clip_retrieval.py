@@ -5,13 +5,20 @@ import argparse
 import os
 from pathlib import Path
 
-from clipsearch.cli.common import DEFAULT_EMB_PATH, CommandParser, UserError, positive_int, run_command
+from clipsearch.cli.common import (
+    DEFAULT_EMB_PATH,
+    CommandParser,
+    UserError,
+    positive_int,
+    recorded_dataset,
+    run_command,
+)
 from clipsearch.cli.index import check_emb_path, consolidated_store
-from clipsearch.cli.search import recorded_dataset_path
 
 EPILOG = """\
 Writes <out>/img_emb/img_emb_N.npy (fp16, unit-length rows) and <out>/metadata/metadata_N.parquet
-(column image_path), row for row in the collection's order, and <out>/clipsearch-export.json last.
+(column image_path, then the rows' fields: caption, url and the tables' other columns, size, mtime,
+taken, width, height), row for row in the collection's order, and <out>/clipsearch-export.json last.
 --out must be a new or empty folder, or an earlier export of this command, which is replaced whole
 (a folder holding anything else is refused, as is one inside or around the embedding or image
 folder). Then, for example:
@@ -42,7 +49,7 @@ def check_out(out: str, emb_path: str) -> None:
 
     out_path = Path(out).resolve()
     folders = {"--emb_path": emb_path}
-    dataset = recorded_dataset_path(emb_path)
+    dataset = recorded_dataset(emb_path)
     if dataset is not None:
         folders["the image folder the embeddings were encoded from"] = dataset
     for name, folder in folders.items():
@@ -67,10 +74,12 @@ def check_images_outside(out: str, image_paths: list[str]) -> None:
 def main(argv: list[str]):
     args = parse_args(argv)
     from clipsearch.clip_retrieval_export import export_clip_retrieval
+    from clipsearch.store import load_fields
 
     store = consolidated_store(args.emb_path)
     check_images_outside(args.out, store.paths)
-    files = export_clip_retrieval(store.paths, store.embeddings.numpy(), args.out, args.rows_per_file)
+    fields = load_fields(args.emb_path, store.paths)
+    files = export_clip_retrieval(store.paths, store.embeddings.numpy(), args.out, args.rows_per_file, fields)
     print(f"wrote {len(store):,} rows in {len(files)} file(s) to {args.out}")
     return files
 

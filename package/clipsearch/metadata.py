@@ -116,14 +116,17 @@ class MetadataTable:
         locations = np.asarray(list(locations), dtype=np.int64).reshape(-1, 2)
         take = pa.array(starts[locations[:, 0]] + locations[:, 1]) if len(locations) else pa.array([], pa.int64())
         names: dict[str, list[str]] = {}
-        for part in parts:
+        live = set(locations[:, 0].tolist())  # a shard whose rows were all replaced or removed has no say
+        for number, part in enumerate(parts):
+            if number not in live:
+                continue
             for name in part["columns"]:
                 names.setdefault(name, []).append(part["kinds"].get(name) or FILE_FIELDS.get(name, TEXT))
         kinds, columns = {}, {}
         for name, part_kinds in names.items():
             kind = merged_kind(part_kinds)
-            chunks = [_column_array(pa, part["columns"].get(name), length, kind)
-                      for part, length in zip(parts, lengths)]
+            chunks = [_column_array(pa, part["columns"].get(name) if number in live else None, length, kind)
+                      for number, (part, length) in enumerate(zip(parts, lengths))]
             if kind == NUMBER:  # whole numbers stay integers (sizes, pixels); any fraction makes the field float
                 arrow_type = pa.float64() if any(pa.types.is_floating(chunk.type) for chunk in chunks) else pa.int64()
                 chunks = [chunk.cast(arrow_type) for chunk in chunks]

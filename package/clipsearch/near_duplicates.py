@@ -92,7 +92,7 @@ def index_pairs(index, embeddings: torch.Tensor, threshold: float, nprobe: int =
     for start in range(0, count, QUERY_BLOCK):
         queries = embeddings[start : start + QUERY_BLOCK].float().numpy()
         lims, _, rows = index.range_search(queries, radius, probes)
-        own = np.repeat(np.arange(start, start + len(queries)), np.diff(lims))
+        own = np.repeat(np.arange(start, start + len(queries)), np.diff(lims).astype(np.int64))
         keep = rows != own
         found_i.append(np.minimum(own[keep], rows[keep]))
         found_j.append(np.maximum(own[keep], rows[keep]))

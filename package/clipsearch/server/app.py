@@ -381,7 +381,7 @@ def create_app(engine, serve_roots: Sequence[str | os.PathLike] | None = None,
         return results
 
     def answer(engine, query: dict, ask: Ask, hits, query_embedding=None) -> dict:
-        body = {"query": query, "top_k": ask.top_k, "offset": ask.offset, "where": list(ask.where),
+        body = {"query": query, "top_k": ask.top_k, "offset": ask.offset, "where": [str(c) for c in ask.where],
                 "update": engine.update, "results": result_list(engine, hits, ask.offset + 1, ask.embeddings)}
         if ask.embeddings and query_embedding is not None:
             body["query_embedding"] = rounded(query_embedding)

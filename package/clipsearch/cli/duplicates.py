@@ -53,7 +53,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     method.add_argument("--threshold", default="0.95", help="the cosine at or above which two images are duplicates, in (0, 1]")
     method.add_argument("--exact", action="store_true", help="compare every pair however large the collection (N^2 work)")
     method.add_argument("--nprobe", type=positive_int, default=None,
-                        help="IVF lists each row's range search probes (default 16, or the index's own if higher)")
+                        help="IVF lists each row's range search probes (default 4: near-duplicates lie in the same or a "
+                             "neighbouring list)")
     output = parser.add_argument_group("output")
     output.add_argument("--json", action="store_true", help="print the report as JSON instead of a summary")
     output.add_argument("--out_dir", default=os.path.join(DEFAULT_OUTPUTS_DIR, "duplicates"),

@@ -31,6 +31,7 @@ import common
 import numpy as np
 import torch
 import torch.nn.functional as F
+from bench_filters import themed_rows
 
 NAME = "duplicates"
 COPY_KINDS = ("resized", "jpeg", "crop", "colour")
@@ -204,12 +205,7 @@ def bench_photos(args) -> dict:
 
 def planted_rows(args, generator: torch.Generator) -> torch.Tensor:
     """Unit rows around 1000 themes; rows planted..2*planted are near copies (cosine 0.90-0.995) of the first."""
-    centres = F.normalize(torch.randn(1000, args.dim, generator=generator), dim=-1)
-    matrix = torch.empty(args.rows, args.dim)
-    for start in range(0, args.rows, 65_536):
-        size = min(65_536, args.rows - start)
-        chosen = centres[torch.randint(0, 1000, (size,), generator=generator)]
-        matrix[start : start + size] = F.normalize(chosen + torch.randn(size, args.dim, generator=generator) * (0.8 / args.dim**0.5), dim=-1)
+    matrix, _ = themed_rows(args.rows, args.dim, 1000, generator)
     # cos = 1 / sqrt(1 + e^2): e from 0.1 to 0.484 puts each copy at 0.90-0.995 of its original.
     strength = 0.1 + 0.384 * torch.rand(args.planted, 1, generator=generator)
     noise = F.normalize(torch.randn(args.planted, args.dim, generator=generator), dim=-1)

@@ -46,9 +46,11 @@ UPCAST_SLAB_ROWS = 8192
 # every caption lay inside that many plain-cosine candidates, but 2.5% of top-1s lay outside 4.
 BIAS_CANDIDATE_FACTOR = 8
 BIAS_MIN_CANDIDATES = 64
-# A filter that keeps at most this share of the collection (or SUBSET_MIN_ROWS rows) is answered by
-# gathering its rows and scoring them alone: exact, and faster than a scan of every row or an index
-# search that must skip most of what it reads (benchmarks/bench_filters.py).
+# A filter that keeps at most SUBSET_MIN_ROWS rows is answered by gathering them and scoring them
+# alone: exact, and cheaper than any scan. Without an index, so is one that keeps at most
+# SUBSET_FRACTION of the collection: gathering a row costs more than reading it in a scan, but far
+# fewer rows are read (benchmarks/bench_filters.py). Through an index, larger filters go to faiss,
+# which skips the other rows for less than that.
 SUBSET_FRACTION = 0.02
 SUBSET_MIN_ROWS = 4096
 
@@ -215,7 +217,8 @@ class Searcher:
         selector, with its probes widened by the share kept); a query the index leaves short of
         `top_k` rows, when that many pass, is answered exactly.
         """
-        if allowed.count <= max(SUBSET_MIN_ROWS, SUBSET_FRACTION * len(self)):
+        gather_up_to = SUBSET_MIN_ROWS if self.index is not None else max(SUBSET_MIN_ROWS, SUBSET_FRACTION * len(self))
+        if allowed.count <= gather_up_to:
             return self.subset_top_k(queries, top_k, allowed.rows, bias)
         if self.index is None:
             return _without_excluded(*self.exact_top_k(queries, top_k, allowed.bias if bias is None else bias + allowed.bias))

@@ -294,10 +294,15 @@ def markdown(results: dict) -> str:
                 rows.append([threshold, values["groups"], values["precision"], values["recall"],
                              *(values["recall_by_copy"][kind] for kind in COPY_KINDS)])
             cosines = measured["cosines"]
+            scored = [(2 * v["precision"] * v["recall"] / (v["precision"] + v["recall"]), threshold, v)
+                      for threshold, v in measured["thresholds"].items() if v["precision"] and v["recall"]]
+            best = max(scored, default=None)
+            best_line = (f" Best F1 at threshold {best[1]}: precision {best[2]['precision']}, recall {best[2]['recall']}."
+                         if best else "")
             body += [f"Model `{model}` (`{measured['checkpoint']}`): median cosine of a copy to its photo "
                      + ", ".join(f"{kind} {cosines[kind]['median']}" for kind in COPY_KINDS)
                      + f"; a distinct photo's nearest other photo: median {cosines['distinct photos, nearest other']['median']}, "
-                     f"max {cosines['distinct photos, nearest other']['max']}.", "",
+                     f"max {cosines['distinct photos, nearest other']['max']}.{best_line}", "",
                      *common.markdown_table(["threshold", "groups", "precision", "recall",
                                              *(f"recall {kind}" for kind in COPY_KINDS)], rows, "r" * (4 + len(COPY_KINDS))), ""]
     scale = results.get("scale")

@@ -86,12 +86,19 @@ class Ask:
     embeddings: bool = False
 
 
-def asked(
+async def asked(
     top_k: int = Query(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K),
     offset: int = Query(0, ge=0, le=MAX_RESULTS - 1, description="results to skip: offset=24 is page two of 24"),
     where: list[str] = Query([], description="FIELD OP VALUE filters, all must hold (see /api/health's fields)"),
     embeddings: bool = Query(False, description="return each result's embedding, and the query's"),
 ) -> Ask:
+    """The search parameters of a request's URL. Async, so FastAPI runs it on the event loop: a sync
+    dependency would wait for a worker thread before an upload is read, and a client that sent its
+    upload and left meanwhile would find its bytes dropped."""
+    return checked_ask(top_k, offset, where, embeddings)
+
+
+def checked_ask(top_k: object, offset: object, where: object, embeddings: object) -> Ask:
     """The shared request parameters, checked: 4xx with one message for any that cannot be used."""
     for name, value, low, high in (("top_k", top_k, 1, MAX_TOP_K), ("offset", offset, 0, MAX_RESULTS - 1)):
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -509,8 +516,8 @@ def create_app(engine, serve_roots: Sequence[str | os.PathLike] | None = None,
         else:
             raise ApiError(415, "send the query as application/json, or as multipart/form-data with images")
         body = parse_query_body(text)
-        ask = asked(body.get("top_k", DEFAULT_TOP_K), body.get("offset", 0), body.get("where", []),
-                    body.get("embeddings", False))
+        ask = checked_ask(body.get("top_k", DEFAULT_TOP_K), body.get("offset", 0), body.get("where", []),
+                          body.get("embeddings", False))
         engine = live.engine
         terms, shown = [], []
         for position, spec in enumerate(body["terms"]):

@@ -116,10 +116,12 @@ function describeSearch(search, response) {
     node.textContent = text;
     return node;
   };
+  // A combined query's answer names its terms; its first is the search's own text, item or image.
+  const first = response.query.kind === "combined" ? response.query.terms[0] : response.query;
   if (search.kind === "text") {
-    fragment.append(`${count} ${noun} for `, strong(`“${response.query.text}”`));
+    fragment.append(`${count} ${noun} for `, strong(`“${first.text ?? search.text}”`));
   } else if (search.kind === "similar") {
-    fragment.append(`${count} images similar to `, strong(response.query.path));
+    fragment.append(`${count} images similar to `, strong(first.path ?? `item ${search.id}`));
   } else {
     fragment.append(`${count} images similar to `, strong(search.file?.name || "the image"));
   }

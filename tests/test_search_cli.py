@@ -106,7 +106,7 @@ def test_unreadable_image_is_reported_and_exits_non_zero(tiny_checkpoint, colour
     argv = ["--load_model", str(tiny_checkpoint), "--emb_path", str(colour_emb), "--no_grid", "--top_k", "2"]
     from clipsearch.cli.common import UserError
 
-    with pytest.raises(UserError, match="1 of 1 --image"):
+    with pytest.raises(UserError, match="1 of 2 queries could not be answered"):
         main([*argv, "--query", "red", "--image", str(not_an_image)])
     captured = capsys.readouterr()
     assert "2 results for 'red'" in captured.out  # the other queries were still answered
@@ -174,3 +174,54 @@ def test_served_roots_come_from_the_encoding_records(tmp_path):
     assert collection_roots(parse_args([*serve, "--serve_any_path"])) is None
     with pytest.raises(SystemExit):
         parse_args(["--serve_any_path"])  # only with --serve
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--query", "a dog", "--add", "1x:beach"], "weight '1x' is not a number"),
+    (["--query", "a dog", "--subtract", "0:grass"], "other than 0"),
+    (["--query", "a dog", "--where", "taken"], "expected FIELD OP VALUE"),
+    (["--query", "a dog", "--where", "taken>="], "no value after"),
+])
+def test_bad_terms_and_filters_are_one_line_before_the_model_loads(tiny_checkpoint, colour_emb, argv, fragment):
+    completed = run_search("--load_model", str(tiny_checkpoint), "--emb_path", str(colour_emb), *argv, block_torch=True)
+    assert_one_line_error(completed, fragment)
+
+
+def test_a_term_needs_a_query_to_follow(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--add", "beach", "--query", "a dog"])
+    assert "put it after the --query or --image it belongs to" in capsys.readouterr().err
+
+
+def test_terms_join_the_query_they_follow_and_filters_and_offset_apply(tiny_checkpoint, colour_emb, colour_images, capsys):
+    from clipsearch.query_terms import IMAGE, TEXT, Term
+    from clipsearch.search import SearchEngine
+
+    image = str(colour_images[1][4])
+    argv = ["--load_model", str(tiny_checkpoint), "--emb_path", str(colour_emb), "--json", "--no_grid", "--top_k", "3"]
+    main([*argv, "--query", "red", "--add", image, "--query", "green", "--subtract", "2:blue", "--image", image])
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [answer["query"]["kind"] for answer in answers] == ["combined", "combined", "image"]
+    assert answers[0]["query"]["terms"] == [{"kind": "text", "weight": 1.0, "text": "red"},
+                                            {"kind": "image", "weight": 1.0, "path": image}]
+    assert answers[1]["query"]["terms"][1] == {"kind": "text", "weight": -2.0, "text": "blue"}
+    engine = SearchEngine.from_files(tiny_checkpoint, colour_emb)
+    from PIL import Image
+
+    expected = engine.search([Term(TEXT, "red"), Term(IMAGE, Image.open(image).convert("RGB"))], 3)
+    assert [result["id"] for result in answers[0]["results"]] == [hit.id for hit in expected]
+    assert "size" in answers[0]["results"][0]["fields"] and "width" in answers[0]["results"][0]["fields"]
+
+    main([*argv, "--query", "red", "--where", "path~*/group1/*", "--top_k", "12"])
+    filtered = json.loads(capsys.readouterr().out)
+    assert filtered["where"] == ["path~*/group1/*"] and len(filtered["results"]) == 4
+    assert all("/group1/" in result["path"] for result in filtered["results"])
+    main([*argv, "--query", "red", "--where", "path~*/group1/*", "--offset", "2"])
+    page = json.loads(capsys.readouterr().out)
+    assert [result["id"] for result in page["results"]] == [result["id"] for result in filtered["results"][2:]]
+    assert [result["rank"] for result in page["results"]] == [3, 4]
+
+    from clipsearch.cli.common import UserError
+
+    with pytest.raises(UserError, match="no field 'colour'"):
+        main([*argv, "--query", "red", "--where", "colour=red"])

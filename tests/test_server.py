@@ -16,10 +16,13 @@ from PIL import Image
 
 from clipsearch.checkpoint import load_bundle
 from clipsearch.images import display_path
+from clipsearch.query_terms import MAX_TERMS
 from clipsearch.server import create_app
 from clipsearch.server.app import (
     MAX_CONCURRENT_DECODES,
+    MAX_CONDITIONS,
     MAX_QUERY_CHARS,
+    MAX_RESULTS,
     MAX_TOP_K,
     MAX_UPLOAD_BYTES,
     THUMBNAIL_SIZES,
@@ -31,14 +34,23 @@ fastapi_testclient = pytest.importorskip("fastapi.testclient")
 
 
 def build_colour_engine(checkpoint_path, image_paths):
-    """A real SearchEngine over the given images, embedded by the checkpoint's own image tower."""
+    """A real SearchEngine over the given images, embedded by the checkpoint's own image tower, with two
+    fields: the image's folder (`group`) and a `caption` naming its number."""
+    import pyarrow
+
+    from clipsearch.metadata import MetadataTable
     from clipsearch.search import SearchEngine, Searcher
 
     bundle = load_bundle(checkpoint_path)
     with torch.no_grad():
         pixels = torch.stack([bundle.eval_transform(Image.open(path).convert("RGB")) for path in image_paths])
         embeddings = bundle.model.encode_image(pixels)
-    return SearchEngine(bundle, Searcher([str(path) for path in image_paths], embeddings))
+    paths = [str(path) for path in image_paths]
+    fields = MetadataTable(paths, {"group": "text", "caption": "text"}, {
+        "group": pyarrow.array([os.path.basename(os.path.dirname(path)) for path in paths]),
+        "caption": pyarrow.array([f"colour number {number}" for number in range(len(paths))]),
+    })
+    return SearchEngine(bundle, Searcher(paths, embeddings), fields=fields)
 
 
 @pytest.fixture(scope="module")
@@ -555,3 +567,97 @@ def test_serve_with_mmap_serves_the_consolidated_store(tmp_path, tiny_checkpoint
     top = served["text"]["results"][0]
     assert top["path"] == expected[0].path and top["score"] == pytest.approx(expected[0].score, abs=2e-3)
     assert len(served["similar"]["results"]) == 3 and 4 not in [hit["id"] for hit in served["similar"]["results"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fields, filters, paging, embeddings and combined queries
+# ---------------------------------------------------------------------------------------------
+
+
+def test_results_carry_fields_and_filters_keep_only_passing_rows(client, colour_images):
+    body = client.get("/api/search", params={"q": "a red square", "top_k": 12, "where": ["group=group1"]}).json()
+    assert body["where"] == ["group=group1"] and len(body["results"]) == 4  # images 1, 4, 7, 10
+    assert {result["id"] for result in body["results"]} == {1, 4, 7, 10}
+    assert all(result["fields"] == {"group": "group1", "caption": f"colour number {result['id']}"} for result in body["results"])
+    both = client.get("/api/search", params={"q": "x", "where": ["group!=group1", "caption~*number 1*"]}).json()
+    assert {result["id"] for result in both["results"]} == {11}
+    health = client.get("/api/health").json()
+    assert health["fields"] == {"path": "text", "group": "text", "caption": "text"} and health["rows"] == "images"
+    similar = client.get("/api/similar/4", params={"where": "group=group1"}).json()
+    assert {result["id"] for result in similar["results"]} == {1, 7, 10}
+
+
+def test_pages_join_into_the_whole_ranking(client):
+    whole = client.get("/api/search", params={"q": "blue", "top_k": 12}).json()["results"]
+    pages = [client.get("/api/search", params={"q": "blue", "top_k": 5, "offset": offset}).json() for offset in (0, 5, 10)]
+    assert [result["id"] for page in pages for result in page["results"]] == [result["id"] for result in whole]
+    assert [result["rank"] for result in pages[1]["results"]] == [6, 7, 8, 9, 10] and pages[1]["offset"] == 5
+    assert pages[2]["results"][-1]["rank"] == 12 and len(pages[2]["results"]) == 2
+
+
+def test_embeddings_come_back_when_asked(client, engine):
+    plain = client.get("/api/search", params={"q": "green", "top_k": 2}).json()
+    assert "embedding" not in plain["results"][0] and "query_embedding" not in plain
+    body = client.get("/api/search", params={"q": "green", "top_k": 2, "embeddings": "true"}).json()
+    for result in body["results"]:
+        stored = engine.searcher.embeddings[result["id"]]
+        assert np.allclose(result["embedding"], stored.numpy(), atol=1e-6)
+        assert float(np.dot(result["embedding"], body["query_embedding"])) == pytest.approx(result["score"], abs=1e-4)
+    torch.testing.assert_close(torch.tensor(body["query_embedding"]), engine.encode_texts(["green"])[0], atol=1e-5, rtol=0)
+
+
+def test_combined_queries_as_json_and_with_uploads(client, engine, colour_images):
+    _, image_paths = colour_images
+    terms = [{"text": "a red square", "weight": 2}, {"id": 5, "weight": -1}]
+    body = client.post("/api/query", json={"terms": terms, "top_k": 4, "where": ["group!=group2"], "embeddings": True}).json()
+    from clipsearch.query_terms import ROW, TEXT, Term
+
+    expected = engine.search([Term(TEXT, "a red square", 2.0), Term(ROW, 5, -1.0)], 4, ["group!=group2"])
+    assert [result["id"] for result in body["results"]] == [hit.id for hit in expected]
+    assert body["query"]["kind"] == "combined" and [term["kind"] for term in body["query"]["terms"]] == ["text", "row"]
+    torch.testing.assert_close(torch.tensor(body["query_embedding"]),
+                               engine.embed_terms([Term(TEXT, "a red square", 2.0), Term(ROW, 5, -1.0)]), atol=1e-5, rtol=0)
+    # An uploaded image as a term: alone, it finds itself; with the word, the same ranking as the engine's.
+    query = {"terms": [{"image": "photo"}, {"text": "blue", "weight": 0.5}], "top_k": 3}
+    response = client.post("/api/query", data={"query": json.dumps(query)},
+                           files={"photo": ("q.png", image_paths[7].read_bytes(), "image/png")})
+    assert response.status_code == 200, response.text
+    assert response.json()["query"]["terms"][0] == {"kind": "image", "filename": "q.png", "weight": 1.0}
+    alone = client.post("/api/query", data={"query": json.dumps({"terms": [{"image": "photo"}], "top_k": 1})},
+                        files={"photo": ("q.png", image_paths[7].read_bytes(), "image/png")}).json()
+    assert alone["results"][0]["id"] == 7
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"terms": [{"text": "x"}] * (MAX_TERMS + 1)}, 400, f"at most {MAX_TERMS} terms"),
+    ({"terms": [{"text": "x" * (MAX_QUERY_CHARS + 1)}]}, 400, "1 to 500 characters"),
+    ({"terms": [{"text": "dog", "weight": "two"}]}, 400, "weight 'two' is not a number"),
+    ({"terms": [{"text": "dog", "weight": 0}]}, 400, "other than 0"),
+    ({"terms": [{"id": 999}]}, 404, "no collection item 999"),
+    ({"terms": [{"id": 1}, {"id": 1, "weight": -1}]}, 400, "cancel out"),
+    ({"terms": [{"image": "nothing"}]}, 400, "no uploaded file"),
+    ({"terms": [{"colour": "red"}]}, 400, "a term is"),
+    ({"terms": []}, 400, "non-empty list"),
+    ({"terms": [{"text": "dog"}], "where": ["colour=red"]}, 400, "no field 'colour'"),
+    ({"terms": [{"text": "dog"}], "where": ["group>"]}, 400, "no value"),
+    ({"terms": [{"text": "dog"}], "offset": MAX_RESULTS}, 400, "offset must be"),
+    ({"terms": [{"text": "dog"}], "top_k": 0}, 400, "top_k must be"),
+])
+def test_combined_query_refusals_are_one_clear_4xx(client, body, status, message):
+    assert message in assert_error(client.post("/api/query", json=body), status)
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"where": "group~"}, "no value"),
+    ({"where": "size>big"}, "no field 'size'"),
+    ({"where": ["a=1"] * (MAX_CONDITIONS + 1)}, f"at most {MAX_CONDITIONS} conditions"),
+    ({"offset": MAX_RESULTS - 10, "top_k": 20}, f"rank {MAX_RESULTS} at most"),
+])
+def test_search_refusals_are_400_with_a_message(client, params, message):
+    assert message in assert_error(client.get("/api/search", params={"q": "dog", **params}), 400)
+
+
+def test_query_body_that_is_not_json_is_400(client):
+    response = client.post("/api/query", content=b"{not json", headers={"content-type": "application/json"})
+    assert "not valid JSON" in assert_error(response, 400)
+    assert_error(client.post("/api/query", content=b"x", headers={"content-type": "text/plain"}), 415)

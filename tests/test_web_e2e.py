@@ -177,3 +177,37 @@ def test_bad_request_shows_the_server_error(page, base_url, console_problems):
     # The browser logs each 404 it was answered; those are the expected ones, nothing else is.
     assert all("404" in problem for problem in console_problems), console_problems
     console_problems.clear()
+
+
+def test_filters_refinements_and_more_results(page, base_url, console_problems):
+    # The colour engine's images are in folders group0..group2 (field `group`), four each.
+    page.goto(base_url + "/?q=green&where=group%3Dgroup1&top_k=2")
+    page.wait_for_function("() => document.getElementById('field-list').textContent.includes('group')")
+    first = wait_for_loaded_results(page, 2)
+    assert set(first) <= {1, 4, 7, 10}
+    assert page.input_value("#where") == "group=group1"
+    assert page.locator("#results .card .caption").first.inner_text().startswith("colour number")
+    # More results: the next page appended below, the same filter.
+    page.click("#more")
+    ids = wait_for_loaded_results(page, 4)
+    assert ids[:2] == first and set(ids) == {1, 4, 7, 10}
+    # A result as a refinement: a chip, the URL, the filter kept.
+    page.locator("#results .card .less-like").nth(1).click()
+    page.wait_for_url(re.compile(rf"sub=id%3A{ids[1]}"))
+    page.wait_for_selector("#terms .term.subtracted")
+    assert set(wait_for_loaded_results(page, 2)) <= {1, 4, 7, 10}
+    # A word as a refinement, then removed again with its chip's ×.
+    page.fill("#refine", "blue")
+    page.click(".refine-add")
+    page.wait_for_url(re.compile(r"add=text%3Ablue"))
+    page.wait_for_function("() => document.querySelectorAll('#terms .term').length === 2")
+    page.locator("#terms .term").nth(1).locator("button").click()
+    page.wait_for_function("() => document.querySelectorAll('#terms .term').length === 1")
+    assert "add=" not in page.url
+    # A filter the collection cannot apply is the server's message, not an empty grid.
+    page.fill("#where", "colour=red")
+    page.press("#query", "Enter")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "no field 'colour'" in page.inner_text("#error")
+    assert all("400" in problem for problem in console_problems), console_problems  # the browser logs the answer
+    console_problems.clear()

@@ -63,9 +63,10 @@ def check_replaceable(out_dir: str | os.PathLike) -> None:
 
 
 def export_clip_retrieval(
-    paths: list[str], embeddings, out_dir: str | os.PathLike, rows_per_file: int = ROWS_PER_FILE
+    paths: list[str], embeddings, out_dir: str | os.PathLike, rows_per_file: int = ROWS_PER_FILE, fields=None
 ) -> list[Path]:
-    """Write rows [count, dim] (unit length, any float array) as numbered fp16 .npy files with one parquet of paths each.
+    """Write rows [count, dim] (unit length, any float array) as numbered fp16 .npy files with one parquet of paths
+    each, and of the rows' fields (`fields`, a metadata.MetadataTable in the same row order: caption, url, ...).
 
     File numbers are zero-padded to the same width, as clip-retrieval pads them: autofaiss reads
     the files in lexicographic order, so row i of the export is row i of the collection. The
@@ -77,6 +78,9 @@ def export_clip_retrieval(
 
     if len(paths) != embeddings.shape[0]:
         raise ValueError(f"{len(paths)} paths but {embeddings.shape[0]} embeddings")
+    if fields is not None and len(fields) != len(paths):
+        raise ValueError(f"{len(paths)} paths but fields for {len(fields)} rows")
+    field_table = fields.to_arrow() if fields is not None else None
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with FolderLock(out_dir.parent, out_dir.name, "an export"):
@@ -91,7 +95,11 @@ def export_clip_retrieval(
                 rows = np.asarray(embeddings[start : start + rows_per_file], dtype=np.float16)
                 write_durably(building / EMBEDDING_DIR / f"img_emb_{suffix}.npy", lambda stream, rows=rows: np.save(stream, rows),
                               size_hint=rows.nbytes + 128)
-                table = pa.table({PATH_COLUMN: pa.array(paths[start : start + rows_per_file], type=pa.string())})
+                columns = {PATH_COLUMN: pa.array(paths[start : start + rows_per_file], type=pa.string())}
+                if field_table is not None:  # clip-retrieval's back end returns these beside the path
+                    part = field_table.slice(start, rows_per_file)
+                    columns.update((name, part[name]) for name in part.column_names if name != PATH_COLUMN)
+                table = pa.table(columns)
                 write_durably(building / METADATA_DIR / f"metadata_{suffix}.parquet",
                               lambda stream, table=table: pq.write_table(table, stream))
             marker = {"format": "clip-retrieval", "rows": len(paths), "dim": int(embeddings.shape[1]),

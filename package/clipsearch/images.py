@@ -260,3 +260,31 @@ def load_image(path: str | os.PathLike, report: ImageReport | None = None, **dec
     except OSError:
         report.add("unreadable file", path)
         return None
+
+
+# EXIF tags that date a photo, most telling first: when it was taken, digitised, last written.
+_EXIF_IFD = 0x8769
+_DATE_TAGS = ((_EXIF_IFD, 0x9003), (_EXIF_IFD, 0x9004), (None, 0x0132))
+
+
+def capture_date(path: str | os.PathLike) -> str | None:
+    """When a photo was taken, from its EXIF (DateTimeOriginal, else DateTimeDigitized, else DateTime), as
+    ISO 8601 local camera time ("2023-06-01T10:30:00"); None when the file has no readable date.
+
+    Reads only the file's header; a broken or absent EXIF block is no date, never an error.
+    """
+    from clipsearch.fields import parse_date
+
+    try:
+        with Image.open(path) as image:
+            exif = image.getexif()
+            for ifd, tag in _DATE_TAGS:
+                value = (exif.get_ifd(ifd) if ifd is not None else exif).get(tag)
+                if isinstance(value, bytes):
+                    value = value.decode("ascii", errors="replace")
+                date = parse_date(value.strip("\x00 ")) if isinstance(value, str) else None
+                if date is not None:
+                    return date
+    except Exception:  # noqa: BLE001 - any unreadable header means "no date"
+        return None
+    return None

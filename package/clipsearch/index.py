@@ -175,6 +175,51 @@ class FaissIndex:
         _, candidates = self.index.search(queries, int(top_k) * int(self.info["params"]["rerank_factor"]))
         return rerank(queries, candidates, self.rerank_rows, int(top_k))
 
+    def search_among(self, queries: np.ndarray, top_k: int, bitmap: np.ndarray, kept: float) -> tuple[np.ndarray, np.ndarray]:
+        """`search` over only the rows whose bit is set in `bitmap` (row i at bit i % 8 of byte i // 8).
+
+        faiss skips the other rows as it scans (IDSelectorBitmap). So that about as many passing
+        rows are read as an unfiltered search reads rows, an IVF index probes nprobe / `kept` lists
+        (at most all of them) and an HNSW graph widens its beam alike; at every list an IVF-Flat
+        index is exact over the rows that pass.
+        """
+        import faiss
+
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        bitmap = np.ascontiguousarray(bitmap, dtype=np.uint8)
+        selector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))  # reads `bitmap`, which outlives it
+        widen = 1.0 / max(kept, 1e-9)
+        params = self.info["params"]
+        if self.kind.startswith("ivf"):
+            nlist = int(faiss.extract_index_ivf(self.index).nlist)
+            search_params = faiss.SearchParametersIVF(sel=selector, nprobe=min(nlist, math.ceil(int(params["nprobe"]) * widen)))
+            if params.get("quantizer_ef_search"):
+                quantizer_params = faiss.SearchParametersHNSW(efSearch=int(params["quantizer_ef_search"]))
+                search_params.quantizer_params = quantizer_params
+        elif self.kind == "hnsw":
+            beam = min(self.count, math.ceil(max(int(params["ef_search"]), int(top_k)) * widen))
+            search_params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(beam, int(top_k)))
+        else:
+            search_params = faiss.SearchParameters(sel=selector)
+        wanted = int(top_k) * int(params["rerank_factor"]) if self.reranks else int(top_k)
+        scores, rows = self.index.search(queries, wanted, params=search_params)
+        if not self.reranks:
+            return scores, rows
+        return rerank(queries, rows, self.rerank_rows, int(top_k))
+
+    def range_search(self, queries: np.ndarray, radius: float, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every row whose inner product with a query is above `radius`, as faiss answers it: (lims,
+        scores, rows), the matches of query i at lims[i]:lims[i + 1]. An IVF index probes `nprobe`
+        lists (default its own); scores are those of its codes, not re-ranked."""
+        import faiss
+
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.kind.startswith("ivf"):
+            nlist = int(faiss.extract_index_ivf(self.index).nlist)
+            probes = min(nlist, int(nprobe or self.info["params"]["nprobe"]))
+            return self.index.range_search(queries, float(radius), params=faiss.SearchParametersIVF(nprobe=probes))
+        return self.index.range_search(queries, float(radius))
+
     def save(self, index_path: str | os.PathLike) -> Path:
         """Write the index, then its record; the record's byte count ties the pair together.
 

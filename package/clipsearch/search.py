@@ -3,23 +3,32 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from clipsearch.errors import UserError
+from clipsearch.fields import Condition
+from clipsearch.metadata import MetadataTable, RowSet, empty_table
+from clipsearch.query_terms import EMBEDDING, IMAGE, ROW, TEXT, Term, TermError
 from clipsearch.store import (
     MODEL_FILE,
+    ROWS_CAPTIONS,
+    ROWS_IMAGES,
+    caption_row_image,
     describe_model,
     file_versions,
     folder_inputs,
     load_collection,
+    load_fields,
     model_source,
     normalise_rows,
     order_fingerprint,
     read_json,
+    rows_kind,
     served_update,
     update_in_progress,
 )
@@ -37,6 +46,13 @@ UPCAST_SLAB_ROWS = 8192
 # every caption lay inside that many plain-cosine candidates, but 2.5% of top-1s lay outside 4.
 BIAS_CANDIDATE_FACTOR = 8
 BIAS_MIN_CANDIDATES = 64
+# A filter that keeps at most SUBSET_MIN_ROWS rows is answered by gathering them and scoring them
+# alone: exact, and cheaper than any scan. Without an index, so is one that keeps at most
+# SUBSET_FRACTION of the collection: gathering a row costs more than reading it in a scan, but far
+# fewer rows are read (benchmarks/bench_filters.py). Through an index, larger filters go to faiss,
+# which skips the other rows for less than that.
+SUBSET_FRACTION = 0.02
+SUBSET_MIN_ROWS = 4096
 
 __all__ = ["CollectionSource", "EmbeddingMismatchError", "Hit", "SearchEngine", "Searcher", "normalise_rows",
            "order_fingerprint"]
@@ -52,6 +68,7 @@ class Hit:
     path: str
     score: float
     duplicates: tuple[str, ...] = ()  # other paths with the same bytes, when duplicates are folded
+    fields: dict = field(default_factory=dict, compare=False)  # the row's caption, url, file facts... (engine results)
 
 
 class Searcher:
@@ -145,11 +162,15 @@ class Searcher:
             collection.paths, collection.embeddings, index, assume_normalised=True, duplicates=duplicates, **searcher_options
         )
 
-    def search(self, queries: torch.Tensor, top_k: int, bias: torch.Tensor | None = None) -> list[list[Hit]]:
+    def search(self, queries: torch.Tensor, top_k: int, bias: torch.Tensor | None = None,
+               allowed: RowSet | None = None) -> list[list[Hit]]:
         """The `top_k` best rows for each query of `queries` [q, d] (or one query [d]), best first.
 
         `bias` [count], when given, is added to every query's cosine with each row (querybank
-        normalisation): hits are ranked and scored by cosine plus bias.
+        normalisation): hits are ranked and scored by cosine plus bias. `allowed` (a filter's rows,
+        metadata.RowSet) limits the answer to those rows: exactly the best of them, without an
+        index; through one, the best the index finds among them, filled to `top_k` whenever that
+        many pass.
         """
         if queries.ndim == 1:
             queries = queries.unsqueeze(0)
@@ -157,34 +178,70 @@ class Searcher:
             raise EmbeddingMismatchError(
                 f"queries of shape {tuple(queries.shape)} do not match {self.dim}-d collection embeddings"
             )
-        top_k = min(int(top_k), len(self))
+        if allowed is not None and allowed.total != len(self):
+            raise ValueError(f"a filter over {allowed.total} rows cannot apply to a collection of {len(self)}")
+        limit = len(self) if allowed is None else allowed.count
+        top_k = min(int(top_k), limit)
         if top_k <= 0 or queries.shape[0] == 0:
             return [[] for _ in range(queries.shape[0])]
         queries = F.normalize(queries.detach().float().cpu(), dim=-1)
         candidates = top_k
         while True:
-            scores, ids = self.top_k_rows(queries, candidates, bias)
+            scores, ids = self.top_k_rows(queries, candidates, bias, allowed)
             hits = [
                 self._fold(query_scores, query_ids, top_k) for query_scores, query_ids in zip(scores.tolist(), ids.tolist())
             ]
             # Folded duplicates take candidates' places: ask for more until every query has top_k.
-            if not self.group_of or candidates >= len(self) or all(len(found) >= top_k for found in hits):
+            if not self.group_of or candidates >= limit or all(len(found) >= top_k for found in hits):
                 return hits
-            candidates = min(len(self), 2 * candidates)
+            candidates = min(limit, 2 * candidates)
 
-    def top_k_rows(self, queries: torch.Tensor, top_k: int,
-                   bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores and rows of unit-length `queries`, from the index when there is one, else exact."""
+    def top_k_rows(self, queries: torch.Tensor, top_k: int, bias: torch.Tensor | None = None,
+                   allowed: RowSet | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores and rows of unit-length `queries`, from the index when there is one, else exact;
+        places that no row filled are -1."""
+        if allowed is not None:
+            return self.filtered_top_k(queries, top_k, bias, allowed)
         if self.index is None:
             return self.exact_top_k(queries, top_k, bias)
         candidates = top_k if bias is None else min(len(self), max(BIAS_CANDIDATE_FACTOR * top_k, BIAS_MIN_CANDIDATES))
-        scores, ids = (torch.as_tensor(found) for found in self.index.search(queries.numpy(), candidates))
-        if bias is None:
-            return scores, ids
-        # Places the index could not fill (-1) stay last.
-        scores = torch.where(ids >= 0, scores.float() + bias[ids.clamp(min=0)], torch.finfo(torch.float32).min)
-        scores, order = scores.topk(min(top_k, scores.shape[1]), dim=1)
-        return scores, ids.gather(1, order)
+        found = self.index.search(queries.numpy(), candidates)
+        return _with_bias(*(torch.as_tensor(part) for part in found), bias, top_k)
+
+    def filtered_top_k(self, queries: torch.Tensor, top_k: int, bias: torch.Tensor | None,
+                       allowed: RowSet) -> tuple[torch.Tensor, torch.Tensor]:
+        """The best `top_k` of the rows `allowed` passes.
+
+        A small share of the collection is gathered and scored alone. Otherwise exact search adds
+        -inf to the scores of the other rows, and an index skips them as it scans (faiss's ID
+        selector, with its probes widened by the share kept); a query the index leaves short of
+        `top_k` rows, when that many pass, is answered exactly.
+        """
+        gather_up_to = SUBSET_MIN_ROWS if self.index is not None else max(SUBSET_MIN_ROWS, SUBSET_FRACTION * len(self))
+        if allowed.count <= gather_up_to:
+            return self.subset_top_k(queries, top_k, allowed.rows, bias)
+        if self.index is None:
+            return _without_excluded(*self.exact_top_k(queries, top_k, allowed.bias if bias is None else bias + allowed.bias))
+        candidates = top_k if bias is None else min(allowed.count, max(BIAS_CANDIDATE_FACTOR * top_k, BIAS_MIN_CANDIDATES))
+        found = self.index.search_among(queries.numpy(), candidates, allowed.bitmap, allowed.fraction)
+        scores, ids = _with_bias(*(torch.as_tensor(part) for part in found), bias, top_k)
+        short = ((ids >= 0).sum(dim=1) < min(top_k, allowed.count)).nonzero().flatten()
+        if len(short):
+            masked = allowed.bias if bias is None else bias + allowed.bias
+            exact_scores, exact_ids = _without_excluded(*self.exact_top_k(queries[short], top_k, masked))
+            scores, ids = _pad(scores, top_k), _pad(ids, top_k, -1)
+            scores[short], ids[short] = exact_scores.to(scores.dtype), exact_ids
+        return scores, ids
+
+    def subset_top_k(self, queries: torch.Tensor, top_k: int, rows: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact top-k among `rows` (ascending row ids), scored from a gathered copy of just those rows."""
+        gathered = self.storage.index_select(1 if self.column_major else 0, rows).float()  # [d, m] or [m, d]
+        scores = queries.float() @ (gathered if self.column_major else gathered.T)
+        if bias is not None:
+            scores += bias[rows]
+        best_scores, best = scores.topk(min(top_k, len(rows)), dim=1)
+        return best_scores, rows[best]
 
     def _fold(self, scores: list[float], rows: list[int], top_k: int) -> list[Hit]:
         hits, seen = [], set()
@@ -242,6 +299,34 @@ class Searcher:
         return torch.cat(all_scores), torch.cat(all_rows)
 
 
+def image_file(path: str, kind: str = ROWS_IMAGES) -> str:
+    """The image file a row of `path` shows: the path itself, or for a caption row its image."""
+    return caption_row_image(path) if kind == ROWS_CAPTIONS else path
+
+
+def _with_bias(scores: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor | None,
+               top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An index's candidates re-ranked by score plus `bias`, the best `top_k`; places it could not fill (-1) stay last."""
+    if bias is None:
+        return scores, ids
+    scores = torch.where(ids >= 0, scores.float() + bias[ids.clamp(min=0)], torch.finfo(torch.float32).min)
+    scores, order = scores.topk(min(top_k, scores.shape[1]), dim=1)
+    return scores, ids.gather(1, order)
+
+
+def _without_excluded(scores: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Places a filter's -inf filled (fewer rows passed than were asked for) marked -1, as an index marks them."""
+    return scores, torch.where(torch.isneginf(scores), -1, ids)
+
+
+def _pad(values: torch.Tensor, width: int, fill: float = float("-inf")) -> torch.Tensor:
+    """`values` [q, n] widened to [q, width] with `fill`, so rows answered exactly fit beside the index's."""
+    if values.shape[1] >= width:
+        return values.clone()
+    padding = torch.full((values.shape[0], width - values.shape[1]), fill, dtype=values.dtype)
+    return torch.cat([values, padding], dim=1)
+
+
 def check_encoded_with(encoded_with_model: dict, load_model: str | os.PathLike, fingerprint: str,
                        emb_path: str | os.PathLike) -> None:
     """Refuse embeddings whose recorded model (model.json) is not the query model."""
@@ -262,7 +347,7 @@ class CollectionSource:
     emb_path: str
     index_path: str | None = None
     dtype: torch.dtype = torch.float32
-    fold_duplicates: bool = False
+    fold_duplicates: bool | str = False  # True: same bytes; a duplicates report's path: its groups too
     mapped: bool = False
     querybank: bool = False
 
@@ -278,6 +363,8 @@ def source_signature(source: CollectionSource) -> tuple:
         index_path = Path(source.index_path)
         index_file = index_path / "index.faiss" if index_path.is_dir() else index_path  # index.resolve_index_path
         extra += [index_file, index_file.with_suffix(".json")]
+    if isinstance(source.fold_duplicates, str):
+        extra.append(Path(source.fold_duplicates))
     return tuple(folder_inputs(emb_path)), tuple(file_versions(extra))
 
 
@@ -290,7 +377,8 @@ class SearchEngine:
     `reload` makes a new engine over the folder as it is now, sharing the model.
     """
 
-    def __init__(self, bundle, searcher: Searcher, querybank=None):
+    def __init__(self, bundle, searcher: Searcher, querybank=None, fields: MetadataTable | None = None,
+                 rows_kind: str = ROWS_IMAGES):
         if bundle.embed_dim != searcher.dim:
             raise EmbeddingMismatchError(
                 f"the query model makes {bundle.embed_dim}-d embeddings but the collection holds "
@@ -298,9 +386,13 @@ class SearchEngine:
             )
         if querybank is not None and querybank.bias.shape != (len(searcher),):
             raise EmbeddingMismatchError(f"the querybank holds {querybank.bias.numel()} biases for {len(searcher)} images")
+        if fields is not None and len(fields) != len(searcher):
+            raise EmbeddingMismatchError(f"fields for {len(fields)} rows but the collection has {len(searcher)}")
         self.bundle = bundle
         self.searcher = searcher
         self.querybank = querybank
+        self.fields = fields if fields is not None else empty_table(searcher.paths)
+        self.rows_kind = rows_kind  # "images", or "captions" for a folder of encode --captions
         self.bundle.model.eval()
         self.source: CollectionSource | None = None
         self.signature: tuple | None = None  # source_signature(source) when the collection was loaded
@@ -316,7 +408,7 @@ class SearchEngine:
         emb_path: str | os.PathLike,
         index_path: str | os.PathLike | None = None,
         dtype: torch.dtype = torch.float32,
-        fold_duplicates: bool = False,
+        fold_duplicates: bool | str | os.PathLike = False,
         mapped: bool = False,
         querybank: bool = False,
     ) -> SearchEngine:
@@ -326,13 +418,18 @@ class SearchEngine:
         rebuilt when the shards change) memory-mapped, so a large collection is never read into
         memory first: pages load as the scoring touches them. `querybank` ranks text queries with
         the folder's querybank biases (./clipsearch querybank), refused when they were
-        computed for other rows or another model.
+        computed for other rows or another model. `fold_duplicates` answers images with the same
+        bytes as one hit; given the path of a report of ./clipsearch duplicates, its groups of
+        near-duplicates too.
         """
         from clipsearch.checkpoint import model_fingerprint
         from clipsearch.models.released import load_model as load_any_model
 
-        if mapped and fold_duplicates:
-            raise UserError("folding duplicates needs the shards' digests: leave out --mmap or --fold_duplicates")
+        if mapped and fold_duplicates is True:
+            raise UserError("folding exact duplicates needs the shards' digests: leave out --mmap, or fold by a "
+                            "report of ./clipsearch duplicates")
+        if fold_duplicates not in (True, False):
+            fold_duplicates = str(fold_duplicates)
         bundle = load_any_model(load_model)
         source = CollectionSource(str(emb_path), None if index_path is None else str(index_path), dtype,
                                   fold_duplicates, mapped, querybank)
@@ -350,9 +447,11 @@ class SearchEngine:
 
             collection = consolidate(emb_path)
             encoded_with_model = read_json(Path(emb_path) / MODEL_FILE) or {}
+            fields = load_fields(emb_path, collection.paths)
         else:
             collection = load_collection(emb_path, dtype=source.dtype)
             encoded_with_model = collection.model
+            fields = collection.fields
         check_encoded_with(encoded_with_model, load_model, fingerprint, emb_path)
         if collection.dim != bundle.embed_dim:
             raise EmbeddingMismatchError(
@@ -369,11 +468,16 @@ class SearchEngine:
             from clipsearch.querybank import QueryBank
 
             bank = QueryBank.load(emb_path, collection.paths, collection.dim, fingerprint)
-        if source.mapped:
-            searcher = Searcher(collection.paths, collection.embeddings, index, assume_normalised=True)
-        else:
-            searcher = Searcher.from_collection(collection, index, fold_duplicates=source.fold_duplicates)
-        engine = cls(bundle, searcher, bank)
+        duplicates = None
+        if source.fold_duplicates:
+            duplicates = [] if source.mapped else collection.duplicate_groups()
+            if isinstance(source.fold_duplicates, str):
+                from clipsearch.near_duplicates import groups_from_report, merge_groups
+
+                near = groups_from_report(source.fold_duplicates, order_fingerprint(collection.paths, collection.dim))
+                duplicates = merge_groups(len(collection.paths), duplicates, near)
+        searcher = Searcher(collection.paths, collection.embeddings, index, assume_normalised=True, duplicates=duplicates)
+        engine = cls(bundle, searcher, bank, fields, rows_kind(encoded_with_model))
         engine.source, engine.signature, engine._model_identity = source, signature, model_identity
         engine.update, engine.complete = update, complete
         return engine
@@ -401,16 +505,92 @@ class SearchEngine:
         with torch.inference_mode():
             return F.normalize(embed_images(self.bundle.model, pixels, self.bundle.image_views), dim=-1)
 
-    def search_text(self, texts: list[str], top_k: int) -> list[list[Hit]]:
+    def embed_terms(self, terms: Sequence[Term]) -> torch.Tensor:
+        """One unit-length query [d] from weighted terms: each term embedded and normalised, the weighted
+        sum normalised again. A TermError when there are none or they cancel out."""
+        if not terms:
+            raise TermError("a query needs at least one term")
+        parts = torch.empty(len(terms), self.searcher.dim)
+        by_kind: dict[str, list[int]] = {}
+        for position, term in enumerate(terms):
+            by_kind.setdefault(term.kind, []).append(position)
+        for kind, positions in by_kind.items():
+            values = [terms[position].value for position in positions]
+            if kind == TEXT:
+                parts[positions] = self.encode_texts(values)
+            elif kind == IMAGE:
+                parts[positions] = self.encode_images(values)
+            elif kind == ROW:
+                rows = torch.tensor([self._checked_row(value) for value in values])
+                parts[positions] = self.searcher.embeddings.index_select(0, rows).float()
+            elif kind == EMBEDDING:
+                parts[positions] = torch.stack([torch.as_tensor(value, dtype=torch.float32).reshape(-1) for value in values])
+            else:
+                raise TermError(f"unknown kind of term {kind!r}")
+        weights = torch.tensor([float(term.weight) for term in terms])
+        combined = (weights[:, None] * F.normalize(parts, dim=-1)).sum(dim=0)
+        if combined.norm() < 1e-6:
+            raise TermError("the terms cancel out: their weighted sum is zero")
+        return F.normalize(combined, dim=0)
+
+    def _checked_row(self, row: object) -> int:
+        if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < len(self.searcher):
+            raise TermError(f"no collection item {row!r} (the collection holds {len(self.searcher)})")
+        return row
+
+    def rows_where(self, where: Sequence[str | Condition] = ()) -> RowSet | None:
+        """The rows passing every condition of `where` (FIELD OP VALUE), or None for no conditions; a
+        FilterError for bad syntax, a field the collection lacks or a value of the wrong kind."""
+        return self.fields.select(where)
+
+    def search(self, terms: Sequence[Term], top_k: int, where: Sequence[str | Condition] = (), offset: int = 0,
+               exclude: Sequence[int] = ()) -> list[Hit]:
+        """The hits of one combined query, ranks offset+1 .. offset+top_k, among the rows `where` keeps, with
+        their fields. Text-only queries take the querybank's biases (the bank holds captions); rows in
+        `exclude` are left out (an item is not its own "similar")."""
+        text = all(term.kind == TEXT for term in terms)
+        return self.search_embedding(self.embed_terms(terms), top_k, where, offset, text, exclude)
+
+    def search_embedding(self, query: torch.Tensor, top_k: int, where: Sequence[str | Condition] = (),
+                         offset: int = 0, text: bool = False, exclude: Sequence[int] = ()) -> list[Hit]:
+        """`search` for a query already embedded ([d], unit length); `text` says it is text alone, which
+        the querybank's biases are for."""
+        bias = self.querybank.bias if self.querybank is not None and text else None
+        return self._ranked(query.reshape(1, -1), top_k, where, offset, bias, exclude)[0]
+
+    def _ranked(self, queries: torch.Tensor, top_k: int, where, offset: int, bias, exclude=()) -> list[list[Hit]]:
+        allowed = self.rows_where(where)
+        wanted = int(offset) + int(top_k) + len(exclude)
+        found = self.searcher.search(queries, wanted, bias, allowed)
+        left_out = set(exclude)
+        return [self.with_fields([hit for hit in hits if hit.id not in left_out][offset : offset + top_k])
+                for hits in found]
+
+    def with_fields(self, hits: list[Hit]) -> list[Hit]:
+        return [replace(hit, fields=self.fields.row(hit.id)) for hit in hits]
+
+    def search_text(self, texts: list[str], top_k: int, where: Sequence[str | Condition] = (),
+                    offset: int = 0) -> list[list[Hit]]:
+        """One list of hits per text, each a query of its own."""
         if not texts:
             return []
         bias = self.querybank.bias if self.querybank is not None else None
-        return self.searcher.search(self.encode_texts(texts), top_k, bias)
+        return self._ranked(self.encode_texts(texts), top_k, where, offset, bias)
 
-    def search_image(self, images: list, top_k: int) -> list[list[Hit]]:
+    def search_image(self, images: list, top_k: int, where: Sequence[str | Condition] = (),
+                     offset: int = 0) -> list[list[Hit]]:
+        """One list of hits per PIL image, each a query of its own."""
         if not images:
             return []
-        return self.searcher.search(self.encode_images(images), top_k)
+        return self._ranked(self.encode_images(images), top_k, where, offset, None)
+
+    def similar(self, row: int, top_k: int, where: Sequence[str | Condition] = (), offset: int = 0) -> list[Hit]:
+        """The items most like collection item `row`, from its stored embedding (no model call), itself left out."""
+        return self.search([Term(ROW, row)], top_k, where, offset, exclude=[self._checked_row(row)])
 
     def path_of(self, hit_id: int) -> str:
         return self.searcher.paths[hit_id]
+
+    def image_of(self, hit_id: int) -> str:
+        """The image file a row shows: the row's own path, or for a caption its image's."""
+        return image_file(self.searcher.paths[hit_id], self.rows_kind)

@@ -8,7 +8,7 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,11 +17,14 @@ import torch.nn.functional as F
 
 from clipsearch.durable import FolderLock, atomic_write, remove_stale_temporaries, write_json  # noqa: F401  write_json re-exported for the store's callers
 from clipsearch.errors import UserError
+from clipsearch.fields import FILE_FIELDS, columns_of
+from clipsearch.metadata import MetadataTable
 
 logger = logging.getLogger(__name__)
 
 # Shards keep the seed's name and contents, `{'path': [...], 'emb': [n, d]}`, the interchange format;
-# the encoder adds 'skipped', and per row 'stat' ([size, mtime_ns]) and 'digest' (of the file's bytes).
+# the encoder adds 'skipped', per row 'stat' ([size, mtime_ns]) and 'digest' (of the file's bytes), and
+# 'meta', the rows' fields as columns: {'kinds': {name: kind}, 'columns': {name: [value per row]}}.
 SHARD_SUFFIX = ".ckpt"
 TMP_SUFFIX = ".tmp"
 SHARD_NAME_PATTERN = re.compile(r"^(\d+)-(\d+)-(\d+)\.ckpt$")
@@ -31,6 +34,9 @@ ERRORS_FILE = "errors.tsv"
 DUPLICATES_FILE = "duplicates.tsv"
 UPDATE_PATTERN = re.compile(r"^update-(\d+)\.json$")
 INDEX_FILES = ("index.faiss", "index.json")
+# What a folder's rows are (model.json's "rows"): images, or the captions of a table (encode --captions).
+ROWS_IMAGES, ROWS_CAPTIONS = "images", "captions"
+CAPTION_SEPARATOR = "#"
 # model.json of this layout; a folder without it (or older) is read as described in `accepted_shards`.
 FOLDER_FORMAT = 2
 # Normalising a large matrix is done this many rows at a time so it needs no second full copy.
@@ -140,12 +146,21 @@ def write_shard(
     image_paths: list[str],
     embeddings: torch.Tensor,
     skipped: list[tuple[str, str]] | None = None,
-    stats: list[tuple[int, int] | None] | None = None,
+    stats: list[tuple[int, ...] | None] | None = None,
     digests: list[str | None] | None = None,
+    fields: Sequence[Mapping[str, object]] | None = None,
 ) -> Path:
-    """Save `{'path', 'emb', 'skipped'}` (+ per-row 'stat' and 'digest' when given); skipped images travel with it."""
+    """Save `{'path', 'emb', 'skipped'}` (+ per-row 'stat', 'digest' and fields when given); skipped images travel with it.
+
+    `fields` holds one dict per row of scalar values (str, int, float, None): a table's other
+    columns, an image file's facts (fields.FILE_FIELDS), a webdataset sample's caption and the
+    top-level values of its .json. They are stored as columns beside the embeddings, in the same
+    file, so a row and its fields are written, replaced and dropped together.
+    """
     if len(image_paths) != embeddings.shape[0]:
         raise ValueError(f"{len(image_paths)} paths but {embeddings.shape[0]} embeddings for shard {path}")
+    if fields is not None and len(fields) != len(image_paths):
+        raise ValueError(f"{len(image_paths)} paths but {len(fields)} rows of fields for shard {path}")
     shard = {
         "path": list(image_paths),
         "emb": embeddings.detach().to("cpu", torch.float32).contiguous().clone(),
@@ -155,6 +170,8 @@ def write_shard(
         shard["stat"] = [list(stat) if stat else None for stat in stats]
     if digests is not None:
         shard["digest"] = list(digests)
+    if fields is not None:
+        shard["meta"] = columns_of(fields, FILE_FIELDS)
     buffer = io.BytesIO()  # serialised first, so a full disk is found before a byte is written
     torch.save(shard, buffer)
     return atomic_write(path, buffer.getbuffer())
@@ -249,6 +266,11 @@ def check_model(emb_path: Path, identity: dict, overwrite: bool) -> None:
             "use another --emb_path, or --overwrite to replace them"
         )
     if existing is not None and not overwrite:
+        if rows_kind(existing) != rows_kind(identity):
+            raise EncodingMismatchError(
+                f"{emb_path} holds embeddings of {rows_kind(existing)}, and this run encodes {rows_kind(identity)}; "
+                "give each its own --emb_path"
+            )
         if (existing.get("fingerprint"), existing.get("embed_dim")) != (identity["fingerprint"], identity["embed_dim"]):
             raise EncodingMismatchError(
                 f"{emb_path} holds embeddings of another model: {describe_model(existing)}, dim "
@@ -392,6 +414,7 @@ class Collection:
     `embeddings` is [n, d]; in float32 it is a transposed view of a [d, n] buffer (the Searcher's
     layout, so it needs no second copy): call `.contiguous()` where row-major memory matters.
     `digests` (one per row, None where unknown) mark exact duplicates: same digest, same bytes.
+    `fields` holds every row's fields (caption, url, file facts...) for results and filters.
     """
 
     paths: list[str]
@@ -400,10 +423,15 @@ class Collection:
     digests: list[str | None]
     skipped: dict[str, str]
     complete: bool  # False while an encoding run is unfinished (no manifest for its last update)
+    fields: MetadataTable | None = None
 
     @property
     def dim(self) -> int:
         return int(self.embeddings.shape[1])
+
+    @property
+    def rows_kind(self) -> str:
+        return rows_kind(self.model)
 
     def duplicate_groups(self) -> list[list[int]]:
         """Rows whose files have the same bytes, each group in row order (groups of two or more)."""
@@ -462,7 +490,35 @@ def load_collection(emb_path: str | os.PathLike, dtype: torch.dtype = torch.floa
     complete = not model or (emb_path / MANIFEST_FILE).is_file()
     if not complete:
         logger.warning("%s has no manifest.json: its encoding run has not finished; searching what exists", emb_path)
-    return Collection(paths, matrix, model, digests, dict(catalog.skipped), complete)
+    fields = MetadataTable.from_shards(paths, catalog.loaded, catalog.rows.values())
+    return Collection(paths, matrix, model, digests, dict(catalog.skipped), complete, fields)
+
+
+def load_fields(emb_path: str | os.PathLike, paths: Sequence[str] | None = None) -> MetadataTable:
+    """The fields of the folder's live rows, in collection order, without their embeddings (for the
+    memory-mapped store and exports); `paths`, when given, must be those rows' paths in that order."""
+    catalog = read_catalog(emb_path)
+    live_paths = [str(catalog.loaded[shard_number]["path"][row]) for shard_number, row in catalog.rows.values()]
+    if paths is not None and list(paths) != live_paths:
+        raise StoreError(f"{emb_path} changed while it was being read; run the command again")
+    return MetadataTable.from_shards(live_paths, catalog.loaded, catalog.rows.values())
+
+
+def caption_row_name(image_path: str, caption: str) -> str:
+    """The row name of a caption in a folder of encode --captions: its image's path and a digest of its
+    text, so an edited caption is a new row and the image is read back from the name."""
+    digest = hashlib.blake2b(caption.encode("utf-8", "surrogateescape"), digest_size=6).hexdigest()
+    return f"{image_path}{CAPTION_SEPARATOR}{digest}"
+
+
+def caption_row_image(name: str) -> str:
+    """The image file a caption row (`caption_row_name`) belongs to."""
+    return name.rsplit(CAPTION_SEPARATOR, 1)[0]
+
+
+def rows_kind(model: dict) -> str:
+    """What a folder's rows are: "images", or "captions" for one encoded with `encode --captions`."""
+    return model.get("rows", ROWS_IMAGES)
 
 
 # ---------------------------------------------------------------------------------------------

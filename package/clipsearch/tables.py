@@ -135,8 +135,10 @@ def read_table(
     caption_column: str = CAPTION_COLUMN,
     report: DataReport | None = None,
     require_caption: bool = True,
+    other_columns: bool = False,
 ) -> pd.DataFrame:
-    """Read a split's table as columns `image` (absolute path) and `caption` (stripped text).
+    """Read a split's table as columns `image` (absolute path) and `caption` (stripped text), and with
+    `other_columns` every other column of the table too, as read (a row set aside as malformed has none).
 
     Cells are text as written: "NA", "NaN", "null" or "N/A" are captions, not missing values.
     Bytes that are not UTF-8 are kept (surrogateescape), so such a file name still opens on
@@ -188,8 +190,8 @@ def read_table(
             images.append(_as_text(fields[image_field]) if image_field < len(fields) else "")
             captions.append("")
     dataset_dir = os.path.abspath(dataset_path)
-    kept_images, kept_captions = [], []
-    for image, caption in zip(images, captions):
+    kept_images, kept_captions, kept_rows = [], [], []
+    for row, (image, caption) in enumerate(zip(images, captions)):
         if not image:
             drop_reasons["empty image path"] += 1
         elif require_caption and _has_undecodable_bytes(caption):
@@ -199,12 +201,19 @@ def read_table(
         else:
             kept_images.append(os.path.join(dataset_dir, os.path.expanduser(image)))
             kept_captions.append(caption)
+            kept_rows.append(row)
 
     for reason, count in drop_reasons.items():
         if report is not None:
             report.add(reason, table_path, count=count)
         else:
             logger.warning("skipped, %s (%d rows): %s", reason, count, table_path)
-    return pd.DataFrame({"image": kept_images, "caption": kept_captions}, dtype=object)
+    kept = {"image": kept_images, "caption": kept_captions}
+    if other_columns:
+        for column in frame.columns:
+            if column not in (image_column, caption_column):
+                values = list(frame[column])
+                kept[str(column)] = [values[row] if row < len(values) else None for row in kept_rows]
+    return pd.DataFrame(kept, dtype=object)
 
 

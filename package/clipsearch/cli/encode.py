@@ -28,7 +28,9 @@ from clipsearch.tables import check_columns, encoding_splits, find_table, table_
 EPILOG = """\
 Output, in --emb_path:
   <rank>-<step>-<batch_size>.ckpt  shards {'path': [...], 'emb': FloatTensor[n, d], 'skipped': [...]}
-                                   (+ per row 'stat' [size, mtime_ns] and 'digest' of the file's bytes);
+                                   (+ per row 'stat' [size, mtime_ns] and 'digest' of the file's bytes, and
+                                   'meta': the rows' fields as columns: size, mtime, taken (EXIF), width,
+                                   height, and every other column of the tables, caption and url included);
                                    step counts --shard_size input images of that rank
   model.json                       the model (resolved checkpoint, its run, fingerprint): a folder never
                                    mixes models
@@ -91,7 +93,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=10_000,
         help="input images per shard (10000 x 512-d is about 20 MB); also the unit of resuming",
     )
-    add_column_args(data, caption=False)
+    add_column_args(data)
+    data.add_argument(
+        "--captions",
+        action="store_true",
+        help="encode the tables' captions instead of their images, one row per distinct (image, caption), so "
+        "an image query finds captions (image -> text); default --emb_path: the images' folder + '-captions'",
+    )
     data.add_argument("--batch_size", type=positive_int, default=64, help="images per model call")
     data.add_argument(
         "--num_workers",
@@ -123,9 +131,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.node_rank >= args.num_nodes:
         parser.error(f"--node_rank must be in 0..{args.num_nodes - 1}, got {args.node_rank}")
+    if args.captions and args.recheck_content:
+        parser.error("--recheck_content reads image files; a caption's row is re-encoded whenever its text changes")
     args.emb_path_is_default = args.emb_path is None
     if args.emb_path is None:
-        args.emb_path = default_emb_path(args.dataset_path)
+        args.emb_path = default_emb_path(args.dataset_path) + ("-captions" if args.captions else "")
     return args
 
 
@@ -162,12 +172,16 @@ def check_inputs(args: argparse.Namespace) -> None:
     if not os.path.isdir(args.dataset_path) and not is_default_dataset(args.dataset_path):
         raise UserError(f"--dataset_path {args.dataset_path} is not a folder; give an image folder or a dataset folder")
     if os.path.isdir(args.dataset_path):
-        for split in encoding_splits(args.dataset_path, args.split):
+        splits = encoding_splits(args.dataset_path, args.split)
+        if args.captions and not splits:
+            raise UserError(f"--captions encodes a table's captions; {args.dataset_path} has no train/dev/test "
+                            "table (or name them with --split)")
+        for split in splits:
             try:
                 table = find_table(args.dataset_path, split)
             except FileNotFoundError:
                 raise UserError(f"--split {split}: {args.dataset_path} holds no such table") from None
-            check_columns(table, table_columns(table), args.image_column, None)
+            check_columns(table, table_columns(table), args.image_column, args.caption_column if args.captions else None)
     check_model_reference(args.load_model)
     if os.path.exists(args.emb_path) and not os.path.isdir(args.emb_path):
         raise UserError(f"--emb_path {args.emb_path} is a file; give a folder for the shards")

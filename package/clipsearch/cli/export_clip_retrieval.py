@@ -17,7 +17,8 @@ from clipsearch.cli.index import check_emb_path, consolidated_store
 
 EPILOG = """\
 Writes <out>/img_emb/img_emb_N.npy (fp16, unit-length rows) and <out>/metadata/metadata_N.parquet
-(column image_path), row for row in the collection's order, and <out>/clipsearch-export.json last.
+(column image_path, then the rows' fields: caption, url and the tables' other columns, size, mtime,
+taken, width, height), row for row in the collection's order, and <out>/clipsearch-export.json last.
 --out must be a new or empty folder, or an earlier export of this command, which is replaced whole
 (a folder holding anything else is refused, as is one inside or around the embedding or image
 folder). Then, for example:
@@ -73,10 +74,12 @@ def check_images_outside(out: str, image_paths: list[str]) -> None:
 def main(argv: list[str]):
     args = parse_args(argv)
     from clipsearch.clip_retrieval_export import export_clip_retrieval
+    from clipsearch.store import load_fields
 
     store = consolidated_store(args.emb_path)
     check_images_outside(args.out, store.paths)
-    files = export_clip_retrieval(store.paths, store.embeddings.numpy(), args.out, args.rows_per_file)
+    fields = load_fields(args.emb_path, store.paths)
+    files = export_clip_retrieval(store.paths, store.embeddings.numpy(), args.out, args.rows_per_file, fields)
     print(f"wrote {len(store):,} rows in {len(files)} file(s) to {args.out}")
     return files
 

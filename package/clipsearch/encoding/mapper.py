@@ -42,3 +42,19 @@ class ImageEmbedder:
             embeddings = embed_images(self.model, images, self.views)
         # Normalise in float32: half-precision norms lose digits that ranking later depends on.
         return F.normalize(embeddings, dim=-1)
+
+
+class TextEmbedder:
+    """Maps a batch of tokenised captions to unit-length float32 embeddings (encode --captions)."""
+
+    def __init__(self, model: nn.Module, device: torch.device | str = "cpu", precision: str = "32"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.precision = precision
+        autocast_context(self.device, precision)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.to(self.device, non_blocking=True)
+        with torch.inference_mode(), autocast_context(self.device, self.precision):
+            embeddings = self.model.encode_text(tokens)
+        return F.normalize(embeddings.float(), dim=-1)

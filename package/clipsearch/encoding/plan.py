@@ -86,6 +86,14 @@ class ContentRecheck:
         ]
 
 
+def same_version(stored: tuple | None, stat: tuple) -> bool:
+    """Whether a stored row is the file as it is now: same size and mtime, and, where both record one, the
+    same digest of its table fields. Rows stored before fields were (two numbers) keep their place."""
+    if stored is None:
+        return False
+    return tuple(stored) == tuple(stat) or (len(stored) == 2 and tuple(stored) == tuple(stat[:2]))
+
+
 def plan_against(
     catalog: Catalog,
     number: int,
@@ -103,7 +111,7 @@ def plan_against(
     same_stat = [
         path
         for path, stat in stat_of.items()
-        if stat is not None and path in catalog.rows and catalog.stat_of(path) == stat
+        if stat is not None and path in catalog.rows and same_version(catalog.stat_of(path), stat)
     ]
     changed_content = recheck.changed(catalog, same_stat) if recheck is not None else []
     unchanged = set(same_stat).difference(changed_content)
@@ -138,17 +146,20 @@ def _next_first_step(updates: list[dict]) -> int:
 
 
 def plan_update(
-    emb_path: str | os.PathLike, image_paths: list[str], layout: Layout, overwrite: bool, recheck_content: bool = False
+    emb_path: str | os.PathLike, image_paths: list[str], layout: Layout, overwrite: bool, recheck_content: bool = False,
+    stat_of: dict[str, tuple | None] | None = None,
 ) -> Update:
     """The update this run works on: the folder's latest one if it planned exactly this (a resume),
     else a new one against everything before.
 
     Every rank computes the same plan from the same files, so ranks agree without talking; a rank
-    that starts after another wrote the new record finds it as the latest and joins it. With
+    that starts after another wrote the new record finds it as the latest and joins it. `stat_of`
+    gives each row's change test when it is not its file's (size, mtime_ns) (table fields, captions). With
     `recheck_content` every rank hashes the files itself (ranks on one machine mostly read them
     from the page cache the first rank filled).
     """
-    stat_of = {path: file_stat(path) for path in image_paths}
+    if stat_of is None:
+        stat_of = {path: file_stat(path) for path in image_paths}
     emb_path = Path(emb_path)
     updates = [] if overwrite else read_updates(emb_path)
     if not updates:  # everything is encoded: there are no stored digests to recheck against

@@ -1,6 +1,8 @@
 """Reader stage: which images to encode, this rank's share of them, and batches of decoded tensors."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -16,8 +18,17 @@ from clipsearch.data import (
     load_image,
     read_table,
 )
-from clipsearch.store import file_digest
-from clipsearch.tables import AUTO_SPLITS, FOLDER_SPLIT, IMAGE_COLUMN, encoding_splits, tables_present  # noqa: F401
+from clipsearch.fields import scalar
+from clipsearch.images import capture_date
+from clipsearch.store import caption_row_name, file_digest
+from clipsearch.tables import (  # noqa: F401
+    AUTO_SPLITS,
+    CAPTION_COLUMN,
+    FOLDER_SPLIT,
+    IMAGE_COLUMN,
+    encoding_splits,
+    tables_present,
+)
 
 
 def scan_image_folder(folder: str | os.PathLike) -> list[str]:
@@ -50,6 +61,90 @@ def collect_image_paths(dataset_path: str | os.PathLike, split: str = "auto", im
     return sorted(unique_paths)
 
 
+def table_fields(
+    dataset_path: str | os.PathLike, split: str = "auto", image_column: str = IMAGE_COLUMN,
+    caption_column: str = CAPTION_COLUMN,
+) -> dict[str, dict]:
+    """Each image's fields from the tables a run reads: its caption and every other column ({} for a folder scan).
+
+    An image on several rows (one per caption, as in Flickr8k) gets every distinct value of a
+    column, one per line, in table order; a missing cell is no value.
+    """
+    values_of: dict[str, dict[str, list]] = {}
+    for split_name in encoding_splits(dataset_path, split):
+        table = read_table(dataset_path, split_name, image_column, caption_column, require_caption=False,
+                           other_columns=True)
+        columns = [column for column in table.columns if column != "image"]
+        for row in table.itertuples(index=False, name=None):
+            image, *cells = row
+            fields = values_of.setdefault(os.path.normpath(str(image)), {})
+            for column, cell in zip(columns, cells):
+                value = scalar(cell)
+                if value is not None and value not in fields.setdefault(column, []):
+                    fields[column].append(value)
+    return {
+        image: {column: cells[0] if len(cells) == 1 else "\n".join(str(cell) for cell in cells)
+                for column, cells in fields.items() if cells}
+        for image, fields in values_of.items()
+    }
+
+
+@dataclass(frozen=True)
+class CaptionRow:
+    caption: str
+    fields: dict  # the caption, its image's path, and the table row's other columns
+
+
+def caption_rows(
+    dataset_path: str | os.PathLike, split: str = "auto", image_column: str = IMAGE_COLUMN,
+    caption_column: str = CAPTION_COLUMN,
+) -> dict[str, CaptionRow]:
+    """Every distinct (image, caption) pair of the tables a run reads, by row name (store.caption_row_name).
+
+    A caption repeated for the same image is one row; rows without a caption are dropped (and logged).
+    """
+    rows: dict[str, CaptionRow] = {}
+    for split_name in encoding_splits(dataset_path, split):
+        table = read_table(dataset_path, split_name, image_column, caption_column, other_columns=True)
+        columns = list(table.columns)
+        for cells in table.itertuples(index=False, name=None):
+            row = dict(zip(columns, cells))
+            image, caption = os.path.normpath(str(row.pop("image"))), str(row.pop("caption"))
+            key = caption_row_name(image, caption)
+            if key not in rows:
+                others = {column: value for column, value in ((column, scalar(cell)) for column, cell in row.items())
+                          if value is not None}
+                rows[key] = CaptionRow(caption, {**others, "caption": caption, "image": image})
+    return rows
+
+
+@dataclass
+class CaptionBatch:
+    """Tokenised captions and their row names: what the text mapper and the writer take."""
+
+    inputs: torch.Tensor  # [n, context_length] tokens
+    image_paths: list[str]  # the rows' names (store.caption_row_name), as image batches name their files
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    digests: list[str | None] = field(default_factory=list)
+    facts: list[dict] = field(default_factory=list)
+
+
+def caption_batches(keys: Sequence[str], captions: dict[str, CaptionRow], tokenizer: Callable,
+                    batches: list[list[int]]) -> Iterator[CaptionBatch]:
+    """Batches of tokenised captions in the order of `batches` (indices into `keys`); tokenising is cheap
+    next to the text tower, so it runs in this process."""
+    for batch in batches:
+        names = [keys[position] for position in batch]
+        yield CaptionBatch(tokenizer([captions[name].caption for name in names]), names, [], [None] * len(names),
+                           [{} for _ in names])
+
+
+def fields_digest(fields: dict) -> str:
+    """A short digest of an image's table fields: part of its change test, so an edited caption is re-read."""
+    text = json.dumps(fields, sort_keys=True, default=str, ensure_ascii=False)
+    return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
+
+
 def partition(image_paths: Sequence[str], rank: int, world_size: int) -> list[str]:
     """This rank's contiguous slice: every path lands on exactly one rank, with no padding."""
     if not 0 <= rank < world_size:
@@ -64,10 +159,16 @@ class ImageBatch:
     image_paths: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     digests: list[str] = field(default_factory=list)  # of each image file's bytes, for duplicates
+    facts: list[dict] = field(default_factory=list)  # what decoding learnt of each image: pixels, capture date
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        """What the model stage takes, named alike for image and caption batches."""
+        return self.images
 
     def pin_memory(self) -> ImageBatch:
         # DataLoader(pin_memory=True) calls this on custom batch types.
-        return ImageBatch(self.images.pin_memory(), self.image_paths, self.skipped, self.digests)
+        return ImageBatch(self.images.pin_memory(), self.image_paths, self.skipped, self.digests, self.facts)
 
 
 class ImagePathDataset(Dataset):
@@ -80,29 +181,32 @@ class ImagePathDataset(Dataset):
     def __len__(self) -> int:
         return len(self.image_paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, str, str | None, str | None]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, str, str | None, str | None, dict | None]:
         image_path = self.image_paths[index]
         report = DataReport()
         image = load_image(image_path, report)
         if image is None:
             reasons = [reason for reason in report.as_dict() if not reason.startswith(CONVERSION_PREFIX)]
-            return None, image_path, reasons[0] if reasons else "unreadable image", None
+            return None, image_path, reasons[0] if reasons else "unreadable image", None, None
+        # Upright size, as the image is shown; the date comes from the header, read again from the page cache.
+        facts = {"width": image.width, "height": image.height, "taken": capture_date(image_path)}
         try:
             # The file was just read to decode it, so hashing it again reads from the page cache.
-            return self.image_transform(image), image_path, None, file_digest(image_path)
+            return self.image_transform(image), image_path, None, file_digest(image_path), facts
         except Exception as error:  # a transform failure is one bad image, not a failed run
-            return None, image_path, f"transform failed ({type(error).__name__})", None
+            return None, image_path, f"transform failed ({type(error).__name__})", None, None
 
 
-def collate_images(items: list[tuple[torch.Tensor | None, str, str | None, str | None]]) -> ImageBatch:
-    kept = [(tensor, path, digest) for tensor, path, reason, digest in items if reason is None]
-    skipped = [(path, reason) for _, path, reason, _ in items if reason is not None]
-    images = torch.stack([tensor for tensor, _, _ in kept]) if kept else torch.empty(0)
+def collate_images(items: list[tuple[torch.Tensor | None, str, str | None, str | None, dict | None]]) -> ImageBatch:
+    kept = [(tensor, path, digest, facts) for tensor, path, reason, digest, facts in items if reason is None]
+    skipped = [(path, reason) for _, path, reason, _, _ in items if reason is not None]
+    images = torch.stack([tensor for tensor, _, _, _ in kept]) if kept else torch.empty(0)
     return ImageBatch(
         images=images,
-        image_paths=[path for _, path, _ in kept],
+        image_paths=[path for _, path, _, _ in kept],
         skipped=skipped,
-        digests=[digest for _, _, digest in kept],
+        digests=[digest for _, _, digest, _ in kept],
+        facts=[facts for _, _, _, facts in kept],
     )
 
 

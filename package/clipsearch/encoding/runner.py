@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,22 +13,34 @@ from tqdm import tqdm
 from clipsearch.checkpoint import model_fingerprint
 from clipsearch.data import IMAGE_EXTENSIONS
 from clipsearch.defaults import default_num_workers
-from clipsearch.encoding.mapper import ImageEmbedder
+from clipsearch.encoding.mapper import ImageEmbedder, TextEmbedder
 from clipsearch.encoding.plan import Layout, plan_update
-from clipsearch.encoding.reader import collect_image_paths, make_loader, shard_batches
+from clipsearch.encoding.reader import (
+    CaptionRow,
+    caption_batches,
+    caption_rows,
+    collect_image_paths,
+    fields_digest,
+    make_loader,
+    shard_batches,
+    table_fields,
+)
 from clipsearch.encoding.writer import ShardWriter
 from clipsearch.errors import UserError
 from clipsearch.models.released import load_model
 from clipsearch.store import (
     MANIFEST_FILE,
+    ROWS_CAPTIONS,
     check_model,
     clear_folder,
     done_file,
+    file_stat,
     model_source,
     remove_stale_tmp,
     update_file,
     write_json,
 )
+from clipsearch.tables import encoding_splits
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +52,8 @@ class EncodeConfig:
     emb_path: str
     split: str = "auto"
     image_column: str = "image"
+    caption_column: str = "caption"
+    captions: bool = False  # encode the tables' captions (image -> text search) instead of the images
     batch_size: int = 64
     shard_size: int = 10_000
     num_workers: int | None = None  # None: this node's cores shared by its ranks (default_num_workers)
@@ -65,6 +79,46 @@ def use_rank_device(accelerator: str, local_rank: int) -> torch.device:
     return device
 
 
+@dataclass
+class CollectionRows:
+    """What a run encodes: each row's name (an image's path, or a caption's key), its change test and its fields."""
+
+    names: list[str]
+    stat_of: dict[str, tuple | None]
+    fields_of: dict[str, dict]
+    captions: dict[str, CaptionRow] = field(default_factory=dict)
+
+
+def collection_rows(config: EncodeConfig) -> CollectionRows:
+    """The images of the folder or tables with their files' stats and table fields, or (--captions) the
+    tables' captions, whose change test is a digest of their fields (the text is in the name)."""
+    if config.captions:
+        if not encoding_splits(config.dataset_path, config.split):
+            raise UserError(f"--captions encodes a table's captions, and {config.dataset_path} has no tables "
+                            f"for --split {config.split}")
+        captions = caption_rows(config.dataset_path, config.split, config.image_column, config.caption_column)
+        if not captions:
+            raise UserError(f"no captions to encode in the tables of {config.dataset_path} (split {config.split!r})")
+        names = sorted(captions)
+        fields_of = {name: captions[name].fields for name in names}
+        stat_of = {name: (0, 0, fields_digest(fields_of[name])) for name in names}
+        return CollectionRows(names, stat_of, fields_of, captions)
+    image_paths = collect_image_paths(config.dataset_path, config.split, config.image_column)
+    if not image_paths:
+        raise UserError(
+            f"no images to encode in {config.dataset_path} (split {config.split!r}; looked for "
+            f"{', '.join(IMAGE_EXTENSIONS)} files or split tables)"
+        )
+    fields_of = table_fields(config.dataset_path, config.split, config.image_column, config.caption_column)
+    stat_of = {}
+    for path in image_paths:
+        stat = file_stat(path)
+        if stat is not None and path in fields_of:
+            stat = (*stat, fields_digest(fields_of[path]))  # an edited caption or column re-reads the row
+        stat_of[path] = stat
+    return CollectionRows(image_paths, stat_of, fields_of)
+
+
 def encode_rank(config: EncodeConfig, rank: int, world_size: int, local_rank: int = 0, local_world_size: int = 1) -> dict:
     """Encode this rank's share of the folder's update, skipping shards a killed run finished; returns its record."""
     device = use_rank_device(config.accelerator, local_rank)
@@ -72,12 +126,7 @@ def encode_rank(config: EncodeConfig, rank: int, world_size: int, local_rank: in
         # Ranks on one machine share its cores; oversubscribed BLAS threads slow every rank down.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
     bundle = load_model(config.load_model)
-    image_paths = collect_image_paths(config.dataset_path, config.split, config.image_column)
-    if not image_paths:
-        raise UserError(
-            f"no images to encode in {config.dataset_path} (split {config.split!r}; looked for "
-            f"{', '.join(IMAGE_EXTENSIONS)} files or split tables)"
-        )
+    rows = collection_rows(config)
     emb_path = Path(config.emb_path)
     emb_path.mkdir(parents=True, exist_ok=True)
     if config.overwrite:
@@ -88,6 +137,7 @@ def encode_rank(config: EncodeConfig, rank: int, world_size: int, local_rank: in
         "embed_dim": bundle.embed_dim,
         # Recorded from the first run on, so the folder names its images before any manifest.
         "dataset_path": os.path.abspath(config.dataset_path),
+        **({"rows": ROWS_CAPTIONS} if config.captions else {}),
     }
     check_model(emb_path, identity, config.overwrite)
     # Whatever this rank recorded before may be incomplete now; records are rebuilt at the end.
@@ -95,27 +145,32 @@ def encode_rank(config: EncodeConfig, rank: int, world_size: int, local_rank: in
     (emb_path / MANIFEST_FILE).unlink(missing_ok=True)
     remove_stale_tmp(emb_path, rank)
     layout = Layout(world_size, config.batch_size, config.shard_size)
-    update = plan_update(emb_path, image_paths, layout, config.overwrite, config.recheck_content)
+    update = plan_update(emb_path, rows.names, layout, config.overwrite, config.recheck_content, rows.stat_of)
     write_json(emb_path / update_file(update.number), update.record)  # listed before any shard is written
     if "content_recheck" in update.record:
         recheck = update.record["content_recheck"]
         logger.info("rank %d: %d of %d files with unchanged size and mtime have new bytes", rank, recheck["changed"], recheck["rechecked"])
 
     rank_paths, shards = update.rank_paths(rank), update.rank_shards(rank)
-    writer = ShardWriter(emb_path, rank, config.batch_size, bundle.embed_dim, update.stat_of)
+    writer = ShardWriter(emb_path, rank, config.batch_size, bundle.embed_dim, update.stat_of, rows.fields_of,
+                         file_facts=not config.captions)
     pending = [shard for shard in shards if not writer.is_done(shard[0])]
     if len(pending) < len(shards):
         logger.info("rank %d: resuming, %d of %d shards already done", rank, len(shards) - len(pending), len(shards))
     batches, batch_steps = shard_batches(pending, config.batch_size)
-    embedder = ImageEmbedder(bundle.model, device, config.precision, bundle.image_views)
-    # Decided here, where the ranks on this node are known whichever launcher started them (torchrun
-    # passes no --devices).
-    workers = default_num_workers(local_world_size) if config.num_workers is None else config.num_workers
-    loader = make_loader(rank_paths, bundle.eval_transform, batches, workers, pin_memory=device.type == "cuda")
+    if config.captions:
+        embedder = TextEmbedder(bundle.model, device, config.precision)
+        loader = caption_batches(rank_paths, rows.captions, bundle.tokenizer, batches)
+    else:
+        embedder = ImageEmbedder(bundle.model, device, config.precision, bundle.image_views)
+        # Decided here, where the ranks on this node are known whichever launcher started them (torchrun
+        # passes no --devices).
+        workers = default_num_workers(local_world_size) if config.num_workers is None else config.num_workers
+        loader = make_loader(rank_paths, bundle.eval_transform, batches, workers, pin_memory=device.type == "cuda")
     pending_images = sum(length for _, _, length in pending)
     progress = tqdm(
         total=pending_images,
-        unit="img",
+        unit="caption" if config.captions else "img",
         desc=f"encoding ({world_size} process{'es' if world_size > 1 else ''})",
         disable=not config.progress or rank != 0,
         dynamic_ncols=True,
@@ -123,7 +178,7 @@ def encode_rank(config: EncodeConfig, rank: int, world_size: int, local_rank: in
     started = time.perf_counter()
     encoded = 0
     for step, batch in zip(batch_steps, loader):
-        writer.add(step, embedder(batch.images) if batch.image_paths else None, batch)
+        writer.add(step, embedder(batch.inputs) if batch.image_paths else None, batch)
         encoded += len(batch.image_paths)
         progress.update(len(batch.image_paths) + len(batch.skipped))
     writer.flush()

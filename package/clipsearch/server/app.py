@@ -4,6 +4,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import io
+import json
 import logging
 import os
 import socket
@@ -11,10 +12,11 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePath
 
 import torch
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -26,7 +28,10 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from clipsearch.defaults import DEFAULT_TOP_K
+from clipsearch.fields import Condition, FilterError, parse_condition
 from clipsearch.images import DECOMPRESSION_BOMB, SkipReasons, decode_image, display_path, load_image
+from clipsearch.query_terms import IMAGE, MAX_TERMS, ROW, TEXT, Term, TermError, check_weight
+from clipsearch.search import image_file
 from clipsearch.server.live import RELOAD_POLL_SECONDS, LiveCollection
 
 logger = logging.getLogger(__name__)
@@ -35,6 +40,13 @@ STATIC_DIR = Path(__file__).parent / "static"
 
 MAX_QUERY_CHARS = 500
 MAX_TOP_K = 200
+# Paging goes this deep (offset + top_k): far enough for people, a bound on each request's work.
+MAX_RESULTS = 2000
+# Filters a request may give, and their length: enough for any real one, a bound on each request's work.
+MAX_CONDITIONS = 8
+MAX_CONDITION_CHARS = 300
+# A combined query in JSON (POST /api/query): its terms and their texts, ids and weights.
+MAX_QUERY_BODY_BYTES = 64 * 1024
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 # Multipart boundaries and part headers ride on top of the file itself.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
@@ -61,6 +73,71 @@ PAGE_HEADERS = {
     ),
     "Referrer-Policy": "no-referrer",
 }
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What every search request shapes its answer with: how many, from which rank, among which rows, and
+    whether the embeddings come back."""
+
+    top_k: int = DEFAULT_TOP_K
+    offset: int = 0
+    where: tuple[Condition, ...] = ()
+    embeddings: bool = False
+
+
+async def asked(
+    top_k: int = Query(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K),
+    offset: int = Query(0, ge=0, le=MAX_RESULTS - 1, description="results to skip: offset=24 is page two of 24"),
+    where: list[str] = Query([], description="FIELD OP VALUE filters, all must hold (see /api/health's fields)"),
+    embeddings: bool = Query(False, description="return each result's embedding, and the query's"),
+) -> Ask:
+    """The search parameters of a request's URL. Async, so FastAPI runs it on the event loop: a sync
+    dependency would wait for a worker thread before an upload is read, and a client that sent its
+    upload and left meanwhile would find its bytes dropped."""
+    return checked_ask(top_k, offset, where, embeddings)
+
+
+def checked_ask(top_k: object, offset: object, where: object, embeddings: object) -> Ask:
+    """The shared request parameters, checked: 4xx with one message for any that cannot be used."""
+    for name, value, low, high in (("top_k", top_k, 1, MAX_TOP_K), ("offset", offset, 0, MAX_RESULTS - 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ApiError(400, f"{name} must be an integer from {low} to {high}, got {value!r}")
+    if offset + top_k > MAX_RESULTS:
+        raise ApiError(400, f"offset + top_k may reach rank {MAX_RESULTS} at most, got {offset + top_k}")
+    if not isinstance(where, list) or len(where) > MAX_CONDITIONS:
+        raise ApiError(400, f"where takes a list of at most {MAX_CONDITIONS} conditions")
+    if not isinstance(embeddings, bool):
+        raise ApiError(400, "embeddings must be true or false")
+    conditions = []
+    for text in where:
+        if not isinstance(text, str) or len(text) > MAX_CONDITION_CHARS:
+            raise ApiError(400, f"each condition is a text of at most {MAX_CONDITION_CHARS} characters")
+        try:
+            conditions.append(parse_condition(text))
+        except FilterError as error:
+            raise ApiError(400, str(error)) from None
+    return Ask(top_k, offset, tuple(conditions), embeddings)
+
+
+def parse_query_body(text: str) -> dict:
+    """The JSON of a combined query, its shape checked (the values are checked where they are used)."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        raise ApiError(400, "the query is not valid JSON") from None
+    if not isinstance(body, dict) or not isinstance(body.get("terms"), list) or not body["terms"]:
+        raise ApiError(400, 'the query must be a JSON object with a non-empty list "terms"')
+    if len(body["terms"]) > MAX_TERMS:
+        raise ApiError(400, f"a query takes at most {MAX_TERMS} terms, got {len(body['terms'])}")
+    if not all(isinstance(term, dict) for term in body["terms"]):
+        raise ApiError(400, 'each term is an object: {"text": ...}, {"id": ...} or {"image": ...}, with a "weight"')
+    return body
+
+
+def rounded(vector: torch.Tensor) -> list[float]:
+    """An embedding as JSON numbers, to the six decimals its float32 cosines carry."""
+    return [round(value, 6) for value in vector.float().tolist()]
 
 
 class ApiError(Exception):
@@ -134,31 +211,44 @@ async def read_capped_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def read_uploaded_image_bytes(request: Request) -> tuple[bytes, str]:
-    """The bytes and filename of the multipart field 'image', within the upload size limit."""
+async def read_multipart(request: Request, max_files: int, what: str) -> dict[str, tuple[bytes, str] | str]:
+    """The fields of a multipart form within the upload limit (all files together): a file as (bytes, its
+    name without folders), any other field as text."""
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
-        raise ApiError(415, "send the image as multipart/form-data in a field named 'image'")
+        raise ApiError(415, f"send {what} as multipart/form-data")
     body = await read_capped_body(request, MAX_UPLOAD_BYTES + MULTIPART_OVERHEAD_BYTES)
 
     async def replay_body():
         yield body
 
-    parser = MultiPartParser(request.headers, replay_body(), max_files=1, max_fields=4)
+    parser = MultiPartParser(request.headers, replay_body(), max_files=max_files, max_fields=4)
     try:
         form = await parser.parse()
     except MultiPartException as error:
         raise ApiError(400, f"malformed multipart upload: {error.message}") from error
     try:
-        upload = form.get("image")
-        if not isinstance(upload, UploadFile):
-            raise ApiError(400, "the multipart form has no file field named 'image'")
-        data = await upload.read(MAX_UPLOAD_BYTES + 1)
-        if len(data) > MAX_UPLOAD_BYTES:
-            raise ApiError(413, f"upload is larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB")
-        return data, PurePath(upload.filename or "upload").name[:200]
+        fields: dict[str, tuple[bytes, str] | str] = {}
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                data = await value.read(MAX_UPLOAD_BYTES + 1)
+                if len(data) > MAX_UPLOAD_BYTES:
+                    raise ApiError(413, f"upload is larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB")
+                fields[name] = (data, PurePath(value.filename or "upload").name[:200])
+            else:
+                fields[name] = value
+        return fields
     finally:
         await form.close()
+
+
+async def read_uploaded_image_bytes(request: Request) -> tuple[bytes, str]:
+    """The bytes and filename of the multipart field 'image', within the upload size limit."""
+    form = await read_multipart(request, 1, "the image in a field named 'image'")
+    upload = form.get("image")
+    if not isinstance(upload, tuple):
+        raise ApiError(400, "the multipart form has no file field named 'image'")
+    return upload
 
 
 class ThumbnailCache:
@@ -276,28 +366,37 @@ def create_app(engine, serve_roots: Sequence[str | os.PathLike] | None = None,
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         return response
 
-    def result_list(engine, hits) -> list[dict]:
+    def result_list(engine, hits, rank_from: int, embeddings: bool) -> list[dict]:
         # Paths are shown escaped: a file name that is not UTF-8 cannot travel in JSON, the id fetches it.
         # Image URLs name the update the ids belong to, so they stay right (and cacheable) across a reload.
         update = "" if engine.update is None else f"update={engine.update}"
-        return [
-            {
+        results = []
+        for rank, hit in enumerate(hits, start=rank_from):
+            result = {
                 "rank": rank,
                 "id": hit.id,
                 "path": display_path(hit.path),
                 "score": round(float(hit.score), 6),
+                "fields": {name: display_path(value) if isinstance(value, str) else value
+                           for name, value in hit.fields.items()},
                 "image_url": f"/api/image/{hit.id}" + (f"?{update}" if update else ""),
                 "thumbnail_url": f"/api/image/{hit.id}?size={DEFAULT_THUMBNAIL_SIZE}" + (f"&{update}" if update else ""),
             }
-            for rank, hit in enumerate(hits, start=1)
-        ]
+            if embeddings:
+                result["embedding"] = rounded(engine.searcher.embeddings[hit.id])
+            results.append(result)
+        return results
 
-    def answer(engine, query: dict, top_k: int, hits) -> dict:
-        return {"query": query, "top_k": top_k, "update": engine.update, "results": result_list(engine, hits)}
+    def answer(engine, query: dict, ask: Ask, hits, query_embedding=None) -> dict:
+        body = {"query": query, "top_k": ask.top_k, "offset": ask.offset, "where": [str(c) for c in ask.where],
+                "update": engine.update, "results": result_list(engine, hits, ask.offset + 1, ask.embeddings)}
+        if ask.embeddings and query_embedding is not None:
+            body["query_embedding"] = rounded(query_embedding)
+        return body
 
     def locate(engine, raw_id: str, update: int | None) -> tuple[str, int | None]:
-        """The image file an id names in the update it came from (the engine's by default), and its
-        row in `engine` when the id is the engine's own (else None: look the path up)."""
+        """The row path an id names in the update it came from (the engine's by default), and its row in
+        `engine` when the id is the engine's own (else None: look the path up)."""
         if update is None or update == engine.update:
             row = parse_collection_id(raw_id, len(engine.searcher))
             return engine.path_of(row), row
@@ -306,6 +405,14 @@ def create_app(engine, serve_roots: Sequence[str | os.PathLike] | None = None,
             return previous.paths[parse_collection_id(raw_id, len(previous.paths))], None
         raise ApiError(410, f"ids of update {update} are out of date: the server now serves update {engine.update}; "
                             "search again")
+
+    def current_row(engine, raw_id: str, update: int | None) -> tuple[str, int]:
+        """The engine's row for an id of any update the server still knows; 404 when it left the collection."""
+        path, row = locate(engine, raw_id, update)
+        row = engine.row_of(path) if row is None else row
+        if row is None:
+            raise ApiError(404, f"collection item {raw_id} of update {update} is no longer in the collection")
+        return path, row
 
     def decode_within_slots(data: bytes) -> Image.Image:
         with decode_slots:
@@ -322,22 +429,20 @@ def create_app(engine, serve_roots: Sequence[str | os.PathLike] | None = None,
                 thumbnails.put(key, thumbnail)
             return thumbnail
 
-    def search_text(engine, text: str, top_k: int):
+    def run_search(engine, terms: list, ask: Ask, exclude: Sequence[int] = ()):
+        """Embed and rank under the model's lock; (hits, the query's embedding)."""
         with inference_lock, torch.inference_mode():
-            return engine.search_text([text], top_k)[0]
+            try:
+                query = engine.embed_terms(terms)
+                text = all(term.kind == TEXT for term in terms)
+                hits = engine.search_embedding(query, ask.top_k, ask.where, ask.offset, text, exclude)
+            except (FilterError, TermError) as error:
+                raise ApiError(400, str(error)) from None
+        return hits, query
 
-    def search_image(engine, image: Image.Image, top_k: int):
-        with inference_lock, torch.inference_mode():
-            return engine.search_image([image], top_k)[0]
-
-    def search_similar(engine, item_id: int, top_k: int):
-        searcher = engine.searcher
-        with torch.inference_mode():
-            # The item's stored (normalised) embedding is the query: no model call, no lock needed.
-            # The item itself would top its own list, so one more is asked for and the item left out.
-            query = searcher.embeddings[item_id : item_id + 1]
-            hits = searcher.search(query, top_k + 1)[0]
-        return [hit for hit in hits if hit.id != item_id][:top_k]
+    async def searched(engine, terms: list, ask: Ask, query: dict, exclude: Sequence[int] = ()) -> dict:
+        hits, embedding = await run_in_threadpool(run_search, engine, terms, ask, exclude)
+        return answer(engine, query, ask, hits, embedding)
 
     @app.get("/api/health")
     def health():
@@ -348,11 +453,16 @@ def create_app(engine, serve_roots: Sequence[str | os.PathLike] | None = None,
             "update": engine.update,  # the embedding folder's update these answers come from
             "update_complete": engine.complete,
             "embedding_dim": int(engine.searcher.dim),
+            "rows": engine.rows_kind,  # "images", or "captions" for a folder of encode --captions
+            "fields": engine.fields.fields,  # each field's kind (number, date, text), for --where-style filters
             "model": model_description,
             "limits": {
                 "max_query_chars": MAX_QUERY_CHARS,
                 "max_top_k": MAX_TOP_K,
                 "default_top_k": DEFAULT_TOP_K,
+                "max_results": MAX_RESULTS,
+                "max_terms": MAX_TERMS,
+                "max_conditions": MAX_CONDITIONS,
                 "max_upload_bytes": MAX_UPLOAD_BYTES,
             },
         }
@@ -360,38 +470,86 @@ def create_app(engine, serve_roots: Sequence[str | os.PathLike] | None = None,
     @app.get("/api/search")
     async def text_search(
         q: str = Query(..., max_length=MAX_QUERY_CHARS, description="the text to search for"),
-        top_k: int = Query(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K),
+        ask: Ask = Depends(asked),
     ):
         text = q.strip()
         if not text:
             raise ApiError(400, "the query is empty")
         engine = live.engine  # this request's collection, whatever a reload does meanwhile
-        hits = await run_in_threadpool(search_text, engine, text, top_k)
-        return answer(engine, {"kind": "text", "text": text}, top_k, hits)
+        return await searched(engine, [Term(TEXT, text)], ask, {"kind": "text", "text": text})
 
     @app.post("/api/search/image")
-    async def image_search(request: Request, top_k: int = Query(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K)):
+    async def image_search(request: Request, ask: Ask = Depends(asked)):
         data, filename = await read_uploaded_image_bytes(request)
         # Decoding is CPU work on untrusted input; keep it off the event loop like inference.
         image = await run_in_threadpool(decode_within_slots, data)
         engine = live.engine
-        hits = await run_in_threadpool(search_image, engine, image, top_k)
-        return answer(engine, {"kind": "image", "filename": display_path(filename)}, top_k, hits)
+        return await searched(engine, [Term(IMAGE, image)], ask, {"kind": "image", "filename": display_path(filename)})
 
     # `:path` lets ids holding a decoded '/' reach parse_collection_id too, for the same clear 404.
     @app.get("/api/similar/{item_id:path}")
     async def similar_search(
         item_id: str,
-        top_k: int = Query(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K),
+        ask: Ask = Depends(asked),
         update: int | None = Query(None, description="the update the id comes from (results name it)"),
     ):
         engine = live.engine
-        path, index = locate(engine, item_id, update)
-        index = engine.row_of(path) if index is None else index
-        if index is None:
-            raise ApiError(404, f"collection item {item_id} of update {update} is no longer in the collection")
-        hits = await run_in_threadpool(search_similar, engine, index, top_k)
-        return answer(engine, {"kind": "similar", "id": index, "path": display_path(path)}, top_k, hits)
+        path, row = current_row(engine, item_id, update)
+        # The item's stored embedding is the query (no model call); it would top its own list, so it is left out.
+        query = {"kind": "similar", "id": row, "path": display_path(path)}
+        return await searched(engine, [Term(ROW, row)], ask, query, exclude=[row])
+
+    @app.post("/api/query")
+    async def combined_search(request: Request):
+        """A query of several weighted terms: JSON {"terms": [{"text"|"id"|"image": ..., "weight": w}, ...],
+        "top_k", "offset", "where": [...], "embeddings"}, or that JSON in the multipart field "query" beside
+        the image files its "image" terms name."""
+        content_type = request.headers.get("content-type", "")
+        uploads: dict[str, tuple[bytes, str] | str] = {}
+        if content_type.startswith("multipart/form-data"):
+            uploads = await read_multipart(request, MAX_TERMS, "the query (field 'query') and its images")
+            text = uploads.pop("query", None)
+            if not isinstance(text, str):
+                raise ApiError(400, "the multipart form has no field named 'query' holding the query's JSON")
+        elif content_type.startswith("application/json"):
+            text = (await read_capped_body(request, MAX_QUERY_BODY_BYTES)).decode("utf-8", errors="replace")
+        else:
+            raise ApiError(415, "send the query as application/json, or as multipart/form-data with images")
+        body = parse_query_body(text)
+        ask = checked_ask(body.get("top_k", DEFAULT_TOP_K), body.get("offset", 0), body.get("where", []),
+                          body.get("embeddings", False))
+        engine = live.engine
+        terms, shown = [], []
+        for position, spec in enumerate(body["terms"]):
+            weight = spec.get("weight", 1.0)
+            where = f"terms[{position}]"
+            try:
+                weight = check_weight(weight, where)
+            except TermError as error:
+                raise ApiError(400, str(error)) from None
+            if "text" in spec:
+                text = spec["text"]
+                if not isinstance(text, str) or not text.strip() or len(text) > MAX_QUERY_CHARS:
+                    raise ApiError(400, f"{where}: text must be 1 to {MAX_QUERY_CHARS} characters")
+                terms.append(Term(TEXT, text.strip(), weight))
+                shown.append({"kind": TEXT, "text": text.strip(), "weight": weight})
+            elif "id" in spec:
+                update = spec.get("update")
+                if update is not None and (isinstance(update, bool) or not isinstance(update, int)):
+                    raise ApiError(400, f"{where}: update must be an integer")
+                path, row = current_row(engine, str(spec["id"]), update)
+                terms.append(Term(ROW, row, weight))
+                shown.append({"kind": ROW, "id": row, "path": display_path(path), "weight": weight})
+            elif "image" in spec:
+                upload = uploads.get(str(spec["image"]))
+                if not isinstance(upload, tuple):
+                    raise ApiError(400, f"{where}: no uploaded file named {str(spec['image'])[:40]!r} in the form")
+                image = await run_in_threadpool(decode_within_slots, upload[0])
+                terms.append(Term(IMAGE, image, weight))
+                shown.append({"kind": IMAGE, "filename": display_path(upload[1]), "weight": weight})
+            else:
+                raise ApiError(400, f"{where}: a term is {{\"text\": ...}}, {{\"id\": ...}} or {{\"image\": ...}}")
+        return await searched(engine, terms, ask, {"kind": "combined", "terms": shown})
 
     @app.get("/api/image/{item_id:path}")
     async def collection_image(
@@ -402,7 +560,9 @@ def create_app(engine, serve_roots: Sequence[str | os.PathLike] | None = None,
         update: int | None = Query(None, description="the update the id comes from (results name it)"),
     ):
         # The file is looked up from the collection by index; no client-sent path ever reaches the filesystem.
-        path, _ = locate(live.engine, item_id, update)
+        engine = live.engine
+        path, _ = locate(engine, item_id, update)
+        path = image_file(path, engine.rows_kind)  # a caption's row shows its image
         if roots is not None and not is_under_roots(path, roots):
             logger.warning("refused collection item %s: %s is outside the collection's folders", item_id, display_path(path))
             raise ApiError(

@@ -20,7 +20,18 @@ const elements = {
   emptyHint: document.getElementById("empty-hint"),
   dropOverlay: document.getElementById("drop-overlay"),
   template: document.getElementById("result-template"),
+  where: document.getElementById("where"),
+  fieldList: document.getElementById("field-list"),
+  terms: document.getElementById("terms"),
+  refineForm: document.getElementById("refine-form"),
+  refine: document.getElementById("refine"),
+  more: document.getElementById("more"),
 };
+// The server's limits on paging and on the terms of one query (from /api/health).
+let maxResults = 2000;
+let maxTerms = 8;
+// What the grid shows: the search, and how many of its results are on the page (for "More results").
+let shown = { search: null, count: 0, update: null };
 
 // Only the newest search may paint the grid; older responses arriving late are dropped.
 let inFlight = null;
@@ -34,13 +45,39 @@ function clampTopK(value) {
   return Math.min(maxTopK, Math.max(1, number));
 }
 
-// A search lives in the URL (?q=…&top_k=… or ?similar=ID&top_k=…) so any link reproduces it.
+// Refinements are terms added to the search (+) or subtracted from it (−): a collection item ("id:12",
+// "id:12@3" for an id of update 3) or a word ("text:grass").
+function termFromParam(value, weight) {
+  const id = /^id:(\d+)(?:@(\d+))?$/.exec(value);
+  if (id) return { kind: "id", id: id[1], update: id[2] ?? null, weight };
+  if (value.startsWith("text:") && value.length > 5) return { kind: "text", text: value.slice(5), weight };
+  return null;
+}
+
+function termParam(term) {
+  if (term.kind === "text") return `text:${term.text}`;
+  return term.update != null ? `id:${term.id}@${term.update}` : `id:${term.id}`;
+}
+
+// Filters are typed as one line, "taken>=2023-06-01; path~*/2023/*", and travel as one `where` each.
+function parseWhere(text) {
+  return text.split(";").map((part) => part.trim()).filter(Boolean);
+}
+
+// A search lives in the URL (?q=…, ?similar=ID, with &add=…, &sub=…, &where=…, &top_k=…) so any link reproduces it.
 function searchFromUrl() {
   const params = new URLSearchParams(window.location.search);
   const topK = clampTopK(params.get("top_k") ?? defaultTopK);
-  if (params.has("similar")) return { kind: "similar", id: params.get("similar"), update: params.get("update"), topK };
-  if (params.get("q")) return { kind: "text", text: params.get("q"), topK };
-  return { kind: "none", topK };
+  const terms = [
+    ...params.getAll("add").map((value) => termFromParam(value, 1)),
+    ...params.getAll("sub").map((value) => termFromParam(value, -1)),
+  ].filter(Boolean);
+  const where = params.getAll("where").filter(Boolean);
+  if (params.has("similar")) {
+    return { kind: "similar", id: params.get("similar"), update: params.get("update"), topK, terms, where };
+  }
+  if (params.get("q")) return { kind: "text", text: params.get("q"), topK, terms, where };
+  return { kind: "none", topK, terms: [], where };
 }
 
 function urlForSearch(search) {
@@ -51,6 +88,8 @@ function urlForSearch(search) {
     // Ids are rows of one update of the collection; the server maps an id of the update before.
     if (search.update != null) params.set("update", search.update);
   }
+  for (const term of search.terms || []) params.append(term.weight > 0 ? "add" : "sub", termParam(term));
+  for (const condition of search.where || []) params.append("where", condition);
   params.set("top_k", String(search.topK));
   return `${window.location.pathname}?${params}`;
 }
@@ -69,7 +108,7 @@ function showError(message) {
 }
 
 function describeSearch(search, response) {
-  const count = response.results.length;
+  const count = shown.count;
   const noun = count === 1 ? "result" : "results";
   const fragment = document.createDocumentFragment();
   const strong = (text) => {
@@ -77,14 +116,56 @@ function describeSearch(search, response) {
     node.textContent = text;
     return node;
   };
+  // A combined query's answer names its terms; its first is the search's own text, item or image.
+  const first = response.query.kind === "combined" ? response.query.terms[0] : response.query;
   if (search.kind === "text") {
-    fragment.append(`${count} ${noun} for `, strong(`“${response.query.text}”`));
+    fragment.append(`${count} ${noun} for `, strong(`“${first.text ?? search.text}”`));
   } else if (search.kind === "similar") {
-    fragment.append(`${count} images similar to `, strong(response.query.path));
+    fragment.append(`${count} images similar to `, strong(first.path ?? `item ${search.id}`));
   } else {
-    fragment.append(`${count} images similar to `, strong(response.query.filename));
+    fragment.append(`${count} images similar to `, strong(search.file?.name || "the image"));
   }
+  if (search.where?.length) fragment.append(` where ${search.where.join(" and ")}`);
   return fragment;
+}
+
+// The refinements as chips, each removable; an item shows its thumbnail, a word itself.
+function renderTerms(search) {
+  const chips = (search.terms || []).map((term, position) => {
+    const chip = document.createElement("li");
+    chip.className = term.weight > 0 ? "term" : "term subtracted";
+    chip.append(term.weight > 0 ? "+ " : "− ");
+    if (term.kind === "id") {
+      const image = document.createElement("img");
+      image.alt = "";
+      image.src = `/api/image/${encodeURIComponent(term.id)}?size=96${updateParameter(term)}`;
+      chip.append(image);
+    } else {
+      chip.append(term.text);
+    }
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.title = "Remove this refinement";
+    remove.textContent = "×";
+    remove.addEventListener("click", () => {
+      const terms = search.terms.filter((_, index) => index !== position);
+      runSearch({ ...search, terms }, { push: true });
+    });
+    chip.append(remove);
+    return chip;
+  });
+  elements.terms.replaceChildren(...chips);
+}
+
+// "More like this" / "less" on a card, and the refine box: the current search with one more term.
+function refineWith(term) {
+  const search = shown.search;
+  if (!search || search.kind === "none") return;
+  if (1 + (search.terms?.length || 0) >= maxTerms) {
+    showError(`A query takes at most ${maxTerms} terms; remove a refinement first.`);
+    return;
+  }
+  runSearch({ ...search, terms: [...(search.terms || []), term], topK: clampTopK(elements.topK.value) }, { push: true });
 }
 
 function splitPath(path) {
@@ -98,7 +179,7 @@ function shortFolder(folder) {
   return parts.length > 3 ? `…/${parts.slice(-3).join("/")}/` : folder;
 }
 
-function renderResults(search, response) {
+function renderResults(search, response, append) {
   const scores = response.results.map((result) => result.score);
   const best = Math.max(...scores, 1e-6);
   const worst = Math.min(...scores, 0);
@@ -117,18 +198,38 @@ function renderResults(search, response) {
     card.querySelector(".filename").textContent = filename;
     card.querySelector(".folder").textContent = shortFolder(folder);
     card.querySelector(".meta").title = result.path;
+    const fields = result.fields || {};
+    showText(card.querySelector(".caption"), fields.caption);
+    showText(card.querySelector(".taken"), fields.taken ? `taken ${fields.taken.replace("T", " ")}` : "");
     card.querySelector(".thumb").addEventListener("click", () => {
-      const similar = { kind: "similar", id: String(result.id), update: response.update, topK: clampTopK(elements.topK.value) };
+      const topK = clampTopK(elements.topK.value);
+      const similar = { kind: "similar", id: String(result.id), update: response.update, topK, terms: [], where: currentWhere() };
       runSearch(similar, { push: true });
       window.scrollTo({ top: 0, behavior: "smooth" });
     });
+    const item = { kind: "id", id: String(result.id), update: response.update };
+    card.querySelector(".more-like").addEventListener("click", () => refineWith({ ...item, weight: 1 }));
+    card.querySelector(".less-like").addEventListener("click", () => refineWith({ ...item, weight: -1 }));
     card.dataset.id = String(result.id);
     return card;
   });
-  elements.results.replaceChildren(...cards);
+  if (append) elements.results.append(...cards);
+  else elements.results.replaceChildren(...cards);
+  shown = { search, count: (append ? shown.count : 0) + cards.length, update: response.update };
+  elements.more.hidden = response.results.length < search.topK || shown.count + search.topK > maxResults;
   elements.status.replaceChildren(describeSearch(search, response));
+  renderTerms(search);
   elements.summary.hidden = false;
   elements.emptyHint.hidden = true;
+}
+
+function showText(element, text) {
+  element.textContent = text || "";
+  element.hidden = !text;
+}
+
+function currentWhere() {
+  return parseWhere(elements.where.value);
 }
 
 async function errorMessage(response) {
@@ -145,27 +246,51 @@ function updateParameter(search) {
   return search.update != null ? `&update=${encodeURIComponent(search.update)}` : "";
 }
 
-function requestFor(search) {
-  const topK = encodeURIComponent(search.topK);
-  if (search.kind === "text") {
-    return [`/api/search?q=${encodeURIComponent(search.text)}&top_k=${topK}`, {}];
+// A search of one term goes to its own endpoint; with refinements it is one POST /api/query of weighted terms.
+function requestFor(search, offset) {
+  const paging = new URLSearchParams({ top_k: String(search.topK) });
+  if (offset) paging.set("offset", String(offset));
+  for (const condition of search.where || []) paging.append("where", condition);
+  if (!search.terms?.length) {
+    if (search.kind === "text") return [`/api/search?q=${encodeURIComponent(search.text)}&${paging}`, {}];
+    if (search.kind === "similar") {
+      return [`/api/similar/${encodeURIComponent(search.id)}?${paging}${updateParameter(search)}`, {}];
+    }
+    const form = new FormData();
+    form.append("image", search.file, search.file.name || "image");
+    return [`/api/search/image?${paging}`, { method: "POST", body: form }];
   }
-  if (search.kind === "similar") {
-    return [`/api/similar/${encodeURIComponent(search.id)}?top_k=${topK}${updateParameter(search)}`, {}];
+  const first = search.kind === "text" ? { text: search.text }
+    : search.kind === "similar" ? idTerm(search) : { image: "image0" };
+  const refinements = search.terms.map((term) => ({
+    ...(term.kind === "text" ? { text: term.text } : idTerm(term)), weight: term.weight,
+  }));
+  const query = { terms: [{ ...first, weight: 1 }, ...refinements], top_k: search.topK, offset, where: search.where || [] };
+  if (search.kind !== "image") {
+    return ["/api/query", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(query) }];
   }
   const form = new FormData();
-  form.append("image", search.file, search.file.name || "image");
-  return [`/api/search/image?top_k=${topK}`, { method: "POST", body: form }];
+  form.append("query", JSON.stringify(query));
+  form.append("image0", search.file, search.file.name || "image");
+  return ["/api/query", { method: "POST", body: form }];
+}
+
+function idTerm(term) {
+  const id = Number.parseInt(term.id, 10);
+  const update = term.update != null ? Number.parseInt(term.update, 10) : null;
+  return update != null && Number.isFinite(update) ? { id, update } : { id };
 }
 
 function showInForm(search) {
   elements.topK.value = String(search.topK);
   if (search.kind === "text") elements.query.value = search.text;
   if (search.kind !== "image") elements.imageInput.value = "";
+  elements.where.value = (search.where || []).join("; ");
 }
 
-async function runSearch(search, { push }) {
+async function runSearch(search, { push, append = false }) {
   searchesStarted += 1;
+  search = { terms: [], where: [], ...search };
   showInForm(search);
   if (search.kind === "none") return;
 
@@ -174,7 +299,9 @@ async function runSearch(search, { push }) {
     const url = search.kind === "image" ? urlForSearch({ kind: "none", topK: search.topK }) : urlForSearch(search);
     window.history.pushState(null, "", url);
   }
-  if (search.kind === "image") setPreview(URL.createObjectURL(search.file));
+  if (append) {
+    // More of the same search: the preview, the title and the URL stay as they are.
+  } else if (search.kind === "image") setPreview(URL.createObjectURL(search.file));
   else if (search.kind === "similar") setPreview(`/api/image/${encodeURIComponent(search.id)}?size=96${updateParameter(search)}`);
   else setPreview(null);
   document.title = search.kind === "text" ? `${search.text} · clipsearch` : "clipsearch";
@@ -185,18 +312,21 @@ async function runSearch(search, { push }) {
   showError("");
   elements.results.classList.add("loading");
   elements.summary.hidden = false;
-  elements.status.textContent = "Searching…";
+  if (!append) elements.status.textContent = "Searching…";
+  elements.more.hidden = true;
   try {
-    const [url, options] = requestFor(search);
+    const [url, options] = requestFor(search, append ? shown.count : 0);
     const response = await fetch(url, { ...options, signal: controller.signal });
     if (!response.ok) throw new Error(await errorMessage(response));
     const body = await response.json();
-    if (inFlight === controller) renderResults(search, body);
+    if (inFlight === controller) renderResults(search, body, append);
   } catch (error) {
     if (error.name === "AbortError") return;
     showError(error.message || String(error));
-    elements.status.textContent = "";
-    elements.results.replaceChildren();
+    if (!append) {
+      elements.status.textContent = "";
+      elements.results.replaceChildren();
+    }
   } finally {
     if (inFlight === controller) {
       inFlight = null;
@@ -211,7 +341,7 @@ function searchByImage(file) {
     return;
   }
   elements.query.value = "";
-  runSearch({ kind: "image", file, topK: clampTopK(elements.topK.value) }, { push: true });
+  runSearch({ kind: "image", file, topK: clampTopK(elements.topK.value), where: currentWhere() }, { push: true });
 }
 
 async function loadCollectionInfo() {
@@ -226,7 +356,12 @@ async function loadCollectionInfo() {
     const limits = health.limits || {};
     if (Number.isInteger(limits.max_top_k)) maxTopK = limits.max_top_k;
     if (Number.isInteger(limits.default_top_k)) defaultTopK = limits.default_top_k;
+    if (Number.isInteger(limits.max_results)) maxResults = limits.max_results;
+    if (Number.isInteger(limits.max_terms)) maxTerms = limits.max_terms;
     elements.topK.max = String(maxTopK);
+    const fields = Object.keys(health.fields || {});
+    elements.fieldList.textContent = fields.length ? `fields: ${fields.join(", ")}` : "";
+    elements.fieldList.title = Object.entries(health.fields || {}).map(([name, kind]) => `${name}: ${kind}`).join("\n");
   } catch (error) {
     elements.collectionInfo.textContent = `Server unreachable (${error.message})`;
   }
@@ -236,11 +371,29 @@ elements.form.addEventListener("submit", (event) => {
   event.preventDefault();
   const text = elements.query.value.trim();
   const topK = clampTopK(elements.topK.value);
+  const where = currentWhere();
   if (text) {
-    runSearch({ kind: "text", text, topK }, { push: true });
+    // The same words again keep their refinements; new words start a new search.
+    const same = shown.search?.kind === "text" && shown.search.text === text;
+    runSearch({ kind: "text", text, topK, where, terms: same ? shown.search.terms : [] }, { push: true });
+  } else if (shown.search && shown.search.kind !== "text") {
+    runSearch({ ...shown.search, topK, where }, { push: true });  // new filters for the item or image shown
   } else {
     showError("Type something to search for, or choose an image.");
   }
+});
+
+elements.refineForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const text = elements.refine.value.trim();
+  if (!text) return;
+  const weight = Number(event.submitter?.value || 1) < 0 ? -1 : 1;
+  elements.refine.value = "";
+  refineWith({ kind: "text", text, weight });
+});
+
+elements.more.addEventListener("click", () => {
+  if (shown.search) runSearch(shown.search, { push: false, append: true });
 });
 
 elements.imageInput.addEventListener("change", () => searchByImage(elements.imageInput.files[0]));

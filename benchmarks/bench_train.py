@@ -125,6 +125,9 @@ def run_child(command: list[str], run_dir: Path) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     environment = {**os.environ, "PYTHONPATH": str(REPO / "package"), "HF_HUB_OFFLINE": "1"}
+    # Both trainers start as installed, from compiled bytecode: an environment that forbids writing
+    # it would make only the editable package (ours) compile its modules again at every start.
+    environment.pop("PYTHONDONTWRITEBYTECODE", None)
     with open(run_dir / "output.log", "w") as log:
         started = time.perf_counter()
         process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=environment)

@@ -278,49 +278,49 @@ class _RunningTopK:
     """The best `k` scores of each query, and their rows, from blocks of scores [rows, queries] (numpy).
 
     One thread does it: between the blocks' matrix products, torch's or OpenBLAS's threads would
-    only wake to contend with the other library's, still spinning from its product.
+    only wake to contend with the other library's, still spinning from its product. Kept per
+    query ([queries, k]), so every partition runs along contiguous memory.
     """
 
     def __init__(self, k: int, query_count: int):
         self.k = k
-        self.scores = np.empty((0, query_count), dtype=np.float32)
-        self.rows = np.empty((0, query_count), dtype=np.int64)
+        self.scores = np.empty((query_count, 0), dtype=np.float32)
+        self.rows = np.empty((query_count, 0), dtype=np.int64)
 
     def add(self, block: np.ndarray, first_row: int) -> None:
         scores, rows = _block_candidates(block, self.k)
-        scores = np.concatenate([self.scores, scores])
-        rows = np.concatenate([self.rows, rows + first_row])
-        if scores.shape[0] > self.k:
-            keep = np.argpartition(scores, scores.shape[0] - self.k, axis=0)[-self.k :]
-            scores, rows = np.take_along_axis(scores, keep, 0), np.take_along_axis(rows, keep, 0)
+        scores = np.concatenate([self.scores, scores], axis=1)
+        rows = np.concatenate([self.rows, rows + first_row], axis=1)
+        if scores.shape[1] > self.k:
+            keep = np.argpartition(scores, scores.shape[1] - self.k, axis=1)[:, -self.k :]
+            scores, rows = np.take_along_axis(scores, keep, 1), np.take_along_axis(rows, keep, 1)
         self.scores, self.rows = scores, rows
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores and rows [queries, k], best first."""
-        order = np.argsort(-self.scores, axis=0, kind="stable")
-        scores, rows = np.take_along_axis(self.scores, order, 0), np.take_along_axis(self.rows, order, 0)
-        return torch.from_numpy(np.ascontiguousarray(scores.T)), torch.from_numpy(np.ascontiguousarray(rows.T))
+        order = np.argsort(-self.scores, axis=1, kind="stable")
+        scores, rows = np.take_along_axis(self.scores, order, 1), np.take_along_axis(self.rows, order, 1)
+        return torch.from_numpy(scores), torch.from_numpy(rows)
 
 
 def _block_candidates(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of `block` [rows, queries] among which each query's best k lie: scores and block rows, [m, queries].
+    """Rows of `block` [rows, queries] among which each query's best k lie: scores and block rows, [queries, m].
 
     The rows form groups of TOP_K_GROUP (row j with rows j + g, j + 2g, ...: whole slices, so the
     maxima are one vectorised pass); a query's best k rows lie in its k groups with the largest
-    maxima, since a group outside them is beaten k times over. 1M x 64 scores: 16 ms here, where
-    a top-k over every score took 90 ms on two cores.
+    maxima, since a group outside them is beaten k times over. Only those groups' rows are read
+    again.
     """
-    rows = block.shape[0]
+    rows, queries = block.shape
     groups = rows // TOP_K_GROUP
     if groups <= 2 * k:  # a small block: every row is a candidate
-        return block.copy(), np.broadcast_to(np.arange(rows)[:, None], block.shape).copy()
-    grouped = block[: groups * TOP_K_GROUP].reshape(TOP_K_GROUP, groups, block.shape[1])
-    maxima = grouped.max(axis=0)
-    best_groups = np.argpartition(maxima, groups - k, axis=0)[-k:]  # [k, queries]
-    candidate_rows = (best_groups[None] + groups * np.arange(TOP_K_GROUP)[:, None, None]).reshape(-1, block.shape[1])
-    tail = np.broadcast_to(np.arange(groups * TOP_K_GROUP, rows)[:, None], (rows - groups * TOP_K_GROUP, block.shape[1]))
-    candidate_rows = np.concatenate([candidate_rows, tail])
-    return np.take_along_axis(block, candidate_rows, 0), candidate_rows
+        return np.ascontiguousarray(block.T), np.broadcast_to(np.arange(rows), (queries, rows)).copy()
+    maxima = block[: groups * TOP_K_GROUP].reshape(TOP_K_GROUP, groups, queries).max(axis=0)
+    best_groups = np.argpartition(np.ascontiguousarray(maxima.T), groups - k, axis=1)[:, -k:]  # [queries, k]
+    candidate_rows = (best_groups[:, :, None] + groups * np.arange(TOP_K_GROUP)).reshape(queries, -1)
+    tail = np.broadcast_to(np.arange(groups * TOP_K_GROUP, rows), (queries, rows - groups * TOP_K_GROUP))
+    candidate_rows = np.concatenate([candidate_rows, tail], axis=1)
+    return block[candidate_rows, np.arange(queries)[:, None]], candidate_rows
 
 
 def check_encoded_with(encoded_with_model: dict, load_model: str | os.PathLike, fingerprint: str,

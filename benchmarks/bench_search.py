@@ -1,12 +1,18 @@
-"""Exact search over 1M x 512 vectors: our Searcher against faiss IndexFlatIP and the machine's memory bandwidth.
+"""Exact search over 1M x 512 vectors: our Searcher against faiss IndexFlatIP and the machine's own bound.
 
-    .venv/bin/python benchmarks/bench_search.py                    # 1M x 512, index kinds on a 200k subset
+    .venv/bin/python benchmarks/bench_search.py                    # 1M x 512, index kinds on a 100k subset
     .venv/bin/python benchmarks/bench_search.py --rows 200000 --index_rows 0
 
-One pass over the collection matrix is the floor for exact search of one query, so the run measures
-how fast this machine reads memory (best of N full reads of the same matrix) and reports our latency
-against that floor. faiss runs on the same data with the same thread count. The approximate indexes
-of clipsearch.index are timed and scored (recall@10 against exact search) on a subset, because
+No exact search can beat one full read of the collection matrix, nor the multiply-adds of its
+scores at the machine's best matrix-product rate. The bound of each case is the larger of the two,
+both measured in the same run: the read as the fastest of several ways to read the whole matrix
+(a plain sum, a copy through a small buffer, matrix-vector products with torch and with numpy on
+both layouts, and the Searcher's own scoring pass), so the search's own pass is never faster than
+its bound; the multiply-adds at the best rate of torch's and numpy's products of square matrices.
+Every search is split into where its milliseconds go: the scoring pass alone, the top-k over those
+scores (the exact top-k less the pass), and everything else of a search call (normalising queries,
+building hits). faiss runs on the same data with the same thread count. The approximate indexes of
+clipsearch.index are timed and scored (recall@10 against exact search) on a subset, because
 building IVF and HNSW over 1M vectors takes far longer than a benchmark should on a few cores.
 With --report, results go to benchmarks/results/search.json and the "Search" section of BENCHMARKS.md.
 """
@@ -45,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     timing.add_argument("--repeats", type=int, default=7, help="timed calls per contender (median reported)")
     timing.add_argument("--warmup", type=int, default=2, help="untimed calls per contender first")
     timing.add_argument("--threads", type=int, default=None, help="torch and faiss threads (default: torch's)")
+    timing.add_argument("--settle_s", type=float, default=0.3,
+                        help="untimed pause before each call, so no library's threads still spin from the call before")
     program = parser.add_argument_group("program")
     program.add_argument("--no_fp16", action="store_true", help="skip the fp16-storage Searcher")
     program.add_argument("--seed", type=int, default=0, help="random seed of the vectors")
@@ -67,51 +75,87 @@ def random_unit_rows(count: int, dim: int, generator: torch.Generator) -> torch.
     return matrix
 
 
-def memory_bandwidth(matrix: torch.Tensor, repeats: int) -> dict:
-    """Best-of-N read rates of the whole matrix: a sum and matrix-vector products with ones."""
-    ones = torch.ones(matrix.shape[1], dtype=matrix.dtype)
-    gigabytes = matrix.numel() * matrix.element_size() / 1e9
-    # Several ways to read it (ATen's reduction, MKL's and OpenBLAS's matrix-vector products): the
-    # fastest is the floor, so no search path can look better than memory allows.
-    matrix_np, ones_np = matrix.numpy(), ones.numpy()
+# Rows copied at a time by the copy read: 32 MB at 512-d fp32, written to the same buffer each time,
+# so the copy reads the matrix once and writes only to cache.
+COPY_CHUNK_ROWS = 16_384
+# The targets of issue 32: ours within these multiples of the bound, and faiss this many times slower.
+TARGET_OVER_BOUND = {1: 1.1, "batch": 1.2}
+TARGET_FAISS_OVER_OURS = 2.0
+
+
+def chunked_copy(matrix: torch.Tensor) -> Callable[[], object]:
+    buffer = torch.empty(min(COPY_CHUNK_ROWS, matrix.shape[0]), matrix.shape[1], dtype=matrix.dtype)
+
+    def copy() -> None:
+        for start in range(0, matrix.shape[0], buffer.shape[0]):
+            chunk = matrix[start : start + buffer.shape[0]]
+            buffer[: chunk.shape[0]].copy_(chunk)
+
+    return copy
+
+
+def scoring_pass(searcher, queries: torch.Tensor) -> Callable[[], object]:
+    """The Searcher's own pass over the collection: every block of scores made, none reduced."""
+    def run() -> None:
+        for _ in searcher.score_blocks(queries):
+            pass
+
+    return run
+
+
+def full_reads(matrix: torch.Tensor, searcher, repeats: int, settle_s: float) -> dict:
+    """Best-of-N times of several ways to read the whole matrix once (its storage dtype); the fastest is the floor.
+
+    `matrix` is row-major [count, dim]; the Searcher holds its own layout (column-major for fp32).
+    """
+    dim = matrix.shape[1]
+    query = F.normalize(torch.randn(1, dim), dim=-1)
+    vector = query[0].to(matrix.dtype)
     reads = {
-        "sum": lambda: matrix.sum(),
-        "mv_ones": lambda: torch.mv(matrix, ones),
-        "openblas_mv_ones": lambda: matrix_np @ ones_np,
+        "torch sum": lambda: matrix.sum(),
+        "torch copy (through a 32 MB buffer)": chunked_copy(matrix),
+        "torch matrix-vector, rows": lambda: torch.mv(matrix, vector),
     }
-    times = common.interleaved_ms(reads, repeats, warmup=1)
-    rates = {name: round(gigabytes / (min(values) / 1000), 2) for name, values in times.items()}
-    best = max(rates.values())
+    if matrix.dtype == torch.float32:
+        columns = searcher.storage if searcher.column_major else matrix.T.contiguous()
+        rows_np, columns_np, vector_np = matrix.numpy(), columns.numpy(), vector.numpy()
+        reads |= {
+            "torch vector-matrix, columns": lambda: vector @ columns,
+            "numpy matrix-vector, rows": lambda: rows_np @ vector_np,
+            "numpy vector-matrix, columns": lambda: vector_np @ columns_np,
+        }
+    # numpy has no fp16 BLAS: its fp16 products take seconds, so fp16 is read by torch only.
+    reads["the Searcher's scoring pass, 1 query"] = scoring_pass(searcher, query)
+    times = common.interleaved_ms(reads, repeats, warmup=1, settle_s=settle_s)
+    gigabytes = matrix.numel() * matrix.element_size() / 1e9
+    best = {name: round(min(values), 2) for name, values in times.items()}
+    fastest = min(best, key=best.get)
     return {
         "matrix_gb": round(gigabytes, 3),
-        "best_ms": {name: round(min(values), 2) for name, values in times.items()},
-        "gb_per_s": rates,
-        "best_gb_per_s": best,
+        "best_ms": best,
+        "gb_per_s": {name: round(gigabytes / (ms / 1000), 2) for name, ms in best.items()},
+        "fastest": fastest,
+        "read_ms": best[fastest],
     }
 
 
-def matmul_gflops(repeats: int) -> float:
-    """Best-of-N fp32 GEMM rate on cache-friendly square matrices: the compute ceiling for many queries."""
+def matmul_gflops(repeats: int, settle_s: float) -> dict:
+    """Best-of-N fp32 GEMM rates (torch's MKL, numpy's OpenBLAS) on cache-friendly squares: the compute ceiling."""
     size = 2048
     left, right = torch.randn(size, size), torch.randn(size, size)
-    best = min(common.interleaved_ms({"gemm": lambda: left @ right}, repeats, warmup=1)["gemm"])
-    return round(2 * size**3 / (best / 1000) / 1e9, 1)
+    left_np, right_np = left.numpy(), right.numpy()
+    times = common.interleaved_ms({"torch": lambda: left @ right, "numpy": lambda: left_np @ right_np}, repeats, warmup=1,
+                                  settle_s=settle_s)
+    return {name: round(2 * size**3 / (min(values) / 1000) / 1e9, 1) for name, values in times.items()}
 
 
 def searcher_parts(searcher, queries: torch.Tensor, top_k: int) -> dict[str, Callable[[], object]]:
-    """The exact search split into its steps, to show where the time of a search call goes."""
-    typed = F.normalize(queries, dim=-1).to(searcher.storage.dtype)
-    scores = searcher.scores(typed)
-    score_step = lambda: searcher.scores(typed)  # noqa: E731
-    scores = scores.float()
-    best_scores, best_rows = scores.topk(top_k, dim=1)
+    """A search call and its nested steps, timed alike: where its milliseconds go is their differences."""
+    unit = F.normalize(queries, dim=-1)
     return {
-        "scores": score_step,
-        "topk": lambda: scores.topk(top_k, dim=1),
-        "hits": lambda: [
-            [(int(row), searcher.paths[int(row)], float(score)) for score, row in zip(query_scores, query_rows)]
-            for query_scores, query_rows in zip(best_scores.tolist(), best_rows.tolist())
-        ],
+        "scores": scoring_pass(searcher, unit),
+        "exact_top_k": lambda: searcher.exact_top_k(unit, top_k),
+        "search": lambda: searcher.search(queries, top_k),
     }
 
 
@@ -120,47 +164,51 @@ def bench_exact(args, matrix: torch.Tensor, paths: list[str], threads: int, gene
 
     from clipsearch.search import Searcher
 
-    searcher = Searcher(paths, matrix, assume_normalised=True)
+    searchers = {"fp32": Searcher(paths, matrix, assume_normalised=True)}
+    halves = None
+    if not args.no_fp16:
+        halves = matrix.half()
+        searchers["fp16"] = Searcher(paths, halves, assume_normalised=True)
     faiss_index = faiss.IndexFlatIP(args.dim)
     faiss_index.add(matrix.numpy())
-    fp16_searcher = None if args.no_fp16 else Searcher(paths, matrix.half(), assume_normalised=True)
 
-    bandwidth = memory_bandwidth(matrix, args.repeats)
-    gflops = matmul_gflops(args.repeats)
-    results = {"bandwidth": bandwidth, "gemm_gflops": gflops, "cases": {}}
+    reads = {"fp32": full_reads(matrix, searchers["fp32"], args.repeats, args.settle_s)}
+    if halves is not None:
+        reads["fp16"] = full_reads(halves, searchers["fp16"], args.repeats, args.settle_s)
+    gflops = matmul_gflops(args.repeats, args.settle_s)
+    results = {"reads": reads, "gemm_gflops": gflops, "cases": {}}
     for query_count in (1, args.batch_queries):
         queries = F.normalize(torch.randn(query_count, args.dim, generator=generator), dim=-1)
         queries_np = queries.numpy()
-        contenders = {
-            "ours": lambda queries=queries: searcher.search(queries, args.top_k),
-            "faiss_flat": lambda queries_np=queries_np: faiss_index.search(queries_np, args.top_k),
-        }
-        if fp16_searcher is not None:
-            contenders["ours_fp16"] = lambda queries=queries: fp16_searcher.search(queries, args.top_k)
-        times = common.interleaved_ms(contenders, args.repeats, args.warmup)
-        parts = common.interleaved_ms(searcher_parts(searcher, queries, args.top_k), args.repeats, args.warmup)
-
-        # The floor: one read of the matrix, or the multiply-adds at the best GEMM rate, whichever is longer.
-        read_ms = bandwidth["matrix_gb"] / bandwidth["best_gb_per_s"] * 1000
-        compute_ms = 2 * query_count * args.rows * args.dim / (gflops * 1e9) * 1000
-        bound_ms = max(read_ms, compute_ms)
-        ours, faiss_ms = common.median(times["ours"]), common.median(times["faiss_flat"])
-        case = {
-            "queries": query_count,
-            "ms": {name: common.median(values) for name, values in times.items()},
-            "all_ms": {name: [round(value, 2) for value in values] for name, values in times.items()},
-            "ours_parts_ms": {name: common.median(values) for name, values in parts.items()},
-            "bandwidth_bound_ms": round(read_ms, 2),
-            "compute_bound_ms": round(compute_ms, 2),
-            "bound_ms": round(bound_ms, 2),
-            "bound_kind": "memory" if read_ms >= compute_ms else "compute",
-            "ours_over_bound": round(ours / bound_ms, 3),
-            "faiss_over_ours": round(faiss_ms / ours, 3),
-        }
-        if fp16_searcher is not None:
-            fp16_bound = max(read_ms / 2, compute_ms)
-            case["fp16_bound_ms"] = round(fp16_bound, 2)
-            case["ours_fp16_over_bound"] = round(case["ms"]["ours_fp16"] / fp16_bound, 3)
+        contenders = {"faiss_flat": lambda queries_np=queries_np: faiss_index.search(queries_np, args.top_k)}
+        for storage, searcher in searchers.items():
+            for part, run in searcher_parts(searcher, queries, args.top_k).items():
+                contenders[f"{storage} {part}"] = run
+        times = common.interleaved_ms(contenders, args.repeats, args.warmup, args.settle_s)
+        ms = {name: common.median(values) for name, values in times.items()}
+        faiss_ms = ms["faiss_flat"]
+        compute_ms = 2 * query_count * args.rows * args.dim / (max(gflops.values()) * 1e9) * 1000
+        target = TARGET_OVER_BOUND[1 if query_count == 1 else "batch"]
+        case = {"queries": query_count, "faiss_ms": faiss_ms, "compute_bound_ms": round(compute_ms, 2),
+                "all_ms": {name: [round(value, 2) for value in values] for name, values in times.items()},
+                "storages": {}}
+        for storage in searchers:
+            read_ms = reads[storage]["read_ms"]
+            bound_ms = max(read_ms, compute_ms)
+            ours = ms[f"{storage} search"]
+            scores, top_k = ms[f"{storage} scores"], ms[f"{storage} exact_top_k"]
+            case["storages"][storage] = {
+                "ms": ours,
+                "parts_ms": {"scores": scores, "top_k": round(top_k - scores, 3), "rest": round(ours - top_k, 3)},
+                "read_bound_ms": read_ms,
+                "bound_ms": round(bound_ms, 2),
+                "bound_kind": f"read ({reads[storage]['fastest']})" if read_ms >= compute_ms else "compute",
+                "ours_over_bound": round(ours / bound_ms, 3),
+                "target_over_bound": target,
+                # A scoring pass faster than the bound would mean the bound is wrong.
+                "scores_not_below_bound": scores >= bound_ms * 0.97,
+                "faiss_over_ours": round(faiss_ms / ours, 3),
+            }
         results["cases"][str(query_count)] = case
         print(json.dumps({k: v for k, v in case.items() if k != "all_ms"}))
     return results
@@ -210,29 +258,38 @@ def bench_indexes(args, matrix: torch.Tensor, paths: list[str], generator: torch
 
 def report_markdown(results: dict) -> str:
     exact = results["exact"]
-    bandwidth = exact["bandwidth"]
     exact_rows = []
     for case in exact["cases"].values():
-        ms, parts = case["ms"], case["ours_parts_ms"]
-        fp16 = f"{ms['ours_fp16']:.1f} ({case['ours_fp16_over_bound']:.2f} x its bound)" if "ours_fp16" in ms else "-"
-        exact_rows.append([
-            case["queries"], f"{ms['ours']:.1f}", fp16, f"{ms['faiss_flat']:.1f}",
-            f"{case['bound_ms']:.1f} ({case['bound_kind']})", f"{case['ours_over_bound']:.2f}",
-            f"{case['faiss_over_ours']:.2f}", f"{parts['scores']:.1f} / {parts['topk']:.1f} / {parts['hits']:.2f}",
-        ])
+        for storage, figures in case["storages"].items():
+            parts = figures["parts_ms"]
+            exact_rows.append([
+                case["queries"], storage, f"{figures['ms']:.1f}", f"{figures['bound_ms']:.1f} ({figures['bound_kind']})",
+                f"{figures['ours_over_bound']:.2f} (<= {figures['target_over_bound']})",
+                f"{parts['scores']:.1f} / {parts['top_k']:.1f} / {parts['rest']:.1f}",
+                f"{case['faiss_ms']:.1f}", f"{figures['faiss_over_ours']:.2f}",
+            ])
+    read_rows = [
+        [storage, name, f"{ms:.1f}", f"{reads['gb_per_s'][name]:.1f}"]
+        for storage, reads in exact["reads"].items() for name, ms in reads["best_ms"].items()
+    ]
+    gflops = exact["gemm_gflops"]
     lines = [
-        f"- Collection: {results['rows']:,} x {results['dim']} random unit vectors (fp32, "
-        f"{bandwidth['matrix_gb']:.2f} GB), top-{results['top_k']}; faiss {results['faiss_version']} with "
-        f"{results['threads']} OpenMP threads; median of {results['repeats']} calls after {results['warmup']} warm-up calls, "
-        "contenders interleaved",
-        f"- Memory read rate (best of N full reads of the matrix): {bandwidth['best_gb_per_s']:.1f} GB/s "
-        f"({', '.join(f'{k} {v:.1f}' for k, v in bandwidth['gb_per_s'].items())}), so one pass takes at least "
-        f"{bandwidth['matrix_gb'] / bandwidth['best_gb_per_s'] * 1000:.0f} ms; fp32 GEMM peak {exact['gemm_gflops']:.0f} GFLOP/s",
+        f"- Collection: {results['rows']:,} x {results['dim']} random unit vectors, stored fp32 "
+        f"({exact['reads']['fp32']['matrix_gb']:.2f} GB) and fp16, top-{results['top_k']}; faiss "
+        f"{results['faiss_version']} with {results['threads']} OpenMP threads; median of {results['repeats']} calls after "
+        f"{results['warmup']} warm-up calls, contenders interleaved, {results.get('settle_s', 0)} s apart",
+        "- Bound: the larger of one full read of the stored matrix (the fastest way measured below) and the "
+        f"multiply-adds at the best fp32 matrix-product rate (torch {gflops['torch']:.0f}, numpy {gflops['numpy']:.0f} "
+        "GFLOP/s on 2048 x 2048). Parts: the scoring pass alone / the top-k over its scores / the rest of a search call",
         "",
         *common.markdown_table(
-            ["queries", "ours ms", "ours fp16 ms", "faiss IndexFlatIP ms", "lower bound ms", "ours / bound (target <= 1.1)",
-             "faiss / ours (target >= 2)", "ours: scores / topk / hits ms"],
-            exact_rows, "rrrrrrrl"),
+            ["queries", "storage", "ours ms", "bound ms", "ours / bound (target)", "scores / top-k / rest ms",
+             "faiss IndexFlatIP ms", f"faiss / ours (target >= {TARGET_FAISS_OVER_OURS:.0f})"],
+            exact_rows, "rlrlrlrr"),
+        "",
+        "Full reads of the matrix (best of the repeats):",
+        "",
+        *common.markdown_table(["storage", "read", "ms", "GB/s"], read_rows, "llrr"),
     ]
     indexes = results.get("indexes")
     if indexes:
@@ -283,6 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
         "faiss_version": faiss.__version__,
         "repeats": args.repeats,
         "warmup": args.warmup,
+        "settle_s": args.settle_s,
     }
     results["exact"] = bench_exact(args, matrix, paths, threads, generator)
     if args.index_rows:
@@ -298,14 +356,17 @@ def findings(results: dict) -> list[str]:
     """Plain statements of which targets were met, from the measured figures."""
     lines = []
     for case in results["exact"]["cases"].values():
-        met_bound = "met" if case["ours_over_bound"] <= 1.1 else "missed"
-        met_faiss = "met" if case["faiss_over_ours"] >= 2 else "missed"
-        parts = case["ours_parts_ms"]
-        lines.append(
-            f"- {case['queries']} quer{'y' if case['queries'] == 1 else 'ies'}: ours/bound {case['ours_over_bound']:.2f} "
-            f"({met_bound}), faiss/ours {case['faiss_over_ours']:.2f} ({met_faiss}); of our {case['ms']['ours']:.1f} ms, "
-            f"scoring takes {parts['scores']:.1f}, top-k {parts['topk']:.1f}, building hits {parts['hits']:.2f}."
-        )
+        for storage, figures in case["storages"].items():
+            met_bound = "met" if figures["ours_over_bound"] <= figures["target_over_bound"] else "missed"
+            met_faiss = "met" if figures["faiss_over_ours"] >= TARGET_FAISS_OVER_OURS else "missed"
+            parts = figures["parts_ms"]
+            check = "" if figures["scores_not_below_bound"] else " The scoring pass beat the bound: the bound is wrong."
+            lines.append(
+                f"- {case['queries']} quer{'y' if case['queries'] == 1 else 'ies'}, {storage}: ours/bound "
+                f"{figures['ours_over_bound']:.2f} ({met_bound}), faiss/ours {figures['faiss_over_ours']:.2f} ({met_faiss}); "
+                f"of {figures['ms']:.1f} ms, scoring {parts['scores']:.1f}, top-k {parts['top_k']:.1f}, the rest "
+                f"{parts['rest']:.1f}.{check}"
+            )
     return lines
 
 

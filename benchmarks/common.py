@@ -81,8 +81,14 @@ def timed(function: Callable[[], object]) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-def interleaved_ms(contenders: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Times of each contender, taken in rotating order so a burst of outside load hits all of them alike."""
+def interleaved_ms(contenders: dict[str, Callable[[], object]], repeats: int, warmup: int,
+                   settle_s: float = 0.0) -> dict[str, list[float]]:
+    """Times of each contender, taken in rotating order so a burst of outside load hits all of them alike.
+
+    `settle_s` pauses before each timed call, untimed: a library's worker threads keep spinning for
+    a while after a call (numpy's OpenBLAS for about 0.1 s), and would otherwise slow the next
+    contender if it runs on another thread pool (torch's, faiss's).
+    """
     names = list(contenders)
     for _ in range(warmup):
         for name in names:
@@ -91,6 +97,8 @@ def interleaved_ms(contenders: dict[str, Callable[[], object]], repeats: int, wa
     for repeat in range(repeats):
         shift = repeat % len(names)
         for name in names[shift:] + names[:shift]:
+            if settle_s:
+                time.sleep(settle_s)
             times[name].append(timed(contenders[name]))
     return times
 

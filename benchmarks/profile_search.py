@@ -1,84 +1,120 @@
-"""Where exact search over 1M x 512 spends its time: the ways to score a query, timed side by side.
+"""Where exact search over 1M x 512 spends its time: the ways to score and reduce a query batch, timed side by side.
 
-    .venv/bin/python benchmarks/profile_search.py            # prints a Markdown table
+    .venv/bin/python benchmarks/profile_search.py            # prints Markdown tables
 
-The companion of bench_search.py: that one times our Searcher against faiss and the memory floor;
-this one times the building blocks the Searcher chose between (ATen, MKL and OpenBLAS kernels on
-row- and column-major copies, fp16 storage, top-k), so the choice in clipsearch/search.py can be
-rechecked on another machine. Best and median of N calls, in ms.
+The companion of bench_search.py: that one times our Searcher against faiss and the machine's
+bound; this one times the building blocks the Searcher chose between (ATen, MKL and OpenBLAS
+kernels on row- and column-major copies, fp16 storage, two ways to take a top-k), and the old
+search's two steps alone and together, so the choice in clipsearch/search.py can be rechecked on
+another machine. Best and median of N calls, in ms.
 """
 from __future__ import annotations
 
 import argparse
-import threading
 
 import common
+import numpy as np
 import torch
 import torch.nn.functional as F
 from bench_search import add_collection_flags
+
+from clipsearch.search import TOP_K_GROUP, Searcher, _RunningTopK
+
+TOP_K = 10
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_collection_flags(parser)
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per operation")
+    parser.add_argument("--settle_s", type=float, default=0.3,
+                        help="untimed pause before each call, so no library's threads still spin from the call before")
     return parser.parse_args(argv)
 
 
-def two_thread_halves(query: torch.Tensor, columns: torch.Tensor):
-    """Each Python thread scores half the columns with one torch thread (torch releases the GIL)."""
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    half = columns.shape[1] // 2
-    results = [None, None]
+def widened_slabs(halves: torch.Tensor, queries: torch.Tensor, slab_rows: int = 4096):
+    """fp16 rows widened to fp32 a slab at a time, multiplied by MKL into [rows, queries]."""
+    slab, out = torch.empty(slab_rows, halves.shape[1]), torch.empty(halves.shape[0], queries.shape[0])
 
-    def work(part: int) -> None:
-        results[part] = query @ columns[:, part * half : (part + 1) * half]
+    def run() -> None:
+        for start in range(0, halves.shape[0], slab_rows):
+            rows = halves[start : start + slab_rows]
+            slab[: rows.shape[0]].copy_(rows)
+            torch.mm(slab[: rows.shape[0]], queries.T, out=out[start : start + rows.shape[0]])
 
-    workers = [threading.Thread(target=work, args=(part,)) for part in range(2)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    torch.set_num_threads(threads_before)
-    return results
+    return run
+
+
+def block_top_k(scores: np.ndarray):
+    """The Searcher's reduction: group maxima, then only the best groups' rows, on one thread."""
+    def run() -> None:
+        best = _RunningTopK(TOP_K, scores.shape[1])
+        block_rows = max(1, 16 * 2**20 // (4 * scores.shape[1]))
+        for start in range(0, scores.shape[0], block_rows):
+            best.add(scores[start : start + block_rows], start)
+        best.result()
+
+    return run
+
+
+def print_table(title: str, contenders: dict, repeats: int, gigabytes: float | None, settle_s: float) -> None:
+    print(f"\n{title}\n")
+    print("| operation | best ms | median ms |" + (" GB/s of the matrix |" if gigabytes else ""))
+    print("|---|---:|---:|" + ("---:|" if gigabytes else ""))
+    for name, times in common.interleaved_ms(contenders, repeats, warmup=1, settle_s=settle_s).items():
+        best = min(times)
+        rate = f" {gigabytes / (best / 1000):.1f} |" if gigabytes else ""
+        print(f"| {name} | {best:.1f} | {common.median(times):.1f} |{rate}")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     generator = torch.Generator().manual_seed(0)
     rows = F.normalize(torch.randn(args.rows, args.dim, generator=generator), dim=-1)
-    columns = rows.T.contiguous()
-    rows_half = rows.half()
+    paths = [str(row) for row in range(args.rows)]
+    searcher = Searcher(paths, rows, assume_normalised=True)  # fp32: columns, [dim, count]
+    columns = searcher.storage
+    halves = rows.half()
     query = F.normalize(torch.randn(1, args.dim, generator=generator), dim=-1)
     batch = F.normalize(torch.randn(args.batch_queries, args.dim, generator=generator), dim=-1)
-    scores = torch.empty(1, args.rows)
     columns_np, query_np, batch_np = columns.numpy(), query.numpy(), batch.numpy()
+    one_scores, batch_scores = torch.from_numpy(query_np @ columns_np), torch.from_numpy(batch_np @ columns_np)
+    batch_scores_by_row = np.ascontiguousarray(batch_scores.numpy().T)
     gigabytes = rows.numel() * 4 / 1e9
-
-    one_query = {
-        "`rows.sum()`: one read of the fp32 matrix (ATen)": lambda: rows.sum(),
-        "`torch.mv(rows, q)`, row-major (MKL sgemv)": lambda: torch.mv(rows, query[0]),
-        "`q @ columns`, column-major (MKL)": lambda: query @ columns,
-        "`q @ columns` on two column halves, two Python threads": lambda: two_thread_halves(query, columns),
-        "`q @ columns` in numpy (OpenBLAS): what the Searcher runs": lambda: query_np @ columns_np,
-        "`torch.mv` on fp16 rows (ATen, half the bytes)": lambda: torch.mv(rows_half, query[0].half()),
-        "`topk(10)` of 1M scores": lambda: scores.topk(10),
-    }
-    many_queries = {
-        f"{args.batch_queries} queries: `Q @ columns` (MKL sgemm)": lambda: batch @ columns,
-        f"{args.batch_queries} queries: `Q @ columns` in numpy (OpenBLAS): what the Searcher runs": lambda: batch_np @ columns_np,
-        f"{args.batch_queries} queries: fp16 `Q @ rows.T` (ATen half GEMM)": lambda: batch.half() @ rows_half.T,
-    }
     load_start = common.load_average()
-    print(f"{args.rows:,} x {args.dim} fp32 ({gigabytes:.2f} GB), {torch.get_num_threads()} torch threads\n")
-    print("| operation | best ms | median ms | GB/s of the fp32 matrix |")
-    print("|---|---:|---:|---:|")
-    for contenders, repeats in ((one_query, args.repeats), (many_queries, max(2, args.repeats // 2))):
-        for name, times in common.interleaved_ms(contenders, repeats, warmup=1).items():
-            best = min(times)
-            print(f"| {name} | {best:.1f} | {common.median(times):.1f} | {gigabytes / (best / 1000):.1f} |")
-    print(f"\nload average at start {load_start}, at end {common.load_average()}")
+    print(f"{args.rows:,} x {args.dim} ({gigabytes:.2f} GB fp32), {torch.get_num_threads()} torch threads")
+
+    print_table("One query, fp32 (GB/s of the fp32 matrix)", {
+        "`rows.sum()`: a plain read (ATen)": lambda: rows.sum(),
+        "`torch.mv(rows, q)`, row-major (MKL)": lambda: torch.mv(rows, query[0]),
+        "`q @ columns`, column-major (MKL)": lambda: query @ columns,
+        "`q @ columns` in numpy (OpenBLAS): what the Searcher runs": lambda: query_np[0] @ columns_np,
+    }, args.repeats, gigabytes, args.settle_s)
+    print_table("One query, fp16 (GB/s of the fp16 matrix)", {
+        "`halves.sum()`: a plain read (ATen)": lambda: halves.sum(),
+        "`torch.mv(halves, q)` (ATen's fp16 kernel): what the Searcher runs": lambda: torch.mv(halves, query[0].half()),
+        "slabs widened to fp32, then MKL": widened_slabs(halves, query),
+    }, args.repeats, gigabytes / 2, args.settle_s)
+    print_table(f"Top-{TOP_K} of 1 and {args.batch_queries} queries' scores over the collection", {
+        "1 query: `topk` (torch)": lambda: one_scores.topk(TOP_K),
+        "1 query: group maxima, then the best groups (numpy): what the Searcher runs":
+            block_top_k(np.ascontiguousarray(one_scores.numpy().T)),
+        f"{args.batch_queries} queries: `topk` (torch, two threads)": lambda: batch_scores.topk(TOP_K, dim=1),
+        f"{args.batch_queries} queries: group maxima, then the best groups (numpy, one thread): what the Searcher runs":
+            block_top_k(batch_scores_by_row),
+    }, args.repeats, None, args.settle_s)
+    old_search = lambda: torch.from_numpy(batch_np @ columns_np).topk(TOP_K, dim=1)  # noqa: E731
+    print_table(f"{args.batch_queries} queries: products, and the old search's two steps together", {
+        "`Q @ columns` in numpy (OpenBLAS), whole [q, count] result": lambda: batch_np @ columns_np,
+        "`columns.T @ Q.T` in numpy, blocks of [16 MB of scores, q]: what the Searcher runs":
+            lambda: [None for _ in searcher.score_blocks(batch)],
+        "`rows @ Q.T` (MKL), whole": lambda: rows @ batch.T,
+        "fp16: slabs widened to fp32, then MKL: what the Searcher runs": widened_slabs(halves, batch),
+        "the old search: numpy's whole product, then torch's top-k over it": old_search,
+        "torch's top-k alone over the same scores": lambda: batch_scores.topk(TOP_K, dim=1),
+        "the Searcher: blocks of scores, each reduced on one thread": lambda: searcher.exact_top_k(batch, TOP_K),
+    }, max(2, args.repeats // 2), None, args.settle_s)
+    print(f"\nTOP_K_GROUP = {TOP_K_GROUP}; load average at start {load_start}, at end {common.load_average()}")
 
 
 if __name__ == "__main__":

@@ -271,3 +271,110 @@ def test_the_door_names_the_same_default_tower_as_the_models():
     from clipsearch.models.image_tower import DEFAULT_IMAGE_MODEL
 
     assert door_default == DEFAULT_IMAGE_MODEL
+
+
+def _captions_and_full_context(tokenizer, context_length: int) -> torch.Tensor:
+    """Captions of several lengths, one cut at the full context (its end-of-text token is the last)."""
+    captions = ["a red circle", "two small green squares above a large blue cross on a dark background",
+                "dog", " ".join(["word"] * (2 * context_length))]
+    return tokenizer(captions)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_openai_towers_compute_only_what_pooling_reads_and_give_open_clips_features(mode):
+    """Text runs up to the batch's longest caption and the last blocks at the pooled tokens only:
+    the features and gradients of open_clip's full computation, up to float rounding."""
+    import open_clip
+
+    torch.manual_seed(0)
+    bundle = build_from_spec(openai_clip_spec("ViT-Tiny-16", context_length=24, image_size=32))
+    model = getattr(bundle.model, mode)()
+    tokens = _captions_and_full_context(bundle.tokenizer, 24)
+    images = torch.randn(len(tokens), 3, 32, 32)
+    lengths = []
+    hook = model.transformer.resblocks[0].register_forward_pre_hook(lambda _, args: lengths.append(args[0].shape[1]))
+
+    def features(text_encoder, image_encoder):
+        model.zero_grad(set_to_none=True)
+        text, image = text_encoder(tokens), image_encoder(images)
+        (text.square().sum() + image.square().sum()).backward()
+        return text.detach(), image.detach(), {name: p.grad.clone() for name, p in model.named_parameters()
+                                               if p.grad is not None}
+
+    ours = features(model.encode_text, model.encode_image)
+    reference = features(lambda t: open_clip.CLIP.encode_text(model, t), lambda i: open_clip.CLIP.encode_image(model, i))
+    hook.remove()
+    torch.testing.assert_close(ours[0], reference[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[1], reference[1], rtol=1e-5, atol=1e-5)
+    assert ours[2].keys() == reference[2].keys()
+    for name, gradient in reference[2].items():  # sums of many terms: rounding scales with the largest
+        assert (ours[2][name] - gradient).abs().max() <= 1e-5 * gradient.abs().max(), name
+    assert lengths == [24, 24]  # the caption cut at the context fills it
+    short = bundle.tokenizer(["a red circle", "dog"])
+    trimmed = []
+    hook = model.transformer.resblocks[0].register_forward_pre_hook(lambda _, args: trimmed.append(args[0].shape[1]))
+    torch.testing.assert_close(model.encode_text(short), open_clip.CLIP.encode_text(model, short), rtol=1e-5, atol=1e-5)
+    hook.remove()
+    assert trimmed == [5, 24]  # ours: start, 'a red circle' (3 tokens), end-of-text; open_clip: the whole context
+
+
+def test_towers_open_clip_cannot_prune_run_its_own_forward():
+    """A ResNet image tower, a text tower without a causal mask: open_clip's own computation, unchanged."""
+    import open_clip
+
+    torch.manual_seed(0)
+    bundle = build_from_spec(openai_clip_spec("RN-Tiny", context_length=16))
+    model = bundle.model.eval()
+    size = bundle.spec["image"]["size"]
+    images = torch.randn(2, 3, size, size)
+    assert not model.whole_batch_on_cpu()  # convolutions train in CPU slices
+    assert torch.equal(model.encode_image(images), open_clip.CLIP.encode_image(model, images))
+    model.attn_mask = None  # as open_clip's text_cfg no_causal_mask leaves it: every token sees every other
+    tokens = bundle.tokenizer(["a red circle", "a dog"])
+    assert torch.equal(model.encode_text(tokens), open_clip.CLIP.encode_text(model, tokens))
+
+
+def test_adamw_runs_fused_except_where_lightning_must_unscale_before_clipping():
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    bundle = build_from_spec(openai_clip_spec("ViT-Tiny-16", image_size=32))
+    module = CLIPModule(bundle.model, bundle.spec)
+    assert module.configure_optimizers()["optimizer"].defaults["fused"]
+    for precision, clip, fused in (("16-mixed", 1.0, False), ("16-mixed", None, True), ("bf16-mixed", 1.0, True)):
+        module._trainer = SimpleNamespace(precision=precision, gradient_clip_val=clip)
+        assert bool(module.configure_optimizers()["optimizer"].defaults["fused"]) == fused, (precision, clip)
+    module._trainer = None
+
+
+def test_step_seeds_touch_only_the_generators_a_run_uses(monkeypatch):
+    """The same draws as torch.manual_seed on the CPU, without queueing seeds (and tracebacks) for
+    accelerators the run does not use."""
+    import traceback
+
+    from clipsearch.training_order import seed_generators, seeded_randomness
+
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    monkeypatch.setattr(traceback, "format_stack", lambda *args: pytest.fail("a seed queued for an unused device"))
+    seed_generators(3)
+    assert torch.equal(torch.rand(4), expected)
+    before = torch.get_rng_state()
+    with seeded_randomness(3):
+        assert torch.equal(torch.rand(4), expected)
+    assert torch.equal(torch.get_rng_state(), before)  # the block's draws leave the outer generator alone
+
+
+def test_quick_gelu_as_one_silu_is_openais_activation():
+    import open_clip
+
+    from clipsearch.models.openai_clip import QuickGELU
+
+    x = (4 * torch.randn(1000, generator=torch.Generator().manual_seed(0))).requires_grad_(True)
+    ours, reference = QuickGELU()(x), open_clip.transformer.QuickGELU()(x)
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+    (ours_gradient,) = torch.autograd.grad(ours.sum(), x)
+    (reference_gradient,) = torch.autograd.grad(reference.sum(), x)
+    torch.testing.assert_close(ours_gradient, reference_gradient, rtol=1e-5, atol=1e-6)
+    model = build_from_spec(openai_clip_spec("ViT-Tiny-16")).model
+    assert not any(isinstance(module, open_clip.transformer.QuickGELU) for module in model.modules())

@@ -60,7 +60,7 @@ class CLIPModule(L.LightningModule):
         loss: str = "contrastive",
         head_only_steps: int = 0,
         layer_decay: float = 1.0,
-        cpu_image_slice: int = CPU_TRAIN_IMAGE_SLICE,
+        cpu_image_slice: int | None = None,
     ):
         super().__init__()
         self.model = model
@@ -68,7 +68,10 @@ class CLIPModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model", "spec", "cached_images"])
         # Training batches hold cached outputs of the locked image stages instead of images.
         self.cached_images = cached_images
-        self.cpu_image_slice = cpu_image_slice
+        # None trains the whole batch at once.
+        whole_batch = getattr(model, "whole_batch_on_cpu", None)
+        self.cpu_image_slice = cpu_image_slice if cpu_image_slice is not None else (
+            None if whole_batch is not None and whole_batch() else CPU_TRAIN_IMAGE_SLICE)
         # The loss may hold parameters (the sigmoid loss's bias): made here, so a resumed run
         # restores them; setup() only tells it the world.
         self.loss_fn = LOSSES[loss]()
@@ -96,8 +99,11 @@ class CLIPModule(L.LightningModule):
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
         encode_image = self.model.encode_cached_image if self.cached_images else self.model.encode_image
         # On a CPU, batches above `cpu_image_slice` images train their image tower in slices, which
-        # is faster there (CPU_TRAIN_IMAGE_SLICE); a trained BatchNorm then sees each slice alone.
-        return in_cpu_chunks(encode_image, images, self.cpu_image_slice), self.model.encode_text(tokens)
+        # is faster there for convolutional towers (CPU_TRAIN_IMAGE_SLICE); a trained BatchNorm then
+        # sees each slice alone.
+        if self.cpu_image_slice is not None:
+            return in_cpu_chunks(encode_image, images, self.cpu_image_slice), self.model.encode_text(tokens)
+        return encode_image(images), self.model.encode_text(tokens)
 
     def training_step(self, batch: dict, batch_idx: int):
         self.data_report.merge(batch["skipped"])
@@ -169,7 +175,8 @@ class CLIPModule(L.LightningModule):
                                       "weight_decay": 0.0 if no_decay else self.hparams.weight_decay})
             groups[group]["params"].append((name, parameter))
         param_groups = [groups[name] for name in sorted(groups)]
-        optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps)
+        optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps,
+                                      fused=self._fused_optimizer_fits(param_groups))
         # With --head_only_steps the towers' schedule starts later. Their gradients are still computed
         # (DDP expects every trainable parameter's) but a zero rate leaves them, and their decay, as they were.
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [
@@ -178,6 +185,23 @@ class CLIPModule(L.LightningModule):
             for group in param_groups
         ])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _fused_optimizer_fits(self, param_groups: list[dict]) -> bool:
+        """Whether AdamW may run as one fused kernel: every parameter on a CPU or CUDA device, and not
+        under fp16 AMP with gradient clipping.
+
+        Fused, one step of ViT-Small-16 takes a third of the per-parameter loop's time on 2 cores
+        (the loop is torch's CPU default; BENCHMARKS.md). A fused AdamW unscales fp16 gradients
+        itself, so Lightning refuses to clip them first: with --precision 16-mixed and
+        --gradient_clip_val the loop stays.
+        """
+        parameters = [parameter for group in param_groups for _, parameter in group["params"]]
+        if not all(parameter.device.type in ("cpu", "cuda") for parameter in parameters):
+            return False
+        trainer = self._trainer  # None when the module is used without a Trainer
+        if trainer is not None and trainer.gradient_clip_val and str(trainer.precision).startswith("16"):
+            return False
+        return True
 
     def _tower_depths(self) -> dict[str, int]:
         """With --layer_decay, each tower parameter's depth below the top of its tower; else nothing."""

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -35,11 +36,21 @@ from clipsearch.store import (
 
 logger = logging.getLogger(__name__)
 
-# Scores of a query batch against the whole collection are held at once only below this size;
-# above it the collection is scanned in chunks whose partial top-k lists are merged.
-DEFAULT_MAX_SCORE_BYTES = 256 * 2**20
-# Rows of an fp16 collection widened to fp32 at a time for multi-query scoring: 16 MB at 512-d.
-UPCAST_SLAB_ROWS = 8192
+# Scores are made and reduced one block of rows at a time: a block's [rows, queries] scores (16 MB)
+# stay in the CPU's last-level cache while the top-k reads them, and no query batch ever allocates
+# (and page-faults in) a score matrix over the whole collection. Holding 64 queries' scores over
+# 1M rows at once took 256 MB, whose first touch, and a top-k over it by torch's threads while
+# numpy's BLAS threads still spun from the product, cost 0.3 s of a 0.88 s search (issue 32).
+DEFAULT_MAX_SCORE_BYTES = 16 * 2**20
+# Rows of a block that compete as one group in its top-k: the best k groups by their largest
+# score hold the block's best k rows, so only k groups' rows are read again (see _block_candidates).
+TOP_K_GROUP = 16
+# Rows of an fp16 collection widened to fp32 at a time for several queries: 8 MB at 512-d.
+UPCAST_SLAB_ROWS = 4096
+# One fp16 query is scored by torch's fp16 matrix-vector product, whose scores are rounded to
+# fp16; this many times top_k candidates (plus a few) are then scored again in fp32.
+FP16_CANDIDATE_FACTOR = 2
+FP16_EXTRA_CANDIDATES = 16
 # With per-row biases (querybank) an index's ranking is not the biased one, so it is asked for
 # max(BIAS_CANDIDATE_FACTOR * top_k, BIAS_MIN_CANDIDATES) candidates, which the biases re-rank. On
 # Flickr8k dev the biases spread over 0.2 of a cosine (std 0.03); the biased top-1, 5, 10 and 25 of
@@ -74,12 +85,19 @@ class Hit:
 class Searcher:
     """Pure search: unit-length embeddings in, ranked hits out. Scores are cosine similarities.
 
-    fp32 collections are stored transposed, one column per image ([dim, count]), and scored with
-    numpy's OpenBLAS: its vector-matrix and matrix-matrix kernels stream that layout over all cores
-    at memory speed (1M x 512, one query: the time of one read of the matrix), where torch's MKL
-    path took twice as long for one query and 1.6x for 64 (benchmarks/profile_search.py). fp16
-    collections stay row-major: CPU BLAS has no fast fp16 vector-matrix kernel, but torch.mv's
-    fp16 path reads the half-size matrix faster than any fp32 scan.
+    The collection is scored a block of rows at a time, each block reduced to its best rows while
+    it is in cache, by one library per layout so that two thread pools never take turns:
+
+    - fp32 collections are stored transposed, one column per image ([dim, count]), and scored
+      with numpy's OpenBLAS: its vector-matrix and matrix-matrix kernels stream that layout over
+      all cores (1M x 512, one query: the fastest read of the matrix any method achieved, faster
+      than a plain sum; benchmarks/profile_search.py);
+    - fp16 collections stay row-major (a memory-mapped store is searched in place) and are scored
+      with torch: one query by ATen's fp16 matrix-vector product, which reads the half-size matrix
+      at memory speed, several by widening slabs of rows to fp32 for MKL's matrix product (CPU
+      BLAS has no fast fp16 kernel).
+
+    The block top-k runs in numpy on one thread (`_RunningTopK`).
     """
 
     def __init__(
@@ -136,23 +154,54 @@ class Searcher:
         return self.storage.T if self.column_major else self.storage
 
     def scores(self, queries: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
-        """Inner products [q, end - start] of `queries` (already in the storage dtype) with rows start..end."""
-        if self.column_major:
-            columns = self.storage[:, start:end].numpy()  # a strided view: BLAS reads it in place
-            return torch.from_numpy(queries.contiguous().numpy() @ columns)
-        rows = self.storage[start:end]
-        if queries.shape[0] == 1:
-            return torch.mv(rows, queries[0]).unsqueeze(0)
-        # Many queries against fp16 rows: ATen's half-precision GEMM is slow on CPUs, so each slab
-        # of rows is widened to fp32 and multiplied in torch (1M x 512, 64 queries: 0.87 s against
-        # 1.8 s). Mixing in numpy here is far slower: OpenBLAS's and torch's thread pools, taking
-        # turns slab by slab, spin against each other on few cores.
-        queries = queries.float()
-        out = torch.empty(queries.shape[0], rows.shape[0])
-        for slab_start in range(0, rows.shape[0], UPCAST_SLAB_ROWS):
-            slab = rows[slab_start : slab_start + UPCAST_SLAB_ROWS]
-            torch.mm(queries, slab.float().T, out=out[:, slab_start : slab_start + slab.shape[0]])
+        """Inner products [q, end - start] of unit-length `queries` with rows start..end, in fp32."""
+        end = len(self) if end is None else end
+        out = torch.empty(queries.shape[0], end - start)
+        for first, block in self.score_blocks(queries, start, end):
+            out[:, first - start : first - start + block.shape[0]] = torch.from_numpy(block).T
         return out
+
+    def score_blocks(self, queries: torch.Tensor, start: int = 0, end: int | None = None,
+                     bias: torch.Tensor | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """The scores of unit-length `queries` [q, d] against rows start..end, one block of rows at a
+        time: (first row, fp32 array [rows, q], plus `bias` [count] of those rows when given).
+
+        The array is reused for the next block: read it before asking for the next. One query
+        against an fp16 collection gives fp16-rounded scores (see `exact_top_k`).
+        """
+        end = len(self) if end is None else end
+        query_count = queries.shape[0]
+        block_rows = max(1, min(self.max_score_bytes // (4 * query_count), end - start))
+        buffer = np.empty((block_rows, query_count), dtype=np.float32)
+        bias_values = None if bias is None else bias.detach().float().cpu().numpy()
+        if self.column_major:
+            columns = self.storage.numpy()
+            query_values = queries.float().contiguous().numpy()
+        else:
+            queries = queries.float().contiguous()
+            slab = torch.empty(min(UPCAST_SLAB_ROWS, block_rows), self.dim) if query_count > 1 else None
+            half_query = queries[0].to(self.storage.dtype)
+        for first in range(start, end, block_rows):
+            last = min(end, first + block_rows)
+            block = buffer[: last - first]
+            if self.column_major and query_count == 1:
+                # A vector-matrix product: OpenBLAS's fastest read of the [dim, count] layout.
+                np.matmul(query_values[0], columns[:, first:last], out=block[:, 0])
+            elif self.column_major:
+                np.matmul(columns[:, first:last].T, query_values.T, out=block)
+            elif query_count == 1:
+                torch.from_numpy(block).view(-1).copy_(torch.mv(self.storage[first:last], half_query))
+            else:
+                # ATen's fp16 matrix product is slow on CPUs: widen a slab, multiply in fp32 (MKL).
+                scores = torch.from_numpy(block)
+                for slab_first in range(first, last, slab.shape[0]):
+                    rows = self.storage[slab_first : min(last, slab_first + slab.shape[0])]
+                    wide = slab[: rows.shape[0]]
+                    wide.copy_(rows)
+                    torch.mm(wide, queries.T, out=scores[slab_first - first : slab_first - first + rows.shape[0]])
+            if bias_values is not None:
+                block += bias_values[first:last, None]
+            yield first, block
 
     @classmethod
     def from_collection(cls, collection, index=None, *, fold_duplicates: bool = False, **searcher_options) -> Searcher:
@@ -260,43 +309,74 @@ class Searcher:
 
     def exact_top_k(self, queries: torch.Tensor, top_k: int,
                     bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores and rows of the exact top-k by inner product (plus `bias` [count] when given);
-        memory stays under `max_score_bytes`."""
-        queries = queries.to(self.storage.dtype)
+        """Scores [q, top_k] and rows of the exact top-k by inner product (plus `bias` [count] when
+        given), best first; memory for scores stays under `max_score_bytes`."""
+        top_k = min(top_k, len(self))
+        if top_k <= 0:
+            return torch.empty(queries.shape[0], 0), torch.empty(queries.shape[0], 0, dtype=torch.long)
+        rescore = not self.column_major and queries.shape[0] == 1
+        # fp16-rounded scores may swap rows closer than the rounding: take a few more, then rescore them.
+        candidates = min(len(self), FP16_CANDIDATE_FACTOR * top_k + FP16_EXTRA_CANDIDATES) if rescore else top_k
+        best = _RunningTopK(candidates, queries.shape[0])
+        for first, block in self.score_blocks(queries, bias=bias):
+            best.add(block, first)
+        scores, rows = best.result()
+        if rescore:
+            exact = self.storage[rows[0]].float() @ queries[0].float()
+            if bias is not None:
+                exact += bias[rows[0]].float()
+            order = exact.topk(top_k).indices
+            return exact[order][None], rows[:, order]
+        return scores, rows
 
-        def scored(block: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
-            scores = self.scores(block, start, end).float()
-            return scores if bias is None else scores.add_(bias[start:end])
 
-        count, query_count = len(self), queries.shape[0]
-        if query_count * count * 4 <= self.max_score_bytes:
-            # One BLAS call over the whole matrix: the scan is bound by memory bandwidth, a single
-            # query pays no per-chunk Python overhead, and the scores come out row-major, so top-k
-            # runs along contiguous memory.
-            best_scores, best_rows = scored(queries).topk(top_k, dim=1)
-            return best_scores, best_rows
-        # Too many scores at once: take query blocks, and scan the collection in row chunks,
-        # keeping a running top-k per query. Blocks keep chunks at least a few thousand rows long.
-        query_block = max(1, min(query_count, self.max_score_bytes // (4 * 4096)))
-        rows_per_chunk = max(1, self.max_score_bytes // (4 * query_block))
-        all_scores, all_rows = [], []
-        for query_start in range(0, query_count, query_block):
-            block = queries[query_start : query_start + query_block]
-            best_scores = best_rows = None
-            for row_start in range(0, count, rows_per_chunk):
-                chunk_scores = scored(block, row_start, row_start + rows_per_chunk)
-                chunk_best, chunk_rows = chunk_scores.topk(min(top_k, chunk_scores.shape[1]), dim=1)
-                chunk_rows += row_start
-                if best_scores is None:
-                    best_scores, best_rows = chunk_best, chunk_rows
-                else:
-                    merged_scores = torch.cat([best_scores, chunk_best], dim=1)
-                    merged_rows = torch.cat([best_rows, chunk_rows], dim=1)
-                    best_scores, order = merged_scores.topk(min(top_k, merged_scores.shape[1]), dim=1)
-                    best_rows = merged_rows.gather(1, order)
-            all_scores.append(best_scores)
-            all_rows.append(best_rows)
-        return torch.cat(all_scores), torch.cat(all_rows)
+class _RunningTopK:
+    """The best `k` scores of each query, and their rows, from blocks of scores [rows, queries] (numpy).
+
+    One thread does it: between the blocks' matrix products, torch's or OpenBLAS's threads would
+    only wake to contend with the other library's, still spinning from its product. Kept per
+    query ([queries, k]), so every partition runs along contiguous memory.
+    """
+
+    def __init__(self, k: int, query_count: int):
+        self.k = k
+        self.scores = np.empty((query_count, 0), dtype=np.float32)
+        self.rows = np.empty((query_count, 0), dtype=np.int64)
+
+    def add(self, block: np.ndarray, first_row: int) -> None:
+        scores, rows = _block_candidates(block, self.k)
+        scores = np.concatenate([self.scores, scores], axis=1)
+        rows = np.concatenate([self.rows, rows + first_row], axis=1)
+        if scores.shape[1] > self.k:
+            keep = np.argpartition(scores, scores.shape[1] - self.k, axis=1)[:, -self.k :]
+            scores, rows = np.take_along_axis(scores, keep, 1), np.take_along_axis(rows, keep, 1)
+        self.scores, self.rows = scores, rows
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores and rows [queries, k], best first."""
+        order = np.argsort(-self.scores, axis=1, kind="stable")
+        scores, rows = np.take_along_axis(self.scores, order, 1), np.take_along_axis(self.rows, order, 1)
+        return torch.from_numpy(scores), torch.from_numpy(rows)
+
+
+def _block_candidates(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of `block` [rows, queries] among which each query's best k lie: scores and block rows, [queries, m].
+
+    The rows form groups of TOP_K_GROUP (row j with rows j + g, j + 2g, ...: whole slices, so the
+    maxima are one vectorised pass); a query's best k rows lie in its k groups with the largest
+    maxima, since a group outside them is beaten k times over. Only those groups' rows are read
+    again.
+    """
+    rows, queries = block.shape
+    groups = rows // TOP_K_GROUP
+    if groups <= 2 * k:  # a small block: every row is a candidate
+        return np.ascontiguousarray(block.T), np.broadcast_to(np.arange(rows), (queries, rows)).copy()
+    maxima = block[: groups * TOP_K_GROUP].reshape(TOP_K_GROUP, groups, queries).max(axis=0)
+    best_groups = np.argpartition(np.ascontiguousarray(maxima.T), groups - k, axis=1)[:, -k:]  # [queries, k]
+    candidate_rows = (best_groups[:, :, None] + groups * np.arange(TOP_K_GROUP)).reshape(queries, -1)
+    tail = np.broadcast_to(np.arange(groups * TOP_K_GROUP, rows), (queries, rows - groups * TOP_K_GROUP))
+    candidate_rows = np.concatenate([candidate_rows, tail], axis=1)
+    return block[candidate_rows, np.arange(queries)[:, None]], candidate_rows
 
 
 def image_file(path: str, kind: str = ROWS_IMAGES) -> str:

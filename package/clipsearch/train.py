@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import os
@@ -46,7 +45,7 @@ from clipsearch.result_panel import ResultPanel
 from clipsearch.sample_data import prepare_default_sample
 from clipsearch.tables import find_table, is_webdataset_path, read_table
 from clipsearch.train_config import RESUME_CHOICES, TrainConfig
-from clipsearch.training_order import ResumableLoader, ResumableSampler
+from clipsearch.training_order import ResumableLoader, ResumableSampler, seed_generators
 from clipsearch.webdataset_source import make_webdataset
 
 logger = logging.getLogger(__name__)
@@ -111,7 +110,7 @@ class ReproducibleSteps(Callback):
         self.sampler = sampler
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        torch.manual_seed(self.seed * 1_000_003 + trainer.global_step * 1_009 + trainer.global_rank)
+        seed_generators(self.seed * 1_000_003 + trainer.global_step * 1_009 + trainer.global_rank, module.device)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if self.sampler is not None:
@@ -130,9 +129,11 @@ class DurableCheckpointIO(TorchCheckpointIO):
 
     Lightning stages a checkpoint in $TMPDIR and moves it into place: across filesystems the move
     is a copy into the final name, which a kill or a full disk cuts short (a truncated last.ckpt
-    that blocks resuming, and a temporary left in $TMPDIR). Here the file is serialised in memory,
-    written beside its final name, flushed and renamed; a full disk is one line naming the folder.
-    Before last.ckpt is replaced, the current one becomes last-previous.ckpt (a hard link: no copy).
+    that blocks resuming, and a temporary left in $TMPDIR). Here the file is serialised straight
+    into a temporary beside its final name (not into memory first, which would add the whole
+    checkpoint to the run's peak memory), flushed and renamed; a full disk is one line naming the
+    folder. Before last.ckpt is replaced, the current one becomes last-previous.ckpt (a hard link:
+    no copy).
     """
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
@@ -140,11 +141,22 @@ class DurableCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
         if path.name == LAST_CHECKPOINT and path.is_file():
             keep_as_previous(path)
-        atomic_write(path, buffer.getbuffer())
+        tensor_bytes = sum(value.nbytes for value in _tensors(checkpoint))
+        atomic_write(path, lambda stream: torch.save(checkpoint, stream), size_hint=tensor_bytes)
+
+
+def _tensors(value):
+    """Every tensor inside nested dicts, lists and tuples (a checkpoint's weights and optimiser state)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _tensors(item)
 
 
 def keep_as_previous(last: Path) -> None:
@@ -204,6 +216,15 @@ def set_aside_unreadable(run_dir: Path, resume_from: str | None) -> None:
     os.replace(last, aside)
     print(f"warning: the unreadable checkpoint is kept as {aside}; delete it when you no longer need it",
           file=sys.stderr, flush=True)
+
+
+class PeriodicLastCheckpoint(ModelCheckpoint):
+    """Lightning's last.ckpt every --checkpoint_every_steps, without its own save when fit ends: the
+    run writes the final last.ckpt once fit has returned (`_finish_run`), and a second copy of the
+    weights and optimiser state just before it only cost a serialisation and an fsync."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        pass
 
 
 class ThroughputLogger(Callback):
@@ -549,7 +570,7 @@ def run_training(config: TrainConfig, build: Callable[[object], ModelBundle]) ->
     best_checkpoint = ModelCheckpoint(dirpath=run_dir, filename="best", monitor="val/mean_recall", mode="max",
                                       save_top_k=1, save_weights_only=True, enable_version_counter=False,
                                       auto_insert_metric_name=False)
-    last_checkpoint = ModelCheckpoint(dirpath=run_dir, save_top_k=0, save_last=True,
+    last_checkpoint = PeriodicLastCheckpoint(dirpath=run_dir, save_top_k=0, save_last=True,
                                       every_n_train_steps=config.checkpoint_every_steps, enable_version_counter=False)
     sampler = train_loader.sampler if isinstance(train_loader, ResumableLoader) else None
     callbacks = [ThroughputLogger(config.log_every_n_steps), ReproducibleSteps(config.seed, sampler)]

@@ -107,10 +107,11 @@ def add_training_args(parser: argparse.ArgumentParser, pretrained_towers: bool =
     trainer.add_argument("--precision", default=None, choices=PRECISIONS,
                          help="32, 16-mixed (CUDA) or bf16-mixed; native torch AMP, no apex "
                               "(default: 16-mixed on CUDA, else 32)")
-    trainer.add_argument("--cpu_image_slice", type=positive_int, default=CPU_TRAIN_IMAGE_SLICE,
+    trainer.add_argument("--cpu_image_slice", type=positive_int, default=None,
                          help="on a CPU, train the image tower on this many images of a batch at a time, which is "
-                              "faster there; a trained BatchNorm normalises each slice on its own, as under DDP "
-                              "(GPUs take the whole batch)")
+                              "faster there for convolutional towers; a trained BatchNorm normalises each slice on "
+                              f"its own, as under DDP (default: {CPU_TRAIN_IMAGE_SLICE}, or the whole batch for a "
+                              "ViT; GPUs take the whole batch)")
     trainer.add_argument("--val_check_interval", type=positive_float, default=None,
                          help="validate every N steps (>= 1) or fraction of an epoch (< 1) "
                               f"(default: 5 times per run, at most every {MIN_VAL_INTERVAL} steps; the last step always)")

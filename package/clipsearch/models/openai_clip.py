@@ -10,9 +10,13 @@ from pathlib import Path
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from open_clip.model import resize_pos_embed, resize_text_pos_embed
+from open_clip.transformer import VisionTransformer
+from torch import nn
 
 from clipsearch.models.bundle import SPEC_VERSION
+from clipsearch.models.pooled_towers import encode_pooled_image, encode_pooled_text, image_fits, text_fits
 from clipsearch.models.registry import register_family
 from clipsearch.models.transforms import OPENAI_MEAN, OPENAI_STD
 
@@ -80,6 +84,18 @@ def openai_clip_spec(
     }
 
 
+class QuickGELU(nn.Module):
+    """OpenAI's activation x * sigmoid(1.702 x), computed as SiLU(1.702 x) / 1.702.
+
+    The same function (up to float rounding), but SiLU is one kernel forward and one backward,
+    where open_clip's form runs three and keeps two activations of every MLP for the backward
+    pass instead of one.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(x * 1.702) / 1.702
+
+
 class OpenAICLIP(open_clip.CLIP):
     """open_clip's CLIP, telling the trainer which of its parameters start untrained."""
 
@@ -87,6 +103,31 @@ class OpenAICLIP(open_clip.CLIP):
     # Unannotated on purpose: a class annotation here would hide open_clip's `output_dict: Final`
     # from TorchScript, which OpenAI-format archives are written with.
     towers_pretrained = False
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """open_clip's text features, computed only as far as the batch's longest caption (pooled_towers.py)."""
+        if not text_fits(self):
+            return super().encode_text(text, normalize)
+        features = encode_pooled_text(self, text)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """open_clip's image features; a ViT's last block runs at its class token only (pooled_towers.py)."""
+        if not image_fits(self.visual):
+            return super().encode_image(image, normalize)
+        features = encode_pooled_image(self.visual, image)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def __prepare_scriptable__(self) -> open_clip.CLIP:
+        """What torch.jit.script compiles: open_clip's own CLIP over the same weights, since TorchScript
+        cannot follow the pooled forward passes (OpenAI-format archives are scripted models)."""
+        plain = copy.copy(self)  # shares parameters and buffers
+        plain.__class__ = open_clip.CLIP
+        return plain
+
+    def whole_batch_on_cpu(self) -> bool:
+        """A ViT trains its whole batch at once on a CPU (train_config.CPU_TRAIN_IMAGE_SLICE); a ResNet in slices."""
+        return isinstance(self.visual, VisionTransformer)
 
     def new_parameter_names(self) -> set[str]:
         """From scratch, every parameter; finetuning released weights, the projections into the shared
@@ -131,6 +172,10 @@ def build_openai_clip(spec: dict):
         text_cfg=config["text_cfg"],
         quick_gelu=spec["quick_gelu"],
     )
+    for block in model.modules():  # open_clip's QuickGELU modules, in every MLP of both towers
+        mlp = getattr(block, "mlp", None)
+        if isinstance(getattr(mlp, "gelu", None), open_clip.transformer.QuickGELU):
+            mlp.gelu = QuickGELU()
     if isinstance(config["vision_cfg"]["layers"], list | tuple):
         # ResNet towers: NHWC convolutions run about twice as fast on the CPU (see image_tower.py).
         model.visual.to(memory_format=torch.channels_last)

@@ -13,7 +13,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipsearch.store import list_shards, load_collection, order_fingerprint, read_json, write_json
+from clipsearch.store import (
+    EncodingMismatchError,
+    list_shards,
+    order_fingerprint,
+    read_catalog,
+    read_json,
+    write_json,
+)
 
 STORE_DIR = "consolidated"
 MATRIX_FILE = "embeddings.f16"
@@ -65,12 +72,28 @@ def source_fingerprint(emb_path: str | os.PathLike) -> str:
 
 
 def _live_rows(emb_path: Path) -> Iterator[tuple[list[str], torch.Tensor]]:
-    """(paths, embeddings) of the collection's live rows (updates applied, deletions dropped), in row order.
+    """(paths, embeddings) chunks of the collection's live rows (updates applied, deletions dropped), in row order.
 
-    Read once in fp16: the build holds the collection at half size for the time of the write.
+    The shards stay memory-mapped and rows are gathered WRITE_ROWS at a time, so a collection larger
+    than memory consolidates in the memory of one chunk (plus the catalog of paths).
     """
-    collection = load_collection(emb_path, dtype=torch.float16)
-    yield collection.paths, collection.embeddings
+    catalog = read_catalog(emb_path)
+    locations = list(catalog.rows.values())
+    for start in range(0, len(locations), WRITE_ROWS):
+        block = locations[start : start + WRITE_ROWS]
+        shard_numbers = torch.tensor([number for number, _ in block])
+        rows = torch.tensor([row for _, row in block])
+        chunk = None
+        for number in shard_numbers.unique().tolist():
+            embeddings = catalog.loaded[number]["emb"]
+            if chunk is None:
+                chunk = torch.empty(len(block), embeddings.shape[1])
+            elif embeddings.shape[1] != chunk.shape[1]:
+                raise EncodingMismatchError(f"shard {catalog.shards[number]} has {embeddings.shape[1]}-d embeddings after "
+                                            f"{chunk.shape[1]}-d ones; one folder must hold one model's embeddings")
+            chosen = shard_numbers == number
+            chunk[chosen] = embeddings[rows[chosen]].float()
+        yield [str(catalog.loaded[number]["path"][row]) for number, row in block], chunk
 
 
 def write_store(folder: str | os.PathLike, chunks: Iterable[tuple[list[str], torch.Tensor]], source: str) -> ConsolidatedStore:

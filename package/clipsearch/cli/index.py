@@ -123,7 +123,7 @@ def consolidated_store(emb_path: str, rank: int = 0):
             return consolidate(emb_path)
         wait_for(lambda: open_store(emb_path) is not None, f"rank 0 to consolidate {emb_path}", WAIT_SECONDS)
         return open_store(emb_path)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:  # no shards, unreadable shards, no live rows
         raise UserError(str(error)) from None
 
 

@@ -53,9 +53,10 @@ MIN_BUILD_MEMORY = 256 * 2**20
 RERANK_FACTORS = (10, 20, 40, 80)
 RERANK_FACTOR = RERANK_FACTORS[0]
 # What re-scoring one candidate costs, in bytes of codes scanned for the same time: a random
-# 1 KB row read from the mapped store and a 512-d dot product. Weighs nprobe against re-rank depth
-# when the tuning picks the cheapest setting that reaches the target (bench_index.py --part costs).
-RERANK_ROW_COST = 4_096
+# 1 KB row read from the mapped store (in the page cache) and a 512-d dot product. On 200k x 512,
+# IVF1024,PQ256, one query at a time on 2 cores: 1.5 ns a code byte, 3.6 to 4 us a re-scored row.
+# Weighs nprobe against re-rank depth when the tuning picks the cheapest setting.
+RERANK_ROW_COST = 2_500
 TARGET_RECALL = 0.95
 # Captions of everyday photos (written for this project) that stand in for a collection's own when
 # it has none: text queries in the text cone, which is what the tuning needs.
@@ -167,8 +168,8 @@ def chunk_rows_within(budget: float, dim: int) -> int:
 
 
 def training_bytes(train_rows: int, dim: int) -> int:
-    """The training sample in fp32 and faiss's copy of its residuals (for the codebooks)."""
-    return 2 * train_rows * dim * 4
+    """The training sample as read (fp16) and in fp32, and faiss's residuals of it (for the codebooks)."""
+    return 3 * train_rows * dim * 4
 
 
 def build_memory(plan: Plan, count: int, dim: int, max_memory: int | None, held_out: int = 0,
@@ -195,7 +196,7 @@ def build_memory(plan: Plan, count: int, dim: int, max_memory: int | None, held_
             f"(its {plan.nlist:,} centroids and codebooks, and {least:,} training rows); --max_memory "
             f"{max_memory / 2**20:,.1f} MB is too small: raise it, or lower --nlist"
         )
-    train_rows = int(min(wanted, free // (2 * dim * 4)))
+    train_rows = int(min(wanted, free // (3 * dim * 4)))
     return BuildMemory(train_rows, chunk_rows, free)
 
 
@@ -824,6 +825,7 @@ def build_index_in_parts(embeddings, order_fingerprint: str, index_path: str | o
     identity = _digest(order_fingerprint, plan.factory, count, held, memory.train_rows, world_size, options.seed)
     trained_path, queries_path, trained_record = folder / "trained.faiss", folder / "queries.npz", folder / "trained.json"
     text = _text_queries(options) if rank == 0 else None
+    phases: dict = {}  # seconds of each step, for the record (and for sizing larger builds)
 
     def trained() -> dict | None:
         record = read_json(trained_record)
@@ -838,7 +840,9 @@ def build_index_in_parts(embeddings, order_fingerprint: str, index_path: str | o
         if record is None:
             for stale in folder.iterdir():  # another run's parts (other rows, layout or ranks)
                 stale.unlink()
+            training_started = time.perf_counter()
             _write_index_file(train_index(embeddings, plan, train_rows), trained_path)
+            phases["train"] = round(time.perf_counter() - training_started, 1)
         if record is None or record.get("queries") != queries_digest:
             _save_arrays(queries_path, queries=stacked)
             write_json(trained_record, {"identity": identity, "queries": queries_digest, "train_rows": len(train_rows)})
@@ -856,6 +860,8 @@ def build_index_in_parts(embeddings, order_fingerprint: str, index_path: str | o
     wait_for(lambda: all((read_json(path) or {}).get("identity") == identity for path in ranks),
               f"every rank's parts in {folder}", wait_seconds)
     records = [read_json(path) for path in ranks]
+    phases["add_by_rank"] = [done.get("add_seconds") for done in records]
+    merge_started = time.perf_counter()
     lists_name = f"{index_path.stem}.{os.urandom(4).hex()}{IVFDATA_SUFFIX}"
     serving = (read_json(info_path_of(index_path)) or {}).get("ivfdata")  # the index search may have open now
     for orphan in index_path.parent.glob(f"{index_path.stem}.*{IVFDATA_SUFFIX}"):  # merges a kill interrupted
@@ -872,11 +878,14 @@ def build_index_in_parts(embeddings, order_fingerprint: str, index_path: str | o
             start, end = rank_slice(count, other, world_size)
             truth_parts.append(add_rows(None, embeddings, start, end, memory.chunk_rows, stacked, min(TOP_K + 1, count)))
     truth_rows = _merge_truth(truth_parts, min(TOP_K + 1, count)) if len(stacked) else None
+    phases["merge"] = round(time.perf_counter() - merge_started, 1)
+    recall_started = time.perf_counter()
     built = _new_built(options, plan, count, dim, order_fingerprint, merged, int(record["train_rows"]))
     built.info.update(ivfdata=lists_name,
                       built_in_parts={"ranks": world_size, "parts": sum(len(done["parts"]) for done in records)})
     record_recall(built, image_rows, text, _split_truth(truth_rows, image_rows), options)
-    built.info["build_seconds"] = round(time.perf_counter() - started, 2)
+    phases["recall"] = round(time.perf_counter() - recall_started, 1)
+    built.info.update(phase_seconds=phases, build_seconds=round(time.perf_counter() - started, 2))
     built.save(index_path)
     shutil.rmtree(folder)
     return built
@@ -887,6 +896,7 @@ def _add_part(embeddings, trained_path: Path, queries_path: Path, folder: Path, 
     """Add this rank's rows to copies of the trained index, writing each as a part once its lists fill one."""
     import faiss
 
+    started = time.perf_counter()
     index = faiss.read_index(str(trained_path))
     ivf = faiss.extract_index_ivf(index)
     with np.load(queries_path) as saved:
@@ -907,4 +917,5 @@ def _add_part(embeddings, trained_path: Path, queries_path: Path, folder: Path, 
     if truth is not None:
         _save_arrays(folder / f"truth-{rank}.npz", scores=truth[0], rows=truth[1])
     write_json(folder / f"rank-{rank}.json",
-               {"identity": identity, "queries": record["queries"], "rows": [start, end], "parts": parts})
+               {"identity": identity, "queries": record["queries"], "rows": [start, end], "parts": parts,
+                "add_seconds": round(time.perf_counter() - started, 1)})

@@ -113,6 +113,20 @@ def ranks_from_env(env) -> tuple[int, int]:
     return 0, 1
 
 
+def share_cores(env, world_size: int) -> None:
+    """Ranks started on one machine (torchrun's LOCAL_WORLD_SIZE, srun's SLURM_STEP_TASKS_PER_NODE) split its
+    cores: faiss's and torch's threads, oversubscribed, slow every rank down."""
+    local = next((env[name].split("(")[0] for name in ("LOCAL_WORLD_SIZE", "SLURM_STEP_TASKS_PER_NODE")
+                  if env.get(name, "").split("(")[0].isdigit()), "1")
+    if world_size > 1 and int(local) > 1:
+        import faiss
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // int(local))
+        faiss.omp_set_num_threads(threads)
+        torch.set_num_threads(threads)
+
+
 def consolidated_store(emb_path: str, rank: int = 0):
     """The folder's memory-mapped fp16 store: rank 0 builds it first if the shards changed, other ranks wait for it."""
     from clipsearch.index import WAIT_SECONDS, wait_for
@@ -238,6 +252,7 @@ def main(argv: list[str]):
     args = parse_args(argv)
     rank, world_size = ranks_from_env(os.environ)
     logging.basicConfig(level=logging.INFO, format=f"rank {rank}: %(message)s" if world_size > 1 else "%(message)s")
+    share_cores(os.environ, world_size)
     store = consolidated_store(args.emb_path, rank)
     in_parts = check_budget(args, len(store), store.dim, world_size)
     from clipsearch.index import INDEX_FILE, build_index, build_index_in_parts

@@ -255,9 +255,19 @@ class FaissIndex:
             self.info["params"]["rerank_factor"] = int(rerank_factor)
         self.configure()
 
+    def _faiss_search(self, queries: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        if self.kind in IVF_KINDS:
+            # faiss splits a batch over its threads by query; fewer queries than threads are split
+            # by inverted list instead, or one core scans every list alone (200k x 512, IVF1024,SQ8,
+            # nprobe 128, one query on 2 cores: 1.4 ms against 2.45 ms, same answers).
+            faiss.extract_index_ivf(self.index).parallel_mode = 1 if len(queries) < faiss.omp_get_max_threads() else 0
+        return self.index.search(queries, int(count))
+
     def candidates(self, queries: np.ndarray, count: int) -> np.ndarray:
         """Row ids of the index's own best `count` answers (before any re-rank), best first."""
-        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), int(count))[1]
+        return self._faiss_search(np.ascontiguousarray(queries, dtype=np.float32), count)[1]
 
     def search(self, queries: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
         """Inner-product scores and row ids, best first; rows faiss could not fill are -1."""
@@ -266,7 +276,7 @@ class FaissIndex:
             # HNSW needs at least top_k candidates in its beam to return top_k results.
             self.index.hnsw.efSearch = max(int(self.info["params"]["ef_search"]), int(top_k))
         if not self.reranks:
-            return self.index.search(queries, int(top_k))
+            return self._faiss_search(queries, top_k)
         candidates = self.candidates(queries, int(top_k) * int(self.info["params"]["rerank_factor"]))
         return rerank(queries, candidates, self.rerank_rows, int(top_k))
 

@@ -58,6 +58,9 @@ RERANK_FACTOR = RERANK_FACTORS[0]
 # Weighs nprobe against re-rank depth when the tuning picks the cheapest setting.
 RERANK_ROW_COST = 2_500
 TARGET_RECALL = 0.95
+# A doubling of nprobe that adds less recall than this (at the deepest re-rank) means the codes
+# limit recall: the tuning stops there.
+RECALL_PLATEAU = 0.002
 # Captions of everyday photos (written for this project) that stand in for a collection's own when
 # it has none: text queries in the text cone, which is what the tuning needs.
 GENERIC_CAPTIONS = Path(__file__).with_name("generic_captions.txt")
@@ -560,24 +563,30 @@ def tune_search(index: FaissIndex, queries: Queries, exact_rows: np.ndarray, tar
     """The cheapest nprobe (powers of two) and re-rank depth whose recall@k on `queries` reaches `target`.
 
     Leaves the index set to it (to the best recall found when nothing reaches the target) and
-    returns every setting tried with its recall. nprobe grows until the shallowest depth reaches
-    the target: beyond that, every setting costs more than one already found.
+    returns every setting tried with its recall. nprobe doubles until no larger one can be cheaper
+    than a setting found, or the deepest re-rank gains less than RECALL_PLATEAU from a doubling
+    while short of the target: then the codes, not the lists scanned, limit recall, and scanning
+    every list of a large index (hours at 1B) would only confirm it.
     """
     nlist = faiss_nlist(index)
     tried: list[dict] = []
-    nprobe = 1
-    while True:
-        probe = min(nprobe, nlist)
-        index.set_nprobe(probe)
-        found = _recall_by_depth(index, queries, exact_rows, top_k)
-        tried += [{"nprobe": probe, "rerank_factor": factor, "recall_at_10": round(recall, 4)} for factor, recall in found]
-        if found[0][1] >= target or probe >= nlist:
-            break
-        nprobe *= 2
 
     def cost(setting: dict) -> float:
         return search_cost(index, setting["nprobe"], setting["rerank_factor"], top_k)
 
+    nprobe, deepest = 1, None
+    while True:
+        probe = min(nprobe, nlist)
+        index.set_nprobe(probe)
+        found = [{"nprobe": probe, "rerank_factor": factor, "recall_at_10": round(recall, 4)}
+                 for factor, recall in _recall_by_depth(index, queries, exact_rows, top_k)]
+        tried += found
+        cheapest = min((cost(setting) for setting in tried if setting["recall_at_10"] >= target), default=math.inf)
+        following = {**found[0], "nprobe": min(2 * probe, nlist)}
+        stalled = deepest is not None and found[-1]["recall_at_10"] - deepest < RECALL_PLATEAU
+        if probe >= nlist or cost(following) >= cheapest or (stalled and cheapest == math.inf):
+            break
+        nprobe, deepest = 2 * probe, found[-1]["recall_at_10"]
     reaching = [setting for setting in tried if setting["recall_at_10"] >= target]
     best = min(reaching, key=cost) if reaching else max(tried, key=lambda setting: (setting["recall_at_10"], -cost(setting)))
     index.set_nprobe(best["nprobe"], best["rerank_factor"])

@@ -76,8 +76,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                        help="build in parts into on-disk inverted lists even when the build fits in memory")
     recall = parser.add_argument_group("recall (queries to measure and tune on)")
     recall.add_argument("--load_model", default=None,
-                        help=LOAD_MODEL_HELP + ", to encode the captions tuned on (default: the model that encoded "
-                        "--emb_path, as its model.json records)")
+                        help="the model that encodes the captions the index is tuned on (default: the one that encoded "
+                        "--emb_path, as its model.json records); " + LOAD_MODEL_HELP)
     add_column_args(recall)
     recall.add_argument("--recall_queries", type=non_negative_int, default=500,
                         help="text queries, and held-out image rows, to measure recall@10 on (0: skip)")

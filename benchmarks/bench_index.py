@@ -72,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--match_autofaiss", action="store_true",
                         help="gap: also build ours with autofaiss's index size as the budget, to compare at equal memory")
     parser.add_argument("--ranks", type=int, default=2, help="parts: processes that build the parts, sharing the cores")
+    parser.add_argument("--nlist", type=int, default=None, help="gap: our IVF lists (default: the index's own, 2*sqrt(N))")
+    parser.add_argument("--skip_rows_tuning", action="store_true",
+                        help="gap: leave out ours tuned on image rows (the old default), to save its build")
     parser.add_argument("--startup_rows", type=int, default=1_000_000, help="rows written as shards to time startup")
     parser.add_argument("--no_autofaiss", action="store_true", help="skip autofaiss (not installed)")
     parser.add_argument("--part_suffix", default="", help="words added to the part's name, so a run at other settings "
@@ -199,12 +202,13 @@ def caption_queries(bundle, source: Path, count: int, listing: str = "Flickr_8k.
 # ---------------------------------------------------------------------------------------------
 
 
-def build_ours(store, folder: Path, max_memory: int | None, tune_queries: np.ndarray | None = None, file: str = "index.faiss"):
+def build_ours(store, folder: Path, max_memory: int | None, tune_queries: np.ndarray | None = None, file: str = "index.faiss",
+               nlist: int | None = None):
     from clipsearch.index import build_index, load_index
 
     started = time.perf_counter()
     index = build_index(store.embeddings, store.order_fingerprint, max_memory=max_memory, rerank_rows=store.rows,
-                        queries=tune_queries)
+                        queries=tune_queries, nlist=nlist)
     build_seconds = time.perf_counter() - started
     index.save(folder / file)
     loaded = load_index(folder / file)  # memory-mapped, re-ranking from the store, as search opens it
@@ -352,16 +356,17 @@ def compare_gap(store, space: ClipLikeSpace, folder: Path, max_memory: int, args
                      "tune_queries": len(tune_texts), "cosines": describe(space)}
     exact_texts, exact_images = ground_truth(store, [texts, images], results)
     searchers = {}
-    for name, tune, file in (("ours, tuned on image rows", None, "index-rows.faiss"),
-                             ("ours, tuned on text queries", tune_texts, "index.faiss")):
-        built, results[name] = build_ours(store, folder, max_memory, tune, file)
+    contenders = (("ours, tuned on image rows", None, "index-rows.faiss"), ("ours, tuned on text queries", tune_texts, "index.faiss"))
+    for name, tune, file in contenders[1:] if args.skip_rows_tuning else contenders:
+        built, results[name] = build_ours(store, folder, max_memory, tune, file, args.nlist)
         searchers[name] = lambda batch, built=built: built.search(batch, TOP_K)[1]
     if not args.no_autofaiss:
         theirs, results["autofaiss"] = build_autofaiss(store, folder, max_memory)
         searchers["autofaiss"] = autofaiss_searcher(theirs)
         if args.match_autofaiss:
             name = "ours, tuned on text queries, autofaiss's memory"
-            built, results[name] = build_ours(store, folder, results["autofaiss"]["bytes"], tune_texts, "index-matched.faiss")
+            built, results[name] = build_ours(store, folder, results["autofaiss"]["bytes"], tune_texts, "index-matched.faiss",
+                                              args.nlist)
             searchers[name] = lambda batch, built=built: built.search(batch, TOP_K)[1]
     searchers["exact (mmap fp16)"] = exact_searcher(store)
     measure(searchers, {"_text": (texts, exact_texts), "_image": (images, exact_images)}, results, args)

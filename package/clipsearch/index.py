@@ -860,7 +860,8 @@ def build_index_in_parts(embeddings, order_fingerprint: str, index_path: str | o
             for stale in folder.iterdir():  # another run's parts (other rows, layout or ranks)
                 stale.unlink()
             training_started = time.perf_counter()
-            _write_index_file(train_index(embeddings, plan, train_rows), trained_path)
+            with _all_cores():
+                _write_index_file(train_index(embeddings, plan, train_rows), trained_path)
             phases["train"] = round(time.perf_counter() - training_started, 1)
         if record is None or record.get("queries") != queries_digest:
             _save_arrays(queries_path, queries=stacked)
@@ -879,35 +880,51 @@ def build_index_in_parts(embeddings, order_fingerprint: str, index_path: str | o
     wait_for(lambda: all((read_json(path) or {}).get("identity") == identity for path in ranks),
               f"every rank's parts in {folder}", wait_seconds)
     records = [read_json(path) for path in ranks]
-    phases["add_by_rank"] = [done.get("add_seconds") for done in records]
-    merge_started = time.perf_counter()
-    lists_name = f"{index_path.stem}.{os.urandom(4).hex()}{IVFDATA_SUFFIX}"
-    serving = (read_json(info_path_of(index_path)) or {}).get("ivfdata")  # the index search may have open now
-    for orphan in index_path.parent.glob(f"{index_path.stem}.*{IVFDATA_SUFFIX}"):  # merges a kill interrupted
-        if orphan.name != serving:
-            orphan.unlink()
-    merged = merge_parts(trained_path, [folder / name for rank_done in records for name in rank_done["parts"]],
-                         index_path.parent / lists_name)
-    truth_parts = []
-    for other, rank_done in enumerate(records if len(stacked) else []):
-        if rank_done.get("queries") == record["queries"]:  # its truth is for these queries
-            with np.load(folder / f"truth-{other}.npz") as truth:
-                truth_parts.append((truth["scores"], truth["rows"]))
-        else:  # finished in an earlier run for other queries: scan its rows here
-            start, end = rank_slice(count, other, world_size)
-            truth_parts.append(add_rows(None, embeddings, start, end, memory.chunk_rows, stacked, min(TOP_K + 1, count)))
-    truth_rows = _merge_truth(truth_parts, min(TOP_K + 1, count)) if len(stacked) else None
-    phases["merge"] = round(time.perf_counter() - merge_started, 1)
-    recall_started = time.perf_counter()
-    built = _new_built(options, plan, count, dim, order_fingerprint, merged, int(record["train_rows"]))
-    built.info.update(ivfdata=lists_name,
-                      built_in_parts={"ranks": world_size, "parts": sum(len(done["parts"]) for done in records)})
-    record_recall(built, image_rows, text, _split_truth(truth_rows, image_rows), options)
-    phases["recall"] = round(time.perf_counter() - recall_started, 1)
-    built.info.update(phase_seconds=phases, build_seconds=round(time.perf_counter() - started, 2))
-    built.save(index_path)
-    shutil.rmtree(folder)
-    return built
+    with _all_cores():  # the other ranks are done
+        phases["add_by_rank"] = [done.get("add_seconds") for done in records]
+        merge_started = time.perf_counter()
+        lists_name = f"{index_path.stem}.{os.urandom(4).hex()}{IVFDATA_SUFFIX}"
+        serving = (read_json(info_path_of(index_path)) or {}).get("ivfdata")  # the index search may have open now
+        for orphan in index_path.parent.glob(f"{index_path.stem}.*{IVFDATA_SUFFIX}"):  # merges a kill interrupted
+            if orphan.name != serving:
+                orphan.unlink()
+        merged = merge_parts(trained_path, [folder / name for rank_done in records for name in rank_done["parts"]],
+                             index_path.parent / lists_name)
+        truth_parts = []
+        for other, rank_done in enumerate(records if len(stacked) else []):
+            if rank_done.get("queries") == record["queries"]:  # its truth is for these queries
+                with np.load(folder / f"truth-{other}.npz") as truth:
+                    truth_parts.append((truth["scores"], truth["rows"]))
+            else:  # finished in an earlier run for other queries: scan its rows here
+                start, end = rank_slice(count, other, world_size)
+                truth_parts.append(add_rows(None, embeddings, start, end, memory.chunk_rows, stacked, min(TOP_K + 1, count)))
+        truth_rows = _merge_truth(truth_parts, min(TOP_K + 1, count)) if len(stacked) else None
+        phases["merge"] = round(time.perf_counter() - merge_started, 1)
+        recall_started = time.perf_counter()
+        built = _new_built(options, plan, count, dim, order_fingerprint, merged, int(record["train_rows"]))
+        built.info.update(ivfdata=lists_name,
+                          built_in_parts={"ranks": world_size, "parts": sum(len(done["parts"]) for done in records)})
+        record_recall(built, image_rows, text, _split_truth(truth_rows, image_rows), options)
+        phases["recall"] = round(time.perf_counter() - recall_started, 1)
+        built.info.update(phase_seconds=phases, build_seconds=round(time.perf_counter() - started, 2))
+        built.save(index_path)
+        shutil.rmtree(folder)
+        return built
+
+
+@contextlib.contextmanager
+def _all_cores():
+    """faiss on every core this process may use, whatever share it had for adding: the other ranks wait
+    for what runs inside (rank 0's training and merge), so their cores are idle."""
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    faiss.omp_set_num_threads(max(threads, usable))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(threads)
 
 
 def _add_part(embeddings, trained_path: Path, queries_path: Path, folder: Path, rank: int, world_size: int,

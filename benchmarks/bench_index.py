@@ -31,7 +31,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -40,6 +42,7 @@ from pathlib import Path
 import common
 import numpy as np
 import torch
+from clip_like import ClipLikeSpace, describe
 from common import interleaved_ms, load_average, machine_lines, median
 
 RESULTS_NAME = "index"
@@ -49,19 +52,29 @@ TOP_K = 10
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("flickr8k", "synthetic", "startup", "report"), required=True,
-                        help="which collection to run; startup: only the startup times on --count generated rows; "
-                             "report: rewrite the BENCHMARKS.md section from the JSON")
+    parser.add_argument("--part", choices=("flickr8k", "synthetic", "gap", "parts", "startup", "report"), required=True,
+                        help="which collection to run; gap: CLIP-like vectors and text queries with a modality gap "
+                             "(benchmarks/clip_like.py); parts: the same, built in parts by --ranks processes into on-disk "
+                             "lists and searched by a fresh process; startup: only the startup times on --count generated "
+                             "rows; report: rewrite the BENCHMARKS.md section from the JSON")
     parser.add_argument("--source", type=Path, default=None,
                         help="flickr8k: the unpacked official Flickr8k download (Flicker8k_Dataset/, Flickr8k.token.txt, "
                              "Flickr_8k.*Images.txt); read in place")
     parser.add_argument("--work_dir", type=Path, default=common.work_dir("index"),
                         help="scratch folder (vectors, indexes, exports), kept between runs to reuse them")
-    parser.add_argument("--count", type=int, default=200_000, help="synthetic: collection size")
-    parser.add_argument("--clusters", type=int, default=2_000, help="synthetic: mixture components")
+    parser.add_argument("--count", type=int, default=200_000, help="synthetic, gap, parts: collection size")
+    parser.add_argument("--clusters", type=int, default=2_000, help="synthetic, gap, parts: mixture components")
     parser.add_argument("--intrinsic_dim", type=int, default=32, help="synthetic: dimension of the subspace")
     parser.add_argument("--max_memory", default=None, help="index budget, e.g. 4GB (default: 200 bytes a vector)")
     parser.add_argument("--queries", type=int, default=1_000, help="queries scored for recall@10")
+    parser.add_argument("--tune_queries", type=int, default=500,
+                        help="gap, parts: text queries (captions of other images than the scored ones) our build tunes on")
+    parser.add_argument("--match_autofaiss", action="store_true",
+                        help="gap: also build ours with autofaiss's index size as the budget, to compare at equal memory")
+    parser.add_argument("--ranks", type=int, default=2, help="parts: processes that build the parts, sharing the cores")
+    parser.add_argument("--nlist", type=int, default=None, help="gap: our IVF lists (default: the index's own, 2*sqrt(N))")
+    parser.add_argument("--skip_rows_tuning", action="store_true",
+                        help="gap: leave out ours tuned on image rows (the old default), to save its build")
     parser.add_argument("--startup_rows", type=int, default=1_000_000, help="rows written as shards to time startup")
     parser.add_argument("--no_autofaiss", action="store_true", help="skip autofaiss (not installed)")
     parser.add_argument("--part_suffix", default="", help="words added to the part's name, so a run at other settings "
@@ -104,25 +117,41 @@ def clustered_vectors(count: int, clusters: int, intrinsic_dim: int, dim: int = 
         yield vectors
 
 
-def synthetic_store(args, folder: Path):
+def generated_store(folder: Path, recipe: dict, vector_chunks):
+    """The consolidated store of generated vectors in `folder`, written once per recipe (no shards: it is all search reads)."""
     from clipsearch.mmap_store import open_store, source_fingerprint, store_folder, write_store
 
-    recipe = {"count": args.count, "clusters": args.clusters, "intrinsic_dim": args.intrinsic_dim}
     recipe_file = folder.parent / f"{folder.name}.recipe.json"
     store = open_store(folder)
     if store is not None and recipe_file.is_file() and json.loads(recipe_file.read_text()) == recipe:
         return store
     folder.mkdir(parents=True, exist_ok=True)
-    offsets = iter(range(0, args.count, 250_000))
 
     def chunks():
-        for vectors in clustered_vectors(args.count, args.clusters, args.intrinsic_dim):
-            start = next(offsets)
+        start = 0
+        for vectors in vector_chunks:
             yield [f"synthetic/{row}" for row in range(start, start + len(vectors))], torch.from_numpy(vectors)
+            start += len(vectors)
 
     store = write_store(store_folder(folder), chunks(), source_fingerprint(folder))
     recipe_file.write_text(json.dumps(recipe))
     return store
+
+
+def synthetic_store(args, folder: Path):
+    recipe = {"count": args.count, "clusters": args.clusters, "intrinsic_dim": args.intrinsic_dim}
+    return generated_store(folder, recipe, clustered_vectors(args.count, args.clusters, args.intrinsic_dim))
+
+
+def gap_store(args, space: ClipLikeSpace, folder: Path):
+    recipe = {"generator": "clip_like", "count": args.count, "clusters": args.clusters}
+    return generated_store(folder, recipe, space.images(args.count))
+
+
+def text_queries(space: ClipLikeSpace, store, count: int, seed: int) -> np.ndarray:
+    """Captions of `count` random collection images (the targets), as the generator makes them."""
+    targets = np.sort(np.random.default_rng(seed).choice(len(store), size=count, replace=False))
+    return space.texts(store.rows(targets).astype(np.float32), seed=seed)
 
 
 def flickr8k_store(source: Path, work_dir: Path):
@@ -173,18 +202,22 @@ def caption_queries(bundle, source: Path, count: int, listing: str = "Flickr_8k.
 # ---------------------------------------------------------------------------------------------
 
 
-def build_ours(store, folder: Path, max_memory: int | None, tune_queries: np.ndarray | None = None, file: str = "index.faiss"):
+def build_ours(store, folder: Path, max_memory: int | None, tune_queries: np.ndarray | None = None, file: str = "index.faiss",
+               nlist: int | None = None):
     from clipsearch.index import build_index, load_index
 
     started = time.perf_counter()
     index = build_index(store.embeddings, store.order_fingerprint, max_memory=max_memory, rerank_rows=store.rows,
-                        queries=tune_queries)
+                        queries=tune_queries, nlist=nlist)
     build_seconds = time.perf_counter() - started
     index.save(folder / file)
     loaded = load_index(folder / file)  # memory-mapped, re-ranking from the store, as search opens it
-    return loaded, {"build_seconds": round(build_seconds, 1), "bytes": index.info["index_bytes"], "layout": index.info["factory"],
-                    "build_recall_at_10": index.info.get("recall_at_10"), "nprobe": index.info["params"].get("nprobe"),
-                    "build_recall_queries": index.info.get("recall_queries"),
+    info = index.info
+    return loaded, {"build_seconds": round(build_seconds, 1), "bytes": info["index_bytes"], "layout": info["factory"],
+                    "build_recall_at_10": info.get("recall_at_10"), "nprobe": info["params"].get("nprobe"),
+                    "rerank_factor": info["params"].get("rerank_factor"), "build_recall_queries": info.get("recall_queries"),
+                    "tuned_on": info.get("tuned_on"), "recorded_text_recall": info.get("text_recall_at_10"),
+                    "recorded_image_recall": info.get("image_recall_at_10"),
                     "reranks": loaded.reranks, "memory_mapped": loaded.info["memory_mapped"]}
 
 
@@ -233,6 +266,19 @@ def build_autofaiss(store, folder: Path, max_memory: int):
                    "params": infos["index_param"], "memory_mapped": mapped}
 
 
+def autofaiss_searcher(index):
+    """autofaiss's index searched as ours is: split by inverted list when a batch has fewer queries than threads."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(index)
+
+    def search(batch: np.ndarray) -> np.ndarray:
+        ivf.parallel_mode = 1 if len(batch) < faiss.omp_get_max_threads() else 0
+        return index.search(batch, TOP_K)[1]
+
+    return search
+
+
 def recall(found_rows: np.ndarray, exact_rows: np.ndarray) -> float:
     return round(float(np.mean([len(set(found[:TOP_K]) & set(exact[:TOP_K])) / TOP_K for found, exact in zip(found_rows.tolist(), exact_rows.tolist())])), 4)
 
@@ -247,17 +293,46 @@ def rotating_batches(queries: np.ndarray, size: int):
         start += size
 
 
-def compare(store, queries: np.ndarray, folder: Path, max_memory: int, args, tune_queries: np.ndarray | None = None) -> dict:
-    """Exact ground truth from the mapped store, then each contender's recall@10, latency, build time and size."""
+def measure(searchers: dict, query_sets: dict[str, tuple[np.ndarray, np.ndarray]], results: dict, args) -> None:
+    """Each searcher's recall@10 on every query set ("recall_at_10<suffix>"), and its latency on the first set,
+    one query and batches of 64, interleaved with the others."""
     import faiss
 
-    from clipsearch.index import exact_neighbours
+    for name, search in searchers.items():
+        for suffix, (queries, exact_rows) in query_sets.items():
+            results.setdefault(name, {})[f"recall_at_10{suffix}"] = 1.0 if name.startswith("exact") else recall(search(queries), exact_rows)
+    timing_queries = next(iter(query_sets.values()))[0]
+    for batch_size in (1, 64):
+        batches = rotating_batches(timing_queries, batch_size)
+        times = interleaved_ms({name: (lambda search=search, batches=batches: search(next(batches))) for name, search in searchers.items()},
+                               repeats=args.repeats, warmup=2)
+        for name, values in times.items():
+            results[name][f"ms_per_query_{batch_size}"] = round(median(values) / batch_size, 3)
+    results["threads"] = faiss.omp_get_max_threads()
+    results["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+
+
+def exact_searcher(store):
     from clipsearch.search import Searcher
 
+    exact = Searcher(store.paths, store.embeddings, assume_normalised=True)  # the mapped matrix, no copy
+    return lambda batch: exact.exact_top_k(torch.from_numpy(batch), TOP_K)[1].numpy()
+
+
+def ground_truth(store, query_sets: list[np.ndarray], results: dict) -> list[np.ndarray]:
+    """Exact top-10 rows of each query set, from one scan of the mapped store."""
+    from clipsearch.index import exact_neighbours
+
     started = time.perf_counter()
-    exact_rows = exact_neighbours(store.embeddings, queries, TOP_K)
-    results: dict = {"count": len(store), "dim": store.dim, "max_memory": max_memory, "queries": len(queries),
-                     "ground_truth_seconds": round(time.perf_counter() - started, 1)}
+    exact_rows = exact_neighbours(store.embeddings, np.concatenate(query_sets), TOP_K)
+    results["ground_truth_seconds"] = round(time.perf_counter() - started, 1)
+    return np.split(exact_rows, np.cumsum([len(queries) for queries in query_sets])[:-1])
+
+
+def compare(store, queries: np.ndarray, folder: Path, max_memory: int, args, tune_queries: np.ndarray | None = None) -> dict:
+    """Exact ground truth from the mapped store, then each contender's recall@10, latency, build time and size."""
+    results: dict = {"count": len(store), "dim": store.dim, "max_memory": max_memory, "queries": len(queries)}
+    (exact_rows,) = ground_truth(store, [queries], results)
     ours, results["ours"] = build_ours(store, folder, max_memory)
     searchers = {"ours": lambda batch: ours.search(batch, TOP_K)[1]}
     if tune_queries is not None:
@@ -265,19 +340,143 @@ def compare(store, queries: np.ndarray, folder: Path, max_memory: int, args, tun
         searchers["ours, tuned on train captions"] = lambda batch: tuned.search(batch, TOP_K)[1]
     if not args.no_autofaiss:
         theirs, results["autofaiss"] = build_autofaiss(store, folder, max_memory)
-        searchers["autofaiss"] = lambda batch: theirs.search(batch, TOP_K)[1]
-    exact = Searcher(store.paths, store.embeddings, assume_normalised=True)  # the mapped matrix, no copy
-    searchers["exact (mmap fp16)"] = lambda batch: exact.exact_top_k(torch.from_numpy(batch), TOP_K)[1].numpy()
-    for name, search in searchers.items():
-        results.setdefault(name, {})["recall_at_10"] = recall(search(queries), exact_rows) if name != "exact (mmap fp16)" else 1.0
-    for batch_size in (1, 64):
-        batches = rotating_batches(queries, batch_size)
-        times = interleaved_ms({name: (lambda search=search, batches=batches: search(next(batches))) for name, search in searchers.items()},
-                               repeats=args.repeats, warmup=2)
-        for name, values in times.items():
-            results[name][f"ms_per_query_{batch_size}"] = round(median(values) / batch_size, 3)
-    results["threads"] = faiss.omp_get_max_threads()
-    results["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+        searchers["autofaiss"] = autofaiss_searcher(theirs)
+    searchers["exact (mmap fp16)"] = exact_searcher(store)
+    measure(searchers, {"": (queries, exact_rows)}, results, args)
+    return results
+
+
+def compare_gap(store, space: ClipLikeSpace, folder: Path, max_memory: int, args) -> dict:
+    """Text queries (and fresh image queries) on CLIP-like vectors: ours tuned on image rows (the old default)
+    and on other text queries (the new one), autofaiss at the same budget, and ours at autofaiss's size."""
+    texts = text_queries(space, store, args.queries, seed=11)
+    tune_texts = text_queries(space, store, args.tune_queries, seed=12)  # other captions than the measured ones
+    images = next(space.images(args.queries, seed=13))
+    results: dict = {"count": len(store), "dim": store.dim, "max_memory": max_memory, "queries": len(texts),
+                     "tune_queries": len(tune_texts), "cosines": describe(space)}
+    exact_texts, exact_images = ground_truth(store, [texts, images], results)
+    searchers = {}
+    contenders = (("ours, tuned on image rows", None, "index-rows.faiss"), ("ours, tuned on text queries", tune_texts, "index.faiss"))
+    for name, tune, file in contenders[1:] if args.skip_rows_tuning else contenders:
+        built, results[name] = build_ours(store, folder, max_memory, tune, file, args.nlist)
+        searchers[name] = lambda batch, built=built: built.search(batch, TOP_K)[1]
+    if not args.no_autofaiss:
+        theirs, results["autofaiss"] = build_autofaiss(store, folder, max_memory)
+        searchers["autofaiss"] = autofaiss_searcher(theirs)
+        if args.match_autofaiss:
+            name = "ours, tuned on text queries, autofaiss's memory"
+            built, results[name] = build_ours(store, folder, results["autofaiss"]["bytes"], tune_texts, "index-matched.faiss",
+                                              args.nlist)
+            searchers[name] = lambda batch, built=built: built.search(batch, TOP_K)[1]
+    searchers["exact (mmap fp16)"] = exact_searcher(store)
+    measure(searchers, {"_text": (texts, exact_texts), "_image": (images, exact_images)}, results, args)
+    return results
+
+
+class MemorySampler:
+    """This process's peak resident memory, sampled from /proc/self/status: its own (anonymous) pages and the
+    file pages it maps (the index's lists, the fp16 store), which the kernel can drop when memory is short."""
+
+    FIELDS = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file"}
+
+    def __init__(self, interval: float = 0.1):
+        import threading
+
+        self.interval, self.peaks, self.stopped = interval, dict.fromkeys(self.FIELDS.values(), 0), threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in self.FIELDS:
+                key = self.FIELDS[name]
+                self.peaks[key] = max(self.peaks[key], int(value.split()[0]) * 1024)
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            self._sample()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        self.thread.join()
+        self._sample()
+
+    def gb(self) -> dict:
+        return {f"peak_{key}_gb": round(value / 2**30, 2) for key, value in self.peaks.items()}
+
+
+def build_rank(folder: str, rank: int, world_size: int, max_memory: int, tune_texts, description: str, threads: int) -> dict:
+    """One rank of a parts build, in its own process (as torchrun would start it), with its peak memory."""
+    import faiss
+
+    from clipsearch.index import build_index_in_parts
+    from clipsearch.mmap_store import open_store
+
+    faiss.omp_set_num_threads(threads)
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    with MemorySampler() as memory:
+        store = open_store(folder)
+        built = build_index_in_parts(store.embeddings, store.order_fingerprint, Path(folder) / "index.faiss", rank, world_size,
+                                     max_memory=max_memory, rerank_rows=store.rows, queries=tune_texts,
+                                     queries_description=description)
+    return {"rank": rank, "seconds": round(time.perf_counter() - started, 1), **memory.gb(),
+            **({"info": built.info} if built is not None else {})}
+
+
+def search_process(folder: str, texts: np.ndarray, exact_rows: np.ndarray, repeats: int) -> dict:
+    """A fresh process that opens the index as search does and answers text queries: its memory, recall and speed."""
+    from clipsearch.index import load_index
+
+    with MemorySampler() as memory:
+        started = time.perf_counter()
+        index = load_index(Path(folder) / "index.faiss")
+        opened = time.perf_counter() - started
+        started = time.perf_counter()
+        index.search(texts[:1], TOP_K)
+        first = time.perf_counter() - started
+        found = np.concatenate([index.search(texts[start : start + 64], TOP_K)[1] for start in range(0, len(texts), 64)])
+        timings = {}
+        for batch_size in (1, 64):
+            batches = rotating_batches(texts, batch_size)
+            values = interleaved_ms({"ours": lambda batches=batches: index.search(next(batches), TOP_K)}, repeats, warmup=2)["ours"]
+            timings[f"ms_per_query_{batch_size}"] = round(median(values) / batch_size, 3)
+    return {"open_seconds": round(opened, 2), "first_query_ms": round(first * 1000, 1), "recall_at_10_text": recall(found, exact_rows),
+            **timings, **memory.gb()}
+
+
+def compare_parts(store, space: ClipLikeSpace, folder: Path, max_memory: int, args) -> dict:
+    """Built in parts by `--ranks` processes into on-disk lists, then searched by a fresh process: memory of each, recall, speed."""
+    import multiprocessing
+
+    from clipsearch.index import IVFDATA_SUFFIX
+
+    texts = text_queries(space, store, args.queries, seed=11)
+    tune_texts = text_queries(space, store, args.tune_queries, seed=12)
+    results: dict = {"count": len(store), "dim": store.dim, "max_memory": max_memory, "queries": len(texts),
+                     "tune_queries": len(tune_texts), "ranks": args.ranks, "store_bytes": len(store) * store.dim * 2}
+    (exact_texts,) = ground_truth(store, [texts], results)
+    for old in folder.glob(f"index*{IVFDATA_SUFFIX}"):
+        old.unlink()
+    threads = max(1, (os.cpu_count() or 1) // args.ranks)
+    spawn = multiprocessing.get_context("spawn")
+    description = f"{len(tune_texts)} generated captions"
+    started = time.perf_counter()
+    with spawn.Pool(args.ranks) as pool:
+        ranks = pool.starmap(build_rank, [(str(folder), rank, args.ranks, max_memory, tune_texts if rank == 0 else None,
+                                           description, threads) for rank in range(args.ranks)])
+    results["build_seconds"] = round(time.perf_counter() - started, 1)
+    info = ranks[0].pop("info")
+    results["ranks_memory"] = ranks
+    results["index"] = {key: info.get(key) for key in ("factory", "params", "index_bytes", "built_in_parts", "phase_seconds",
+                                                       "text_recall_at_10", "image_recall_at_10", "tuned_on")}
+    with spawn.Pool(1) as pool:
+        results["search"] = pool.apply(search_process, (str(folder), texts, exact_texts, args.repeats))
+    results["disk_free_gb"] = round(shutil.disk_usage(folder).free / 2**30, 1)
     return results
 
 
@@ -337,35 +536,93 @@ def startup_line(startup: dict) -> str:
             + ", ".join(f"{name} {value} s" for name, value in startup["seconds"].items()) + ".")
 
 
+def gap_table(result: dict) -> str:
+    rows = []
+    for name, row in result.items():
+        if not isinstance(row, dict) or "ms_per_query_1" not in row:
+            continue
+        memory = f"{row['bytes'] / 2**20:,.1f} MB" if "bytes" in row else f"{result['count'] * result['dim'] * 2 / 2**20:,.0f} MB on disk"
+        layout = row.get("layout", "fp16 matrix") + (" + exact re-rank" if row.get("reranks") else "")
+        settings = row.get("params") or ", ".join(f"{label} {row[key]}" for label, key in (("nprobe", "nprobe"), ("depth", "rerank_factor"))
+                                                  if row.get(key))
+        recorded = (f"{row['recorded_text_recall'] or '-'} / {row['recorded_image_recall']}" if "recorded_image_recall" in row else "-")
+        rows.append([name, layout, memory, row.get("build_seconds", "-"), settings or "-", recorded,
+                     f"**{row['recall_at_10_text']:.3f}**", f"{row['recall_at_10_image']:.3f}",
+                     f"{row['ms_per_query_1']:.2f}", f"{row['ms_per_query_64']:.2f}"])
+    columns = ["index", "layout", "memory", "build s", "search settings", "index.json: text / image",
+               "recall@10, text queries", "recall@10, image queries", "ms/query (1)", "ms/query (64 batch)"]
+    return "\n".join(common.markdown_table(columns, rows, "llrrlrrrrr"))
+
+
+def parts_lines(result: dict) -> list[str]:
+    index, search = result["index"], result["search"]
+    phases = index.get("phase_seconds") or {}
+    ranks = "; ".join(f"rank {rank['rank']}: {rank['seconds']:,.0f} s, peak {rank['peak_rss_gb']} GB "
+                      f"({rank['peak_anon_gb']} GB its own, {rank['peak_file_gb']} GB mapped file pages)" for rank in result["ranks_memory"])
+    params = index["params"]
+    return [
+        f"- Layout: {index['factory']} + exact re-rank, nprobe {params.get('nprobe')}, re-rank depth {params.get('rerank_factor')}; "
+        f"{index['built_in_parts']['parts']} parts from {index['built_in_parts']['ranks']} ranks merged into on-disk lists; "
+        f"index {index['index_bytes'] / 2**30:,.2f} GB on disk, fp16 store {result['store_bytes'] / 2**30:,.1f} GB.",
+        f"- Build: {result['build_seconds']:,.0f} s wall (train {phases.get('train', '-')} s, add by rank "
+        f"{phases.get('add_by_rank')} s, merge {phases.get('merge', '-')} s, recall and tuning {phases.get('recall', '-')} s); "
+        f"exact ground truth of the {result['queries']} scored queries took {result['ground_truth_seconds']:,.0f} s more.",
+        f"- Build memory: {ranks}.",
+        f"- Recorded in index.json: recall@10 {index['text_recall_at_10']} on {result['tune_queries']} text queries it tuned on, "
+        f"{index['image_recall_at_10']} on held-out image rows.",
+        f"- Search process (fresh, index memory-mapped): opened in {search['open_seconds']} s, first query {search['first_query_ms']} ms; "
+        f"recall@10 **{search['recall_at_10_text']:.3f}** on {result['queries']} other text queries; "
+        f"**{search['ms_per_query_1']:.2f} ms/query** one at a time, {search['ms_per_query_64']:.2f} ms/query in batches of 64; "
+        f"peak {search['peak_rss_gb']} GB ({search['peak_anon_gb']} GB its own, {search['peak_file_gb']} GB mapped file pages).",
+    ]
+
+
 def render(all_results: dict) -> str:
     parts = ["## Index (memory budget, recall against exact search)", "",
              "`benchmarks/bench_index.py`. Recall@10 is measured against exact search on queries that are not "
              "collection rows; both indexes are loaded memory-mapped, as search opens them. autofaiss 2.18 "
              "(installed for the benchmark only) gets the same vectors through our clip-retrieval export and "
              "the same budget, and runs in the same process, interleaved, on the same threads. Memory is the "
-             "index file that faiss maps; IVF-PQ re-ranks 10 x top-k candidates from the fp16 matrix on disk. "
+             "index file that faiss maps; IVF-PQ re-ranks top-k x its depth candidates from the fp16 matrix on disk. "
              "Peak memory is the process's RSS, which counts the pages of mapped files it touched. The parts "
              "up to 1M ran while the 2 cores were shared with other jobs (load averages near 6): their latencies "
-             "are pessimistic. Only figures of the same run compare."]
+             "are pessimistic. Only figures of the same run compare. The CLIP-like parts use "
+             "`benchmarks/clip_like.py`: image vectors with a common mean and a power-law spectrum over all "
+             "512 directions, text queries shifted from their target image by a fixed gap vector plus noise."]
     for part, result in all_results.items():
         command = [f"Command: `{result['command']}`", ""] if "command" in result else []  # older parts lack it
-        if "compare" not in result:  # a startup-only run
+        heading = (f"### {part}: {result['count']:,} x {result['dim']}, budget {result['max_memory'] / 2**20:,.1f} MB, "
+                   f"{result['queries']} queries" if "max_memory" in result else f"### {part}")
+        if "gap" in result:
+            gap = result["gap"]
+            cosines = gap["cosines"]
+            parts += ["", heading, "", *command, machine_lines(result), gap_table(gap), "",
+                      f"Mean cosines of the generated space: image pair {cosines['image_pair']}, text-target "
+                      f"{cosines['text_target']}, text-random image {cosines['text_random_image']}, text pair "
+                      f"{cosines['text_pair']}. Ours tunes on {gap['tune_queries']} text queries whose targets differ "
+                      f"from the {gap['queries']} scored ones; image queries are fresh draws. Peak memory of the whole "
+                      f"run: {gap['peak_rss_gb']} GB."]
+            if "autofaiss" in gap:
+                parts.append(f"autofaiss parameters: `{gap['autofaiss']['params']}`.")
+        elif "parts" in result:
+            parts += ["", heading, "", *command, machine_lines(result), *parts_lines(result["parts"])]
+        elif "compare" not in result:  # a startup-only run
             parts += ["", f"### {part}", "", *command, machine_lines(result), startup_line(result["startup"])]
             continue
-        parts += ["", f"### {part}: {result['count']:,} x {result['dim']}, budget {result['max_memory'] / 2**20:,.1f} MB, "
-                  f"{result['queries']} queries", "", *command, machine_lines(result), table(result["compare"]), ""]
-        for name in ("ours", "ours, tuned on train captions"):
-            row = result["compare"].get(name)
-            if row and row.get("build_recall_at_10") is not None:
-                parts.append(f"{name}: recall@10 measured by the build on {row['build_recall_queries']}: "
-                             f"{row['build_recall_at_10']} at nprobe {row['nprobe']}.")
-        parts.append(f"Peak memory of the whole run: {result['compare']['peak_rss_gb']} GB.")
-        if "autofaiss" in result["compare"]:
-            theirs = result["compare"]["autofaiss"]
-            parts.append(f"autofaiss parameters: `{theirs['params']}`.")
-            if theirs["bytes"] > result["max_memory"]:
-                parts.append(f"autofaiss's index ({theirs['bytes'] / 2**20:,.1f} MB) exceeds the budget: below "
-                             "10,000 vectors (its quantization threshold) it does not compress whatever the budget.")
+        else:
+            parts += ["", heading, "", *command, machine_lines(result), table(result["compare"]), ""]
+            for name in ("ours", "ours, tuned on train captions"):
+                row = result["compare"].get(name)
+                if row and row.get("build_recall_at_10") is not None:
+                    parts.append(f"{name}: recall@10 measured by the build on {row['build_recall_queries']}: "
+                                 f"{row['build_recall_at_10']} at nprobe {row['nprobe']}.")
+            parts.append(f"Peak memory of the whole run: {result['compare']['peak_rss_gb']} GB.")
+            if "autofaiss" in result["compare"]:
+                theirs = result["compare"]["autofaiss"]
+                parts.append(f"autofaiss parameters: `{theirs['params']}`.")
+                if theirs["bytes"] > result["max_memory"]:
+                    parts.append(f"autofaiss's index ({theirs['bytes'] / 2**20:,.1f} MB) exceeds the budget: below "
+                                 "10,000 vectors (its quantization threshold) it does not compress whatever the budget.")
         if "startup" in result:
             parts.append(startup_line(result["startup"]))
         if result.get("note"):
@@ -411,6 +668,13 @@ def main(argv: list[str] | None = None) -> dict:
         all_results = {**tracked_results(), name: result}
         common.publish(RESULTS_NAME, all_results, render(all_results), args.report)
         return result
+    elif args.part in ("gap", "parts"):
+        space = ClipLikeSpace(clusters=args.clusters)
+        folder = work_dir / f"clip-like-{args.count}"
+        store = gap_store(args, space, folder)
+        max_memory = memory_size(args.max_memory) if args.max_memory else len(store) * 200
+        name = (f"CLIP-like, {args.count:,} vectors, text queries" if args.part == "gap"
+                else f"Built in parts, {args.count:,} CLIP-like vectors")
     else:
         folder, tune_queries = work_dir / f"synthetic-{args.count}", None
         store = synthetic_store(args, folder)
@@ -418,8 +682,14 @@ def main(argv: list[str] | None = None) -> dict:
         max_memory = memory_size(args.max_memory) if args.max_memory else len(store) * 200
         name = f"Generated, {args.count:,} vectors ({args.clusters:,} Zipf clusters in a {args.intrinsic_dim}-d subspace)"
     name += f", {args.part_suffix}" if args.part_suffix else ""
-    result = {**started, "compare": compare(store, queries, folder, max_memory, args, tune_queries)}
-    result.update(count=len(store), dim=store.dim, max_memory=max_memory, queries=len(queries), load_average_end=load_average())
+    if args.part == "gap":
+        result = {**started, "gap": compare_gap(store, space, folder, max_memory, args)}
+    elif args.part == "parts":
+        result = {**started, "parts": compare_parts(store, space, folder, max_memory, args)}
+    else:
+        result = {**started, "compare": compare(store, queries, folder, max_memory, args, tune_queries)}
+    result.update(count=len(store), dim=store.dim, max_memory=max_memory, load_average_end=load_average(),
+                  queries=args.queries if args.part in ("gap", "parts") else len(queries))
     if args.note:
         result["note"] = args.note
     all_results = save_part(name, result, args.report)  # kept even if the startup measurement fails

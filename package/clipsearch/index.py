@@ -1,10 +1,14 @@
-"""faiss index over an embedding folder, chosen to fit a memory budget, with its recall measured at build time."""
+"""faiss index over an embedding folder, chosen to fit a memory budget, built in memory or in parts on disk, with its recall measured at build time."""
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import math
 import os
+import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,11 +19,13 @@ import torch
 
 from clipsearch.durable import atomic_write, write_json
 from clipsearch.errors import UserError
+from clipsearch.store import read_json
 
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
 KINDS = ("auto", "flat", "ivf", "ivf_sq8", "ivf_pq", "hnsw")
+IVF_KINDS = ("ivf", "ivf_sq8", "ivf_pq")
 # Below FLAT_BELOW vectors an exact scan takes milliseconds, so an approximate index buys nothing.
 FLAT_BELOW = 50_000
 HNSW_M = 32
@@ -38,13 +44,36 @@ ADD_ROWS = 65_536
 ID_BYTES = 8
 # Leave this share of the budget for what the estimate leaves out (allocator slack, list headroom).
 BUDGET_MARGIN = 0.9
-# PQ codes keep too little to rank the true top 10 first; re-scoring this many candidates per
-# wanted result exactly, from the memory-mapped fp16 store, recovers the order (measured in
-# benchmarks/bench_index.py). Rows touched per query: top_k * RERANK_FACTOR.
-RERANK_FACTOR = 10
+# A build may always use this much for its sample and chunks, whatever the index's budget: the
+# interpreter with torch and faiss loaded takes more than that already.
+MIN_BUILD_MEMORY = 256 * 2**20
+# PQ codes keep too little to rank the true top 10 first, so IVF-PQ re-scores top_k * depth
+# candidates exactly from the memory-mapped fp16 store. A text query lies far from every image
+# (cosine 0.3 to its own), and its true top 10 can sit deep in the PQ order: a 60k-row, 10 MB
+# index stopped at recall 0.83 on text queries with every list scanned at depth 10. So the depth
+# is tuned with nprobe, from these (benchmarks/bench_index.py).
+RERANK_FACTORS = (10, 20, 40, 80)
+RERANK_FACTOR = RERANK_FACTORS[0]
+# What re-scoring one candidate costs, in bytes of codes scanned for the same time: a random
+# 1 KB row read from the mapped store (in the page cache) and a 512-d dot product. On 200k x 512,
+# IVF1024,PQ256, one query at a time on 2 cores: 1.5 ns a code byte, 3.6 to 4 us a re-scored row.
+# Weighs nprobe against re-rank depth when the tuning picks the cheapest setting.
+RERANK_ROW_COST = 2_500
 TARGET_RECALL = 0.95
+# A doubling of nprobe that adds less recall than this (at the deepest re-rank) means the codes
+# limit recall: the tuning stops there.
+RECALL_PLATEAU = 0.002
+# Captions of everyday photos (written for this project) that stand in for a collection's own when
+# it has none: text queries in the text cone, which is what the tuning needs.
+GENERIC_CAPTIONS = Path(__file__).with_name("generic_captions.txt")
 RECALL_QUERIES = 500
 TOP_K = 10
+# An index built in parts keeps them here, beside the index file, until they are merged.
+PARTS_SUFFIX = ".parts"
+IVFDATA_SUFFIX = ".ivfdata"
+# How long one rank waits for another (rank 0's training, the other ranks' parts).
+WAIT_SECONDS = 6 * 3600
+POLL_SECONDS = 0.5
 
 
 class IndexMismatchError(UserError, ValueError):
@@ -78,30 +107,43 @@ class Plan:
         return f"{quantizer},{codes}"
 
 
+def code_bytes(kind: str, dim: int, pq_m: int = 0) -> int:
+    """Bytes of one vector's code in an inverted list, without its id."""
+    return {"ivf": dim * 4, "ivf_sq8": dim, "ivf_pq": pq_m}[kind]
+
+
+def resident_bytes(kind: str, dim: int, nlist: int, pq_m: int = 0) -> int:
+    """What an IVF index holds besides its lists: centroids (and their HNSW graph) and codebooks."""
+    centroids = nlist * dim * 4 + (nlist * HNSW_M * 2 * 4 if nlist >= HNSW_QUANTIZER_FROM else 0)
+    return centroids + {"ivf": 0, "ivf_sq8": dim * 2 * 4, "ivf_pq": 256 * dim * 4}[kind]
+
+
 def estimate_bytes(kind: str, count: int, dim: int, nlist: int = 0, pq_m: int = 0) -> int:
     """Resident size of an index: codes and ids per vector, plus centroids and codebooks."""
     if kind == "flat":
         return count * dim * 4
     if kind == "hnsw":
         return count * (dim * 4 + HNSW_M * 2 * 4)  # vectors and about 2M neighbour links of 4 bytes
-    code_bytes = {"ivf": dim * 4, "ivf_sq8": dim, "ivf_pq": pq_m}[kind]
-    centroids = nlist * dim * 4 + (nlist * HNSW_M * 2 * 4 if nlist >= HNSW_QUANTIZER_FROM else 0)
-    codebooks = {"ivf": 0, "ivf_sq8": dim * 2 * 4, "ivf_pq": 256 * dim * 4}[kind]
-    return count * (code_bytes + ID_BYTES) + centroids + codebooks
+    return count * (code_bytes(kind, dim, pq_m) + ID_BYTES) + resident_bytes(kind, dim, nlist, pq_m)
 
 
-def plan_index(count: int, dim: int, max_memory: int | None = None, kind: str = "auto", nlist: int | None = None) -> Plan:
+def plan_index(count: int, dim: int, max_memory: int | None = None, kind: str = "auto", nlist: int | None = None,
+               ivf_only: bool = False) -> Plan:
     """The most accurate layout that fits `max_memory` bytes.
 
     In order of preference: flat (small collections), IVF with full vectors, IVF with 8-bit scalar
     codes (d bytes a vector, recall within a point of full vectors), then IVF-PQ with the most
     sub-quantizers that fit (d/2 ... 8 bytes a vector; its ranking is repaired by the exact re-rank).
+    `ivf_only`: an index built in parts has inverted lists, so no flat or HNSW layout.
     """
     budget = math.inf if max_memory is None else max_memory * BUDGET_MARGIN
     lists = min(nlist or default_nlist(count), count)
     pq_choices = [m for m in (dim // 2, dim // 4, dim // 8, dim // 16, dim // 32, 8) if m >= 1 and dim % m == 0]
+    if kind in ("flat", "hnsw") and ivf_only:
+        raise ValueError(f"an index built in parts has inverted lists: --kind {kind} cannot; use auto, ivf, ivf_sq8 or ivf_pq")
     if kind == "auto":
-        candidates = [Plan("flat", estimated_bytes=estimate_bytes("flat", count, dim))] if count < FLAT_BELOW else []
+        small = count < FLAT_BELOW and not ivf_only
+        candidates = [Plan("flat", estimated_bytes=estimate_bytes("flat", count, dim))] if small else []
         candidates += [Plan(name, lists, 0, estimate_bytes(name, count, dim, lists)) for name in ("ivf", "ivf_sq8")]
         candidates += [Plan("ivf_pq", lists, m, estimate_bytes("ivf_pq", count, dim, lists, m)) for m in pq_choices]
     elif kind == "ivf_pq":
@@ -118,6 +160,62 @@ def plan_index(count: int, dim: int, max_memory: int | None = None, kind: str = 
         f"no {kind} index of {count:,} x {dim} vectors fits {max_memory / 2**20:,.2f} MB; the smallest "
         f"({smallest.factory}) needs about {smallest.estimated_bytes / BUDGET_MARGIN / 2**20:,.2f} MB: raise --max_memory"
     )
+
+
+@dataclass(frozen=True)
+class BuildMemory:
+    """How a build stays within its budget: rows it trains on, rows it adds at a time, list bytes a part holds."""
+
+    train_rows: int
+    chunk_rows: int
+    part_bytes: float  # math.inf: one part per rank
+
+
+def chunk_rows_within(budget: float, dim: int) -> int:
+    """Rows added at a time: fp32 rows and faiss's temporaries for them (about 3 copies) in 1/8 of the budget."""
+    return int(min(ADD_ROWS, max(1_024, budget / 8 / (3 * dim * 4))))
+
+
+def training_bytes(train_rows: int, dim: int) -> int:
+    """The training sample as read (fp16) and in fp32, and faiss's residuals of it (for the codebooks)."""
+    return 3 * train_rows * dim * 4
+
+
+def build_memory(plan: Plan, count: int, dim: int, max_memory: int | None, held_out: int = 0,
+                 in_parts: bool = False) -> BuildMemory:
+    """The sample, chunk and part sizes that keep one build process within `max_memory`.
+
+    In memory, the index the plan sized to the budget is held whole, and the training sample comes
+    on top. In parts, a process holds the resident structures, the sample while it trains, then one
+    part's lists at a time: the sample shrinks (never below faiss's 39 rows a list) to fit. Below
+    MIN_BUILD_MEMORY the budget is that: the interpreter alone takes more than a tiny budget.
+    """
+    wanted = min(max(count - held_out, 1), plan.nlist * TRAIN_POINTS_PER_LIST) if plan.kind in IVF_KINDS else 0
+    budget = math.inf if max_memory is None else max(max_memory * BUDGET_MARGIN, MIN_BUILD_MEMORY)
+    chunk_rows = chunk_rows_within(budget, dim)
+    if max_memory is None or not in_parts:
+        return BuildMemory(wanted, chunk_rows, math.inf)
+    resident = resident_bytes(plan.kind, dim, plan.nlist, plan.pq_m)
+    free = budget - resident - 3 * chunk_rows * dim * 4
+    least = min(wanted, plan.nlist * MIN_POINTS_PER_LIST)
+    if free < training_bytes(least, dim) + (plan.nlist + chunk_rows) * (code_bytes(plan.kind, dim, plan.pq_m) + ID_BYTES):
+        needed = (resident + 3 * chunk_rows * dim * 4 + training_bytes(least, dim)) / BUDGET_MARGIN
+        raise ValueError(
+            f"building a {plan.factory} index of {count:,} x {dim} vectors in parts needs at least {needed / 2**20:,.1f} MB "
+            f"(its {plan.nlist:,} centroids and codebooks, and {least:,} training rows); --max_memory "
+            f"{max_memory / 2**20:,.1f} MB is too small: raise it, or lower --nlist"
+        )
+    train_rows = int(min(wanted, free // (3 * dim * 4)))
+    return BuildMemory(train_rows, chunk_rows, free)
+
+
+def in_memory_build_fits(plan: Plan, count: int, dim: int, max_memory: int | None) -> bool:
+    """Whether a build that holds the whole index, plus its training sample, stays within `max_memory`."""
+    if max_memory is None or plan.kind not in IVF_KINDS:
+        return True
+    memory = build_memory(plan, count, dim, max_memory)
+    peak = plan.estimated_bytes + training_bytes(memory.train_rows, dim) + 3 * memory.chunk_rows * dim * 4
+    return peak <= max(max_memory * BUDGET_MARGIN, MIN_BUILD_MEMORY)
 
 
 class FaissIndex:
@@ -160,9 +258,25 @@ class FaissIndex:
     def reranks(self) -> bool:
         return self.rerank_rows is not None and bool(self.info["params"].get("rerank_factor"))
 
-    def set_nprobe(self, nprobe: int) -> None:
+    def set_nprobe(self, nprobe: int, rerank_factor: int | None = None) -> None:
         self.info["params"]["nprobe"] = int(nprobe)
+        if rerank_factor is not None:
+            self.info["params"]["rerank_factor"] = int(rerank_factor)
         self.configure()
+
+    def _faiss_search(self, queries: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        if self.kind in IVF_KINDS:
+            # faiss splits a batch over its threads by query; fewer queries than threads are split
+            # by inverted list instead, or one core scans every list alone (200k x 512, IVF1024,SQ8,
+            # nprobe 128, one query on 2 cores: 1.4 ms against 2.45 ms, same answers).
+            faiss.extract_index_ivf(self.index).parallel_mode = 1 if len(queries) < faiss.omp_get_max_threads() else 0
+        return self.index.search(queries, int(count))
+
+    def candidates(self, queries: np.ndarray, count: int) -> np.ndarray:
+        """Row ids of the index's own best `count` answers (before any re-rank), best first."""
+        return self._faiss_search(np.ascontiguousarray(queries, dtype=np.float32), count)[1]
 
     def search(self, queries: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
         """Inner-product scores and row ids, best first; rows faiss could not fill are -1."""
@@ -171,8 +285,8 @@ class FaissIndex:
             # HNSW needs at least top_k candidates in its beam to return top_k results.
             self.index.hnsw.efSearch = max(int(self.info["params"]["ef_search"]), int(top_k))
         if not self.reranks:
-            return self.index.search(queries, int(top_k))
-        _, candidates = self.index.search(queries, int(top_k) * int(self.info["params"]["rerank_factor"]))
+            return self._faiss_search(queries, top_k)
+        candidates = self.candidates(queries, int(top_k) * int(self.info["params"]["rerank_factor"]))
         return rerank(queries, candidates, self.rerank_rows, int(top_k))
 
     def search_among(self, queries: np.ndarray, top_k: int, bitmap: np.ndarray, kept: float) -> tuple[np.ndarray, np.ndarray]:
@@ -220,25 +334,43 @@ class FaissIndex:
             return self.index.range_search(queries, float(radius), params=faiss.SearchParametersIVF(nprobe=probes))
         return self.index.range_search(queries, float(radius))
 
+    def recall_warning(self) -> str | None:
+        """One line for search when text queries may get less than the target recall (None when not)."""
+        return recall_warning(self.info)
+
     def save(self, index_path: str | os.PathLike) -> Path:
-        """Write the index, then its record; the record's byte count ties the pair together.
+        """Write the index, then its record (index.json); the record's byte count ties the pair together.
 
         Each file is replaced atomically, but not both at once: a build stopped between the two
-        leaves an index whose record describes another, which `load_index` refuses by its size.
+        leaves an index whose record describes another, which `load_index` refuses by its size. An
+        index with on-disk lists keeps them in the `.ivfdata` file beside it, which the record
+        names, and an earlier index's lists file goes.
         """
-        import faiss
-
         index_path = Path(index_path)
-
-        def write(stream):
-            writer = faiss.PyCallbackIOWriter(stream.write)
-            faiss.write_index(self.index, writer)
-            del writer  # flushes faiss's buffer into the stream
-
-        atomic_write(index_path, write, size_hint=self.info.get("estimated_bytes"))
-        self.info["index_bytes"] = index_path.stat().st_size
+        earlier = (read_json(info_path_of(index_path)) or {}).get("ivfdata")
+        _write_index_file(self.index, index_path, size_hint=self.info.get("estimated_bytes"))
+        lists_bytes = (index_path.parent / self.info["ivfdata"]).stat().st_size if self.info.get("ivfdata") else 0
+        self.info["index_bytes"] = index_path.stat().st_size + lists_bytes
         write_json(info_path_of(index_path), self.info)
+        if earlier and earlier != self.info.get("ivfdata"):  # a server still mapping it keeps it until it closes
+            (index_path.parent / earlier).unlink(missing_ok=True)
         return index_path
+
+
+def recall_warning(info: dict) -> str | None:
+    """What index.json says about recall on text queries, as one line when it is below target or unknown."""
+    if info.get("kind") == "flat":
+        return None
+    target = float(info.get("target_recall", TARGET_RECALL))
+    text_recall = info.get("text_recall_at_10")
+    if text_recall is None:
+        why = info.get("text_recall_note") or "the index predates text-query tuning"
+        return (f"warning: this index's recall on text queries was never measured ({why}); it may miss results "
+                f"exact search finds. Rebuild it with ./clipsearch index --load_model <the encoding model>")
+    if text_recall < target:
+        return (f"warning: this index finds {text_recall:.1%} of the exact top 10 for text queries, below its "
+                f"target {target:.0%}; a larger --max_memory (or --nprobe) gives more")
+    return None
 
 
 def rerank(
@@ -264,10 +396,32 @@ def resolve_index_path(index_path: str | os.PathLike) -> Path:
     return index_path / INDEX_FILE if index_path.is_dir() else index_path
 
 
-def read_faiss_index(index_path: str | os.PathLike, mmap: bool = True):
-    """(index, memory_mapped): IVF lists and flat codes are mapped from disk where faiss can, else read."""
+@contextlib.contextmanager
+def _faiss_quiet():
+    """Keep faiss's C-level prints about on-disk lists ("resizing ...", "updating ondisk filename ...")
+    off stdout, which `search --json` keeps for one JSON object a line."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def read_faiss_index(index_path: str | os.PathLike, mmap: bool = True, on_disk: bool = False):
+    """(index, memory_mapped): IVF lists and flat codes are mapped from disk where faiss can, else read.
+
+    On-disk lists (an index built in parts) are always mapped, found beside the index file
+    wherever it was moved; faiss's MMAP flag would skip them.
+    """
     import faiss
 
+    if on_disk:
+        with _faiss_quiet():
+            return faiss.read_index(str(index_path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY), True
     if mmap:
         try:
             return faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY), True
@@ -294,7 +448,7 @@ def load_index(index_path: str | os.PathLike, nprobe: int | None = None, mmap: b
         )
     if nprobe is not None:
         info["params"]["nprobe"] = int(nprobe)
-    index, mapped = read_faiss_index(index_path, mmap)
+    index, mapped = read_faiss_index(index_path, mmap, on_disk=bool(info.get("ivfdata")))
     info["memory_mapped"] = mapped
     rerank_rows = None
     if info["params"].get("rerank_factor"):
@@ -348,16 +502,92 @@ def _new_index(plan: Plan, dim: int):
     return index
 
 
-def exact_neighbours(embeddings, queries: np.ndarray, top_k: int, rows_per_chunk: int = ADD_ROWS) -> np.ndarray:
-    """Row ids of the exact top-k by inner product, scanning `embeddings` (any dtype, memory-mapped) in chunks."""
+# ---------------------------------------------------------------------------------------------
+# Rows: sampling, training, adding (with the exact neighbours of the recall queries on the way)
+# ---------------------------------------------------------------------------------------------
+
+
+def sample_rows(count: int, held_out: int, train: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(held-out query rows, training rows), disjoint, each sorted, drawn without listing all `count` rows."""
+    held_out = min(held_out, count)
+    drawn = np.random.default_rng(seed).choice(count, size=min(count, held_out + train), replace=False)
+    return np.sort(drawn[:held_out]), np.sort(drawn[held_out:])
+
+
+def train_index(embeddings, plan: Plan, train_rows: np.ndarray):
+    """An empty faiss index of the plan's layout, its centroids and codebooks trained on `train_rows`."""
+    index = _new_index(plan, int(embeddings.shape[1]))
+    if plan.kind in IVF_KINDS:
+        if len(train_rows) < plan.nlist:  # tiny collections: train on everything
+            train_rows = np.arange(int(embeddings.shape[0]))
+        index.train(_as_float32(_take(embeddings, train_rows)))
+    return index
+
+
+def add_rows(index, embeddings, start: int, end: int, chunk_rows: int = ADD_ROWS,
+             queries: np.ndarray | None = None, top_k: int = TOP_K,
+             flush: Callable[[object], None] | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Add rows [start, end) to `index` (None: add nowhere) under their row numbers, a chunk at a time.
+
+    With `queries`, also returns their exact top-k (scores, rows) among these rows, from the same
+    reads, so the ground truth of the recall costs no second pass over the collection. `flush(index)`
+    is called after each chunk (a part build writes its lists out there once they fill a part).
+    """
     import faiss
 
-    heap = faiss.ResultHeap(queries.shape[0], top_k, keep_max=True)
-    for start in range(0, embeddings.shape[0], rows_per_chunk):
-        scores, rows = faiss.knn(queries, _as_float32(embeddings[start : start + rows_per_chunk]), top_k, faiss.METRIC_INNER_PRODUCT)
-        heap.add_result(scores, np.where(rows >= 0, rows + start, -1))
+    heap = faiss.ResultHeap(len(queries), top_k, keep_max=True) if queries is not None else None
+    for chunk_start in range(start, end, chunk_rows):
+        rows = _as_float32(embeddings[chunk_start : min(end, chunk_start + chunk_rows)])
+        if index is not None:
+            if faiss.try_extract_index_ivf(index) is not None:
+                index.add_with_ids(rows, np.arange(chunk_start, chunk_start + len(rows), dtype=np.int64))
+            else:  # flat and HNSW number rows in the order they come, which is row order here
+                index.add(rows)
+            if flush is not None:
+                flush(index)
+        if heap is not None:
+            scores, found = faiss.knn(queries, rows, top_k, faiss.METRIC_INNER_PRODUCT)
+            heap.add_result(scores, np.where(found >= 0, found + chunk_start, -1))
+    if heap is None:
+        return None
     heap.finalize()
-    return heap.I
+    return heap.D, heap.I
+
+
+def exact_neighbours(embeddings, queries: np.ndarray, top_k: int, rows_per_chunk: int = ADD_ROWS) -> np.ndarray:
+    """Row ids of the exact top-k by inner product, scanning `embeddings` (any dtype, memory-mapped) in chunks."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    return add_rows(None, embeddings, 0, int(embeddings.shape[0]), rows_per_chunk, queries, top_k)[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Recall: measured on the queries search will get, and nprobe (and re-rank depth) tuned to it
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Queries:
+    """Query vectors to measure recall on; `own_rows` when they are collection rows (not their own answer)."""
+
+    vectors: np.ndarray  # [n, dim] float32, unit length
+    description: str  # for index.json, e.g. "500 held-out rows"
+    own_rows: np.ndarray | None = None
+
+    @property
+    def extra(self) -> int:
+        """Answers asked beyond top_k, for the query's own row to be dropped."""
+        return 0 if self.own_rows is None else 1
+
+
+def overlap_recall(found_rows: np.ndarray, exact_rows: np.ndarray, own_rows: np.ndarray | None = None,
+                   top_k: int = TOP_K) -> float:
+    """Share of each query's exact top-k found among `found_rows`; a query's own row counts for neither."""
+    found = 0
+    for position, (exact, approximate) in enumerate(zip(exact_rows.tolist(), found_rows.tolist())):
+        own = own_rows[position] if own_rows is not None else -2
+        exact_set = [row for row in exact if row != own][:top_k]
+        found += len(set(exact_set) & {row for row in approximate if row != own and row >= 0})
+    return found / (len(exact_rows) * top_k)
 
 
 def held_out_recall(
@@ -365,27 +595,62 @@ def held_out_recall(
 ) -> float:
     """Recall@k of the index against exact search; a query that is a collection row is not its own neighbour."""
     extra = 1 if query_rows is not None else 0
-    _, found_rows = index.search(queries, top_k + extra)
-    found = 0
-    for position, (exact, approximate) in enumerate(zip(exact_rows, found_rows)):
-        own = query_rows[position] if query_rows is not None else -2
-        exact_set = [row for row in exact.tolist() if row != own][:top_k]
-        approximate_set = {row for row in approximate.tolist() if row != own and row >= 0}
-        found += len(set(exact_set) & approximate_set)
-    return found / (len(queries) * top_k)
+    return overlap_recall(index.search(queries, top_k + extra)[1], exact_rows, query_rows, top_k)
 
 
-def tune_nprobe(index: FaissIndex, queries, exact_rows, query_rows=None, target: float = TARGET_RECALL) -> dict[int, float]:
-    """Smallest nprobe (powers of two) whose held-out recall@10 reaches `target`; leaves the index set to it."""
+def search_cost(index: FaissIndex, nprobe: int, rerank_factor: int | None, top_k: int = TOP_K) -> float:
+    """A query's work in bytes of codes scanned: the lists it probes plus the candidates it re-scores."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(index.index)
+    scanned = nprobe * index.count / max(1, ivf.nlist) * ivf.code_size
+    return scanned + top_k * (rerank_factor or 0) * RERANK_ROW_COST
+
+
+def _recall_by_depth(index: FaissIndex, queries: Queries, exact_rows: np.ndarray, top_k: int) -> list[tuple[int | None, float]]:
+    """(re-rank depth, recall) at the current nprobe; every depth from one search, since the exact
+    re-rank of the first top_k * depth candidates keeps exactly the true top-k among them."""
+    if not index.reranks:
+        return [(index.info["params"].get("rerank_factor"), held_out_recall(index, queries.vectors, exact_rows, queries.own_rows, top_k))]
+    wanted = top_k + queries.extra
+    candidates = index.candidates(queries.vectors, wanted * RERANK_FACTORS[-1])
+    return [(factor, overlap_recall(candidates[:, : wanted * factor], exact_rows, queries.own_rows, top_k))
+            for factor in RERANK_FACTORS]
+
+
+def tune_search(index: FaissIndex, queries: Queries, exact_rows: np.ndarray, target: float = TARGET_RECALL,
+                top_k: int = TOP_K) -> list[dict]:
+    """The cheapest nprobe (powers of two) and re-rank depth whose recall@k on `queries` reaches `target`.
+
+    Leaves the index set to it (to the best recall found when nothing reaches the target) and
+    returns every setting tried with its recall. nprobe doubles until no larger one can be cheaper
+    than a setting found, or the deepest re-rank gains less than RECALL_PLATEAU from a doubling
+    while short of the target: then the codes, not the lists scanned, limit recall, and scanning
+    every list of a large index (hours at 1B) would only confirm it.
+    """
     nlist = faiss_nlist(index)
-    curve: dict[int, float] = {}
-    nprobe = 1
+    tried: list[dict] = []
+
+    def cost(setting: dict) -> float:
+        return search_cost(index, setting["nprobe"], setting["rerank_factor"], top_k)
+
+    nprobe, deepest = 1, None
     while True:
-        index.set_nprobe(min(nprobe, nlist))
-        curve[min(nprobe, nlist)] = round(held_out_recall(index, queries, exact_rows, query_rows), 4)
-        if curve[min(nprobe, nlist)] >= target or nprobe >= nlist:
-            return curve
-        nprobe *= 2
+        probe = min(nprobe, nlist)
+        index.set_nprobe(probe)
+        found = [{"nprobe": probe, "rerank_factor": factor, "recall_at_10": round(recall, 4)}
+                 for factor, recall in _recall_by_depth(index, queries, exact_rows, top_k)]
+        tried += found
+        cheapest = min((cost(setting) for setting in tried if setting["recall_at_10"] >= target), default=math.inf)
+        following = {**found[0], "nprobe": min(2 * probe, nlist)}
+        stalled = deepest is not None and found[-1]["recall_at_10"] - deepest < RECALL_PLATEAU
+        if probe >= nlist or cost(following) >= cheapest or (stalled and cheapest == math.inf):
+            break
+        nprobe, deepest = 2 * probe, found[-1]["recall_at_10"]
+    reaching = [setting for setting in tried if setting["recall_at_10"] >= target]
+    best = min(reaching, key=cost) if reaching else max(tried, key=lambda setting: (setting["recall_at_10"], -cost(setting)))
+    index.set_nprobe(best["nprobe"], best["rerank_factor"])
+    return tried
 
 
 def faiss_nlist(index: FaissIndex) -> int:
@@ -394,76 +659,361 @@ def faiss_nlist(index: FaissIndex) -> int:
     return int(faiss.extract_index_ivf(index.index).nlist)
 
 
-def build_index(
-    embeddings,
-    order_fingerprint: str,
-    max_memory: int | None = None,
-    kind: str = "auto",
-    nlist: int | None = None,
-    nprobe: int | None = None,
-    ef_search: int = HNSW_EF_SEARCH,
-    rerank_rows: Callable[[np.ndarray], np.ndarray] | None = None,
-    recall_queries: int = RECALL_QUERIES,
-    target_recall: float = TARGET_RECALL,
-    queries: np.ndarray | None = None,
-    seed: int = 0,
-) -> FaissIndex:
-    """Build an inner-product index over unit-length rows [count, dim] (a tensor or memory-mapped array).
+def record_recall(built: FaissIndex, image_rows: Queries | None, text: Queries | None,
+                  exact: dict[str, np.ndarray], options: BuildOptions) -> None:
+    """Tune the index on text queries (image rows when there are none) and record both recalls in its info.
 
-    The layout is the most accurate that fits `max_memory` bytes. `recall_queries` rows held out of
-    training serve as queries: recall@10 against exact search is measured on them (each query
-    excluding itself), and an IVF index without a given `nprobe` takes the smallest that reaches
-    `target_recall`. `queries` [n, dim], when given, replace the held-out rows: queries of the kind
-    search will get (caption embeddings lie farther from the images than images from each other, and
-    need a larger nprobe; measured in benchmarks/bench_index.py). `rerank_rows(row_ids) -> vectors`
-    lets an IVF-PQ index re-score its candidates exactly.
+    `exact` holds each query set's exact top rows ("image", "text"). A fixed `options.nprobe` is kept.
     """
-    started = time.perf_counter()
-    count, dim = int(embeddings.shape[0]), int(embeddings.shape[1])
-    if count == 0:
-        raise ValueError("cannot index an empty collection")
-    plan = plan_index(count, dim, max_memory, kind, nlist)
-    index = _new_index(plan, dim)
-    generator = np.random.default_rng(seed)
-    shuffled = generator.permutation(count)
-    query_rows = np.sort(shuffled[: 0 if queries is not None else min(recall_queries, count)])
-    params: dict = {}
-    if plan.kind.startswith("ivf"):
-        train_rows = np.sort(shuffled[len(query_rows) :][: plan.nlist * TRAIN_POINTS_PER_LIST])
-        if len(train_rows) < plan.nlist:  # tiny collections: train on everything
-            train_rows = np.arange(count)
-        index.train(_as_float32(_take(embeddings, train_rows)))
-        params = {"nlist": plan.nlist, "nprobe": nprobe or 1, "train_rows": len(train_rows)}
-        if plan.nlist >= HNSW_QUANTIZER_FROM:
-            params["quantizer_ef_search"] = HNSW_EF_SEARCH
-        if plan.kind == "ivf_pq":
-            params.update(pq_m=plan.pq_m, rerank_factor=RERANK_FACTOR if rerank_rows is not None else 0)
-    elif plan.kind == "hnsw":
-        params = {"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "ef_search": ef_search}
-    for start in range(0, count, ADD_ROWS):
-        index.add(_as_float32(embeddings[start : start + ADD_ROWS]))
+    info, target, text_note = built.info, options.target_recall, options.text_note
+    info["target_recall"] = target
+    if built.kind == "flat":  # exact search
+        info.update(recall_at_10=1.0, text_recall_at_10=1.0, image_recall_at_10=1.0, recall_queries="exact search")
+        return
+    if text is None and text_note:
+        info["text_recall_note"] = text_note
+    sets = {name: queries for name, queries in (("text", text), ("image", image_rows)) if queries is not None}
+    if not sets:
+        return
+    tuned_on = next(iter(sets))
+    if built.kind in IVF_KINDS and options.nprobe is None:
+        info["tuning"] = tune_search(built, sets[tuned_on], exact[tuned_on], target)
+    for name, queries in sets.items():
+        info[f"{name}_recall_at_10"] = round(held_out_recall(built, queries.vectors, exact[name], queries.own_rows), 4)
+        info[f"{name}_queries"] = queries.description
+    info["tuned_on"] = "text queries" if tuned_on == "text" else "image rows"
+    info["recall_at_10"], info["recall_queries"] = info[f"{tuned_on}_recall_at_10"], sets[tuned_on].description
+
+
+def _query_sets(embeddings, held_out_rows: np.ndarray, text: Queries | None) -> tuple[Queries | None, np.ndarray | None]:
+    """The held-out image rows as queries, and every query vector stacked (image rows first) for one truth scan."""
+    image_rows = None
+    if len(held_out_rows):
+        image_rows = Queries(_as_float32(_take(embeddings, held_out_rows)), f"{len(held_out_rows)} held-out rows", held_out_rows)
+    stacked = [queries.vectors for queries in (image_rows, text) if queries is not None]
+    return image_rows, (np.ascontiguousarray(np.concatenate(stacked), dtype=np.float32) if stacked else None)
+
+
+def _split_truth(truth_rows: np.ndarray | None, image_rows: Queries | None) -> dict[str, np.ndarray]:
+    if truth_rows is None:
+        return {}
+    split = len(image_rows.vectors) if image_rows is not None else 0
+    return {"image": truth_rows[:split], "text": truth_rows[split:, :TOP_K]}
+
+
+def _params(plan: Plan, nprobe: int | None, ef_search: int, train_rows: int, reranks: bool) -> dict:
+    if plan.kind == "hnsw":
+        return {"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "ef_search": ef_search}
+    if plan.kind not in IVF_KINDS:
+        return {}
+    params = {"nlist": plan.nlist, "nprobe": nprobe or 1, "train_rows": train_rows}
+    if plan.nlist >= HNSW_QUANTIZER_FROM:
+        params["quantizer_ef_search"] = HNSW_EF_SEARCH
+    if plan.kind == "ivf_pq":
+        params.update(pq_m=plan.pq_m, rerank_factor=RERANK_FACTOR if reranks else 0)
+    return params
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What a build is asked for, in memory or in parts: layout, budget, and the queries recall is measured on.
+
+    `max_memory`: bytes the index (and each build process) may take. `recall_queries` rows held out
+    of training measure recall@10 on image queries (each excluding itself). `queries` [n, dim] are
+    the text queries search will get (encoded captions), described by `queries_description`: an
+    IVF index without a fixed `nprobe` is tuned on them (else on the held-out rows) to the cheapest
+    nprobe and re-rank depth that reach `target_recall`, since captions lie in another cone than
+    images and need a larger nprobe (benchmarks/bench_index.py). `text_note` records why there were
+    no text queries. `rerank_rows(row_ids) -> vectors` lets IVF-PQ re-score its candidates exactly.
+    """
+
+    max_memory: int | None = None
+    kind: str = "auto"
+    nlist: int | None = None
+    nprobe: int | None = None
+    ef_search: int = HNSW_EF_SEARCH
+    rerank_rows: Callable[[np.ndarray], np.ndarray] | None = None
+    recall_queries: int = RECALL_QUERIES
+    target_recall: float = TARGET_RECALL
+    queries: np.ndarray | None = None
+    queries_description: str | None = None
+    text_note: str | None = None
+    seed: int = 0
+
+
+def _new_built(options: BuildOptions, plan: Plan, count: int, dim: int, order_fingerprint: str, index,
+               train_rows: int) -> FaissIndex:
     info = {
         "kind": plan.kind,
         "factory": plan.factory,
-        "params": params,
+        "params": _params(plan, options.nprobe, options.ef_search, train_rows, options.rerank_rows is not None),
         "count": count,
         "dim": dim,
         "metric": "inner_product",
-        "max_memory": max_memory,
+        "max_memory": options.max_memory,
         "estimated_bytes": plan.estimated_bytes,
         "order_fingerprint": order_fingerprint,
     }
-    built = FaissIndex(index, info, rerank_rows if plan.kind == "ivf_pq" else None)
-    if (len(query_rows) or queries is not None) and plan.kind != "flat":
-        given = queries is not None
-        queries = np.ascontiguousarray(queries, dtype=np.float32) if given else _as_float32(_take(embeddings, query_rows))
-        own_rows = None if given else query_rows
-        exact_rows = exact_neighbours(embeddings, queries, min(TOP_K + (0 if given else 1), count))
-        if plan.kind.startswith("ivf") and nprobe is None:
-            info["recall_by_nprobe"] = tune_nprobe(built, queries, exact_rows, own_rows, target_recall)
-        info["recall_at_10"] = round(held_out_recall(built, queries, exact_rows, own_rows), 4)
-        info["recall_queries"] = f"{len(queries)} given queries" if given else f"{len(queries)} held-out rows"
-    elif plan.kind == "flat":
-        info["recall_at_10"] = 1.0
-    info["build_seconds"] = round(time.perf_counter() - started, 2)
+    return FaissIndex(index, info, options.rerank_rows if plan.kind == "ivf_pq" else None)
+
+
+def build_index(embeddings, order_fingerprint: str, **options) -> FaissIndex:
+    """Build an inner-product index in memory over unit-length rows [count, dim] (a tensor or memory-mapped array).
+
+    `options` are BuildOptions' fields. The layout is the most accurate that fits `max_memory`;
+    recall on text queries and on held-out image rows goes to the index's info.
+    """
+    started = time.perf_counter()
+    options = BuildOptions(**options)
+    count, dim = int(embeddings.shape[0]), int(embeddings.shape[1])
+    if count == 0:
+        raise ValueError("cannot index an empty collection")
+    plan = plan_index(count, dim, options.max_memory, options.kind, options.nlist)
+    held = min(options.recall_queries, count) if plan.kind != "flat" else 0  # an exact scan needs no measuring
+    memory = build_memory(plan, count, dim, options.max_memory, held)
+    held_out_rows, train_rows = sample_rows(count, held, memory.train_rows, options.seed)
+    index = train_index(embeddings, plan, train_rows)
+    text = _text_queries(options) if plan.kind != "flat" else None
+    image_rows, stacked = _query_sets(embeddings, held_out_rows, text)
+    truth = add_rows(index, embeddings, 0, count, memory.chunk_rows, stacked, min(TOP_K + 1, count))
+    built = _new_built(options, plan, count, dim, order_fingerprint, index, len(train_rows))
+    record_recall(built, image_rows, text, _split_truth(truth[1] if truth else None, image_rows), options)
+    built.info["build_seconds"] = round(time.perf_counter() - started, 2)
     return built
+
+
+def _text_queries(options: BuildOptions) -> Queries | None:
+    if options.queries is None or len(options.queries) == 0:
+        return None
+    vectors = np.array(options.queries, dtype=np.float32)
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return Queries(vectors, options.queries_description or f"{len(vectors)} given queries")
+
+
+# ---------------------------------------------------------------------------------------------
+# Built in parts: train once, add slices of rows in parallel ranks, merge into on-disk lists
+# ---------------------------------------------------------------------------------------------
+
+
+def generic_captions(count: int, seed: int = 0) -> list[str]:
+    """Up to `count` of the shipped everyday-photo captions (a random choice, fixed by `seed`), for
+    tuning an index on text queries when the collection has no captions of its own."""
+    captions = [line.strip() for line in GENERIC_CAPTIONS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if count >= len(captions):
+        return captions if count > 0 else []
+    chosen = np.random.default_rng(seed).choice(len(captions), size=count, replace=False)
+    return [captions[position] for position in sorted(chosen.tolist())]
+
+
+def parts_folder(index_path: str | os.PathLike) -> Path:
+    index_path = Path(index_path)
+    return index_path.with_name(index_path.name + PARTS_SUFFIX)
+
+
+def rank_slice(count: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows [start, end) of one rank: contiguous, every row on exactly one rank."""
+    return rank * count // world_size, (rank + 1) * count // world_size
+
+
+def wait_for(ready: Callable[[], bool], what: str, timeout: float) -> None:
+    deadline, said = time.monotonic() + timeout, False
+    while not ready():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout / 3600:.1f} h for {what}; is that rank still running?")
+        if not said:
+            logger.info("waiting for %s", what)
+            said = True
+        time.sleep(POLL_SECONDS)
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _save_arrays(path: Path, **arrays: np.ndarray) -> None:
+    atomic_write(path, lambda stream: np.savez(stream, **arrays))
+
+
+def _write_index_file(index, path: Path, size_hint: int | None = None) -> None:
+    """faiss.write_index through durable.atomic_write: readers see the old file or the whole new one."""
+    import faiss
+
+    def write(stream) -> None:
+        writer = faiss.PyCallbackIOWriter(stream.write)
+        faiss.write_index(index, writer)
+        del writer  # flushes faiss's buffer into the stream
+
+    atomic_write(path, write, size_hint=size_hint)
+
+
+def merge_parts(trained_path: str | os.PathLike, part_paths: list[Path], lists_path: str | os.PathLike):
+    """The trained index with every part's lists merged into one on-disk lists file (`lists_path`).
+
+    Parts are mapped, not read, and the merged lists are written through a mapping: memory stays
+    at the centroids and codebooks whatever the collection's size.
+    """
+    import faiss
+
+    index = faiss.read_index(str(trained_path))
+    ivf = faiss.extract_index_ivf(index)
+    parts = [faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY) for path in part_paths]
+    lists = faiss.InvertedListsPtrVector()
+    for part in parts:
+        lists.push_back(faiss.extract_index_ivf(part).invlists)
+    with _faiss_quiet():
+        on_disk = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(lists_path))
+        total = on_disk.merge_from_multiple(lists.data(), lists.size(), False)  # ids are row numbers already
+    ivf.replace_invlists(on_disk, True)
+    on_disk.this.disown()  # the index frees it
+    index.ntotal = ivf.ntotal = total
+    del parts  # their mapped lists were copied
+    return index
+
+
+def _merge_truth(parts: list[tuple[np.ndarray, np.ndarray]], top_k: int) -> np.ndarray:
+    import faiss
+
+    heap = faiss.ResultHeap(len(parts[0][0]), top_k, keep_max=True)
+    for scores, rows in parts:
+        heap.add_result(np.ascontiguousarray(scores, dtype=np.float32), np.ascontiguousarray(rows, dtype=np.int64))
+    heap.finalize()
+    return heap.I
+
+
+def build_index_in_parts(embeddings, order_fingerprint: str, index_path: str | os.PathLike, rank: int = 0,
+                         world_size: int = 1, wait_seconds: float = WAIT_SECONDS, **options) -> FaissIndex | None:
+    """Build an IVF index without holding the collection or the whole index, one rank of `world_size`.
+
+    Rank 0 trains the centroids and codebooks on a sample; each rank adds its contiguous slice of
+    rows, writing its lists out as parts whenever they fill what `max_memory` leaves, and scans the
+    same rows for the recall queries' exact neighbours; rank 0 then merges all parts into on-disk
+    inverted lists (`<index>.<token>.ivfdata`, mapped when searched), tunes and measures recall as
+    `build_index` does, saves the index at `index_path` and returns it. Other ranks return None.
+    Ranks meet through files in `<index_path>.parts/` (a folder every rank sees); a rerun after a
+    kill reuses the training and every finished rank's parts.
+    """
+    started = time.perf_counter()
+    options = BuildOptions(**options)
+    index_path = Path(index_path)
+    count, dim = int(embeddings.shape[0]), int(embeddings.shape[1])
+    if count == 0:
+        raise ValueError("cannot index an empty collection")
+    plan = plan_index(count, dim, options.max_memory, options.kind, options.nlist, ivf_only=True)
+    held = min(options.recall_queries, count)
+    memory = build_memory(plan, count, dim, options.max_memory, held, in_parts=True)
+    folder = parts_folder(index_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    identity = _digest(order_fingerprint, plan.factory, count, held, memory.train_rows, world_size, options.seed)
+    trained_path, queries_path, trained_record = folder / "trained.faiss", folder / "queries.npz", folder / "trained.json"
+    text = _text_queries(options) if rank == 0 else None
+    phases: dict = {}  # seconds of each step, for the record (and for sizing larger builds)
+
+    def trained() -> dict | None:
+        record = read_json(trained_record)
+        return record if record is not None and record.get("identity") == identity else None
+
+    if rank == 0:
+        held_out_rows, train_rows = sample_rows(count, held, memory.train_rows, options.seed)
+        image_rows, stacked = _query_sets(embeddings, held_out_rows, text)
+        stacked = np.zeros((0, dim), np.float32) if stacked is None else stacked
+        queries_digest = hashlib.sha256(stacked.tobytes()).hexdigest()[:16]
+        record = trained()
+        if record is None:
+            for stale in folder.iterdir():  # another run's parts (other rows, layout or ranks)
+                stale.unlink()
+            training_started = time.perf_counter()
+            with _all_cores():
+                _write_index_file(train_index(embeddings, plan, train_rows), trained_path)
+            phases["train"] = round(time.perf_counter() - training_started, 1)
+        if record is None or record.get("queries") != queries_digest:
+            _save_arrays(queries_path, queries=stacked)
+            write_json(trained_record, {"identity": identity, "queries": queries_digest, "train_rows": len(train_rows)})
+    else:
+        wait_for(lambda: trained() is not None, f"rank 0 to train the index ({trained_record})", wait_seconds)
+    record = trained()
+    rank_record = folder / f"rank-{rank}.json"
+    done = read_json(rank_record)
+    if done is None or done.get("identity") != identity or done.get("queries") != record["queries"]:
+        _add_part(embeddings, trained_path, queries_path, folder, rank, world_size, memory, record, identity)
+    if rank != 0:
+        return None
+
+    ranks = [folder / f"rank-{other}.json" for other in range(world_size)]
+    wait_for(lambda: all((read_json(path) or {}).get("identity") == identity for path in ranks),
+              f"every rank's parts in {folder}", wait_seconds)
+    records = [read_json(path) for path in ranks]
+    with _all_cores():  # the other ranks are done
+        phases["add_by_rank"] = [done.get("add_seconds") for done in records]
+        merge_started = time.perf_counter()
+        lists_name = f"{index_path.stem}.{os.urandom(4).hex()}{IVFDATA_SUFFIX}"
+        serving = (read_json(info_path_of(index_path)) or {}).get("ivfdata")  # the index search may have open now
+        for orphan in index_path.parent.glob(f"{index_path.stem}.*{IVFDATA_SUFFIX}"):  # merges a kill interrupted
+            if orphan.name != serving:
+                orphan.unlink()
+        merged = merge_parts(trained_path, [folder / name for rank_done in records for name in rank_done["parts"]],
+                             index_path.parent / lists_name)
+        truth_parts = []
+        for other, rank_done in enumerate(records if len(stacked) else []):
+            if rank_done.get("queries") == record["queries"]:  # its truth is for these queries
+                with np.load(folder / f"truth-{other}.npz") as truth:
+                    truth_parts.append((truth["scores"], truth["rows"]))
+            else:  # finished in an earlier run for other queries: scan its rows here
+                start, end = rank_slice(count, other, world_size)
+                truth_parts.append(add_rows(None, embeddings, start, end, memory.chunk_rows, stacked, min(TOP_K + 1, count)))
+        truth_rows = _merge_truth(truth_parts, min(TOP_K + 1, count)) if len(stacked) else None
+        phases["merge"] = round(time.perf_counter() - merge_started, 1)
+        recall_started = time.perf_counter()
+        built = _new_built(options, plan, count, dim, order_fingerprint, merged, int(record["train_rows"]))
+        built.info.update(ivfdata=lists_name,
+                          built_in_parts={"ranks": world_size, "parts": sum(len(done["parts"]) for done in records)})
+        record_recall(built, image_rows, text, _split_truth(truth_rows, image_rows), options)
+        phases["recall"] = round(time.perf_counter() - recall_started, 1)
+        built.info.update(phase_seconds=phases, build_seconds=round(time.perf_counter() - started, 2))
+        built.save(index_path)
+        shutil.rmtree(folder)
+        return built
+
+
+@contextlib.contextmanager
+def _all_cores():
+    """faiss on every core this process may use, whatever share it had for adding: the other ranks wait
+    for what runs inside (rank 0's training and merge), so their cores are idle."""
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    faiss.omp_set_num_threads(max(threads, usable))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
+def _add_part(embeddings, trained_path: Path, queries_path: Path, folder: Path, rank: int, world_size: int,
+              memory: BuildMemory, record: dict, identity: str) -> None:
+    """Add this rank's rows to copies of the trained index, writing each as a part once its lists fill one."""
+    import faiss
+
+    started = time.perf_counter()
+    index = faiss.read_index(str(trained_path))
+    ivf = faiss.extract_index_ivf(index)
+    with np.load(queries_path) as saved:
+        stacked = saved["queries"]
+    parts: list[str] = []
+
+    def write_part(index, last: bool = False) -> None:
+        if index.ntotal and (last or index.ntotal * (ivf.code_size + ID_BYTES) >= memory.part_bytes):
+            name = f"part-{rank}-{len(parts):04d}.faiss"
+            _write_index_file(index, folder / name)
+            parts.append(name)
+            index.reset()
+
+    start, end = rank_slice(int(embeddings.shape[0]), rank, world_size)
+    truth = add_rows(index, embeddings, start, end, memory.chunk_rows, stacked if len(stacked) else None,
+                     min(TOP_K + 1, int(embeddings.shape[0])), flush=write_part)
+    write_part(index, last=True)
+    if truth is not None:
+        _save_arrays(folder / f"truth-{rank}.npz", scores=truth[0], rows=truth[1])
+    write_json(folder / f"rank-{rank}.json",
+               {"identity": identity, "queries": record["queries"], "rows": [start, end], "parts": parts,
+                "add_seconds": round(time.perf_counter() - started, 1)})

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,14 @@ from clipsearch.durable import (
     remove_stale_temporaries,
     write_durably,
 )
-from clipsearch.store import folder_inputs, list_shards, load_collection, order_fingerprint, read_json
+from clipsearch.store import (
+    EncodingMismatchError,
+    folder_inputs,
+    list_shards,
+    order_fingerprint,
+    read_catalog,
+    read_json,
+)
 
 STORE_DIR = "consolidated"
 MATRIX_FILE = "embeddings.f16"
@@ -60,6 +67,31 @@ def source_fingerprint(emb_path: str | os.PathLike) -> str:
     for name, size, mtime_ns, _ in folder_inputs(emb_path):
         digest.update(f"{name}\0{size}\0{mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:16]
+
+
+def _live_rows(emb_path: Path) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """(paths, embeddings) chunks of the collection's live rows (updates applied, deletions dropped), in row order.
+
+    The shards stay memory-mapped and rows are gathered WRITE_ROWS at a time, so a collection larger
+    than memory consolidates in the memory of one chunk (plus the catalog of paths).
+    """
+    catalog = read_catalog(emb_path)
+    locations = list(catalog.rows.values())
+    for start in range(0, len(locations), WRITE_ROWS):
+        block = locations[start : start + WRITE_ROWS]
+        shard_numbers = torch.tensor([number for number, _ in block])
+        rows = torch.tensor([row for _, row in block])
+        chunk = None
+        for number in shard_numbers.unique().tolist():
+            embeddings = catalog.loaded[number]["emb"]
+            if chunk is None:
+                chunk = torch.empty(len(block), embeddings.shape[1])
+            elif embeddings.shape[1] != chunk.shape[1]:
+                raise EncodingMismatchError(f"shard {catalog.shards[number]} has {embeddings.shape[1]}-d embeddings after "
+                                            f"{chunk.shape[1]}-d ones; one folder must hold one model's embeddings")
+            chosen = shard_numbers == number
+            chunk[chosen] = embeddings[rows[chosen]].float()
+        yield [str(catalog.loaded[number]["path"][row]) for number, row in block], chunk
 
 
 def write_store(
@@ -150,8 +182,4 @@ def consolidate(emb_path: str | os.PathLike) -> ConsolidatedStore:
         store = open_store(emb_path)
         if store is not None:  # built by the process this one waited for
             return store
-        source = source_fingerprint(emb_path)
-        # Read once in fp16: the build holds the collection at half size for the time of the write.
-        collection = load_collection(emb_path, dtype=torch.float16)
-        matrix_bytes = len(collection.paths) * collection.dim * 2
-        return write_store(store_folder(emb_path), [(collection.paths, collection.embeddings)], source, matrix_bytes)
+        return write_store(store_folder(emb_path), _live_rows(emb_path), source_fingerprint(emb_path))

@@ -450,6 +450,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         engine = load_engine(args)
         print(f"searching {len(engine.searcher)} images in {args.emb_path}", file=sys.stderr)
+        if engine.searcher.index is not None and engine.searcher.index.recall_warning():
+            print(engine.searcher.index.recall_warning(), file=sys.stderr)
         if args.serve:
             from clipsearch.server import serve
 

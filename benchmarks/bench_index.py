@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip_rows_tuning", action="store_true",
                         help="gap: leave out ours tuned on image rows (the old default), to save its build")
     parser.add_argument("--startup_rows", type=int, default=1_000_000, help="rows written as shards to time startup")
+    parser.add_argument("--reuse", action="store_true",
+                        help="load our indexes an earlier run built in --work_dir for the same vectors, budget and tuning "
+                             "queries, instead of building them again")
     parser.add_argument("--no_autofaiss", action="store_true", help="skip autofaiss (not installed)")
     parser.add_argument("--part_suffix", default="", help="words added to the part's name, so a run at other settings "
                         "(e.g. another --max_memory) gets its own section instead of replacing one")
@@ -202,17 +205,44 @@ def caption_queries(bundle, source: Path, count: int, listing: str = "Flickr_8k.
 # ---------------------------------------------------------------------------------------------
 
 
+# --reuse: an index an earlier run built for the same vectors, budget and tuning queries is loaded, not
+# built again (a 5M-row build takes half an hour here); its recorded build time is reported.
+REUSE = False
+
+
+def reusable_index(path: Path, store, max_memory: int | None, tune_queries: np.ndarray | None) -> dict | None:
+    """The record of an index at `path` built from `store`'s rows within `max_memory`, tuned on as many
+    text queries as `tune_queries` holds (or on image rows when None); None when there is none such."""
+    from clipsearch.index import info_path_of
+
+    record = info_path_of(path)
+    if not (path.exists() and record.exists()):
+        return None
+    info = json.loads(record.read_text())
+    tuned_on_text = tune_queries is not None
+    same = (info.get("order_fingerprint") == store.order_fingerprint and info.get("max_memory") == max_memory
+            and (info.get("tuned_on") == "text queries") == tuned_on_text and "build_seconds" in info
+            and (not tuned_on_text or info.get("text_queries") == f"{len(tune_queries)} given queries"))
+    if same:
+        print(f"reusing {path} (built in {info['build_seconds']:.0f} s)")
+    return info if same else None
+
+
 def build_ours(store, folder: Path, max_memory: int | None, tune_queries: np.ndarray | None = None, file: str = "index.faiss",
                nlist: int | None = None):
-    from clipsearch.index import build_index, load_index
+    from clipsearch.index import build_index, info_path_of, load_index
 
-    started = time.perf_counter()
-    index = build_index(store.embeddings, store.order_fingerprint, max_memory=max_memory, rerank_rows=store.rows,
-                        queries=tune_queries, nlist=nlist)
-    build_seconds = time.perf_counter() - started
-    index.save(folder / file)
+    info = reusable_index(folder / file, store, max_memory, tune_queries) if REUSE else None
+    if info is not None:
+        build_seconds = float(info["build_seconds"])
+    else:
+        started = time.perf_counter()
+        index = build_index(store.embeddings, store.order_fingerprint, max_memory=max_memory, rerank_rows=store.rows,
+                            queries=tune_queries, nlist=nlist)
+        build_seconds = time.perf_counter() - started
+        index.save(folder / file)
+        info = json.loads(info_path_of(folder / file).read_text())
     loaded = load_index(folder / file)  # memory-mapped, re-ranking from the store, as search opens it
-    info = index.info
     return loaded, {"build_seconds": round(build_seconds, 1), "bytes": info["index_bytes"], "layout": info["factory"],
                     "build_recall_at_10": info.get("recall_at_10"), "nprobe": info["params"].get("nprobe"),
                     "rerank_factor": info["params"].get("rerank_factor"), "build_recall_queries": info.get("recall_queries"),
@@ -642,7 +672,9 @@ def save_part(name: str, result: dict, report: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    global REUSE
     args = parse_args(argv)
+    REUSE = args.reuse
     if args.part == "report":  # re-render only: the JSON is rewritten unchanged
         all_results = tracked_results()
         common.publish(RESULTS_NAME, all_results, render(all_results), args.report)

@@ -350,6 +350,8 @@ class FaissIndex:
         earlier = (read_json(info_path_of(index_path)) or {}).get("ivfdata")
         _write_index_file(self.index, index_path, size_hint=self.info.get("estimated_bytes"))
         lists_bytes = (index_path.parent / self.info["ivfdata"]).stat().st_size if self.info.get("ivfdata") else 0
+        # The file's own size ties it to this record (load_index); index_bytes counts the lists too.
+        self.info["index_file_bytes"] = index_path.stat().st_size
         self.info["index_bytes"] = index_path.stat().st_size + lists_bytes
         write_json(info_path_of(index_path), self.info)
         if earlier and earlier != self.info.get("ivfdata"):  # a server still mapping it keeps it until it closes
@@ -440,11 +442,12 @@ def load_index(index_path: str | os.PathLike, nprobe: int | None = None, mmap: b
             "./clipsearch index --emb_path <folder>"
         )
     info = json.loads(info_path.read_text())
-    if info.get("index_bytes") not in (None, index_path.stat().st_size):
+    expected_bytes = info.get("index_file_bytes", None if info.get("ivfdata") else info.get("index_bytes"))
+    if expected_bytes not in (None, index_path.stat().st_size):
         raise IndexMismatchError(
             f"{index_path} ({index_path.stat().st_size:,} bytes) is not the index {info_path.name} describes "
-            f"({info['index_bytes']:,} bytes): a build stopped between writing the two; rebuild it with "
-            f"python -m clipsearch.index --emb_path {index_path.parent}"
+            f"({expected_bytes:,} bytes): a build stopped between writing the two; rebuild it with "
+            f"./clipsearch index --emb_path {index_path.parent}"
         )
     if nprobe is not None:
         info["params"]["nprobe"] = int(nprobe)

@@ -204,6 +204,11 @@ def bench_exact(args, matrix: torch.Tensor, paths: list[str], threads: int, gene
                 "bound_ms": round(bound_ms, 2),
                 "bound_kind": f"read ({reads[storage]['fastest']})" if read_ms >= compute_ms else "compute",
                 "ours_over_bound": round(ours / bound_ms, 3),
+                # The bound is a best of N; ours' best of N beside it shows what of the gap is this
+                # machine's spread (one call of the same pass varies by 1.5x here) and what is ours.
+                "best_ms": round(min(times[f"{storage} search"]), 2),
+                "best_over_bound": round(min(times[f"{storage} search"]) / bound_ms, 3),
+                "spread_ms": [round(min(times[f"{storage} search"]), 2), round(max(times[f"{storage} search"]), 2)],
                 "target_over_bound": target,
                 # A scoring pass faster than the bound would mean the bound is wrong.
                 "scores_not_below_bound": scores >= bound_ms * 0.97,
@@ -265,6 +270,7 @@ def report_markdown(results: dict) -> str:
             exact_rows.append([
                 case["queries"], storage, f"{figures['ms']:.1f}", f"{figures['bound_ms']:.1f} ({figures['bound_kind']})",
                 f"{figures['ours_over_bound']:.2f} (<= {figures['target_over_bound']})",
+                f"{figures['best_ms']:.1f} ({figures['best_over_bound']:.2f})" if "best_ms" in figures else "",
                 f"{parts['scores']:.1f} / {parts['top_k']:.1f} / {parts['rest']:.1f}",
                 f"{case['faiss_ms']:.1f}", f"{figures['faiss_over_ours']:.2f}",
             ])
@@ -283,9 +289,9 @@ def report_markdown(results: dict) -> str:
         "GFLOP/s on 2048 x 2048). Parts: the scoring pass alone / the top-k over its scores / the rest of a search call",
         "",
         *common.markdown_table(
-            ["queries", "storage", "ours ms", "bound ms", "ours / bound (target)", "scores / top-k / rest ms",
-             "faiss IndexFlatIP ms", f"faiss / ours (target >= {TARGET_FAISS_OVER_OURS:.0f})"],
-            exact_rows, "rlrlrlrr"),
+            ["queries", "storage", "ours ms", "bound ms", "ours / bound (target)", "ours, best call ms (/ bound)",
+             "scores / top-k / rest ms", "faiss IndexFlatIP ms", f"faiss / ours (target >= {TARGET_FAISS_OVER_OURS:.0f})"],
+            exact_rows, "rlrlrrlrr"),
         "",
         "Full reads of the matrix (best of the repeats):",
         "",
@@ -363,7 +369,7 @@ def findings(results: dict) -> list[str]:
             check = "" if figures["scores_not_below_bound"] else " The scoring pass beat the bound: the bound is wrong."
             lines.append(
                 f"- {case['queries']} quer{'y' if case['queries'] == 1 else 'ies'}, {storage}: ours/bound "
-                f"{figures['ours_over_bound']:.2f} ({met_bound}), faiss/ours {figures['faiss_over_ours']:.2f} ({met_faiss}); "
+                f"{figures['ours_over_bound']:.2f} ({met_bound}; best call {figures.get('best_over_bound', float('nan')):.2f}), faiss/ours {figures['faiss_over_ours']:.2f} ({met_faiss}); "
                 f"of {figures['ms']:.1f} ms, scoring {parts['scores']:.1f}, top-k {parts['top_k']:.1f}, the rest "
                 f"{parts['rest']:.1f}.{check}"
             )

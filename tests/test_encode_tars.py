@@ -197,3 +197,45 @@ def test_a_dropped_connection_resumes_the_tar_without_repeating_samples(tmp_path
     monkeypatch.setattr(tars, "open_tar_file", lambda url: Dropping(data))
     keys = [item.key for item in tars.tar_samples("remote/00000.tar")]
     assert Dropping.dropped and keys == ["000000", "000001", "000002", "000003"]
+
+
+def test_tar_rows_come_back_in_search_results_the_export_and_the_page(tmp_path, tiny_checkpoint, capsys):
+    import fastapi.testclient
+    import pyarrow.parquet as pq
+
+    from clipsearch.checkpoint import load_bundle
+    from clipsearch.cli.export_clip_retrieval import main as export_main
+    from clipsearch.cli.search import main as search_main
+    from clipsearch.search import SearchEngine, Searcher
+    from clipsearch.server import create_app
+
+    shards = tmp_path / "shards"
+    make_tars(shards, count=2, per_tar=2)
+    emb = tmp_path / "emb"
+    encode(tiny_checkpoint, shards, emb)  # a folder of tars
+    capsys.readouterr()
+    search_main(["--emb_path", str(emb), "--load_model", str(tiny_checkpoint), "--query", "a photo", "--json",
+                 "--where", "caption=photo number 11", "--out_dir", str(tmp_path / "out")])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (hit,) = result["results"]
+    assert hit["path"] == f"{shards}/00001.tar#000011"
+    assert hit["fields"]["url"] == "https://example.com/11.png" and hit["fields"]["caption"] == "photo number 11"
+    assert (tmp_path / "out" / "a photo.png").is_file()
+
+    export_main(["--emb_path", str(emb), "--out", str(tmp_path / "export")])
+    table = pq.read_table(next((tmp_path / "export" / "metadata").iterdir()))
+    exported = dict(zip(table.column("image_path").to_pylist(), table.column("url").to_pylist()))
+    assert exported[f"{shards}/00000.tar#000001"] == "https://example.com/1.png" and len(exported) == 4
+
+    collection = load_collection(emb)
+    engine = SearchEngine(load_bundle(tiny_checkpoint), Searcher(collection.paths, collection.embeddings),
+                          fields=collection.fields)
+    member = collection.paths.index(f"{shards}/00001.tar#000010")
+    with fastapi.testclient.TestClient(create_app(engine, serve_roots=[shards])) as client:
+        original = client.get(f"/api/image/{member}")
+        assert original.status_code == 200 and original.content == png(10)
+        assert original.headers["content-type"] == "image/png"
+        thumbnail = client.get(f"/api/image/{member}", params={"size": 96})
+        assert thumbnail.headers["content-type"] == "image/jpeg" and Image.open(io.BytesIO(thumbnail.content)).size
+    with fastapi.testclient.TestClient(create_app(engine, serve_roots=[tmp_path / "out"])) as guarded:
+        assert guarded.get(f"/api/image/{member}").status_code == 403  # a local tar outside the served folders

@@ -239,3 +239,19 @@ def test_tar_rows_come_back_in_search_results_the_export_and_the_page(tmp_path, 
         assert thumbnail.headers["content-type"] == "image/jpeg" and Image.open(io.BytesIO(thumbnail.content)).size
     with fastapi.testclient.TestClient(create_app(engine, serve_roots=[tmp_path / "out"])) as guarded:
         assert guarded.get(f"/api/image/{member}").status_code == 403  # a local tar outside the served folders
+
+
+def test_two_processes_take_whole_tars_each(tmp_path, tiny_checkpoint):
+    shards = tmp_path / "shards"
+    made = make_tars(shards, count=3, per_tar=3)
+    emb = tmp_path / "emb"
+    manifest = encode(tiny_checkpoint, shards / "*.tar", emb, "--devices", "2")
+    update = read_json(emb / "update-000.json")
+    by_rank = {}
+    for name in update["shards"]:
+        shard = read_shard(emb / name)
+        by_rank.setdefault(name.split("-")[0], []).append(shard["tar"])
+        assert {path.rpartition("#")[0] for path in shard["path"]} == {shard["tar"]}  # one tar, whole
+    assert by_rank == {"0": made[:1], "1": made[1:]}
+    assert manifest["counts"]["encoded"] == 9 and manifest["world_size"] == 2
+    assert len(set(load_collection(emb).paths)) == 9

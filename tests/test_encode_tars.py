@@ -55,6 +55,10 @@ def test_brace_patterns_globs_and_folders_list_each_tar_once(tmp_path):
     assert list_tars(str(tmp_path / "shards")) == made
     with pytest.raises(UserError, match="matches no .tar files"):
         list_tars(str(tmp_path / "elsewhere" / "*.tar"))
+    with pytest.raises(UserError, match="matches no .tar files"):  # before the model loads
+        encode_main(["--dataset_path", str(tmp_path / "shards" / "*.tgz.tar"), "--emb_path", str(tmp_path / "emb")])
+    with pytest.raises(UserError, match="none of the 2 tars it names exists"):
+        encode_main(["--dataset_path", str(tmp_path / "shards" / "{00008..00009}.tar"), "--emb_path", str(tmp_path)])
     with pytest.raises(SystemExit):  # a tar's caption is a field already: --captions is refused in one line
         parse_args(["--dataset_path", str(tmp_path / "shards" / "{00000..00002}.tar"), "--captions"])
 

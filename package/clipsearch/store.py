@@ -667,6 +667,7 @@ def write_manifest_if_complete(emb_path: str | os.PathLike, extra: dict | None =
         "duplicates": {"groups": len(groups), "extra_copies": sum(len(paths) - 1 for paths in groups.values())},
         "skipped_by_reason": dict(sorted(skipped_by_reason.items())),
         "errors_file": ERRORS_FILE,
+        **({"source": latest["source"]} if "source" in latest else {}),
         **(extra or {}),
     }
     write_json(emb_path / MANIFEST_FILE, manifest)
@@ -680,7 +681,8 @@ def describe(manifest: dict, emb_path: str | os.PathLike) -> str:
     duplicates = manifest["duplicates"]
     line = (
         f"{emb_path} holds {counts['encoded']} images in {counts['shards']} shards; this run encoded "
-        f"{update['encoded']}; update {manifest['update']} dropped {update['removed']} (deleted or changed); {skipped}"
+        f"{update['encoded']}; update {manifest['update']} dropped {update['removed']}"
+        f"{' tars' if manifest.get('source') == 'tars' else ''} (deleted or changed); {skipped}"
     )
     if "content_recheck" in update:
         recheck = update["content_recheck"]

@@ -124,11 +124,16 @@ def _listed(url: str) -> list[str]:
     if is_remote(url):
         fs, path = filesystem(url)
         protocol = url.split("://", 1)[0]
-        if glob.has_magic(url.split("://", 1)[1]) and protocol not in ("http", "https"):
-            return sorted(f"{protocol}://{match}" for match in fs.glob(path) if match.endswith(TAR_SUFFIX))
-        if url.endswith(TAR_SUFFIX) or protocol in ("http", "https"):
-            return [url]
-        return sorted(f"{protocol}://{entry}" for entry in fs.ls(path, detail=False) if entry.endswith(TAR_SUFFIX))
+        if url.endswith(TAR_SUFFIX) and not glob.has_magic(url.split("://", 1)[1]) or protocol in ("http", "https"):
+            return [url]  # named (an HTTP server has no listing to glob)
+        try:
+            if glob.has_magic(url.split("://", 1)[1]):
+                found = fs.glob(path)
+            else:
+                found = fs.ls(path, detail=False)
+        except Exception as error:  # noqa: BLE001 - each store fails its own way
+            raise UserError(f"cannot list {url}: {type(error).__name__}: {str(error)[:200]}") from None
+        return sorted(f"{protocol}://{entry.split('://', 1)[-1]}" for entry in found if entry.endswith(TAR_SUFFIX))
     local = os.path.abspath(url.removeprefix("file://"))
     if glob.has_magic(local):
         return sorted(match for match in glob.glob(local) if match.endswith(TAR_SUFFIX))
@@ -308,6 +313,7 @@ def _scan(file, seen: set[str]) -> Iterator[TarSample | TarProblem]:
                 if extension in IMAGE_MEMBERS:
                     sample.mtime = int(member.mtime)
             reader.drain()
+            compressed = getattr(archive.fileobj, "comptype", "tar") != "tar"
     except (tarfile.TarError, EOFError) as error:
         if sample is not None and sample.key not in seen:
             yield TarProblem(sample.key, f"truncated tar (it ends inside this sample: {error})")
@@ -316,6 +322,8 @@ def _scan(file, seen: set[str]) -> Iterator[TarSample | TarProblem]:
         return
     if sample is not None and sample.key not in seen:
         yield sample
+    if compressed:  # offsets count uncompressed bytes; the decompressor itself fails on a cut stream
+        return
     trailer = reader.position - end_of_members
     end_block = reader.tail[len(reader.tail) - trailer:][:_TAR_BLOCK] if 0 < trailer <= len(reader.tail) else b""
     if len(end_block) < _TAR_BLOCK or any(end_block):

@@ -187,7 +187,10 @@ def check_inputs(args: argparse.Namespace) -> None:
     """Missing inputs answer at once, before torch and the model load."""
     if looks_like_tars(args.dataset_path):
         if not is_remote(args.dataset_path):  # listing a remote store waits for the run (and its retries)
-            list_tars(args.dataset_path)
+            tars = list_tars(args.dataset_path)
+            if not any(os.path.isfile(tar) for tar in tars):
+                raise UserError(f"--dataset_path {args.dataset_path}: none of the {len(tars)} tars it names exists "
+                                f"(the first: {tars[0]})")
     elif not os.path.isdir(args.dataset_path) and not is_default_dataset(args.dataset_path):
         raise UserError(f"--dataset_path {args.dataset_path} is not a folder; give an image folder or a dataset folder")
     if os.path.isdir(args.dataset_path) and not looks_like_tars(args.dataset_path):

@@ -59,6 +59,11 @@ def test_brace_patterns_globs_and_folders_list_each_tar_once(tmp_path):
         encode_main(["--dataset_path", str(tmp_path / "shards" / "*.tgz.tar"), "--emb_path", str(tmp_path / "emb")])
     with pytest.raises(UserError, match="none of the 2 tars it names exists"):
         encode_main(["--dataset_path", str(tmp_path / "shards" / "{00008..00009}.tar"), "--emb_path", str(tmp_path)])
+    try:
+        import s3fs  # noqa: F401
+    except ImportError:  # not installed by 0_install.sh: a run on s3:// names the package to install
+        with pytest.raises(UserError, match="pip install s3fs"):
+            tars.filesystem("s3://bucket/shards/00000.tar")
     with pytest.raises(SystemExit):  # a tar's caption is a field already: --captions is refused in one line
         parse_args(["--dataset_path", str(tmp_path / "shards" / "{00000..00002}.tar"), "--captions"])
 

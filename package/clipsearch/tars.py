@@ -29,7 +29,7 @@ MEMBER_SEPARATOR = "#"
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 CAPTION_MEMBER = "txt"
 METADATA_MEMBER = "json"
-# The package each object store needs, installed as an extra (pip install 'clipsearch[s3]').
+# The package each object store needs: not installed by 0_install.sh, named when missing.
 STORE_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
 # A tar that cannot be fetched is tried this many times, waiting RETRY_SECONDS, then twice as long, ...;
 # a missing one (404, no such file) is not retried. Three tries over ~3 s ride out a dropped connection

@@ -58,8 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--images", type=int, default=256, help="images of the longer run (the shorter has half)")
     data.add_argument("--source", choices=("folder", "tars"), default="folder",
                       help="what the pipeline reads: a folder of the JPEGs, or webdataset tars of them")
-    data.add_argument("--tar_samples", type=int, default=None,
-                      help="samples per tar with --source tars (default: --batch_size, so no batch is cut short)")
+    data.add_argument("--tar_samples", type=int, default=128,
+                      help="samples per tar with --source tars, a multiple of --batch_size so no batch is cut short "
+                           "(img2dataset writes 10,000; each tar is a shard, written and fsynced when it ends)")
     add_image_flags(data, "encode")
     run = parser.add_argument_group("run")
     run.add_argument("--models", default="our", help=f"comma-separated, from {', '.join(MODELS)}")
@@ -79,9 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.workers = sorted({int(value) for value in args.workers.split(",") if value.strip()})
     if args.images < 2 * args.batch_size:
         parser.error("--images must be at least two batches, so the two runs differ by whole batches")
-    args.tar_samples = args.tar_samples or args.batch_size
-    if args.source == "tars" and (args.images // 2) % args.tar_samples:
-        parser.error("--source tars: half of --images must be whole tars of --tar_samples")
+    if args.source == "tars" and ((args.images // 2) % args.tar_samples or args.tar_samples % args.batch_size):
+        parser.error("--source tars: half of --images must be whole tars of --tar_samples, whole batches each")
     return args
 
 

@@ -72,7 +72,7 @@ def test_tars_encode_every_sample_once_with_its_fields_and_list_bad_samples(tmp_
     shards = tmp_path / "shards"
     make_tars(shards, count=2)
     bad = [sample(100), ("000101", {"txt": b"no image here"}), ("000102", {"jpg": b"not a jpeg at all"}),
-           ("000103", {"png": png(103), "json": b"{not json"}), sample(104)]
+           ("000103", {"png": png(103), "json": b"{not json"}), sample(104), ("000100", {"png": png(105)})]
     write_tar(shards / "00002.tar", bad)
     whole = write_tar(tmp_path / "whole.tar", [sample(200), sample(201), sample(202)]).read_bytes()
     (shards / "00003.tar").write_bytes(whole[: 512 * 4])  # cut after the first sample's members
@@ -96,6 +96,7 @@ def test_tars_encode_every_sample_once_with_its_fields_and_list_bad_samples(tmp_
     assert skipped[f"{shards}/00002.tar#000101"].startswith("no image in sample")
     assert skipped[f"{shards}/00002.tar#000102"] in ("corrupt image", "not an image")
     assert "truncated tar" in skipped[f"{shards}/00003.tar"]
+    assert skipped[f"{shards}/00002.tar"].startswith("duplicate keys") and "000100" in skipped[f"{shards}/00002.tar"]
     errors = (emb / "errors.tsv").read_text()
     assert f"{shards}/00002.tar#000101" in errors and f"{shards}/00003.tar\t" in errors
     assert manifest["counts"]["encoded"] == 10 and manifest["dataset_path"] == str(shards / "{00000..00003}.tar")

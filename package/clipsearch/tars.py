@@ -287,7 +287,8 @@ class _CountingReader(io.RawIOBase):
 
 
 def _scan(file, seen: set[str]) -> Iterator[TarSample | TarProblem]:
-    """Samples of one open tar in member order, skipping keys in `seen`; a truncated tar ends with a TarProblem.
+    """Samples of one open tar in member order, skipping keys in `seen` (given before a retry); keys that
+    come back later in the tar are one TarProblem, and so is a truncated tar's end.
 
     Stream mode reads each byte once (what a remote tar needs). Python's tarfile ends quietly on a
     tar cut at a header, so the end is checked: a whole tar has a zero block after its last member.
@@ -295,6 +296,8 @@ def _scan(file, seen: set[str]) -> Iterator[TarSample | TarProblem]:
     reader = _CountingReader(file)
     sample: TarSample | None = None
     end_of_members = 0
+    this_pass: set[str] = set()
+    duplicated: dict[str, None] = {}
     try:
         with tarfile.open(fileobj=reader, mode="r|*") as archive:
             for member in archive:
@@ -308,6 +311,10 @@ def _scan(file, seen: set[str]) -> Iterator[TarSample | TarProblem]:
                         yield sample
                     sample = None
                 if sample is None:
+                    if key in this_pass:  # members apart from the key's first ones would make a second row
+                        duplicated.setdefault(key)
+                        continue
+                    this_pass.add(key)
                     sample = TarSample(key)
                 sample.members[extension] = data
                 if extension in IMAGE_MEMBERS:
@@ -322,6 +329,10 @@ def _scan(file, seen: set[str]) -> Iterator[TarSample | TarProblem]:
         return
     if sample is not None and sample.key not in seen:
         yield sample
+    if duplicated:  # named by the tar: a skip named <tar>#<key> would stand for the key's good row
+        keys = list(duplicated)
+        yield TarProblem(None, f"duplicate keys, members apart from each key's first ones left out: "
+                               f"{', '.join(keys[:5])}{f' and {len(keys) - 5} more' if len(keys) > 5 else ''}")
     if compressed:  # offsets count uncompressed bytes; the decompressor itself fails on a cut stream
         return
     trailer = reader.position - end_of_members
@@ -335,12 +346,17 @@ def tar_samples(url: str) -> Iterator[TarSample | TarProblem]:
     """Every sample of a tar, once, in order. A read that fails (a dropped connection) is retried from a
     reopened tar, skipping the samples already given; after FETCH_TRIES it raises TarFetchError."""
     seen: set[str] = set()
+    problems: set[TarProblem] = set()
     for attempt in range(FETCH_TRIES):
         try:
             with open_tar_file(url) as file:
                 for item in _scan(file, seen):
                     if isinstance(item, TarSample):
                         seen.add(item.key)
+                    elif item in problems:  # found again on a retry
+                        continue
+                    else:
+                        problems.add(item)
                     yield item
             return
         except FileNotFoundError:

@@ -226,7 +226,7 @@ def collection_roots(args: argparse.Namespace) -> list[str] | None:
 
 
 # File facts every image row has: in --json, left out of the text lines (which show captions, dates, urls).
-QUIET_FIELDS = ("size", "mtime", "width", "height")
+QUIET_FIELDS = ("size", "mtime", "width", "height", "tar", "key")  # a tar's row: its path names both
 
 
 def hit_records(hits, rank_from: int = 1) -> list[dict]:

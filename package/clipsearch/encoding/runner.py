@@ -133,6 +133,26 @@ def collection_rows(config: EncodeConfig) -> CollectionRows:
     return CollectionRows(image_paths, stat_of, fields_of)
 
 
+def rank_work(config: EncodeConfig, bundle, device: torch.device, rows: CollectionRows, rank_paths: list[str],
+              pending: list[tuple[int, int, int]], workers: int):
+    """The model stage, and (step, whether the batch ends its shard, batch) over this rank's pending shards."""
+    if rows.tars:
+        # A tar's sample count is known only once it is read: each batch says whether it ends its tar's shard.
+        assigned = [(step, rank_paths[start]) for step, start, _ in pending]
+        loader = make_tar_loader(assigned, bundle.eval_transform, config.batch_size, workers, device.type == "cuda")
+        embedder = ImageEmbedder(bundle.model, device, config.precision, bundle.image_views)
+        return embedder, ((batch.step, batch.ends_shard, batch) for batch in loader)
+    batches, batch_steps = shard_batches(pending, config.batch_size)
+    ends_shard = [index + 1 == len(batch_steps) or batch_steps[index + 1] != step for index, step in enumerate(batch_steps)]
+    if config.captions:
+        embedder = TextEmbedder(bundle.model, device, config.precision)
+        loader = caption_batches(rank_paths, rows.captions, bundle.tokenizer, batches)
+    else:
+        embedder = ImageEmbedder(bundle.model, device, config.precision, bundle.image_views)
+        loader = make_loader(rank_paths, bundle.eval_transform, batches, workers, pin_memory=device.type == "cuda")
+    return embedder, zip(batch_steps, ends_shard, loader)
+
+
 def encode_rank(config: EncodeConfig, rank: int, world_size: int, local_rank: int = 0, local_world_size: int = 1) -> dict:
     """Encode this rank's share of the folder's update, skipping shards a killed run finished; returns its record."""
     device = use_rank_device(config.accelerator, local_rank)
@@ -177,23 +197,7 @@ def encode_rank(config: EncodeConfig, rank: int, world_size: int, local_rank: in
     # Decided here, where the ranks on this node are known whichever launcher started them (torchrun
     # passes no --devices).
     workers = default_num_workers(local_world_size) if config.num_workers is None else config.num_workers
-    if rows.tars:
-        # A tar's sample count is known only once it is read: each batch says whether it ends its tar's shard.
-        embedder = ImageEmbedder(bundle.model, device, config.precision, bundle.image_views)
-        assigned = [(step, rank_paths[start]) for step, start, _ in pending]
-        loader = make_tar_loader(assigned, bundle.eval_transform, config.batch_size, workers, device.type == "cuda")
-        work = ((batch.step, batch.ends_shard, batch) for batch in loader)
-    else:
-        batches, batch_steps = shard_batches(pending, config.batch_size)
-        ends_shard = [index + 1 == len(batch_steps) or batch_steps[index + 1] != step
-                      for index, step in enumerate(batch_steps)]
-        if config.captions:
-            embedder = TextEmbedder(bundle.model, device, config.precision)
-            loader = caption_batches(rank_paths, rows.captions, bundle.tokenizer, batches)
-        else:
-            embedder = ImageEmbedder(bundle.model, device, config.precision, bundle.image_views)
-            loader = make_loader(rank_paths, bundle.eval_transform, batches, workers, pin_memory=device.type == "cuda")
-        work = zip(batch_steps, ends_shard, loader)
+    embedder, work = rank_work(config, bundle, device, rows, rank_paths, pending, workers)
     pending_images = None if rows.tars else sum(length for _, _, length in pending)
     progress = tqdm(
         total=pending_images,

@@ -39,6 +39,8 @@ RETRY_SECONDS = 1.0
 # Versions of this many tars are asked for at once: object stores answer each in tens of milliseconds.
 INFO_THREADS = 16
 _TAR_BLOCK = 512
+# Bytes kept from the end of what was read, for the end-of-archive check (tar pads its end to 10 KB records).
+_TAIL = 64 * _TAR_BLOCK
 
 
 class TarFetchError(Exception):
@@ -274,16 +276,18 @@ class _CountingReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:
-        data = self.file.read(len(buffer))
-        buffer[: len(data)] = data
+    def read(self, size: int = -1) -> bytes:
+        # tarfile reads through read(): one copy fewer than RawIOBase's read over readinto.
+        data = self.file.read(size)
         self.position += len(data)
-        self.tail = (self.tail + data)[-(64 * _TAR_BLOCK):]
+        self.tail = data[-_TAIL:] if len(data) >= _TAIL else (self.tail + data)[-_TAIL:]
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
         return len(data)
 
-    def drain(self) -> None:
-        while self.read(1 << 16):
-            pass
 
 
 def _scan(file, seen: set[str]) -> Iterator[TarSample | TarProblem]:
@@ -319,8 +323,10 @@ def _scan(file, seen: set[str]) -> Iterator[TarSample | TarProblem]:
                 sample.members[extension] = data
                 if extension in IMAGE_MEMBERS:
                     sample.mtime = int(member.mtime)
-            reader.drain()
+            # tarfile stopped at the end marker (or at a cut), at most one 10 KB record past the last member.
             compressed = getattr(archive.fileobj, "comptype", "tar") != "tar"
+            trailer = reader.position - end_of_members
+            end_block = reader.tail[len(reader.tail) - trailer :][:_TAR_BLOCK] if 0 < trailer <= _TAIL else b""
     except (tarfile.TarError, EOFError) as error:
         if sample is not None and sample.key not in seen:
             yield TarProblem(sample.key, f"truncated tar (it ends inside this sample: {error})")
@@ -335,8 +341,6 @@ def _scan(file, seen: set[str]) -> Iterator[TarSample | TarProblem]:
                                f"{', '.join(keys[:5])}{f' and {len(keys) - 5} more' if len(keys) > 5 else ''}")
     if compressed:  # offsets count uncompressed bytes; the decompressor itself fails on a cut stream
         return
-    trailer = reader.position - end_of_members
-    end_block = reader.tail[len(reader.tail) - trailer:][:_TAR_BLOCK] if 0 < trailer <= len(reader.tail) else b""
     if len(end_block) < _TAR_BLOCK or any(end_block):
         last = f" after sample {sample.key}" if sample is not None else ""
         yield TarProblem(None, f"truncated tar (no end-of-archive block{last}): samples after it are missing")

@@ -265,3 +265,32 @@ def test_two_processes_take_whole_tars_each(tmp_path, tiny_checkpoint):
     assert by_rank == {"0": made[:1], "1": made[1:]}
     assert manifest["counts"]["encoded"] == 9 and manifest["world_size"] == 2
     assert len(set(load_collection(emb).paths)) == 9
+
+
+def test_a_tar_cut_anywhere_is_reported_and_a_padded_one_is_whole(tmp_path):
+    import random
+
+    whole = write_tar(tmp_path / "whole.tar", [sample(index) for index in range(6)]).read_bytes()
+    (tmp_path / "padded.tar").write_bytes(whole + bytes(100_000))  # tar -b 128 pads its end this far and more
+    assert [item.key for item in tars.tar_samples(str(tmp_path / "padded.tar"))] == [f"{i:06d}" for i in range(6)]
+    import tarfile
+
+    with tarfile.open(tmp_path / "whole.tar") as archive:
+        last = archive.getmembers()[-1]
+        end_marker = last.offset_data + -(-last.size // 512) * 512
+    for cut in random.Random(0).sample(range(1, end_marker + 512), 12):  # past the first end block, nothing is lost
+        (tmp_path / "cut.tar").write_bytes(whole[:cut])
+        items = list(tars.tar_samples(str(tmp_path / "cut.tar")))
+        assert isinstance(items[-1], tars.TarProblem) and "truncated" in items[-1].reason, cut
+
+
+def test_an_unreachable_server_gets_bounded_retries(quick_retries):
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on: connections are refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/00000.tar"
+    assert tars.tar_version(url) is None
+    with pytest.raises(tars.TarFetchError, match=f"failed {tars.FETCH_TRIES} times"):
+        list(tars.tar_samples(url))

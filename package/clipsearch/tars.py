@@ -176,21 +176,37 @@ def list_tars(dataset_path: str) -> list[str]:
     return list(tars)
 
 
+def _transient(error: Exception, url: str) -> Exception:
+    """The failure worth another try, or TarFetchError when the tar is missing for sure: a local file that is
+    not there, a 404 or 410. fsspec's HTTP says "not found" for a refused connection too, with the
+    connection error as its cause, which is worth retrying."""
+    if isinstance(error, UserError):
+        raise error
+    if isinstance(error, FileNotFoundError):
+        cause = error.__cause__
+        if cause is None or getattr(cause, "status", None) in (404, 410):
+            raise TarFetchError(f"not found: {url}") from None
+        return cause
+    return error
+
+
+def _wait_or_give_up(attempt: int, failure: BaseException, url: str, what: str, progress: str = "") -> None:
+    """Log and wait before try `attempt + 2`, or raise TarFetchError after the last one."""
+    text = str(failure).strip()
+    reason = f"{type(failure).__name__}: {text.splitlines()[0][:200] if text else ''}"
+    if attempt + 1 == FETCH_TRIES:
+        raise TarFetchError(f"{what} failed {FETCH_TRIES} times, last: {reason}") from None
+    logger.warning("%s %s failed (%s); trying again%s", what, url, reason, progress)
+    time.sleep(RETRY_SECONDS * 2**attempt)
+
+
 def _with_tries(action: Callable, url: str, what: str):
     """`action()`, tried FETCH_TRIES times with doubling waits; a missing file fails at once."""
     for attempt in range(FETCH_TRIES):
         try:
             return action()
-        except FileNotFoundError:
-            raise TarFetchError(f"not found: {url}") from None
-        except UserError:
-            raise
         except Exception as error:  # noqa: BLE001 - network and storage errors come in many types
-            reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-            if attempt + 1 == FETCH_TRIES:
-                raise TarFetchError(f"{what} failed {FETCH_TRIES} times, last: {reason[:200]}") from None
-            logger.warning("%s %s failed (%s); trying again", what, url, reason[:200])
-            time.sleep(RETRY_SECONDS * 2**attempt)
+            _wait_or_give_up(attempt, _transient(error, url), url, what)
     raise AssertionError("unreachable")
 
 
@@ -363,17 +379,9 @@ def tar_samples(url: str) -> Iterator[TarSample | TarProblem]:
                         problems.add(item)
                     yield item
             return
-        except FileNotFoundError:
-            raise TarFetchError(f"not found: {url}") from None
-        except UserError:
-            raise
         except Exception as error:  # noqa: BLE001 - network and storage errors come in many types
-            reason = f"{type(error).__name__}: {str(error).strip()[:200]}"
-            if attempt + 1 == FETCH_TRIES:
-                raise TarFetchError(f"reading failed {FETCH_TRIES} times, last: {reason}") from None
-            logger.warning("reading %s failed (%s); trying again%s", url, reason,
-                           f" after its {len(seen)} samples read" if seen else "")
-            time.sleep(RETRY_SECONDS * 2**attempt)
+            _wait_or_give_up(attempt, _transient(error, url), url, "reading",
+                             f" after its {len(seen)} samples read" if seen else "")
 
 
 def sample_fields(sample: TarSample, tar: str) -> tuple[dict, str | None]:

@@ -449,8 +449,9 @@ def read_member_image(name: str) -> bytes | None:
     try:
         return _read_indexed_member(tar, key, version)
     except ValueError:  # a server without range requests (fsspec says so): read the tar up to the sample
-        return next((item.image for item in _scan(open_tar_file(tar), set())
-                     if isinstance(item, TarSample) and item.key == key), None)
+        with open_tar_file(tar) as file:
+            return next((item.image for item in _scan(file, set()) if isinstance(item, TarSample) and item.key == key),
+                        None)
 
 
 def _read_indexed_member(tar: str, key: str, version: tuple) -> bytes | None:

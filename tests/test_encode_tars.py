@@ -182,9 +182,10 @@ def test_tars_over_http_are_encoded_and_a_missing_url_is_reported(tmp_path, tiny
     write_tar(folder / "00002.tar", [sample(20)])
     manifest = encode(tiny_checkpoint, f"{base}/{{00000..00002}}.tar", emb)
     assert manifest["update"] == 1 and manifest["counts"]["encoded"] == 7 and manifest["this_update"]["encoded"] == 1
-    # One more tar on the server: the others' versions (size, Last-Modified) are unchanged, so only it is read.
+    # One more tar on the server: the others' versions (size, Last-Modified) are unchanged, so only it is read,
+    # here by a loader worker (forked after this process asked the server for versions: it needs its own client).
     write_tar(folder / "00003.tar", [sample(30)])
-    manifest = encode(tiny_checkpoint, f"{base}/{{00000..00003}}.tar", emb)
+    manifest = encode(tiny_checkpoint, f"{base}/{{00000..00003}}.tar", emb, "--num_workers", "1")
     assert manifest["update"] == 2 and manifest["this_update"]["encoded"] == 1 and manifest["counts"]["encoded"] == 8
     assert read_json(emb / "update-002.json")["tars"] == 1
 

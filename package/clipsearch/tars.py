@@ -83,7 +83,9 @@ def split_row_name(name: str) -> tuple[str, str] | None:
 
 
 @functools.cache
-def _filesystem(protocol: str):
+def _filesystem(protocol: str, pid: int):
+    """One filesystem per protocol and process: fsspec's async ones (http, s3, gs) refuse to run in a
+    forked loader worker, which makes its own."""
     import fsspec
 
     try:
@@ -99,7 +101,7 @@ def _filesystem(protocol: str):
 def filesystem(url: str):
     """(fsspec filesystem, path within it) of a remote URL."""
     protocol = url.split("://", 1)[0].lower()
-    return _filesystem(protocol), url
+    return _filesystem(protocol, os.getpid()), url
 
 
 def looks_like_tars(dataset_path: str) -> bool:

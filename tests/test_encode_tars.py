@@ -295,3 +295,20 @@ def test_an_unreachable_server_gets_bounded_retries(quick_retries):
     assert tars.tar_version(url) is None
     with pytest.raises(tars.TarFetchError, match=f"failed {tars.FETCH_TRIES} times"):
         list(tars.tar_samples(url))
+
+
+def test_an_object_store_glob_is_listed_and_read(tmp_path, tiny_checkpoint):
+    """fsspec's in-memory store stands in for s3:// and gs://: a glob is listed by the store, each tar streamed."""
+    import fsspec
+
+    store = fsspec.filesystem("memory")
+    for number in range(2):
+        local = write_tar(tmp_path / f"{number:05d}.tar", [sample(number * 10 + index) for index in range(2)])
+        store.pipe(f"/bucket{tmp_path}/shards/{number:05d}.tar", local.read_bytes())
+    pattern = f"memory://bucket{tmp_path}/shards/*.tar"
+    listed = list_tars(pattern)  # as the store names them
+    assert [url.rpartition("/")[2] for url in listed] == ["00000.tar", "00001.tar"] and listed[0].startswith("memory:")
+    manifest = encode(tiny_checkpoint, pattern, tmp_path / "emb")
+    assert manifest["counts"]["encoded"] == 4 and manifest["dataset_path"] == pattern
+    assert sorted(load_collection(tmp_path / "emb").paths)[-1] == f"{listed[1]}#000011"
+    assert read_member_image(f"{listed[1]}#000011") == png(11)

@@ -137,7 +137,7 @@ def _listed(url: str) -> list[str]:
                 found = fs.ls(path, detail=False)
         except Exception as error:  # noqa: BLE001 - each store fails its own way
             raise UserError(f"cannot list {url}: {type(error).__name__}: {str(error)[:200]}") from None
-        return sorted(f"{protocol}://{entry.split('://', 1)[-1]}" for entry in found if entry.endswith(TAR_SUFFIX))
+        return sorted(fs.unstrip_protocol(entry) for entry in found if entry.endswith(TAR_SUFFIX))
     local = os.path.abspath(url.removeprefix("file://"))
     if glob.has_magic(local):
         return sorted(match for match in glob.glob(local) if match.endswith(TAR_SUFFIX))

@@ -312,3 +312,16 @@ def test_an_object_store_glob_is_listed_and_read(tmp_path, tiny_checkpoint):
     assert manifest["counts"]["encoded"] == 4 and manifest["dataset_path"] == pattern
     assert sorted(load_collection(tmp_path / "emb").paths)[-1] == f"{listed[1]}#000011"
     assert read_member_image(f"{listed[1]}#000011") == png(11)
+
+
+def test_a_tar_without_a_version_now_is_encoded_and_read_again_once_it_has_one(tmp_path, tiny_checkpoint,
+                                                                                 monkeypatch):
+    shards = tmp_path / "shards"
+    made = make_tars(shards, count=2, per_tar=2)
+    real_version = tars.tar_version
+    monkeypatch.setattr(tars, "tar_version", lambda url: None if url == made[1] else real_version(url))
+    emb = tmp_path / "emb"
+    assert encode(tiny_checkpoint, shards, emb)["counts"]["encoded"] == 4  # the store would not say its version
+    monkeypatch.setattr(tars, "tar_version", real_version)
+    manifest = encode(tiny_checkpoint, shards, emb)
+    assert read_json(emb / "update-001.json")["tars"] == 1 and manifest["counts"]["encoded"] == 4

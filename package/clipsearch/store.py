@@ -181,7 +181,8 @@ def write_shard(
     if fields is not None:
         shard["meta"] = columns_of(fields, FILE_FIELDS)
     if tar is not None:
-        shard["tar"], shard["tar_version"] = tar[0], list(tar[1])
+        # No version when the tar could not be asked for one but could be read: re-read on the next update.
+        shard["tar"], shard["tar_version"] = tar[0], None if tar[1] is None else list(tar[1])
     buffer = io.BytesIO()  # serialised first, so a full disk is found before a byte is written
     torch.save(shard, buffer)
     return atomic_write(path, buffer.getbuffer())
@@ -345,7 +346,8 @@ class Catalog:
         return digests[row] if digests else None
 
     def tar_version(self, tar: str) -> tuple | None:
-        return tuple(self.loaded[self.tars[tar]]["tar_version"])
+        version = self.loaded[self.tars[tar]].get("tar_version")
+        return None if version is None else tuple(version)
 
     def drop_tar(self, tar: str) -> None:
         """Forget a tar's rows and skips: those of the shard it was encoded into."""

@@ -268,8 +268,8 @@ class TarBatch(ImageBatch):
     failure: str | None = None
 
 
-def _decoded_sample(sample, tar: str, image_transform: Callable) -> tuple[torch.Tensor | None, str, dict | str]:
-    """(tensor, row name, fields) of a good sample, or (None, row name, skip reason)."""
+def _decoded_sample(sample, tar: str, image_transform: Callable) -> tuple[torch.Tensor | None, str, tuple | str]:
+    """(tensor, row name, (fields, digest of the image's bytes)) of a good sample, or (None, row name, skip reason)."""
     name = row_name(tar, sample.key)
     data = sample.image
     if data is None:
@@ -286,7 +286,7 @@ def _decoded_sample(sample, tar: str, image_transform: Callable) -> tuple[torch.
     if sample.mtime:
         facts.setdefault("mtime", time_text(sample.mtime * 10**9))
     try:
-        return image_transform(image), name, {"digest": bytes_digest(data), **facts}
+        return image_transform(image), name, (facts, bytes_digest(data))
     except Exception as error:  # a transform failure is one bad image, not a failed run
         return None, name, f"transform failed ({type(error).__name__})"
 
@@ -307,7 +307,7 @@ class TarBatches(IterableDataset):
             yield from self.tar_batches(step, tar)
 
     def tar_batches(self, step: int, tar: str) -> Iterator[TarBatch]:
-        kept: list[tuple[torch.Tensor, str, dict]] = []
+        kept: list[tuple[torch.Tensor, str, tuple[dict, str]]] = []
         skipped: list[tuple[str, str]] = []
         try:
             for item in tar_samples(tar):
@@ -329,11 +329,10 @@ class TarBatches(IterableDataset):
 
     @staticmethod
     def _batch(step: int, tar: str, kept: list, skipped: list, ends_shard: bool = False) -> TarBatch:
-        facts = [dict(fields) for _, _, fields in kept]
-        digests = [fields.pop("digest") for fields in facts]
         return TarBatch(
             images=torch.stack([tensor for tensor, _, _ in kept]) if kept else torch.empty(0),
-            image_paths=[name for _, name, _ in kept], skipped=list(skipped), digests=digests, facts=facts,
+            image_paths=[name for _, name, _ in kept], skipped=list(skipped),
+            digests=[digest for _, _, (_, digest) in kept], facts=[fields for _, _, (fields, _) in kept],
             step=step, tar=tar, ends_shard=ends_shard,
         )
 

@@ -5,9 +5,12 @@
         --images 256 --workers 0,2 --models our,vit-tiny                # real photos, read in place
     python benchmarks/bench_encode.py --accelerator gpu --precision 16-mixed --models our,vit-b-32 \
         --images 4096 --batch_size 256                                  # on a GPU (benchmarks/gpu_check.sh)
+    .venv/bin/python benchmarks/bench_encode.py --source tars           # the same JPEGs packed in webdataset tars
 
 The pipeline runs `python -m clipsearch.cli.encode` in this process, on a folder of symlinks to
-JPEGs: those of --image_dir read in place (e.g. Flickr8k), or photo-sized generated ones. Its steady rate comes from
+JPEGs: those of --image_dir read in place (e.g. Flickr8k), or photo-sized generated ones; with --source tars,
+on webdataset tars of --tar_samples of those JPEGs each (with a .txt and a .json, as img2dataset writes
+them), read through the tar reader. Its steady rate comes from
 two runs of different image counts: (count difference) / (time difference) cancels the start-up
 (DataLoader workers, first batch) that a short run would otherwise be dominated by. The ceiling is
 the same model, threads and batch size on the same images decoded and transformed beforehand.
@@ -53,6 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     data = parser.add_argument_group("data")
     data.add_argument("--images", type=int, default=256, help="images of the longer run (the shorter has half)")
+    data.add_argument("--source", choices=("folder", "tars"), default="folder",
+                      help="what the pipeline reads: a folder of the JPEGs, or webdataset tars of them")
+    data.add_argument("--tar_samples", type=int, default=128,
+                      help="samples per tar with --source tars, a multiple of --batch_size so no batch is cut short "
+                           "(img2dataset writes 10,000; each tar is a shard, written and fsynced when it ends)")
     add_image_flags(data, "encode")
     run = parser.add_argument_group("run")
     run.add_argument("--models", default="our", help=f"comma-separated, from {', '.join(MODELS)}")
@@ -72,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.workers = sorted({int(value) for value in args.workers.split(",") if value.strip()})
     if args.images < 2 * args.batch_size:
         parser.error("--images must be at least two batches, so the two runs differ by whole batches")
+    if args.source == "tars" and ((args.images // 2) % args.tar_samples or args.tar_samples % args.batch_size):
+        parser.error("--source tars: half of --images must be whole tars of --tar_samples, whole batches each")
     return args
 
 
@@ -107,6 +117,21 @@ def link_folder(folder: Path, images: list[Path]) -> Path:
     folder.mkdir(parents=True)
     for image in images:
         (folder / image.name).symlink_to(image.resolve())
+    return folder
+
+
+def tar_folder(folder: Path, images: list[Path], samples_per_tar: int) -> Path:
+    """A folder of webdataset tars holding the JPEGs (each with a caption and a .json), as img2dataset writes them."""
+    from clipsearch.tars import write_tar
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for number, start in enumerate(range(0, len(images), samples_per_tar)):
+        samples = [(f"{number:05d}{index:04d}", {
+            "jpg": path.read_bytes(), "txt": f"a photo, {path.stem}".encode(),
+            "json": json.dumps({"url": f"https://example.com/{path.name}", "key": f"{number:05d}{index:04d}"}).encode(),
+        }) for index, path in enumerate(images[start : start + samples_per_tar])]
+        write_tar(folder / f"{number:05d}.tar", samples)
     return folder
 
 
@@ -182,10 +207,16 @@ def bench_model(name: str, args, images: list[Path], default_workers: int) -> di
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint = build_checkpoint(name, folder)
     half = args.images // 2
-    datasets = {
-        "short": link_folder(folder / "images_short", images[:half]),
-        "long": link_folder(folder / "images_long", images),
-    }
+    if args.source == "tars":
+        datasets = {
+            "short": tar_folder(folder / "tars_short", images[:half], args.tar_samples),
+            "long": tar_folder(folder / "tars_long", images, args.tar_samples),
+        }
+    else:
+        datasets = {
+            "short": link_folder(folder / "images_short", images[:half]),
+            "long": link_folder(folder / "images_long", images),
+        }
     settings = sorted(set(args.workers) | {default_workers})
 
     from clipsearch.checkpoint import load_bundle
@@ -244,8 +275,10 @@ def report_markdown(results: dict) -> str:
          f"{row['whole_run_images_per_s']:.1f}", f"{row['ratio_to_model_only']:.2f}"]
         for model in results["models"] for row in model["pipeline"]
     ]
-    return common.report_section("Encoding", results, [
-        f"- Images: {results['images_source']}; pipeline = the encode CLI in-process (`--split=folder "
+    tars = results.get("source") == "tars"
+    source = f" in webdataset tars of {results['tar_samples']} samples (+ .txt, .json)" if tars else ""
+    return common.report_section("Encoding from webdataset tars" if tars else "Encoding", results, [
+        f"- Images: {results['images_source']}{source}; pipeline = the encode CLI in-process (`--split=folder "
         f"--accelerator={results.get('accelerator', 'cpu')} --precision={results.get('precision', '32')}`), "
         f"steady rate from runs of {results['images'] // 2} and {results['images']} images; "
         f"model-only = the same `ImageEmbedder` on pre-decoded tensors; median of {results['repeats']} "
@@ -269,6 +302,8 @@ def main(argv: list[str] | None = None) -> dict:
         **header,
         "images": args.images,
         "images_source": images_source,
+        "source": args.source,
+        **({"tar_samples": args.tar_samples} if args.source == "tars" else {}),
         "repeats": args.repeats,
         "accelerator": args.accelerator,
         "precision": args.precision,
@@ -283,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"({default_workers}) gives {model['default_ratio']:.2f}."
         for model in results["models"]
     ]
-    common.publish("encode", results, report_markdown(results), args.report)
+    common.publish("encode_tars" if args.source == "tars" else "encode", results, report_markdown(results), args.report)
     return results
 
 

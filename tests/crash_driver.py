@@ -45,6 +45,7 @@ from clipsearch.index import load_index  # noqa: E402
 from clipsearch.mmap_store import STORE_DIR, open_store  # noqa: E402
 from clipsearch.models import released  # noqa: E402
 from clipsearch.store import list_shards, load_collection, read_shard  # noqa: E402
+from clipsearch.tars import write_tar  # noqa: E402
 
 torch.set_num_threads(1)
 torch.set_num_threads = lambda threads: None  # the encoder asks for a thread per core; a fork must not inherit them
@@ -231,6 +232,23 @@ class EncodeUpdate(Scenario):
         return lost, duplicated + len(encoded) - len(set(encoded))
 
 
+class EncodeTarsUpdate(EncodeUpdate):
+    """An update of a collection of webdataset tars: one tar rewritten, one left out, two added.
+
+    A tar is the unit of resuming: a kill between its batches must neither keep half of it nor
+    encode any of its samples twice.
+    """
+
+    name = "encode_tars"
+
+    def prepare(self, folder: Path) -> None:
+        shutil.copytree(self.fixtures["base_tars_emb"], folder / "emb")
+        self.base = rows_of(folder / "emb")
+
+    def argv(self, folder: Path) -> list[str]:
+        return encode_argv(self.fixtures, self.fixtures["tars_pattern"], folder / "emb")
+
+
 class IndexBuild(Scenario):
     """Rebuilding the index (and the consolidated store) of a folder whose update made both stale."""
 
@@ -377,7 +395,26 @@ def make_fixtures(work: Path) -> dict:
     updated = fixtures["updated_emb"] = work / "updated_emb"
     shutil.copytree(base, updated)
     encode_main(encode_argv(fixtures, photos, updated))
+    # Tars of three samples: 0-2 encoded, then 1 rewritten, 2 left out, 3 and 4 added.
+    tars = work / "tars"
+    for number in range(3):
+        write_sample_tar(tars / f"{number:05d}.tar", range(number * 10, number * 10 + 3))
+    base_tars = fixtures["base_tars_emb"] = work / "base_tars_emb"
+    encode_main(encode_argv(fixtures, f"{tars}/{{00000..00002}}.tar", base_tars))
+    write_sample_tar(tars / "00001.tar", range(50, 53))
+    for number in (3, 4):
+        write_sample_tar(tars / f"{number:05d}.tar", range(number * 10, number * 10 + 3))
+    fixtures["tars_pattern"] = f"{tars}/{{00000,00001,00003,00004}}.tar"
     return fixtures
+
+
+def write_sample_tar(path: Path, indices) -> None:
+    samples = []
+    for index in indices:
+        draw(path.parent / "drawn.png", index)
+        samples.append((f"{index:06d}", {"png": (path.parent / "drawn.png").read_bytes(), "txt": f"sample {index}".encode()}))
+    (path.parent / "drawn.png").unlink()
+    write_tar(path, samples, mtime=len(samples))
 
 
 def main(work: Path, seed: int, kills: int) -> dict:
@@ -386,7 +423,7 @@ def main(work: Path, seed: int, kills: int) -> dict:
     run = Run(work / "children.log")
     generator = random.Random(seed)
     summary = {"seed": seed}
-    for scenario_type in (EncodeUpdate, IndexBuild, QueryBankBuild, Export):
+    for scenario_type in (EncodeUpdate, EncodeTarsUpdate, IndexBuild, QueryBankBuild, Export):
         started = time.perf_counter()
         scenario = scenario_type(work, run, fixtures)
         points = [generator.randint(1, scenario.points) for _ in range(kills)]

@@ -1,4 +1,4 @@
-"""Crash consistency: encode, index, querybank and export runs killed (SIGKILL) at 20 seeded random
+"""Crash consistency: encode (image files, and webdataset tars), index, querybank and export runs killed (SIGKILL) at 20 seeded random
 write points each, then rerun; nothing may be lost, duplicated, half-written or left behind.
 
 The kills happen in tests/crash_driver.py, one subprocess that forks a child per run and kills it at
@@ -22,11 +22,11 @@ def test_kills_at_random_write_points_lose_duplicate_and_half_write_nothing(tmp_
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
     summary = json.loads(completed.stdout.splitlines()[-1])
-    for command in ("encode", "index", "querybank", "export"):
+    for command in ("encode", "encode_tars", "index", "querybank", "export"):
         counts = summary[command]
         assert counts["kills"] == KILLS, (command, counts)
         assert counts["reruns_finished"] == KILLS, (command, counts)
         assert (counts["lost"], counts["duplicated"], counts["half_written"]) == (0, 0, 0), (command, counts)
         assert counts["leftovers"] == [] and counts["problems"] == [], (command, counts)
     # Each command writes several files, so the kills land at many different points of it.
-    assert min(summary[command]["distinct_points"] for command in ("encode", "index", "export")) >= 10, summary
+    assert min(summary[command]["distinct_points"] for command in ("encode", "encode_tars", "index", "export")) >= 10, summary

@@ -1,6 +1,7 @@
 """The one image decoder of every path (encoder, CLI, upload, thumbnails, grids), and file names safe to show."""
 from __future__ import annotations
 
+import io
 import logging
 import os
 import struct
@@ -11,6 +12,8 @@ from typing import BinaryIO, Protocol
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from clipsearch.tars import split_row_name
 
 logger = logging.getLogger(__name__)
 
@@ -240,6 +243,8 @@ def load_image(path: str | os.PathLike, report: ImageReport | None = None, **dec
     go to `decode_image`.
     """
     report = report if report is not None else SkipReasons()
+    if split_row_name(str(path)) is not None and not os.path.isfile(path):
+        return _load_tar_member(str(path), report, **decode_options)
     try:
         size = os.path.getsize(path)
     except FileNotFoundError:
@@ -260,6 +265,17 @@ def load_image(path: str | os.PathLike, report: ImageReport | None = None, **dec
     except OSError:
         report.add("unreadable file", path)
         return None
+
+
+def _load_tar_member(name: str, report: ImageReport, **decode_options) -> Image.Image | None:
+    """`load_image` of a row named `<tar>#<key>`: the sample's image member, read from its tar."""
+    from clipsearch.tars import read_member_image
+
+    data = read_member_image(name)
+    if not data:
+        report.add("missing file" if data is None else "empty file", name)
+        return None
+    return decode_image(io.BytesIO(data), name, report, **decode_options)
 
 
 # EXIF tags that date a photo, most telling first: when it was taken, digitised, last written.

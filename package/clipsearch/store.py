@@ -115,6 +115,11 @@ def file_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def bytes_digest(data: bytes) -> str:
+    """`file_digest` of bytes in memory (a tar member): the same digest as the file holding them."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
 def file_stat(path: str | os.PathLike) -> tuple[int, int] | None:
     """(size, mtime in ns) of a file, the change test of incremental updates; None when it is missing."""
     try:
@@ -149,8 +154,11 @@ def write_shard(
     stats: list[tuple[int, ...] | None] | None = None,
     digests: list[str | None] | None = None,
     fields: Sequence[Mapping[str, object]] | None = None,
+    tar: tuple[str, Sequence] | None = None,
 ) -> Path:
     """Save `{'path', 'emb', 'skipped'}` (+ per-row 'stat', 'digest' and fields when given); skipped images travel with it.
+
+    A shard of a webdataset tar names it, `tar` = (url or path, version): 'tar' and 'tar_version'.
 
     `fields` holds one dict per row of scalar values (str, int, float, None): a table's other
     columns, an image file's facts (fields.FILE_FIELDS), a webdataset sample's caption and the
@@ -172,6 +180,9 @@ def write_shard(
         shard["digest"] = list(digests)
     if fields is not None:
         shard["meta"] = columns_of(fields, FILE_FIELDS)
+    if tar is not None:
+        # No version when the tar could not be asked for one but could be read: re-read on the next update.
+        shard["tar"], shard["tar_version"] = tar[0], None if tar[1] is None else list(tar[1])
     buffer = io.BytesIO()  # serialised first, so a full disk is found before a byte is written
     torch.save(shard, buffer)
     return atomic_write(path, buffer.getbuffer())
@@ -321,6 +332,7 @@ class Catalog:
     rows: dict[str, tuple[int, int]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     updates: list[dict] = field(default_factory=list)
+    tars: dict[str, int] = field(default_factory=dict)  # a webdataset tar -> the shard that holds its rows
 
     def stat_of(self, path: str) -> tuple[int, int] | None:
         shard_number, row = self.rows[path]
@@ -333,9 +345,25 @@ class Catalog:
         digests = self.loaded[shard_number].get("digest")
         return digests[row] if digests else None
 
+    def tar_version(self, tar: str) -> tuple | None:
+        version = self.loaded[self.tars[tar]].get("tar_version")
+        return None if version is None else tuple(version)
+
+    def drop_tar(self, tar: str) -> None:
+        """Forget a tar's rows and skips: those of the shard it was encoded into."""
+        number = self.tars.pop(tar)
+        shard = self.loaded[number]
+        for path in shard["path"]:
+            if self.rows.get(path, (None,))[0] == number:
+                del self.rows[path]
+        for skipped_path, _ in shard.get("skipped", []):
+            self.skipped.pop(skipped_path, None)
+
     def add_update(self, emb_path: Path, update: dict) -> None:
-        """Apply one update: drop what it removed, then take the rows of its shards that exist."""
+        """Apply one update: drop what it removed (image paths, or tars), then take the rows of its shards that exist."""
         for path in update.get("removed", []):
+            if path in self.tars:
+                self.drop_tar(path)
             self.rows.pop(path, None)
             self.skipped.pop(path, None)
         for name in update["shards"]:
@@ -346,6 +374,10 @@ class Catalog:
             number = len(self.shards)
             self.shards.append(path)
             self.loaded.append(shard)
+            if shard.get("tar") is not None:
+                if shard["tar"] in self.tars:  # encoded again: its new rows replace the old ones
+                    self.drop_tar(shard["tar"])
+                self.tars[shard["tar"]] = number
             for row, image_path in enumerate(shard["path"]):
                 self.rows.pop(image_path, None)  # re-inserted last, so row order follows updates
                 self.rows[image_path] = (number, row)
@@ -637,6 +669,7 @@ def write_manifest_if_complete(emb_path: str | os.PathLike, extra: dict | None =
         "duplicates": {"groups": len(groups), "extra_copies": sum(len(paths) - 1 for paths in groups.values())},
         "skipped_by_reason": dict(sorted(skipped_by_reason.items())),
         "errors_file": ERRORS_FILE,
+        **({"source": latest["source"]} if "source" in latest else {}),
         **(extra or {}),
     }
     write_json(emb_path / MANIFEST_FILE, manifest)
@@ -650,7 +683,8 @@ def describe(manifest: dict, emb_path: str | os.PathLike) -> str:
     duplicates = manifest["duplicates"]
     line = (
         f"{emb_path} holds {counts['encoded']} images in {counts['shards']} shards; this run encoded "
-        f"{update['encoded']}; update {manifest['update']} dropped {update['removed']} (deleted or changed); {skipped}"
+        f"{update['encoded']}; update {manifest['update']} dropped {update['removed']}"
+        f"{' tars' if manifest.get('source') == 'tars' else ''} (deleted or changed); {skipped}"
     )
     if "content_recheck" in update:
         recheck = update["content_recheck"]

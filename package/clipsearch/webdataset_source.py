@@ -16,11 +16,9 @@ from webdataset.utils import pytorch_worker_info
 from clipsearch.data import DataReport, decode_image
 from clipsearch.datasets import ImageTransform, Tokenizer
 from clipsearch.tables import SHARD_SUFFIX
+from clipsearch.tars import CAPTION_MEMBER, IMAGE_MEMBERS
 
 logger = logging.getLogger(__name__)
-
-IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
-CAPTION_MEMBER = "txt"
 
 
 def expand_shards(urls_or_pattern: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:

@@ -24,6 +24,7 @@ from clipsearch.defaults import is_default_dataset, same_path
 from clipsearch.model_reference import HELP as LOAD_MODEL_HELP
 from clipsearch.model_reference import check_model_reference
 from clipsearch.tables import check_columns, encoding_splits, find_table, table_columns
+from clipsearch.tars import is_remote, list_tars, looks_like_tars, tars_collection_name
 
 EPILOG = """\
 Output, in --emb_path:
@@ -38,6 +39,13 @@ Output, in --emb_path:
                                    images it drops. Only shards listed here are ever read
   manifest.json                    written once every rank has finished: counts and model identity
   errors.tsv, duplicates.tsv       images skipped (with the reason); images with the same bytes
+
+Webdataset tars (img2dataset's output): each tar is encoded whole into one shard of its own, so a
+tar is the unit of work, of ranks' shares and of resuming. A row is named <tar>#<key>; its fields are
+the sample's caption (.txt), the top-level values of its .json (url, width, ...), tar and key. A bad
+sample is listed in errors.tsv with its tar and key; a tar that cannot be read after 3 tries is named
+at the end and the run exits non-zero, keeping every tar it finished. Running again encodes only
+tars that are new or changed; tars left out of --dataset_path are dropped.
 
 Running the same command again updates the folder: only new images and images whose size or
 modification time changed are encoded, into new shards; deleted and changed images are dropped
@@ -72,7 +80,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     data.add_argument(
         "--dataset_path",
         default=DEFAULT_DATASET,
-        help="an image folder (scanned recursively) or a dataset folder with <split>.tsv/.csv/.parquet tables",
+        help="an image folder (scanned recursively), a dataset folder with <split>.tsv/.csv/.parquet tables, or "
+        "webdataset tars: 'shards/{00000..00099}.tar', a glob, a folder of .tar files, or s3://, gs://, https:// "
+        "URLs of them (quote the pattern); each sample's .txt and .json become its row's fields",
     )
     data.add_argument(
         "--split",
@@ -133,6 +143,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--node_rank must be in 0..{args.num_nodes - 1}, got {args.node_rank}")
     if args.captions and args.recheck_content:
         parser.error("--recheck_content reads image files; a caption's row is re-encoded whenever its text changes")
+    if looks_like_tars(args.dataset_path) and (args.captions or args.recheck_content):
+        parser.error(f"{'--captions' if args.captions else '--recheck_content'} does not apply to webdataset tars: "
+                     "a tar is encoded again whenever its size or version changes, and each sample's caption is "
+                     "kept as a field of its row")
     args.emb_path_is_default = args.emb_path is None
     if args.emb_path is None:
         args.emb_path = default_emb_path(args.dataset_path) + ("-captions" if args.captions else "")
@@ -146,6 +160,8 @@ def default_emb_path(dataset_path: str) -> str:
     them in <dataset>/emb, as it always has; any other folder gets dataset/<its name>/emb, so
     encoding never writes into a user's photo folder unasked.
     """
+    if looks_like_tars(dataset_path):
+        return os.path.join(DEFAULT_DATASETS_DIR, tars_collection_name(dataset_path), "emb")
     dataset = os.path.abspath(dataset_path)
     datasets_dir = os.path.abspath(DEFAULT_DATASETS_DIR)
     if dataset.startswith(datasets_dir + os.sep):
@@ -169,9 +185,15 @@ def check_default_emb_path(args: argparse.Namespace) -> None:
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Missing inputs answer at once, before torch and the model load."""
-    if not os.path.isdir(args.dataset_path) and not is_default_dataset(args.dataset_path):
+    if looks_like_tars(args.dataset_path):
+        if not is_remote(args.dataset_path):  # listing a remote store waits for the run (and its retries)
+            tars = list_tars(args.dataset_path)
+            if not any(os.path.isfile(tar) for tar in tars):
+                raise UserError(f"--dataset_path {args.dataset_path}: none of the {len(tars)} tars it names exists "
+                                f"(the first: {tars[0]})")
+    elif not os.path.isdir(args.dataset_path) and not is_default_dataset(args.dataset_path):
         raise UserError(f"--dataset_path {args.dataset_path} is not a folder; give an image folder or a dataset folder")
-    if os.path.isdir(args.dataset_path):
+    if os.path.isdir(args.dataset_path) and not looks_like_tars(args.dataset_path):
         splits = encoding_splits(args.dataset_path, args.split)
         if args.captions and not splits:
             raise UserError(f"--captions encodes a table's captions; {args.dataset_path} has no train/dev/test "

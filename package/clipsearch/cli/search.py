@@ -27,6 +27,7 @@ from clipsearch.fields import CONDITION_HELP
 from clipsearch.model_reference import HELP as LOAD_MODEL_HELP
 from clipsearch.model_reference import check_model_reference
 from clipsearch.query_terms import COMBINE_HELP
+from clipsearch.tars import is_remote, list_tars, looks_like_tars
 
 EPILOG = """\
 Examples:
@@ -210,7 +211,12 @@ def collection_roots(args: argparse.Namespace) -> list[str] | None:
         return None
     roots = list(args.serve_root)
     recorded = recorded_dataset(args.emb_path)
-    if recorded is not None:
+    if recorded is not None and looks_like_tars(recorded):  # the folders of the local tars it names
+        try:
+            roots.extend(sorted({os.path.dirname(tar) for tar in list_tars(recorded) if not is_remote(tar)}))
+        except UserError:  # its tars are gone: nothing local to serve
+            pass
+    elif recorded is not None:
         roots.append(recorded)
     else:
         # No record names the dataset (an older or unfinished run): the default layout keeps the
@@ -220,7 +226,7 @@ def collection_roots(args: argparse.Namespace) -> list[str] | None:
 
 
 # File facts every image row has: in --json, left out of the text lines (which show captions, dates, urls).
-QUIET_FIELDS = ("size", "mtime", "width", "height")
+QUIET_FIELDS = ("size", "mtime", "width", "height", "tar", "key")  # a tar's row: its path names both
 
 
 def hit_records(hits, rank_from: int = 1) -> list[dict]:

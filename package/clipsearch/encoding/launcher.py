@@ -13,6 +13,7 @@ import torch.distributed as dist
 from clipsearch.encoding.runner import EncodeConfig, encode_rank
 from clipsearch.errors import UserError
 from clipsearch.store import MANIFEST_FILE, describe, encoding_lock, read_json, write_manifest_if_complete
+from clipsearch.tars import dataset_location
 
 # The only collective is the final barrier; ranks finish close together, but a rank that meets
 # many slow images should not time the others out.
@@ -115,7 +116,7 @@ def run_in_layout(config: EncodeConfig, layout: ProcessLayout) -> dict | None:
 
 def _encode_and_finish(config: EncodeConfig, layout: ProcessLayout) -> dict | None:
     record = encode_rank(config, layout.rank, layout.world_size, layout.local_rank, layout.local_world_size)
-    extra = {"dataset_path": os.path.abspath(config.dataset_path), "split": config.split, "precision": config.precision}
+    extra = {"dataset_path": dataset_location(config.dataset_path), "split": config.split, "precision": config.precision}
     if layout.use_process_group:
         # Joining the group only after encoding doubles as the barrier, and DataLoader workers
         # are never forked from a process that holds gloo connections.
@@ -133,7 +134,19 @@ def _encode_and_finish(config: EncodeConfig, layout: ProcessLayout) -> dict | No
         print(describe(manifest, config.emb_path) + (f"; rank {layout.rank} ran at {rate} images/s" if rate else ""))
     elif layout.world_size > 1 and not layout.use_process_group:
         print(f"rank {layout.rank} done ({record['encoded']} images); manifest follows when all ranks finish")
+    if record.get("missing"):  # after the barrier, so the other ranks never wait for this one
+        raise UserError(missing_tars_message(record["missing"], layout.rank, layout.world_size))
     return manifest
+
+
+def missing_tars_message(missing: list[list[str]], rank: int, world_size: int) -> str:
+    """One line naming the tars a rank could not read; what it did read is kept."""
+    shown = "; ".join(f"{tar} ({reason})" for tar, reason in missing[:5])
+    more = f"; and {len(missing) - 5} more (see the log)" if len(missing) > 5 else ""
+    whose = f"rank {rank}: " if world_size > 1 else ""
+    return (f"{whose}{len(missing)} tar{'s' if len(missing) > 1 else ''} could not be read, so the collection lacks "
+            f"their samples: {shown}{more}. Every other tar is encoded and kept; run the same command again to retry "
+            "these, or leave them out of --dataset_path")
 
 
 def _spawned_rank(

@@ -42,13 +42,18 @@ class Update:
     to_encode: list[str]
     stat_of: dict[str, tuple[int, int] | None]
     layout: Layout
+    tars: bool = False  # each entry of `to_encode` is a webdataset tar, encoded whole into a shard of its own
+
+    @property
+    def entries_per_shard(self) -> int:
+        return 1 if self.tars else self.layout.shard_size
 
     def rank_paths(self, rank: int) -> list[str]:
         return partition(self.to_encode, rank, self.layout.world_size)
 
     def rank_shards(self, rank: int) -> list[tuple[int, int, int]]:
-        """(step, start, length) of each of this rank's shards within its paths."""
-        count, size = len(self.rank_paths(rank)), self.layout.shard_size
+        """(step, start, length) of each of this rank's shards within its paths (or tars)."""
+        count, size = len(self.rank_paths(rank)), self.entries_per_shard
         first = self.record["first_step"]
         return [(first + number, start, min(size, count - start)) for number, start in enumerate(range(0, count, size))]
 
@@ -101,26 +106,40 @@ def plan_against(
     stat_of: dict,
     layout: Layout,
     recheck: ContentRecheck | None = None,
+    tars: bool = False,
 ) -> Update:
     """Encode what the catalog lacks or holds with another size or mtime; drop what is gone or changed.
 
     Size and mtime (in ns) are the change test, as rclip and make use: reading every file's bytes
     on each update would cost as much I/O as decoding them. `recheck` adds the bytes of files whose
     stat matches (the record then counts them). Skipped images are retried each update.
+
+    With `tars`, the entries are webdataset tars and their versions (`tars.tar_version`): a new or
+    changed tar is encoded whole, a tar left out of the listing is removed with its rows, and a tar
+    that cannot be reached now (version None) keeps the rows it has, so a storage outage never
+    empties a collection.
     """
+    if tars:
+        known, stored_stat = catalog.tars, catalog.tar_version
+        stat_of = {tar: stored_stat(tar) if stat is None and tar in known else stat for tar, stat in stat_of.items()}
+    else:
+        known, stored_stat = catalog.rows, catalog.stat_of
     same_stat = [
         path
         for path, stat in stat_of.items()
-        if stat is not None and path in catalog.rows and same_version(catalog.stat_of(path), stat)
+        if stat is not None and path in known and same_version(stored_stat(path), stat)
     ]
     changed_content = recheck.changed(catalog, same_stat) if recheck is not None else []
     unchanged = set(same_stat).difference(changed_content)
     to_encode = [path for path in stat_of if path not in unchanged]
     encoding = set(to_encode)
-    removed = sorted(path for path in (*catalog.rows, *catalog.skipped) if path not in stat_of or path in encoding)
+    # A tar's skipped samples go with its rows; an image folder's skipped files are entries of their own.
+    removed = sorted(path for path in (*known, *(() if tars else catalog.skipped))
+                     if path not in stat_of or path in encoding)
+    per_shard = 1 if tars else layout.shard_size
     shard_names = []
     for rank in range(layout.world_size):
-        shard_count = math.ceil(len(partition(to_encode, rank, layout.world_size)) / layout.shard_size)
+        shard_count = math.ceil(len(partition(to_encode, rank, layout.world_size)) / per_shard)
         shard_names += [shard_name(rank, first_step + step, layout.batch_size) for step in range(shard_count)]
     plan = json.dumps(
         [number, first_step, vars(layout), [[path, stat_of[path]] for path in to_encode], removed],
@@ -131,13 +150,13 @@ def plan_against(
         "plan": hashlib.sha256(plan.encode("utf-8", errors="surrogateescape")).hexdigest()[:16],
         **vars(layout),
         "first_step": first_step,
-        "images": len(to_encode),
+        **({"source": "tars", "tars": len(to_encode)} if tars else {"images": len(to_encode)}),
         "shards": shard_names,
         "removed": removed,
     }
     if recheck is not None:  # reported, not planned: the plan is the same whoever found the change
         record["content_recheck"] = {"rechecked": len(same_stat), "changed": len(changed_content)}
-    return Update(number, record, to_encode, {path: stat_of[path] for path in to_encode}, layout)
+    return Update(number, record, to_encode, {path: stat_of[path] for path in to_encode}, layout, tars)
 
 
 def _next_first_step(updates: list[dict]) -> int:
@@ -147,7 +166,7 @@ def _next_first_step(updates: list[dict]) -> int:
 
 def plan_update(
     emb_path: str | os.PathLike, image_paths: list[str], layout: Layout, overwrite: bool, recheck_content: bool = False,
-    stat_of: dict[str, tuple | None] | None = None,
+    stat_of: dict[str, tuple | None] | None = None, tars: bool = False,
 ) -> Update:
     """The update this run works on: the folder's latest one if it planned exactly this (a resume),
     else a new one against everything before.
@@ -156,23 +175,24 @@ def plan_update(
     that starts after another wrote the new record finds it as the latest and joins it. `stat_of`
     gives each row's change test when it is not its file's (size, mtime_ns) (table fields, captions). With
     `recheck_content` every rank hashes the files itself (ranks on one machine mostly read them
-    from the page cache the first rank filled).
+    from the page cache the first rank filled). With `tars`, `image_paths` are tars and `stat_of`
+    their versions (see `plan_against`).
     """
     if stat_of is None:
         stat_of = {path: file_stat(path) for path in image_paths}
     emb_path = Path(emb_path)
     updates = [] if overwrite else read_updates(emb_path)
     if not updates:  # everything is encoded: there are no stored digests to recheck against
-        return plan_against(Catalog(), 0, 0, stat_of, layout)
+        return plan_against(Catalog(), 0, 0, stat_of, layout, tars=tars)
     recheck = ContentRecheck() if recheck_content else None
     latest = updates[-1]
     before = read_catalog(emb_path, upto=latest["update"])
-    again = plan_against(before, latest["update"], latest["first_step"], stat_of, layout, recheck)
+    again = plan_against(before, latest["update"], latest["first_step"], stat_of, layout, recheck, tars)
     resumable = again.record["plan"] == latest["plan"]
     if resumable and recheck is None:
         return again
     before.add_update(emb_path, latest)
-    fresh = plan_against(before, latest["update"] + 1, _next_first_step(updates), stat_of, layout, recheck)
+    fresh = plan_against(before, latest["update"] + 1, _next_first_step(updates), stat_of, layout, recheck, tars)
     if not resumable:
         return fresh
     # Stats are part of a plan, contents are not: a file rewritten under its stat after the latest

@@ -1,15 +1,18 @@
 """Reader stage: which images to encode, this rank's share of them, and batches of decoded tensors."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import io
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from clipsearch.data import (
     CONVERSION_PREFIX,
@@ -18,9 +21,9 @@ from clipsearch.data import (
     load_image,
     read_table,
 )
-from clipsearch.fields import scalar
-from clipsearch.images import capture_date
-from clipsearch.store import caption_row_name, file_digest
+from clipsearch.fields import scalar, time_text
+from clipsearch.images import SkipReasons, capture_date, decode_image
+from clipsearch.store import bytes_digest, caption_row_name, file_digest
 from clipsearch.tables import (  # noqa: F401
     AUTO_SPLITS,
     CAPTION_COLUMN,
@@ -29,6 +32,9 @@ from clipsearch.tables import (  # noqa: F401
     encoding_splits,
     tables_present,
 )
+from clipsearch.tars import TarFetchError, TarProblem, row_name, sample_fields, tar_samples
+
+logger = logging.getLogger(__name__)
 
 
 def scan_image_folder(folder: str | os.PathLike) -> list[str]:
@@ -168,7 +174,7 @@ class ImageBatch:
 
     def pin_memory(self) -> ImageBatch:
         # DataLoader(pin_memory=True) calls this on custom batch types.
-        return ImageBatch(self.images.pin_memory(), self.image_paths, self.skipped, self.digests, self.facts)
+        return dataclasses.replace(self, images=self.images.pin_memory())
 
 
 class ImagePathDataset(Dataset):
@@ -239,5 +245,107 @@ def make_loader(
         pin_memory=pin_memory,
         # Several batches in flight per worker keep the model fed when decode times vary.
         prefetch_factor=4 if num_workers > 0 else None,
+        persistent_workers=False,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Webdataset tars: a tar is one shard, read whole by one loader worker
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TarBatch(ImageBatch):
+    """Up to a batch of one tar's samples; `facts` holds each row's fields (decoded size, caption, .json).
+
+    The last batch of a tar has `ends_shard` (it may hold no image); a tar that could not be read
+    after its tries ends with `failure`, and whatever its earlier batches held is dropped.
+    """
+
+    step: int = 0
+    tar: str = ""
+    ends_shard: bool = False
+    failure: str | None = None
+
+
+def _decoded_sample(sample, tar: str, image_transform: Callable) -> tuple[torch.Tensor | None, str, tuple | str]:
+    """(tensor, row name, (fields, digest of the image's bytes)) of a good sample, or (None, row name, skip reason)."""
+    name = row_name(tar, sample.key)
+    data = sample.image
+    if data is None:
+        return None, name, f"no image in sample (members: {', '.join(sorted(sample.members)) or 'none'})"
+    report = SkipReasons()
+    image = decode_image(io.BytesIO(data), name, report) if data else None
+    if image is None:
+        return None, name, report.reason or "empty image member"
+    fields, problem = sample_fields(sample, tar)
+    if problem:
+        logger.warning("%s: %s", name, problem)
+    facts = {"size": len(data), "width": image.width, "height": image.height,
+             "taken": capture_date(io.BytesIO(data)), **fields}
+    if sample.mtime:
+        facts.setdefault("mtime", time_text(sample.mtime * 10**9))
+    try:
+        return image_transform(image), name, (facts, bytes_digest(data))
+    except Exception as error:  # a transform failure is one bad image, not a failed run
+        return None, name, f"transform failed ({type(error).__name__})"
+
+
+class TarBatches(IterableDataset):
+    """Batches of the tars assigned to this rank, `(step, tar)` each; with loader workers each worker
+    reads whole tars (tar i goes to worker i mod workers), so a tar's batches come from one process."""
+
+    def __init__(self, assigned: Sequence[tuple[int, str]], image_transform: Callable, batch_size: int):
+        self.assigned = list(assigned)
+        self.image_transform = image_transform
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[TarBatch]:
+        worker = get_worker_info()
+        share = self.assigned if worker is None else self.assigned[worker.id :: worker.num_workers]
+        for step, tar in share:
+            yield from self.tar_batches(step, tar)
+
+    def tar_batches(self, step: int, tar: str) -> Iterator[TarBatch]:
+        kept: list[tuple[torch.Tensor, str, tuple[dict, str]]] = []
+        skipped: list[tuple[str, str]] = []
+        try:
+            for item in tar_samples(tar):
+                if isinstance(item, TarProblem):
+                    skipped.append((tar if item.key is None else row_name(tar, item.key), item.reason))
+                    continue
+                tensor, name, outcome = _decoded_sample(item, tar, self.image_transform)
+                if tensor is None:
+                    skipped.append((name, outcome))
+                    continue
+                kept.append((tensor, name, outcome))
+                if len(kept) == self.batch_size:
+                    yield self._batch(step, tar, kept, skipped)
+                    kept, skipped = [], []
+        except TarFetchError as error:
+            yield TarBatch(torch.empty(0), [], step=step, tar=tar, ends_shard=True, failure=str(error))
+            return
+        yield self._batch(step, tar, kept, skipped, ends_shard=True)
+
+    @staticmethod
+    def _batch(step: int, tar: str, kept: list, skipped: list, ends_shard: bool = False) -> TarBatch:
+        return TarBatch(
+            images=torch.stack([tensor for tensor, _, _ in kept]) if kept else torch.empty(0),
+            image_paths=[name for _, name, _ in kept], skipped=list(skipped),
+            digests=[digest for _, _, (_, digest) in kept], facts=[fields for _, _, (fields, _) in kept],
+            step=step, tar=tar, ends_shard=ends_shard,
+        )
+
+
+def make_tar_loader(assigned: Sequence[tuple[int, str]], image_transform: Callable, batch_size: int,
+                    num_workers: int, pin_memory: bool = False) -> Iterator[TarBatch]:
+    """Batches of the tars in `assigned`; workers (at most one per tar) decode ahead while the model runs."""
+    workers = min(num_workers, len(assigned))
+    return DataLoader(
+        TarBatches(assigned, image_transform, batch_size),
+        batch_size=None,  # the dataset yields whole batches
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers > 0 else None,
         persistent_workers=False,
     )

@@ -22,6 +22,7 @@ from clipsearch.encoding.reader import (
     collect_image_paths,
     fields_digest,
     make_loader,
+    make_tar_loader,
     shard_batches,
     table_fields,
 )
@@ -41,6 +42,7 @@ from clipsearch.store import (
     write_json,
 )
 from clipsearch.tables import encoding_splits
+from clipsearch.tars import dataset_location, list_tars, looks_like_tars, tar_versions
 
 logger = logging.getLogger(__name__)
 
@@ -87,11 +89,23 @@ class CollectionRows:
     stat_of: dict[str, tuple | None]
     fields_of: dict[str, dict]
     captions: dict[str, CaptionRow] = field(default_factory=dict)
+    tars: bool = False  # `names` are webdataset tars and `stat_of` their versions; rows are their samples
 
 
 def collection_rows(config: EncodeConfig) -> CollectionRows:
     """The images of the folder or tables with their files' stats and table fields, or (--captions) the
-    tables' captions, whose change test is a digest of their fields (the text is in the name)."""
+    tables' captions, whose change test is a digest of their fields (the text is in the name), or the
+    webdataset tars --dataset_path names, with their versions."""
+    if looks_like_tars(config.dataset_path):
+        if config.captions:
+            raise UserError("--captions encodes the captions of a table; encoding tars keeps each sample's caption "
+                            "as a field of its image's row")
+        tars = list_tars(config.dataset_path)
+        versions = tar_versions(tars)
+        for tar in (tar for tar, version in versions.items() if version is None):
+            logger.warning("cannot find or reach %s now: rows it already has are kept; otherwise reading it is "
+                           "tried when its turn comes", tar)
+        return CollectionRows(tars, versions, {}, tars=True)
     if config.captions:
         if not encoding_splits(config.dataset_path, config.split):
             raise UserError(f"--captions encodes a table's captions, and {config.dataset_path} has no tables "
@@ -119,6 +133,26 @@ def collection_rows(config: EncodeConfig) -> CollectionRows:
     return CollectionRows(image_paths, stat_of, fields_of)
 
 
+def rank_work(config: EncodeConfig, bundle, device: torch.device, rows: CollectionRows, rank_paths: list[str],
+              pending: list[tuple[int, int, int]], workers: int):
+    """The model stage, and (step, whether the batch ends its shard, batch) over this rank's pending shards."""
+    if rows.tars:
+        # A tar's sample count is known only once it is read: each batch says whether it ends its tar's shard.
+        assigned = [(step, rank_paths[start]) for step, start, _ in pending]
+        loader = make_tar_loader(assigned, bundle.eval_transform, config.batch_size, workers, device.type == "cuda")
+        embedder = ImageEmbedder(bundle.model, device, config.precision, bundle.image_views)
+        return embedder, ((batch.step, batch.ends_shard, batch) for batch in loader)
+    batches, batch_steps = shard_batches(pending, config.batch_size)
+    ends_shard = [index + 1 == len(batch_steps) or batch_steps[index + 1] != step for index, step in enumerate(batch_steps)]
+    if config.captions:
+        embedder = TextEmbedder(bundle.model, device, config.precision)
+        loader = caption_batches(rank_paths, rows.captions, bundle.tokenizer, batches)
+    else:
+        embedder = ImageEmbedder(bundle.model, device, config.precision, bundle.image_views)
+        loader = make_loader(rank_paths, bundle.eval_transform, batches, workers, pin_memory=device.type == "cuda")
+    return embedder, zip(batch_steps, ends_shard, loader)
+
+
 def encode_rank(config: EncodeConfig, rank: int, world_size: int, local_rank: int = 0, local_world_size: int = 1) -> dict:
     """Encode this rank's share of the folder's update, skipping shards a killed run finished; returns its record."""
     device = use_rank_device(config.accelerator, local_rank)
@@ -136,7 +170,7 @@ def encode_rank(config: EncodeConfig, rank: int, world_size: int, local_rank: in
         "fingerprint": model_fingerprint(bundle),
         "embed_dim": bundle.embed_dim,
         # Recorded from the first run on, so the folder names its images before any manifest.
-        "dataset_path": os.path.abspath(config.dataset_path),
+        "dataset_path": dataset_location(config.dataset_path),
         **({"rows": ROWS_CAPTIONS} if config.captions else {}),
     }
     check_model(emb_path, identity, config.overwrite)
@@ -145,29 +179,26 @@ def encode_rank(config: EncodeConfig, rank: int, world_size: int, local_rank: in
     (emb_path / MANIFEST_FILE).unlink(missing_ok=True)
     remove_stale_tmp(emb_path, rank)
     layout = Layout(world_size, config.batch_size, config.shard_size)
-    update = plan_update(emb_path, rows.names, layout, config.overwrite, config.recheck_content, rows.stat_of)
+    update = plan_update(emb_path, rows.names, layout, config.overwrite, config.recheck_content, rows.stat_of,
+                         rows.tars)
     write_json(emb_path / update_file(update.number), update.record)  # listed before any shard is written
     if "content_recheck" in update.record:
         recheck = update.record["content_recheck"]
         logger.info("rank %d: %d of %d files with unchanged size and mtime have new bytes", rank, recheck["changed"], recheck["rechecked"])
 
     rank_paths, shards = update.rank_paths(rank), update.rank_shards(rank)
+    tar_of_step = {step: (rank_paths[start], update.stat_of[rank_paths[start]]) for step, start, _ in shards} \
+        if rows.tars else None
     writer = ShardWriter(emb_path, rank, config.batch_size, bundle.embed_dim, update.stat_of, rows.fields_of,
-                         file_facts=not config.captions)
+                         file_facts=not (config.captions or rows.tars), tar_of_step=tar_of_step)
     pending = [shard for shard in shards if not writer.is_done(shard[0])]
     if len(pending) < len(shards):
         logger.info("rank %d: resuming, %d of %d shards already done", rank, len(shards) - len(pending), len(shards))
-    batches, batch_steps = shard_batches(pending, config.batch_size)
-    if config.captions:
-        embedder = TextEmbedder(bundle.model, device, config.precision)
-        loader = caption_batches(rank_paths, rows.captions, bundle.tokenizer, batches)
-    else:
-        embedder = ImageEmbedder(bundle.model, device, config.precision, bundle.image_views)
-        # Decided here, where the ranks on this node are known whichever launcher started them (torchrun
-        # passes no --devices).
-        workers = default_num_workers(local_world_size) if config.num_workers is None else config.num_workers
-        loader = make_loader(rank_paths, bundle.eval_transform, batches, workers, pin_memory=device.type == "cuda")
-    pending_images = sum(length for _, _, length in pending)
+    # Decided here, where the ranks on this node are known whichever launcher started them (torchrun
+    # passes no --devices).
+    workers = default_num_workers(local_world_size) if config.num_workers is None else config.num_workers
+    embedder, work = rank_work(config, bundle, device, rows, rank_paths, pending, workers)
+    pending_images = None if rows.tars else sum(length for _, _, length in pending)
     progress = tqdm(
         total=pending_images,
         unit="caption" if config.captions else "img",
@@ -176,14 +207,23 @@ def encode_rank(config: EncodeConfig, rank: int, world_size: int, local_rank: in
         dynamic_ncols=True,
     )
     started = time.perf_counter()
-    encoded = 0
-    for step, batch in zip(batch_steps, loader):
+    encoded, read = 0, 0
+    missing: list[list[str]] = []  # [tar, why] of each tar that could not be read to its end
+    for step, ends_shard, batch in work:
+        if getattr(batch, "failure", None):
+            encoded -= writer.discard(step)
+            missing.append([batch.tar, batch.failure])
+            logger.error("rank %d: %s could not be read: %s", rank, batch.tar, batch.failure)
+            continue
         writer.add(step, embedder(batch.inputs) if batch.image_paths else None, batch)
         encoded += len(batch.image_paths)
+        read += len(batch.image_paths) + len(batch.skipped)
         progress.update(len(batch.image_paths) + len(batch.skipped))
-    writer.flush()
+        if ends_shard:
+            writer.finish(step)
     progress.close()
     seconds = time.perf_counter() - started
+    pending_images = read if pending_images is None else pending_images
     record = {
         "update": update.number,
         "plan": update.record["plan"],
@@ -193,6 +233,7 @@ def encode_rank(config: EncodeConfig, rank: int, world_size: int, local_rank: in
         "images_this_run": pending_images,
         "seconds_this_run": round(seconds, 3),
         "images_per_second": round(pending_images / seconds, 1) if seconds > 0 and pending_images else None,
+        **({"missing": missing} if missing else {}),
     }
     write_json(emb_path / done_file(rank), record)
     return record

@@ -33,6 +33,7 @@ from clipsearch.images import DECOMPRESSION_BOMB, SkipReasons, decode_image, dis
 from clipsearch.query_terms import IMAGE, MAX_TERMS, ROW, TEXT, Term, TermError, check_weight
 from clipsearch.search import image_file
 from clipsearch.server.live import RELOAD_POLL_SECONDS, LiveCollection
+from clipsearch.tars import is_remote, read_member_image, split_row_name, tar_version
 
 logger = logging.getLogger(__name__)
 
@@ -301,6 +302,17 @@ def make_thumbnail(path: str | os.PathLike, size: int) -> bytes | None:
     return buffer.getvalue()
 
 
+def image_media_type(data: bytes) -> str:
+    """The media type of an image member of a tar, from its first bytes (a tar member has no file name to go by)."""
+    if data.startswith(b"\x89PNG"):
+        return "image/png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "image/gif"
+    return "image/jpeg"
+
+
 def resolved_roots(roots: Sequence[str | os.PathLike]) -> list[Path]:
     return [Path(root).resolve() for root in roots]
 
@@ -551,6 +563,28 @@ def create_app(engine, serve_roots: Sequence[str | os.PathLike] | None = None,
                 raise ApiError(400, f"{where}: a term is {{\"text\": ...}}, {{\"id\": ...}} or {{\"image\": ...}}")
         return await searched(engine, terms, ask, {"kind": "combined", "terms": shown})
 
+    async def tar_member_image(item_id: str, path: str, tar: str, size: int | None, update: int | None):
+        # A remote tar is one the encoder read itself; a local one must lie under the collection's folders.
+        if roots is not None and not is_remote(tar) and not is_under_roots(tar, roots):
+            raise ApiError(403, f"collection item {item_id} lies in a tar outside the collection's folders; restart "
+                                "the server with --serve_root <folder>, or --serve_any_path to lift this")
+        version = await run_in_threadpool(tar_version, tar)
+        if version is None:
+            raise ApiError(404, f"collection item {item_id}: its tar {tar} cannot be read now")
+        cache_headers = {"Cache-Control": "public, max-age=3600" if update is not None else "no-cache"}
+        if size is None:
+            data = await run_in_threadpool(read_member_image, path)
+            if data is None:
+                raise ApiError(404, f"collection item {item_id} is no longer in its tar")
+            return Response(data, media_type=image_media_type(data), headers=cache_headers)
+        key = (path, *version, thumbnail_size(size))
+        thumbnail = thumbnails.get(key)
+        if thumbnail is None:
+            thumbnail = await run_in_threadpool(thumbnail_within_slots, key, path)
+            if thumbnail is None:
+                raise ApiError(404, f"collection item {item_id} cannot be read as an image")
+        return Response(thumbnail, media_type="image/jpeg", headers=cache_headers)
+
     @app.get("/api/image/{item_id:path}")
     async def collection_image(
         item_id: str,
@@ -563,6 +597,9 @@ def create_app(engine, serve_roots: Sequence[str | os.PathLike] | None = None,
         engine = live.engine
         path, _ = locate(engine, item_id, update)
         path = image_file(path, engine.rows_kind)  # a caption's row shows its image
+        member = split_row_name(path) if not os.path.isfile(path) else None
+        if member is not None:  # a sample of a webdataset tar: its image member, read from the tar
+            return await tar_member_image(item_id, path, member[0], size, update)
         if roots is not None and not is_under_roots(path, roots):
             logger.warning("refused collection item %s: %s is outside the collection's folders", item_id, display_path(path))
             raise ApiError(

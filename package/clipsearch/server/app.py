@@ -563,6 +563,15 @@ def create_app(engine, serve_roots: Sequence[str | os.PathLike] | None = None,
                 raise ApiError(400, f"{where}: a term is {{\"text\": ...}}, {{\"id\": ...}} or {{\"image\": ...}}")
         return await searched(engine, terms, ask, {"kind": "combined", "terms": shown})
 
+    async def thumbnail_response(item_id: str, key: tuple, path: str, cache_headers: dict) -> Response:
+        """The JPEG thumbnail cached under `key` (the image's version and edge), made once from `path`."""
+        thumbnail = thumbnails.get(key)
+        if thumbnail is None:
+            thumbnail = await run_in_threadpool(thumbnail_within_slots, key, path)
+            if thumbnail is None:
+                raise ApiError(404, f"collection item {item_id} cannot be read as an image")
+        return Response(thumbnail, media_type="image/jpeg", headers=cache_headers)
+
     async def tar_member_image(item_id: str, path: str, tar: str, size: int | None, update: int | None):
         # A remote tar is one the encoder read itself; a local one must lie under the collection's folders.
         if roots is not None and not is_remote(tar) and not is_under_roots(tar, roots):
@@ -577,13 +586,7 @@ def create_app(engine, serve_roots: Sequence[str | os.PathLike] | None = None,
             if data is None:
                 raise ApiError(404, f"collection item {item_id} is no longer in its tar")
             return Response(data, media_type=image_media_type(data), headers=cache_headers)
-        key = (path, *version, thumbnail_size(size))
-        thumbnail = thumbnails.get(key)
-        if thumbnail is None:
-            thumbnail = await run_in_threadpool(thumbnail_within_slots, key, path)
-            if thumbnail is None:
-                raise ApiError(404, f"collection item {item_id} cannot be read as an image")
-        return Response(thumbnail, media_type="image/jpeg", headers=cache_headers)
+        return await thumbnail_response(item_id, (path, *version, thumbnail_size(size)), path, cache_headers)
 
     @app.get("/api/image/{item_id:path}")
     async def collection_image(
@@ -619,12 +622,7 @@ def create_app(engine, serve_roots: Sequence[str | os.PathLike] | None = None,
             return FileResponse(path, headers=cache_headers)
         # Keyed by the file's version, not the id: ids change with updates, and a file can be rewritten.
         key = (path, stat.st_size, stat.st_mtime_ns, thumbnail_size(size))
-        thumbnail = thumbnails.get(key)
-        if thumbnail is None:
-            thumbnail = await run_in_threadpool(thumbnail_within_slots, key, path)
-            if thumbnail is None:
-                raise ApiError(404, f"collection item {item_id} cannot be read as an image")
-        return Response(thumbnail, media_type="image/jpeg", headers=cache_headers)
+        return await thumbnail_response(item_id, key, path, cache_headers)
 
     @app.get("/", include_in_schema=False)
     def index_page():

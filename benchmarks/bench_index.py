@@ -210,9 +210,11 @@ def caption_queries(bundle, source: Path, count: int, listing: str = "Flickr_8k.
 REUSE = False
 
 
-def reusable_index(path: Path, store, max_memory: int | None, tune_queries: np.ndarray | None) -> dict | None:
+def reusable_index(path: Path, store, max_memory: int | None, tune_queries: np.ndarray | None,
+                   nlist: int | None = None) -> dict | None:
     """The record of an index at `path` built from `store`'s rows within `max_memory`, tuned on as many
-    text queries as `tune_queries` holds (or on image rows when None); None when there is none such."""
+    text queries as `tune_queries` holds (or on image rows when None), with `nlist` lists when given;
+    None when there is none such."""
     from clipsearch.index import info_path_of
 
     record = info_path_of(path)
@@ -222,7 +224,8 @@ def reusable_index(path: Path, store, max_memory: int | None, tune_queries: np.n
     tuned_on_text = tune_queries is not None
     same = (info.get("order_fingerprint") == store.order_fingerprint and info.get("max_memory") == max_memory
             and (info.get("tuned_on") == "text queries") == tuned_on_text and "build_seconds" in info
-            and (not tuned_on_text or info.get("text_queries") == f"{len(tune_queries)} given queries"))
+            and (not tuned_on_text or info.get("text_queries") == f"{len(tune_queries)} given queries")
+            and (nlist is None or str(info.get("factory", "")).startswith(f"IVF{nlist}")))
     if same:
         print(f"reusing {path} (built in {info['build_seconds']:.0f} s)")
     return info if same else None
@@ -232,7 +235,7 @@ def build_ours(store, folder: Path, max_memory: int | None, tune_queries: np.nda
                nlist: int | None = None):
     from clipsearch.index import build_index, info_path_of, load_index
 
-    info = reusable_index(folder / file, store, max_memory, tune_queries) if REUSE else None
+    info = reusable_index(folder / file, store, max_memory, tune_queries, nlist) if REUSE else None
     if info is not None:
         build_seconds = float(info["build_seconds"])
     else:
@@ -386,8 +389,9 @@ def compare_gap(store, space: ClipLikeSpace, folder: Path, max_memory: int, args
                      "tune_queries": len(tune_texts), "cosines": describe(space)}
     exact_texts, exact_images = ground_truth(store, [texts, images], results)
     searchers = {}
-    contenders = (("ours, tuned on image rows", None, "index-rows.faiss"), ("ours, tuned on text queries", tune_texts, "index.faiss"))
-    for name, tune, file in contenders[1:] if args.skip_rows_tuning else contenders:
+    contenders = (("ours, tuned on image rows", None, "index-rows"), ("ours, tuned on text queries", tune_texts, "index"))
+    for name, tune, stem in contenders[1:] if args.skip_rows_tuning else contenders:
+        file = f"{stem}-{args.nlist}.faiss" if args.nlist else f"{stem}.faiss"  # another list count keeps its own file
         built, results[name] = build_ours(store, folder, max_memory, tune, file, args.nlist)
         searchers[name] = lambda batch, built=built: built.search(batch, TOP_K)[1]
     if not args.no_autofaiss:

@@ -1,10 +1,11 @@
 """Let glibc's malloc keep freed blocks for reuse instead of handing them back to the kernel.
 
-A training step on the CPU allocates and frees the same activation-sized tensors (a few to tens of
-MB each) over and over. By default glibc serves blocks above its mmap threshold with fresh `mmap`s
+A training step or an encoding batch on the CPU allocates and frees the same activation-sized
+tensors (a few to tens of MB each) over and over. By default glibc serves blocks above its mmap threshold with fresh `mmap`s
 and returns them on free, so every such tensor page-faults in anew and the kernel zeroes each
-page: on ViT-Small-16 at batch 64 on 2 cores that is about a tenth of the step (BENCHMARKS.md,
-"Training: where the time goes"). Raising the mmap threshold to glibc's maximum and keeping the
+page: on ViT-Small-16 at batch 64 on 2 cores that was about a tenth of the step (BENCHMARKS.md,
+"Training: where the time goes"); encoding webdataset tars with "our" model spent half of its CPU
+time in the kernel (75 of 148 s), and ran a third slower, before this. Raising the mmap threshold to glibc's maximum and keeping the
 freed top of the heap turns those tensors into reused heap blocks. The cost is that memory freed
 after the peak stays with the process; the peak itself does not grow.
 """

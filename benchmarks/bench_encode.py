@@ -295,9 +295,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     header = common.run_header()
     images, images_source = source_images(args.image_dir, args.images, args.work_dir)
+    from clipsearch.allocator import reuse_freed_memory
     from clipsearch.cli.common import default_num_workers
 
-    default_workers = default_num_workers()  # the encode CLI's default for one device
+    # The encode CLI tunes malloc as it starts (allocator.py); the model-only ceiling runs in this same
+    # process, so it gets the same allocator from the start, whichever is measured first.
+    reuse_freed_memory()
+    # The encode CLI's default for one device: every core decodes on a CPU, one stays with a GPU.
+    default_workers = default_num_workers(core_for_the_model=args.accelerator != "cpu")
     results = {
         **header,
         "images": args.images,

@@ -59,6 +59,14 @@ def test_plan_takes_the_most_accurate_layout_that_fits():
     small = plan_index(count, dim, 100 * 2**20)
     assert (small.kind, small.pq_m) == ("ivf_pq", 64) and small.estimated_bytes <= 0.9 * 100 * 2**20
     assert plan_index(10_000, dim, 2**30).kind == "flat"
+    # A build that re-ranks from the store takes fast-scan PQ at a million rows and more, never in parts.
+    fast = plan_index(count, dim, 2 * 2**30, reranks=True)
+    assert (fast.kind, fast.pq_m, fast.factory) == ("ivf_pq_fast", 256, "IVF2048,PQ256x4fs")
+    assert fast.estimated_bytes < 0.3 * plan_index(count, dim, 2 * 2**30).estimated_bytes  # 128 + 8 bytes a row against 512 + 8
+    assert plan_index(count - 1, dim, 2 * 2**30, reranks=True).kind == "ivf_sq8"
+    assert plan_index(count, dim, 2 * 2**30, reranks=True, ivf_only=True).kind == "ivf_sq8"
+    with pytest.raises(ValueError, match="on-disk inverted lists"):
+        plan_index(count, dim, kind="ivf_pq_fast", ivf_only=True)
     assert plan_index(count * 100, dim, 2**40).factory.startswith("IVF16384_HNSW32")  # many lists: HNSW quantizer
     with pytest.raises(ValueError, match="raise --max_memory"):
         plan_index(count, dim, 2**20)
@@ -237,6 +245,25 @@ def test_pq_rerank_depth_is_tuned_when_nprobe_alone_cannot_reach_the_target(clip
     at_depth_10 = max(setting["recall_at_10"] for setting in built.info["tuning"] if setting["rerank_factor"] == 10)
     assert built.info["params"]["pq_m"] == 8 and at_depth_10 < 0.95
     assert built.info["params"]["rerank_factor"] > 10 and built.info["text_recall_at_10"] >= 0.95
+
+
+def test_fast_scan_pq_reranks_to_the_target_on_text_queries_and_answers_mapped_as_in_memory(clip_like, tmp_path):
+    """4-bit fast-scan codes rank text queries coarsely: the re-rank depth is tuned until the target is met."""
+    space = clip_like.ClipLikeSpace(dim=64, clusters=100)
+    images = torch.from_numpy(next(space.images(8_000)))
+    write_folder(tmp_path, images)
+    store = consolidate(tmp_path)
+    captions, held_out = space.texts(images[:200].numpy(), seed=3), space.texts(images[200:300].numpy(), seed=4)
+    built = build_index(store.embeddings, store.order_fingerprint, kind="ivf_pq_fast", nlist=64, rerank_rows=store.rows,
+                        queries=captions, recall_queries=200)
+    assert built.info["factory"] == "IVF64,PQ32x4fs" and built.reranks
+    assert built.info["params"]["rerank_factor"] > 10 and built.info["text_recall_at_10"] >= 0.95
+    exact = exact_neighbours(store.embeddings, held_out.astype(np.float32), 10)
+    assert overlap_recall(built.search(held_out, 10)[1], exact, None, 10) >= 0.9  # other captions than the tuning's
+    built.save(tmp_path / "index.faiss")
+    for loaded in (load_index(tmp_path), load_index(tmp_path, mmap=False)):
+        assert loaded.reranks
+        np.testing.assert_array_equal(loaded.search(held_out, 10)[1], built.search(held_out, 10)[1])
 
 
 def encode_captioned(tmp_path, tiny_checkpoint, colour_images):

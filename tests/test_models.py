@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -282,8 +283,8 @@ def _captions_and_full_context(tokenizer, context_length: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_openai_towers_compute_only_what_pooling_reads_and_give_open_clips_features(mode):
-    """Text runs up to the batch's longest caption and the last blocks at the pooled tokens only:
-    the features and gradients of open_clip's full computation, up to float rounding."""
+    """Each caption runs up to its own end-of-text token (packed) and the last blocks at the pooled tokens
+    only: the features and gradients of open_clip's full computation, up to float rounding."""
     import open_clip
 
     torch.manual_seed(0)
@@ -291,8 +292,8 @@ def test_openai_towers_compute_only_what_pooling_reads_and_give_open_clips_featu
     model = getattr(bundle.model, mode)()
     tokens = _captions_and_full_context(bundle.tokenizer, 24)
     images = torch.randn(len(tokens), 3, 32, 32)
-    lengths = []
-    hook = model.transformer.resblocks[0].register_forward_pre_hook(lambda _, args: lengths.append(args[0].shape[1]))
+    rows = []  # token rows the first text block's norm sees: packed [tokens, D] in ours, [B, context, D] in open_clip's
+    hook = model.transformer.resblocks[0].ln_1.register_forward_pre_hook(lambda _, args: rows.append(args[0].shape[:-1].numel()))
 
     def features(text_encoder, image_encoder):
         model.zero_grad(set_to_none=True)
@@ -309,13 +310,39 @@ def test_openai_towers_compute_only_what_pooling_reads_and_give_open_clips_featu
     assert ours[2].keys() == reference[2].keys()
     for name, gradient in reference[2].items():  # sums of many terms: rounding scales with the largest
         assert (ours[2][name] - gradient).abs().max() <= 1e-5 * gradient.abs().max(), name
-    assert lengths == [24, 24]  # the caption cut at the context fills it
+    caption_tokens = int((tokens.argmax(dim=-1) + 1).sum())
+    assert caption_tokens < len(tokens) * 24 and rows == [caption_tokens, len(tokens) * 24]
     short = bundle.tokenizer(["a red circle", "dog"])
     trimmed = []
-    hook = model.transformer.resblocks[0].register_forward_pre_hook(lambda _, args: trimmed.append(args[0].shape[1]))
+    hook = model.transformer.resblocks[0].ln_1.register_forward_pre_hook(lambda _, args: trimmed.append(args[0].shape[:-1].numel()))
     torch.testing.assert_close(model.encode_text(short), open_clip.CLIP.encode_text(model, short), rtol=1e-5, atol=1e-5)
     hook.remove()
-    assert trimmed == [5, 24]  # ours: start, 'a red circle' (3 tokens), end-of-text; open_clip: the whole context
+    assert trimmed == [5 + 3, 2 * 24]  # ours: start, 'a red circle' (3 tokens), end-of-text and start, 'dog', end; open_clip: the whole context
+
+
+def test_openai_towers_under_autocast_match_open_clip():
+    """Mixed precision (bfloat16 autocast, as --precision bf16-mixed runs it): the packed text, the
+    folded QuickGELU and the attention without nn.MultiheadAttention give open_clip's features."""
+    import open_clip
+
+    torch.manual_seed(0)
+    bundle = build_from_spec(openai_clip_spec("ViT-Tiny-16", context_length=24, image_size=32))
+    model = bundle.model.train()
+    tokens = _captions_and_full_context(bundle.tokenizer, 24)
+    images = torch.randn(len(tokens), 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = model.encode_text(tokens), model.encode_image(images)
+        reference = open_clip.CLIP.encode_text(model, tokens), open_clip.CLIP.encode_image(model, images)
+    for mine, theirs in zip(ours, reference):
+        assert mine.dtype == theirs.dtype == torch.bfloat16
+        torch.testing.assert_close(mine.float(), theirs.float(), rtol=0.05, atol=0.05 * theirs.float().abs().max().item())
+
+
+def test_training_processes_keep_freed_memory_for_reuse():
+    from clipsearch.allocator import reuse_freed_memory
+
+    assert reuse_freed_memory() is (sys.platform == "linux")  # glibc's mallopt; elsewhere a no-op
+    assert reuse_freed_memory() is reuse_freed_memory()  # applied once
 
 
 def test_towers_open_clip_cannot_prune_run_its_own_forward():

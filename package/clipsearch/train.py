@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
+from clipsearch.allocator import reuse_freed_memory
 from clipsearch.data_report import DataReport
 from clipsearch.datasets import (
     CachedImageCaptionDataset,
@@ -539,6 +540,7 @@ def run_training(config: TrainConfig, build: Callable[[object], ModelBundle]) ->
     --seed. With --fast_dev_run nothing is written: no run folder, checkpoint or log.
     """
     quiet_libraries(config.verbose)
+    reuse_freed_memory()  # before the loaders fork their workers, which inherit it
     precision = _precision(config)
     smoke_test = bool(config.fast_dev_run)
     resume_from = None if smoke_test else _resume_path(config)

@@ -20,7 +20,7 @@ from clipsearch.cli.common import (
 )
 from clipsearch.model_reference import HELP as LOAD_MODEL_HELP
 
-KINDS = ("auto", "flat", "ivf", "ivf_sq8", "ivf_pq", "hnsw")  # clipsearch.index.KINDS, without importing faiss
+KINDS = ("auto", "flat", "ivf", "ivf_sq8", "ivf_pq", "ivf_pq_fast", "hnsw")  # clipsearch.index.KINDS, without importing faiss
 UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 EPILOG = """\
@@ -224,7 +224,7 @@ def check_budget(args: argparse.Namespace, count: int, dim: int, world_size: int
     from clipsearch.index import build_memory, in_memory_build_fits, plan_index
 
     try:
-        plan = plan_index(count, dim, args.max_memory, args.kind, args.nlist)
+        plan = plan_index(count, dim, args.max_memory, args.kind, args.nlist, reranks=True)  # the store re-ranks
         in_parts = args.on_disk or world_size > 1 or not in_memory_build_fits(plan, count, dim, args.max_memory)
         if in_parts:
             plan = plan_index(count, dim, args.max_memory, args.kind, args.nlist, ivf_only=True)

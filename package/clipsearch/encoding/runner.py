@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from clipsearch.allocator import reuse_freed_memory
 from clipsearch.checkpoint import model_fingerprint
 from clipsearch.data import IMAGE_EXTENSIONS
 from clipsearch.defaults import default_num_workers
@@ -155,6 +156,7 @@ def rank_work(config: EncodeConfig, bundle, device: torch.device, rows: Collecti
 
 def encode_rank(config: EncodeConfig, rank: int, world_size: int, local_rank: int = 0, local_world_size: int = 1) -> dict:
     """Encode this rank's share of the folder's update, skipping shards a killed run finished; returns its record."""
+    reuse_freed_memory()  # every batch's activations and tensors are the same sizes again (allocator.py)
     device = use_rank_device(config.accelerator, local_rank)
     if device.type == "cpu":
         # Ranks on one machine share its cores; oversubscribed BLAS threads slow every rank down.
@@ -196,7 +198,8 @@ def encode_rank(config: EncodeConfig, rank: int, world_size: int, local_rank: in
         logger.info("rank %d: resuming, %d of %d shards already done", rank, len(shards) - len(pending), len(shards))
     # Decided here, where the ranks on this node are known whichever launcher started them (torchrun
     # passes no --devices).
-    workers = default_num_workers(local_world_size) if config.num_workers is None else config.num_workers
+    workers = (default_num_workers(local_world_size, core_for_the_model=device.type != "cpu")
+               if config.num_workers is None else config.num_workers)
     embedder, work = rank_work(config, bundle, device, rows, rank_paths, pending, workers)
     pending_images = None if rows.tars else sum(length for _, _, length in pending)
     progress = tqdm(

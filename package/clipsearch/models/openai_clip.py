@@ -92,8 +92,11 @@ class QuickGELU(nn.Module):
     pass instead of one.
     """
 
+    # pooled_towers.py folds this scale into the MLP's weights instead of scaling activations.
+    silu_scale = 1.702
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.silu(x * 1.702) / 1.702
+        return F.silu(x * 1.702) / 1.702  # a literal: TorchScript compiles this forward (OpenAI archives)
 
 
 class OpenAICLIP(open_clip.CLIP):

@@ -67,7 +67,8 @@ def test_plan_takes_the_most_accurate_layout_that_fits():
     assert plan_index(count, dim, 2 * 2**30, reranks=True, ivf_only=True).kind == "ivf_sq8"
     with pytest.raises(ValueError, match="on-disk inverted lists"):
         plan_index(count, dim, kind="ivf_pq_fast", ivf_only=True)
-    assert plan_index(count * 100, dim, 2**40).factory.startswith("IVF16384_HNSW32")  # many lists: HNSW quantizer
+    assert plan_index(count * 100, dim, 2**40).factory.startswith("IVF16384,")  # text queries need a flat quantizer
+    assert plan_index(count * 100, dim, 2**40, nlist=65_536).factory.startswith("IVF65536_HNSW32")  # then a graph
     with pytest.raises(ValueError, match="raise --max_memory"):
         plan_index(count, dim, 2**20)
     assert default_nlist(1_000_000) == 2048 and default_nlist(2_000) == 2_000 // 39

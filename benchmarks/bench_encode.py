@@ -301,8 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
     # The encode CLI tunes malloc as it starts (allocator.py); the model-only ceiling runs in this same
     # process, so it gets the same allocator from the start, whichever is measured first.
     reuse_freed_memory()
-    # The encode CLI's default for one device: every core decodes on a CPU, one stays with a GPU.
-    default_workers = default_num_workers(core_for_the_model=args.accelerator != "cpu")
+    default_workers = default_num_workers()  # the encode CLI's default for one device
     results = {
         **header,
         "images": args.images,

@@ -10,7 +10,6 @@ import torch
 from clipsearch.cli.common import DEFAULT_DATASETS_DIR, UserError
 from clipsearch.cli.encode import main as encode_main
 from clipsearch.cli.encode import parse_args
-from clipsearch.defaults import default_num_workers
 from clipsearch.encoding.launcher import ProcessLayout, layout_from_env
 from clipsearch.encoding.reader import collect_image_paths, partition, shard_batches
 from clipsearch.store import EncodingMismatchError, list_shards, read_shard, write_shard
@@ -323,8 +322,7 @@ def test_each_encoding_rank_makes_its_own_gpu_the_current_one(monkeypatch):
 
 
 def test_each_encoding_rank_takes_its_share_of_the_node_for_decoding(tmp_path, tiny_checkpoint, colour_images, monkeypatch):
-    """Four CPU ranks on a 16-core node (torchrun passes no --devices): 16 / 4 decoders each, not 8 (on a
-    CPU no core is kept for the model: its threads pause between batches, when decoders fill the gaps)."""
+    """Four ranks on a 16-core node (torchrun passes no --devices): 16 / 4 - 1 decoders each, not 8."""
     from clipsearch.encoding import runner
 
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
@@ -341,6 +339,5 @@ def test_each_encoding_rank_takes_its_share_of_the_node_for_decoding(tmp_path, t
                            local_world_size=4)
     finally:
         torch.set_num_threads(threads)
-    assert workers == [4, 2]
-    assert default_num_workers(4) == 3  # a GPU rank keeps one core of its share to feed the device
+    assert workers == [3, 2]
     assert parse_args([]).num_workers is None  # decided by each rank, where the node's ranks are known

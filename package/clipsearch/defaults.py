@@ -74,14 +74,9 @@ def is_default_dataset(path: str | os.PathLike) -> bool:
     return same_path(path, DEFAULT_DATASET)
 
 
-def default_num_workers(processes_per_node: int = 1, core_for_the_model: bool = True) -> int:
-    """DataLoader workers of each process on this machine: its share of the cores, less one that
-    stays with the model (its BLAS threads or the GPU's feeding) unless `core_for_the_model` is False.
-
-    Encoding on a CPU passes False: its model's threads pause at every batch boundary and while the
-    writer runs, and decoders on every core fill those gaps (bench_encode on 2 cores, Flickr8k
-    photos: 2 workers 0.99 of the model-only rate from a folder and 0.92 from tars, 1 worker 0.82
-    and 0.73; BENCHMARKS.md "Encoding").
-    """
-    spare = 1 if core_for_the_model else 0
-    return min(8, max(1, (os.cpu_count() or 1) // max(1, processes_per_node) - spare))
+def default_num_workers(processes_per_node: int = 1) -> int:
+    # One core per process stays with the model (its BLAS threads); the rest decode. On 2 cores,
+    # Flickr8k photos, "our" model, one decoder against two gave 0.96 / 0.73 and 0.82 / 0.99 of the
+    # model-only rate from a folder in two runs minutes apart, 0.73 / 0.92 and 0.73 / 0.77 from tars
+    # (BENCHMARKS.md, "Encoding"): no setting wins on this machine's noise, so the rule stays.
+    return min(8, max(1, (os.cpu_count() or 1) // max(1, processes_per_node) - 1))

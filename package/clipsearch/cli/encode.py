@@ -115,8 +115,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--num_workers",
         type=non_negative_int,
         default=None,
-        help="image decoding processes per rank (default: CPU cores / processes on the node, less one when the model "
-             "runs on a GPU; at least 1, at most 8)",
+        help="image decoding processes per rank (default: CPU cores / processes on the node - 1, at least 1, at most 8)",
     )
 
     trainer = parser.add_argument_group("processes and devices")

@@ -198,8 +198,7 @@ def encode_rank(config: EncodeConfig, rank: int, world_size: int, local_rank: in
         logger.info("rank %d: resuming, %d of %d shards already done", rank, len(shards) - len(pending), len(shards))
     # Decided here, where the ranks on this node are known whichever launcher started them (torchrun
     # passes no --devices).
-    workers = (default_num_workers(local_world_size, core_for_the_model=device.type != "cpu")
-               if config.num_workers is None else config.num_workers)
+    workers = default_num_workers(local_world_size) if config.num_workers is None else config.num_workers
     embedder, work = rank_work(config, bundle, device, rows, rank_paths, pending, workers)
     pending_images = None if rows.tars else sum(length for _, _, length in pending)
     progress = tqdm(

@@ -798,3 +798,27 @@ def test_mistyped_flags_and_missing_data_answer_in_one_line_before_torch_loads(d
     env = {**os.environ, "PYTHONPATH": str(REPO / "package")}
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert completed.stdout.strip() == "[]", completed.stderr
+
+
+def test_a_ctrl_c_that_python_swallowed_stops_the_next_batch():
+    """A KeyboardInterrupt raised inside a finalizer is printed and dropped; the next batch raises it again."""
+    import gc
+    import signal
+
+    from clipsearch.train import CtrlC
+
+    class Finalizer:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C while the main thread runs a __del__
+
+    ctrl_c = CtrlC()
+    ctrl_c.install()
+    try:
+        Finalizer()  # dropped at once: its KeyboardInterrupt is "ignored"
+        gc.collect()
+        assert ctrl_c.pressed
+        with pytest.raises(KeyboardInterrupt):
+            ctrl_c.on_train_batch_start(None, None, None, 0)
+    finally:
+        ctrl_c.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -6,8 +6,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -94,6 +96,41 @@ def quiet_libraries(verbose: bool) -> None:
 
         transformers_logging.set_verbosity_error()
         transformers_logging.disable_progress_bar()
+
+
+class CtrlC(Callback):
+    """Ctrl-C stops the run even when Python lost the first KeyboardInterrupt.
+
+    Python raises KeyboardInterrupt wherever the main thread is; inside a finalizer (a DataLoader
+    iterator's `__del__` joins its workers, which takes a while) it is printed as "Exception
+    ignored" and dropped, and the run went on to its end (seen once in CI's Ctrl-C test). The
+    handler also remembers the key, and the next batch raises it again, from where Lightning's
+    graceful shutdown catches it.
+    """
+
+    def __init__(self):
+        self.pressed = False
+        self.previous = None
+
+    def _handle(self, signum, frame):
+        self.pressed = True
+        raise KeyboardInterrupt
+
+    def install(self) -> None:
+        """Take over SIGINT from Python's default handler (only that one, only in the main thread)."""
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def restore(self) -> None:
+        if self.previous is not None and signal.getsignal(signal.SIGINT) == self._handle:
+            signal.signal(signal.SIGINT, self.previous)
+        self.previous = None
+
+    def _raise_if_pressed(self, *args) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+
+    on_train_batch_start = on_train_batch_end = on_validation_batch_start = _raise_if_pressed
 
 
 class ReproducibleSteps(Callback):
@@ -575,7 +612,8 @@ def run_training(config: TrainConfig, build: Callable[[object], ModelBundle]) ->
     last_checkpoint = PeriodicLastCheckpoint(dirpath=run_dir, save_top_k=0, save_last=True,
                                       every_n_train_steps=config.checkpoint_every_steps, enable_version_counter=False)
     sampler = train_loader.sampler if isinstance(train_loader, ResumableLoader) else None
-    callbacks = [ThroughputLogger(config.log_every_n_steps), ReproducibleSteps(config.seed, sampler)]
+    ctrl_c = CtrlC()
+    callbacks = [ctrl_c, ThroughputLogger(config.log_every_n_steps), ReproducibleSteps(config.seed, sampler)]
     cache_builder = BuildImageCache(image_cache, bundle, config) if image_cache is not None else None
     if cache_builder is not None:
         callbacks.insert(0, cache_builder)
@@ -614,9 +652,13 @@ def run_training(config: TrainConfig, build: Callable[[object], ModelBundle]) ->
     # The process that writes the run folder holds its lock for the whole run: a second run into the
     # same folder is refused in one line naming this one.
     writes_run_folder = trainer.is_global_zero and not smoke_test
-    with FolderLock(run_dir, "train", "training") if writes_run_folder else contextlib.nullcontext():
-        return _fit(config, trainer, module, train_loader, val_loader, best_checkpoint, cache_builder, resume_from,
-                    clock)
+    ctrl_c.install()
+    try:
+        with FolderLock(run_dir, "train", "training") if writes_run_folder else contextlib.nullcontext():
+            return _fit(config, trainer, module, train_loader, val_loader, best_checkpoint, cache_builder, resume_from,
+                        clock)
+    finally:
+        ctrl_c.restore()
 
 
 def _fit(config: TrainConfig, trainer, module, train_loader, val_loader, best_checkpoint, cache_builder, resume_from,

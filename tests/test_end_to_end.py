@@ -88,8 +88,11 @@ def test_other_doors_start_from_nothing(newcomer):
 def test_a_training_stopped_by_ctrl_c_runs_again(newcomer):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) mid-training exits at once;
     the same command then runs (test_the_first_command below)."""
+    # A terminal's shell starts commands with SIGINT at its default; a suite itself started as a
+    # background job (`cmd &` in a script) would hand down "ignored" instead.
     process = subprocess.Popen(newcomer.command(*TRAIN), cwd=newcomer.home, env=newcomer.env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     models = newcomer.clone / "models"
     deadline = time.monotonic() + 300
     while not any(models.glob("*/run.json")) and process.poll() is None and time.monotonic() < deadline:

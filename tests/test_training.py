@@ -811,6 +811,7 @@ def test_a_ctrl_c_that_python_swallowed_stops_the_next_batch():
         def __del__(self):
             signal.raise_signal(signal.SIGINT)  # Ctrl-C while the main thread runs a __del__
 
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even under `cmd &`
     ctrl_c = CtrlC()
     ctrl_c.install()
     try:
@@ -821,4 +822,6 @@ def test_a_ctrl_c_that_python_swallowed_stops_the_next_batch():
             ctrl_c.on_train_batch_start(None, None, None, 0)
     finally:
         ctrl_c.restore()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        restored = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, inherited)
+    assert restored is signal.default_int_handler

@@ -103,9 +103,9 @@ class CtrlC(Callback):
 
     Python raises KeyboardInterrupt wherever the main thread is; inside a finalizer (a DataLoader
     iterator's `__del__` joins its workers, which takes a while) it is printed as "Exception
-    ignored" and dropped, and the run went on to its end (seen once in CI's Ctrl-C test). The
-    handler also remembers the key, and the next batch raises it again, from where Lightning's
-    graceful shutdown catches it.
+    ignored" and dropped, and the run would go on to its end. The handler also remembers the key,
+    and the next batch raises it again, from where Lightning's graceful shutdown catches it. A
+    process started with SIGINT ignored (a background job of a script) keeps ignoring it.
     """
 
     def __init__(self):

@@ -111,7 +111,11 @@ def baseline_curves(models_dir: Path, logs_dir: Path, run_name: str, cache_from:
 
 def plot(tower: str, curves: dict, path: Path, baseline: tuple[str, dict] | None = None, peer: dict | None = None) -> None:
     """Recall against minutes; an earlier run's curves dashed, open_clip's final scores as stars."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # kept out of requirements.txt (see requirements-bench.txt)
+        print(f"bench_quality: matplotlib is not installed, so {path.name} is not drawn (pip install -r package/requirements-bench.txt).")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -3,6 +3,7 @@ import functools
 import http.server
 import io
 import json
+import re
 import threading
 
 import pytest
@@ -325,3 +326,36 @@ def test_a_tar_without_a_version_now_is_encoded_and_read_again_once_it_has_one(t
     monkeypatch.setattr(tars, "tar_version", real_version)
     manifest = encode(tiny_checkpoint, shards, emb)
     assert read_json(emb / "update-001.json")["tars"] == 1 and manifest["counts"]["encoded"] == 4
+
+
+class HeadOnlyHandler(QuietHandler):
+    """Answers HEAD for every file but 404s a GET of gone.tar: a tar that vanished after the plan was made."""
+
+    def do_GET(self):
+        if self.path.endswith("/gone.tar"):
+            self.send_error(404)
+        else:
+            super().do_GET()
+
+
+def test_a_rank_that_cannot_read_its_tar_names_it_in_one_line_and_the_others_finish(tmp_path, tiny_checkpoint,
+                                                                                     capfd):
+    shards, served = tmp_path / "shards", tmp_path / "served"
+    make_tars(shards, count=3, per_tar=3)
+    served.mkdir()
+    write_tar(served / "gone.tar", [sample(90)])
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(HeadOnlyHandler, directory=served))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    gone = f"http://127.0.0.1:{server.server_address[1]}/gone.tar"
+    emb = tmp_path / "emb"
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            encode(tiny_checkpoint, f"{shards}/*.tar::{gone}", emb, "--devices", "2")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert stopped.value.code == 1
+    errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, errors
+    assert re.fullmatch(rf"error: rank [01]: 1 tar could not be read, .*: {re.escape(gone)} \(not found.*", errors[0])
+    assert len(load_collection(emb).paths) == 9  # every readable tar, whichever rank had it

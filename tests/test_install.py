@@ -123,14 +123,15 @@ def test_commands_import_no_heavy_library_before_parsing():
 
 
 def test_every_dependency_is_pinned_in_requirements():
-    """pyproject names what the package needs; requirements.txt pins the tested version of each."""
+    """pyproject names what the package needs; requirements.txt (and -bench.txt) pin the tested version of each."""
     def name(requirement: str) -> str:
         return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
 
     project = pyproject()["project"]
     needed = {name(r) for r in project["dependencies"]}
     needed |= {name(r) for extra in project["optional-dependencies"].values() for r in extra}
-    lines = (PACKAGE / "requirements.txt").read_text().splitlines()
+    lines = [line for file in ("requirements.txt", "requirements-bench.txt") for line in
+             (PACKAGE / file).read_text().splitlines()]
     pinned = {name(line) for line in lines if "==" in line and not line.startswith("#")}
     assert needed <= pinned, f"not pinned in requirements.txt: {sorted(needed - pinned)}"
     assert not any(re.search(r"==", r) for r in project["dependencies"]), "pins belong in requirements.txt"

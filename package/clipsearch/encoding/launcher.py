@@ -158,7 +158,9 @@ def _spawned_rank(
     try:
         run_in_layout(config, layout)
     except UserError as error:  # one line from the rank, not a traceback relayed by the parent
-        print(f"error: rank {layout.rank}: {error}", file=sys.stderr, flush=True)
+        whose = f"rank {layout.rank}: "
+        message = str(error)
+        print(f"error: {message if message.startswith(whose) else whose + message}", file=sys.stderr, flush=True)
         sys.exit(REPORTED_EXIT_CODE)
 
 

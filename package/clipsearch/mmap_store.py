@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ class ConsolidatedStore:
     paths: list[str]
     embeddings: torch.Tensor  # unit-length rows, fp16, backed by the file: pages load on first touch
     info: dict
+    _scattered: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -58,7 +60,25 @@ class ConsolidatedStore:
 
     def rows(self, row_ids: np.ndarray) -> np.ndarray:
         """fp16 rows for `row_ids` (any shape), read from the file; only their pages are touched."""
-        return self.embeddings.numpy()[row_ids]
+        return self._scattered_rows()[row_ids]
+
+    def _scattered_rows(self) -> np.ndarray:
+        """The matrix through a second mapping advised MADV_RANDOM, for reads of scattered rows.
+
+        An index re-ranks a few hundred scattered rows a query. Under the default advice each page
+        fault also reads ahead around it, so a store larger than the page cache read about 100 times
+        the rows it needed (800 MB/s from disk while tuning a 20M-row index); the scans of exact
+        search keep the read-ahead of `embeddings`.
+        """
+        if self._scattered is None:
+            count, dim = self.embeddings.shape
+            if count == 0 or not hasattr(mmap, "MADV_RANDOM"):  # an empty file cannot be mapped; no madvise off Linux/BSD
+                return self.embeddings.numpy()
+            with open(self.folder / MATRIX_FILE, "rb") as file:
+                mapping = mmap.mmap(file.fileno(), count * dim * 2, access=mmap.ACCESS_READ)
+            mapping.madvise(mmap.MADV_RANDOM)
+            self._scattered = np.frombuffer(mapping, dtype=np.float16).reshape(count, dim)
+        return self._scattered
 
 
 def source_fingerprint(emb_path: str | os.PathLike) -> str:

@@ -418,13 +418,16 @@ class MemorySampler:
 
         self.interval, self.peaks, self.stopped = interval, dict.fromkeys(self.FIELDS.values(), 0), threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
+        self.started, self.anon_peak_at = time.perf_counter(), 0.0  # when its own memory peaked: which phase
 
     def _sample(self) -> None:
         for line in Path("/proc/self/status").read_text().splitlines():
             name, _, value = line.partition(":")
             if name in self.FIELDS:
-                key = self.FIELDS[name]
-                self.peaks[key] = max(self.peaks[key], int(value.split()[0]) * 1024)
+                key, size = self.FIELDS[name], int(value.split()[0]) * 1024
+                if key == "anon" and size > self.peaks[key]:
+                    self.anon_peak_at = time.perf_counter() - self.started
+                self.peaks[key] = max(self.peaks[key], size)
 
     def _run(self) -> None:
         while not self.stopped.wait(self.interval):
@@ -440,7 +443,8 @@ class MemorySampler:
         self._sample()
 
     def gb(self) -> dict:
-        return {f"peak_{key}_gb": round(value / 2**30, 2) for key, value in self.peaks.items()}
+        return {**{f"peak_{key}_gb": round(value / 2**30, 2) for key, value in self.peaks.items()},
+                "peak_anon_at_seconds": round(self.anon_peak_at, 1)}
 
 
 def build_rank(folder: str, rank: int, world_size: int, max_memory: int, tune_texts, description: str, threads: int) -> dict:
@@ -507,7 +511,7 @@ def compare_parts(store, space: ClipLikeSpace, folder: Path, max_memory: int, ar
     info = ranks[0].pop("info")
     results["ranks_memory"] = ranks
     results["index"] = {key: info.get(key) for key in ("factory", "params", "index_bytes", "built_in_parts", "phase_seconds",
-                                                       "text_recall_at_10", "image_recall_at_10", "tuned_on")}
+                                                       "text_recall_at_10", "image_recall_at_10", "tuned_on", "recall_lower_bound")}
     with spawn.Pool(1) as pool:
         results["search"] = pool.apply(search_process, (str(folder), texts, exact_texts, args.repeats))
     results["disk_free_gb"] = round(shutil.disk_usage(folder).free / 2**30, 1)
@@ -588,11 +592,16 @@ def gap_table(result: dict) -> str:
     return "\n".join(common.markdown_table(columns, rows, "llrrlrrrrr"))
 
 
+def peak_time(rank: dict) -> str:
+    return f" at {rank['peak_anon_at_seconds']:,.0f} s" if "peak_anon_at_seconds" in rank else ""  # older runs lack it
+
+
 def parts_lines(result: dict) -> list[str]:
     index, search = result["index"], result["search"]
     phases = index.get("phase_seconds") or {}
     ranks = "; ".join(f"rank {rank['rank']}: {rank['seconds']:,.0f} s, peak {rank['peak_rss_gb']} GB "
-                      f"({rank['peak_anon_gb']} GB its own, {rank['peak_file_gb']} GB mapped file pages)" for rank in result["ranks_memory"])
+                      f"({rank['peak_anon_gb']} GB its own{peak_time(rank)}, {rank['peak_file_gb']} GB mapped file pages)"
+                      for rank in result["ranks_memory"])
     params = index["params"]
     return [
         f"- Layout: {index['factory']} + exact re-rank, nprobe {params.get('nprobe')}, re-rank depth {params.get('rerank_factor')}; "
@@ -602,8 +611,9 @@ def parts_lines(result: dict) -> list[str]:
         f"{phases.get('add_by_rank')} s, merge {phases.get('merge', '-')} s, recall and tuning {phases.get('recall', '-')} s); "
         f"exact ground truth of the {result['queries']} scored queries took {result['ground_truth_seconds']:,.0f} s more.",
         f"- Build memory: {ranks}.",
-        f"- Recorded in index.json: recall@10 {index['text_recall_at_10']} on {result['tune_queries']} text queries it tuned on, "
-        f"{index['image_recall_at_10']} on held-out image rows.",
+        f"- Recorded in index.json: recall@10 {index['text_recall_at_10']} on {result['tune_queries']} text queries it tuned on"
+        + (f" (lower bound {index['recall_lower_bound']})" if index.get("recall_lower_bound") else "")
+        + f", {index['image_recall_at_10']} on held-out image rows.",
         f"- Search process (fresh, index memory-mapped): opened in {search['open_seconds']} s, first query {search['first_query_ms']} ms; "
         f"recall@10 **{search['recall_at_10_text']:.3f}** on {result['queries']} other text queries; "
         f"**{search['ms_per_query_1']:.2f} ms/query** one at a time, {search['ms_per_query_64']:.2f} ms/query in batches of 64; "

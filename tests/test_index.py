@@ -19,8 +19,8 @@ from clipsearch.index import (
     exact_neighbours,
     load_index,
     overlap_recall,
-    recall_lower_bound,
     plan_index,
+    recall_lower_bound,
 )
 from clipsearch.mmap_store import consolidate, open_store
 from clipsearch.search import EmbeddingMismatchError, Searcher

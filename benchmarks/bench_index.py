@@ -71,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="gap, parts: text queries (captions of other images than the scored ones) our build tunes on")
     parser.add_argument("--match_autofaiss", action="store_true",
                         help="gap: also build ours with autofaiss's index size as the budget, to compare at equal memory")
+    parser.add_argument("--autofaiss_deeper", type=int, nargs="*", default=[],
+                        help="gap: also search autofaiss's index with its nprobe this many times larger (e.g. 4 16)")
     parser.add_argument("--ranks", type=int, default=2, help="parts: processes that build the parts, sharing the cores")
     parser.add_argument("--nlist", type=int, default=None, help="gap: our IVF lists (default: the index's own, 2*sqrt(N))")
     parser.add_argument("--skip_rows_tuning", action="store_true",
@@ -279,19 +281,27 @@ def build_autofaiss(store, folder: Path, max_memory: int):
     from clipsearch.clip_retrieval_export import export_clip_retrieval
     from clipsearch.index import read_faiss_index
 
-    export = folder / "clip-retrieval"
-    if not (export / "img_emb").is_dir():
-        export_clip_retrieval(store.paths, store.embeddings.numpy(), export)
     (folder / "autofaiss").mkdir(exist_ok=True)  # its JSON beside the shards would read as a new input
     index_path, infos_path = folder / "autofaiss" / "knn.index", folder / "autofaiss" / "infos.json"
-    adapt_autofaiss()
-    started = time.perf_counter()
-    build_index(
-        embeddings=str(export / "img_emb"), index_path=str(index_path), index_infos_path=str(infos_path),
-        max_index_memory_usage=f"{max_memory // 2**20}M", current_memory_available="6G", metric_type="ip",
-        max_index_query_time_ms=10, should_be_memory_mappable=True, nb_cores=torch.get_num_threads(), verbose=20,  # INFO: its phases, timed, in the log
-    )
-    build_seconds = time.perf_counter() - started
+    record_path = folder / "autofaiss" / "bench.json"  # what it was built from, for --reuse
+    built_from = {"order_fingerprint": store.order_fingerprint, "max_memory": max_memory}
+    record = json.loads(record_path.read_text()) if REUSE and record_path.exists() and index_path.exists() else {}
+    if {key: record.get(key) for key in built_from} == built_from:
+        print(f"reusing {index_path} (built in {record['build_seconds']:.0f} s)")
+        build_seconds = record["build_seconds"]
+    else:
+        export = folder / "clip-retrieval"
+        if not (export / "img_emb").is_dir():
+            export_clip_retrieval(store.paths, store.embeddings.numpy(), export)
+        adapt_autofaiss()
+        started = time.perf_counter()
+        build_index(
+            embeddings=str(export / "img_emb"), index_path=str(index_path), index_infos_path=str(infos_path),
+            max_index_memory_usage=f"{max_memory // 2**20}M", current_memory_available="6G", metric_type="ip",
+            max_index_query_time_ms=10, should_be_memory_mappable=True, nb_cores=torch.get_num_threads(), verbose=20,  # INFO: its phases, timed, in the log
+        )
+        build_seconds = round(time.perf_counter() - started, 1)
+        record_path.write_text(json.dumps({**built_from, "build_seconds": build_seconds}))
     infos = json.loads(infos_path.read_text())
     index, mapped = read_faiss_index(index_path)
     faiss.ParameterSpace().set_index_parameters(index, infos["index_param"])
@@ -299,17 +309,30 @@ def build_autofaiss(store, folder: Path, max_memory: int):
                    "params": infos["index_param"], "memory_mapped": mapped}
 
 
-def autofaiss_searcher(index):
-    """autofaiss's index searched as ours is: split by inverted list when a batch has fewer queries than threads."""
+def autofaiss_searcher(index, params: str):
+    """autofaiss's index at `params` (faiss ParameterSpace syntax), searched as ours is: split by inverted
+    list when a batch has fewer queries than threads. The parameters are set before every call, so the
+    same index serves several searchers."""
     import faiss
 
     ivf = faiss.extract_index_ivf(index)
 
     def search(batch: np.ndarray) -> np.ndarray:
+        faiss.ParameterSpace().set_index_parameters(index, params)
         ivf.parallel_mode = 1 if len(batch) < faiss.omp_get_max_threads() else 0
         return index.search(batch, TOP_K)[1]
 
     return search
+
+
+def deeper_autofaiss(params: str, factor: int) -> str:
+    """autofaiss's chosen parameters with nprobe (and the HNSW quantizer's efSearch) `factor` times larger:
+    what its index reaches when allowed more time than the 10 ms it was tuned to."""
+    values = dict(item.split("=") for item in params.split(","))
+    values["nprobe"] = str(int(values["nprobe"]) * factor)
+    if "efSearch" in values:
+        values["efSearch"] = str(max(int(values["efSearch"]), 2 * int(values["nprobe"])))
+    return ",".join(f"{key}={value}" for key, value in values.items())
 
 
 def recall(found_rows: np.ndarray, exact_rows: np.ndarray) -> float:
@@ -373,7 +396,7 @@ def compare(store, queries: np.ndarray, folder: Path, max_memory: int, args, tun
         searchers["ours, tuned on train captions"] = lambda batch: tuned.search(batch, TOP_K)[1]
     if not args.no_autofaiss:
         theirs, results["autofaiss"] = build_autofaiss(store, folder, max_memory)
-        searchers["autofaiss"] = autofaiss_searcher(theirs)
+        searchers["autofaiss"] = autofaiss_searcher(theirs, results["autofaiss"]["params"])
     searchers["exact (mmap fp16)"] = exact_searcher(store)
     measure(searchers, {"": (queries, exact_rows)}, results, args)
     return results
@@ -396,7 +419,12 @@ def compare_gap(store, space: ClipLikeSpace, folder: Path, max_memory: int, args
         searchers[name] = lambda batch, built=built: built.search(batch, TOP_K)[1]
     if not args.no_autofaiss:
         theirs, results["autofaiss"] = build_autofaiss(store, folder, max_memory)
-        searchers["autofaiss"] = autofaiss_searcher(theirs)
+        searchers["autofaiss"] = autofaiss_searcher(theirs, results["autofaiss"]["params"])
+        for factor in args.autofaiss_deeper:
+            deeper = deeper_autofaiss(results["autofaiss"]["params"], factor)
+            name = f"autofaiss, nprobe x{factor}"
+            results[name] = {**results["autofaiss"], "params": deeper}
+            searchers[name] = autofaiss_searcher(theirs, deeper)
         if args.match_autofaiss:
             name = "ours, tuned on text queries, autofaiss's memory"
             built, results[name] = build_ours(store, folder, results["autofaiss"]["bytes"], tune_texts, "index-matched.faiss",

@@ -65,8 +65,8 @@ MIN_BUILD_MEMORY = 256 * 2**20
 PROCESS_BYTES = 512 * 2**20
 # faiss grows an inverted list by doubling it (a std::vector), and the blocks left behind stay with
 # the allocator: a part's lists take more than their bytes before they are written out. At 20M x
-# 512 (IVF8192,PQ128, 10M rows a rank in one part) each rank held 4.15 GB of its own: the process,
-# 0.4 GB of chunk temporaries and 2.5 times the lists' 1.36 GB.
+# 512 (IVF8192,PQ128, 10M rows a rank in one part) each rank peaked at 4.15 GB of its own; less
+# the process (0.37 GB) and the chunk's temporaries (0.4 GB), that is 2.5 times the lists' 1.36 GB.
 LIST_GROWTH = 3
 # PQ codes keep too little to rank the true top 10 first, so IVF-PQ re-scores top_k * depth
 # candidates exactly from the memory-mapped fp16 store. A text query lies far from every image
@@ -687,10 +687,10 @@ def tune_search(index: FaissIndex, queries: Queries, exact_rows: np.ndarray, tar
     with a margin for the queries being a sample (`recall_lower_bound`).
 
     Leaves the index set to it (to the best recall found when nothing reaches the target) and
-    returns every setting tried with its recall and lower bound. nprobe doubles until no larger one can be cheaper
-    than a setting found, or the deepest re-rank gains less than RECALL_PLATEAU from a doubling
-    while short of the target: then the codes, not the lists scanned, limit recall, and scanning
-    every list of a large index (hours at 1B) would only confirm it.
+    returns every setting tried with its recall and lower bound. nprobe doubles until no larger one
+    can be cheaper than a setting found, or the deepest re-rank gains less than RECALL_PLATEAU from
+    a doubling while short of the target: then the codes, not the lists scanned, limit recall, and
+    scanning every list of a large index (hours at 1B) would only confirm it.
     """
     nlist = faiss_nlist(index)
     tried: list[dict] = []

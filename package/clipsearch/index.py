@@ -67,6 +67,8 @@ PROCESS_BYTES = 512 * 2**20
 # the allocator: a part's lists take more than their bytes before they are written out. At 20M x
 # 512 (IVF8192,PQ128, 10M rows a rank in one part) each rank peaked at 4.15 GB of its own; less
 # the process (0.37 GB) and the chunk's temporaries (0.4 GB), that is 2.5 times the lists' 1.36 GB.
+# Counted at 3x, the same build wrote parts of 0.97 GB and peaked at 3.66 GB a rank (about 3x):
+# BUDGET_MARGIN is what keeps it under.
 LIST_GROWTH = 3
 # PQ codes keep too little to rank the true top 10 first, so IVF-PQ re-scores top_k * depth
 # candidates exactly from the memory-mapped fp16 store. A text query lies far from every image

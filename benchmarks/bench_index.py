@@ -279,6 +279,7 @@ def build_autofaiss(store, folder: Path, max_memory: int):
     from autofaiss import build_index
 
     from clipsearch.clip_retrieval_export import export_clip_retrieval
+    from clipsearch.durable import write_json
     from clipsearch.index import read_faiss_index
 
     (folder / "autofaiss").mkdir(exist_ok=True)  # its JSON beside the shards would read as a new input
@@ -301,7 +302,7 @@ def build_autofaiss(store, folder: Path, max_memory: int):
             max_index_query_time_ms=10, should_be_memory_mappable=True, nb_cores=torch.get_num_threads(), verbose=20,  # INFO: its phases, timed, in the log
         )
         build_seconds = round(time.perf_counter() - started, 1)
-        record_path.write_text(json.dumps({**built_from, "build_seconds": build_seconds}))
+        write_json(record_path, {**built_from, "build_seconds": build_seconds})
     infos = json.loads(infos_path.read_text())
     index, mapped = read_faiss_index(index_path)
     faiss.ParameterSpace().set_index_parameters(index, infos["index_param"])

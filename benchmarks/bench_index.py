@@ -81,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reuse", action="store_true",
                         help="load our indexes an earlier run built in --work_dir for the same vectors, budget and tuning "
                              "queries, instead of building them again")
+    parser.add_argument("--search_only", action="store_true",
+                        help="parts: measure only a fresh search process over the index an earlier parts run built in "
+                             "--work_dir (with --queries ground-truth queries), not the build")
     parser.add_argument("--no_autofaiss", action="store_true", help="skip autofaiss (not installed)")
     parser.add_argument("--part_suffix", default="", help="words added to the part's name, so a run at other settings "
                         "(e.g. another --max_memory) gets its own section instead of replacing one")
@@ -88,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per contender (median reported)")
     common.add_report_flags(parser)
     args = parser.parse_args(argv)
+    if args.search_only and args.part != "parts":
+        parser.error("--search_only measures the search process of --part parts")
     if args.part == "report" and not args.report:
         parser.error("--part report rewrites BENCHMARKS.md from benchmarks/results/index.json: add --report")
     if args.part == "flickr8k":
@@ -520,31 +525,43 @@ def compare_parts(store, space: ClipLikeSpace, folder: Path, max_memory: int, ar
     """Built in parts by `--ranks` processes into on-disk lists, then searched by a fresh process: memory of each, recall, speed."""
     import multiprocessing
 
-    from clipsearch.index import IVFDATA_SUFFIX
-
     texts = text_queries(space, store, args.queries, seed=11)
     tune_texts = text_queries(space, store, args.tune_queries, seed=12)
     results: dict = {"count": len(store), "dim": store.dim, "max_memory": max_memory, "queries": len(texts),
                      "tune_queries": len(tune_texts), "ranks": args.ranks, "store_bytes": len(store) * store.dim * 2}
     (exact_texts,) = ground_truth(store, [texts], results)
-    for old in folder.glob(f"index*{IVFDATA_SUFFIX}"):
-        old.unlink()
-    threads = max(1, (os.cpu_count() or 1) // args.ranks)
     spawn = multiprocessing.get_context("spawn")
-    description = f"{len(tune_texts)} generated captions"
-    started = time.perf_counter()
-    with spawn.Pool(args.ranks) as pool:
-        ranks = pool.starmap(build_rank, [(str(folder), rank, args.ranks, max_memory, tune_texts if rank == 0 else None,
-                                           description, threads) for rank in range(args.ranks)])
-    results["build_seconds"] = round(time.perf_counter() - started, 1)
-    info = ranks[0].pop("info")
-    results["ranks_memory"] = ranks
+    if args.search_only:  # the index of an earlier run, as it lies: only a fresh search process is measured
+        from clipsearch.index import load_index
+
+        info = load_index(folder / "index.faiss").info
+        if info["order_fingerprint"] != store.order_fingerprint:
+            raise SystemExit(f"{folder / 'index.faiss'} was built on other vectors; run --part parts without --search_only")
+        results["search_only"] = True
+    else:
+        results.update(build_parts(store, folder, max_memory, tune_texts, args, spawn))
+        info = results["ranks_memory"][0].pop("info")
     results["index"] = {key: info.get(key) for key in ("factory", "params", "index_bytes", "built_in_parts", "phase_seconds",
                                                        "text_recall_at_10", "image_recall_at_10", "tuned_on", "recall_lower_bound")}
     with spawn.Pool(1) as pool:
         results["search"] = pool.apply(search_process, (str(folder), texts, exact_texts, args.repeats))
     results["disk_free_gb"] = round(shutil.disk_usage(folder).free / 2**30, 1)
     return results
+
+
+def build_parts(store, folder: Path, max_memory: int, tune_texts: np.ndarray, args, spawn) -> dict:
+    """`--ranks` processes build the index in parts, as torchrun would start them: their time and memory."""
+    from clipsearch.index import IVFDATA_SUFFIX
+
+    for old in folder.glob(f"index*{IVFDATA_SUFFIX}"):
+        old.unlink()
+    threads = max(1, (os.cpu_count() or 1) // args.ranks)
+    description = f"{len(tune_texts)} generated captions"
+    started = time.perf_counter()
+    with spawn.Pool(args.ranks) as pool:
+        ranks = pool.starmap(build_rank, [(str(folder), rank, args.ranks, max_memory, tune_texts if rank == 0 else None,
+                                           description, threads) for rank in range(args.ranks)])
+    return {"build_seconds": round(time.perf_counter() - started, 1), "ranks_memory": ranks}
 
 
 def startup(store, folder: Path, rows: int) -> dict:
@@ -632,6 +649,16 @@ def parts_lines(result: dict) -> list[str]:
                       f"({rank['peak_anon_gb']} GB its own{peak_time(rank)}, {rank['peak_file_gb']} GB mapped file pages)"
                       for rank in result["ranks_memory"])
     params = index["params"]
+    searched = [
+        f"- Search process (fresh, index memory-mapped): opened in {search['open_seconds']} s, first query {search['first_query_ms']} ms; "
+        f"recall@10 **{search['recall_at_10_text']:.3f}** on {result['queries']} other text queries; "
+        f"**{search['ms_per_query_1']:.2f} ms/query** one at a time, {search['ms_per_query_64']:.2f} ms/query in batches of 64; "
+        f"peak {search['peak_rss_gb']} GB ({search['peak_anon_gb']} GB its own, {search['peak_file_gb']} GB mapped file pages).",
+    ]
+    if result.get("search_only"):
+        return [f"- The index an earlier run built ({index['factory']}, nprobe {params.get('nprobe')}, re-rank depth "
+                f"{params.get('rerank_factor')}), searched again by a fresh process; exact ground truth of the "
+                f"{result['queries']} scored queries took {result['ground_truth_seconds']:,.0f} s.", *searched]
     return [
         f"- Layout: {index['factory']} + exact re-rank, nprobe {params.get('nprobe')}, re-rank depth {params.get('rerank_factor')}; "
         f"{index['built_in_parts']['parts']} parts from {index['built_in_parts']['ranks']} ranks merged into on-disk lists; "
@@ -643,10 +670,7 @@ def parts_lines(result: dict) -> list[str]:
         f"- Recorded in index.json: recall@10 {index['text_recall_at_10']} on {result['tune_queries']} text queries it tuned on"
         + (f" (lower bound {index['recall_lower_bound']})" if index.get("recall_lower_bound") else "")
         + f", {index['image_recall_at_10']} on held-out image rows.",
-        f"- Search process (fresh, index memory-mapped): opened in {search['open_seconds']} s, first query {search['first_query_ms']} ms; "
-        f"recall@10 **{search['recall_at_10_text']:.3f}** on {result['queries']} other text queries; "
-        f"**{search['ms_per_query_1']:.2f} ms/query** one at a time, {search['ms_per_query_64']:.2f} ms/query in batches of 64; "
-        f"peak {search['peak_rss_gb']} GB ({search['peak_anon_gb']} GB its own, {search['peak_file_gb']} GB mapped file pages).",
+        *searched,
     ]
 
 

@@ -29,6 +29,7 @@ from pathlib import Path  # noqa: E402
 
 import faiss  # noqa: E402, F401  imported before forking, so children do not each import it
 import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -42,7 +43,7 @@ from clipsearch.clip_retrieval_export import MARKER_FILE, foreign_entry  # noqa:
 from clipsearch.encoding import runner  # noqa: E402
 from clipsearch.errors import UserError  # noqa: E402
 from clipsearch.index import load_index  # noqa: E402
-from clipsearch.mmap_store import STORE_DIR, open_store  # noqa: E402
+from clipsearch.mmap_store import ROWS_FILE, STORE_DIR, open_store  # noqa: E402
 from clipsearch.models import released  # noqa: E402
 from clipsearch.store import list_shards, load_collection, read_shard  # noqa: E402
 from clipsearch.tars import write_tar  # noqa: E402
@@ -266,7 +267,8 @@ class IndexBuild(Scenario):
         if (emb / STORE_DIR).exists():  # a store folder is whole: its record last, its rows all there
             info = json.loads((emb / STORE_DIR / "store.json").read_text())
             assert (emb / STORE_DIR / "embeddings.f16").stat().st_size == info["count"] * info["dim"] * 2
-            assert len(json.loads((emb / STORE_DIR / "paths.json").read_text())) == info["count"]
+            with pa.memory_map(str(emb / STORE_DIR / ROWS_FILE)) as rows:
+                assert pa.ipc.open_file(rows).read_all().num_rows == info["count"]
         try:
             index = load_index(emb)
         except (UserError, FileNotFoundError):

@@ -156,11 +156,11 @@ def test_consolidated_store_is_built_once_and_rebuilt_when_a_shard_is_added(tmp_
     embeddings = clustered(300)
     paths = write_folder(tmp_path, embeddings[:200])
     store = consolidate(tmp_path)
-    assert store.paths == paths and store.embeddings.dtype == torch.float16
+    assert list(store.paths) == paths and store.embeddings.dtype == torch.float16
     torch.testing.assert_close(store.embeddings.float(), embeddings[:200], atol=1e-3, rtol=0)
     matrix = store.folder / "embeddings.f16"
     first_write = matrix.stat().st_mtime_ns
-    assert consolidate(tmp_path).paths == paths and matrix.stat().st_mtime_ns == first_write  # up to date: reused
+    assert list(consolidate(tmp_path).paths) == paths and matrix.stat().st_mtime_ns == first_write  # up to date: reused
 
     (tmp_path / "other-index.faiss").write_bytes(b"")
     (tmp_path / "other-index.json").write_text("{}")  # an index's record is no input
@@ -175,6 +175,44 @@ def test_consolidated_store_is_built_once_and_rebuilt_when_a_shard_is_added(tmp_
     assert mapped.storage.data_ptr() == grown.embeddings.data_ptr()
     loaded = Searcher.from_collection(load_collection(tmp_path, dtype=torch.float16))
     assert [hit.path for hit in mapped.search(embeddings[:2], 5)[0]] == [hit.path for hit in loaded.search(embeddings[:2], 5)[0]]
+
+
+def test_a_store_serves_paths_and_fields_memory_mapped_without_the_shards(tmp_path, monkeypatch):
+    """The store's rows file holds every path byte for byte (a name no UTF-8 decodes included) and
+    every field, so a search process over it never reads a shard nor holds a list of paths."""
+    import clipsearch.mmap_store as mmap_store
+    import clipsearch.store as store_module
+    from clipsearch.metadata import PathColumn
+
+    embeddings = clustered(70)
+    paths = [f"/images/{row}.jpg" for row in range(68)] + ["/images/caf\udce9.jpg", "/images/été.jpg"]
+    fields = [{"caption": f"photo {row}", "width": 100 + row} if row % 3 else {"caption": None} for row in range(70)]
+    write_shard(tmp_path / "0-000-40.ckpt", paths[:40], embeddings[:40], fields=fields[:40])
+    write_shard(tmp_path / "1-000-40.ckpt", paths[40:], embeddings[40:], fields=fields[40:])
+    loaded = load_collection(tmp_path)
+    consolidate(tmp_path)
+
+    def no_shards(*args, **kwargs):
+        raise AssertionError("a shard was read")
+
+    monkeypatch.setattr(store_module, "read_catalog", no_shards)
+    monkeypatch.setattr(mmap_store, "read_catalog", no_shards)
+    store = open_store(tmp_path)
+    assert isinstance(store.paths, PathColumn) and list(store.paths) == loaded.paths
+    assert store.paths[-2] == "/images/caf\udce9.jpg" and store.paths[68:] == paths[68:] and store.paths[-1] == paths[-1]
+    assert store.paths.index("/images/été.jpg") == 69 and "/images/none.jpg" not in store.paths
+    assert store.order_fingerprint == loaded.order_fingerprint
+    assert store.fields.fields == loaded.fields.fields
+    assert [store.fields.row(row) for row in range(70)] == [loaded.fields.row(row) for row in range(70)]
+    for where in (["width>=150"], ["caption~photo 1*"], ["path~*é*"]):
+        assert store.fields.select(where).rows.tolist() == loaded.fields.select(where).rows.tolist(), where
+
+    # A store written before the rows file (paths.json) is rebuilt once the shards can be read.
+    monkeypatch.undo()
+    (store.folder / "rows.arrow").unlink()
+    (store.folder / "paths.json").write_text("[]")
+    assert open_store(tmp_path) is None
+    assert list(consolidate(tmp_path).paths) == loaded.paths and not (store.folder / "paths.json").exists()
 
 
 def test_clip_retrieval_export_is_readable_in_order(tmp_path):

@@ -115,16 +115,18 @@ def test_search_ranks_text_by_cosine_plus_the_stored_bias(tiny_checkpoint, encod
 def test_a_querybank_for_other_rows_or_another_model_is_refused(tmp_path, encoded_colours, tiny_checkpoint, caption_tables):
     bank = querybank_main(["--emb_path", str(encoded_colours), "--load_model", str(tiny_checkpoint),
                            "--dataset_path", str(caption_tables)])
-    from clipsearch.store import load_collection
+    from clipsearch.store import load_collection, order_fingerprint
 
     collection = load_collection(encoded_colours)
+    order, count = collection.order_fingerprint, len(collection.paths)
+    fewer = order_fingerprint(collection.paths[:-1], collection.dim)
     with pytest.raises(QueryBankMismatchError, match="other rows"):
-        QueryBank.load(encoded_colours, collection.paths[:-1], collection.dim, bank.model_fingerprint)
+        QueryBank.load(encoded_colours, fewer, count - 1, bank.model_fingerprint)
     with pytest.raises(QueryBankMismatchError, match="another model"):
-        QueryBank.load(encoded_colours, collection.paths, collection.dim, "0" * 16)
+        QueryBank.load(encoded_colours, order, count, "0" * 16)
     (encoded_colours / QUERYBANK_FILE).write_bytes(b"not a torch file")
     with pytest.raises(QueryBankMismatchError, match="not a querybank file"):
-        QueryBank.load(encoded_colours, collection.paths, collection.dim, bank.model_fingerprint)
+        QueryBank.load(encoded_colours, order, count, bank.model_fingerprint)
     empty = tmp_path / "empty"
     (empty / "dev.tsv").parent.mkdir()
     (empty / "train.tsv").write_text("image\tcaption\n")

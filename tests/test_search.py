@@ -147,11 +147,24 @@ def test_engine_text_and_image_queries(tiny_checkpoint, colour_embeddings, colou
         SearchEngine(engine.bundle, Searcher(["a"], torch.randn(1, 8)))
 
 
-def test_mapped_search_answers_as_the_loaded_collection(tiny_checkpoint, colour_embeddings, colour_images):
-    """--mmap: the consolidated fp16 matrix, memory-mapped, gives the same ranking as the shards."""
+def test_mapped_search_answers_as_the_loaded_collection(tiny_checkpoint, colour_embeddings, colour_images, monkeypatch):
+    """--mmap: the consolidated fp16 matrix, memory-mapped, gives the same ranking as the shards, and
+    once it is built a search process reads no shard (paths and fields come mapped with it)."""
+    import clipsearch.mmap_store as mmap_store
+    import clipsearch.store as store_module
+
     _, paths = colour_images
     loaded = SearchEngine.from_files(tiny_checkpoint, colour_embeddings)
+    SearchEngine.from_files(tiny_checkpoint, colour_embeddings, mapped=True)  # builds the store
+
+    def no_shards(*args, **kwargs):
+        raise AssertionError("a shard was read")
+
+    monkeypatch.setattr(store_module, "read_catalog", no_shards)
+    monkeypatch.setattr(mmap_store, "read_catalog", no_shards)
     mapped = SearchEngine.from_files(tiny_checkpoint, colour_embeddings, mapped=True)
+    assert mapped.row_of(str(paths[3])) == loaded.row_of(str(paths[3])) and mapped.row_of("/nowhere.png") is None
+    assert mapped.fields.fields == loaded.fields.fields
     assert (colour_embeddings / "consolidated" / "embeddings.f16").is_file()
     assert mapped.searcher.storage.dtype == torch.float16
     queries = [Image.open(path) for path in paths[:4]]

@@ -266,7 +266,8 @@ def write_durably(path: Path, content: Content, size_hint: int | None = None, na
     except BaseException as error:
         os.close(descriptor)
         path.unlink(missing_ok=True)  # before the message counts what is free
-        if isinstance(error, Exception) and (stream.full or is_disk_full(error)):
+        if isinstance(error, Exception) and not isinstance(error, DiskFullError) and (stream.full or is_disk_full(error)):
+            # (a DiskFullError is already the line of a file written inside this one's writer)
             raise disk_full(path.parent, name, needed, stream.written) from None
         raise
     os.close(descriptor)

@@ -109,30 +109,7 @@ class MetadataTable:
     @classmethod
     def from_shards(cls, paths: Sequence[str], shards: Sequence[Mapping], locations: Iterable[tuple[int, int]]) -> MetadataTable:
         """The fields of rows `locations` ((shard number, row in shard), in collection order) of `shards`."""
-        pa, pc = _pyarrow()
-        parts = [shard_fields(shard) for shard in shards]
-        lengths = [len(shard["path"]) for shard in shards]
-        starts = np.cumsum([0, *lengths])
-        locations = np.asarray(list(locations), dtype=np.int64).reshape(-1, 2)
-        take = pa.array(starts[locations[:, 0]] + locations[:, 1]) if len(locations) else pa.array([], pa.int64())
-        names: dict[str, list[str]] = {}
-        live = set(locations[:, 0].tolist())  # a shard whose rows were all replaced or removed has no say
-        for number, part in enumerate(parts):
-            if number not in live:
-                continue
-            for name in part["columns"]:
-                names.setdefault(name, []).append(part["kinds"].get(name) or FILE_FIELDS.get(name, TEXT))
-        kinds, columns = {}, {}
-        for name, part_kinds in names.items():
-            kind = merged_kind(part_kinds)
-            chunks = [_column_array(pa, part["columns"].get(name) if number in live else None, length, kind)
-                      for number, (part, length) in enumerate(zip(parts, lengths))]
-            if kind == NUMBER:  # whole numbers stay integers (sizes, pixels); any fraction makes the field float
-                arrow_type = pa.float64() if any(pa.types.is_floating(chunk.type) for chunk in chunks) else pa.int64()
-                chunks = [chunk.cast(arrow_type) for chunk in chunks]
-            kinds[name] = kind
-            columns[name] = pc.take(pa.chunked_array(chunks, type=chunks[0].type), take).combine_chunks()
-        return cls(paths, kinds, columns)
+        return cls(paths, *shard_columns(shards, locations))
 
     @property
     def fields(self) -> dict[str, str]:
@@ -141,8 +118,8 @@ class MetadataTable:
 
     @cached_property
     def _path_column(self):
-        pa, _ = _pyarrow()
-        return pa.array([str(path) for path in self.paths], type=pa.string())
+        paths = self.paths.binary if isinstance(self.paths, PathColumn) else path_bytes(self.paths)
+        return text_of(paths)
 
     def column(self, name: str):
         return self._path_column if name == PATH_FIELD else self.columns[name]
@@ -204,6 +181,35 @@ class MetadataTable:
         return pc.fill_null(result, False).to_numpy(zero_copy_only=False)
 
 
+def shard_columns(shards: Sequence[Mapping], locations: Iterable[tuple[int, int]]) -> tuple[dict[str, str], dict[str, object]]:
+    """(kinds, columns) of the fields of rows `locations` ((shard number, row in shard), in collection
+    order) of `shards`: one pyarrow array a field, null where a row's shard lacks it."""
+    pa, pc = _pyarrow()
+    parts = [shard_fields(shard) for shard in shards]
+    lengths = [len(shard["path"]) for shard in shards]
+    starts = np.cumsum([0, *lengths])
+    locations = np.asarray(list(locations), dtype=np.int64).reshape(-1, 2)
+    take = pa.array(starts[locations[:, 0]] + locations[:, 1]) if len(locations) else pa.array([], pa.int64())
+    names: dict[str, list[str]] = {}
+    live = set(locations[:, 0].tolist())  # a shard whose rows were all replaced or removed has no say
+    for number, part in enumerate(parts):
+        if number not in live:
+            continue
+        for name in part["columns"]:
+            names.setdefault(name, []).append(part["kinds"].get(name) or FILE_FIELDS.get(name, TEXT))
+    kinds, columns = {}, {}
+    for name, part_kinds in names.items():
+        kind = merged_kind(part_kinds)
+        chunks = [_column_array(pa, part["columns"].get(name) if number in live else None, length, kind)
+                  for number, (part, length) in enumerate(zip(parts, lengths))]
+        if kind == NUMBER:  # whole numbers stay integers (sizes, pixels); any fraction makes the field float
+            arrow_type = pa.float64() if any(pa.types.is_floating(chunk.type) for chunk in chunks) else pa.int64()
+            chunks = [chunk.cast(arrow_type) for chunk in chunks]
+        kinds[name] = kind
+        columns[name] = pc.take(pa.chunked_array(chunks, type=chunks[0].type), take).combine_chunks()
+    return kinds, columns
+
+
 def _column_array(pa, values: Sequence | None, length: int, kind: str):
     """One shard's values of a field as an array of the field's type; a shard without the field gives nulls."""
     if values is None:
@@ -217,3 +223,70 @@ def _column_array(pa, values: Sequence | None, length: int, kind: str):
 def empty_table(paths: Sequence[str]) -> MetadataTable:
     """A table of paths alone, for a collection built from bare embeddings."""
     return MetadataTable(paths, {}, {})
+
+
+def path_bytes(paths: Iterable[str]):
+    """Paths as an Arrow binary array, each its UTF-8 bytes: surrogate-escaped names (bytes no UTF-8
+    decodes, which Linux allows in file names) keep their exact bytes."""
+    pa, _ = _pyarrow()
+    return pa.array([path.encode("utf-8", "surrogateescape") for path in paths], type=pa.large_binary())
+
+
+def text_of(binary):
+    """A binary (chunked) array of paths as text, for filters on `path`; bytes no UTF-8 decodes show as U+FFFD."""
+    pa, _ = _pyarrow()
+    try:
+        return binary.cast(pa.large_string())  # validates the UTF-8 and keeps the buffers
+    except pa.ArrowInvalid:
+        values = binary.to_pylist()
+        return pa.array([None if value is None else value.decode("utf-8", "replace") for value in values], pa.large_string())
+
+
+class PathColumn(Sequence):
+    """A collection's paths over an Arrow binary column, such as the memory-mapped one of a consolidated
+    store: a path becomes a Python string only when asked for, so holding 1B paths costs no memory
+    of the process's own (a list of 20M short paths as Python strings took 1.64 GB)."""
+
+    def __init__(self, binary):
+        pa, _ = _pyarrow()
+        self.binary = binary if isinstance(binary, pa.ChunkedArray) else pa.chunked_array([binary], pa.large_binary())
+        # Where each chunk starts, for a row's chunk by binary search (a store has one chunk per 32,768 rows).
+        self._starts = np.cumsum([0, *(len(chunk) for chunk in self.binary.chunks)])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, item):
+        if isinstance(item, slice):
+            return [value.decode("utf-8", "surrogateescape") for value in self._slice(item)]
+        row = int(item) + len(self) if int(item) < 0 else int(item)
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {item} of {len(self)}")
+        chunk = int(np.searchsorted(self._starts, row, side="right")) - 1
+        return self.binary.chunk(chunk)[row - int(self._starts[chunk])].as_py().decode("utf-8", "surrogateescape")
+
+    def _slice(self, item: slice) -> list[bytes]:
+        start, stop, step = item.indices(len(self))
+        if step != 1:
+            return [self.binary[row].as_py() for row in range(start, stop, step)]
+        return self.binary.slice(start, max(0, stop - start)).to_pylist()
+
+    def __iter__(self):
+        for chunk in self.binary.chunks:
+            yield from (value.decode("utf-8", "surrogateescape") for value in chunk.to_pylist())
+
+    def index(self, path: str, start: int = 0, stop: int | None = None) -> int:
+        """The first row holding `path` (a scan in Arrow, about as fast as reading the column); ValueError if none."""
+        _, pc = _pyarrow()
+        stop = len(self) if stop is None else stop
+        found = pc.index(self.binary.slice(start, max(0, stop - start)), path.encode("utf-8", "surrogateescape")).as_py()
+        if found < 0:
+            raise ValueError(f"{path!r} is not in the collection")
+        return start + found
+
+    def __contains__(self, path) -> bool:
+        try:
+            self.index(str(path))
+        except ValueError:
+            return False
+        return True

@@ -1,4 +1,8 @@
-"""One consolidated fp16 matrix beside the shards, memory-mapped, so exact search and the index never read the collection into memory first."""
+"""One consolidated fp16 matrix beside the shards, memory-mapped, so exact search and the index never read the collection into memory first.
+
+Its rows' paths and fields are one Arrow file beside it, memory-mapped too: a search process over
+the store holds neither as Python objects and never reads the shards.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -20,7 +24,9 @@ from clipsearch.durable import (
     remove_stale_temporaries,
     write_durably,
 )
+from clipsearch.metadata import MetadataTable, PathColumn, path_bytes, shard_columns
 from clipsearch.store import (
+    Catalog,
     EncodingMismatchError,
     folder_inputs,
     list_shards,
@@ -31,7 +37,8 @@ from clipsearch.store import (
 
 STORE_DIR = "consolidated"
 MATRIX_FILE = "embeddings.f16"
-PATHS_FILE = "paths.json"
+ROWS_FILE = "rows.arrow"  # Arrow IPC file: `path` (the exact bytes) and every field, in row order
+KINDS_KEY = b"clipsearch.kinds"  # the Arrow schema's metadata: each field's kind (number, date, text)
 INFO_FILE = "store.json"
 # Rows normalised and written at a time: 64 MB of fp32 at 512-d, whatever the collection's size.
 WRITE_ROWS = 32_768
@@ -39,12 +46,14 @@ WRITE_ROWS = 32_768
 
 @dataclass
 class ConsolidatedStore:
-    """A collection's live rows as one read-only, memory-mapped [count, dim] fp16 matrix, and its paths."""
+    """A collection's live rows as one read-only, memory-mapped [count, dim] fp16 matrix, and their paths
+    and fields, memory-mapped from the rows file."""
 
     folder: Path
-    paths: list[str]
+    paths: PathColumn
     embeddings: torch.Tensor  # unit-length rows, fp16, backed by the file: pages load on first touch
     info: dict
+    fields: MetadataTable
     _scattered: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -90,13 +99,12 @@ def source_fingerprint(emb_path: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
-def _live_rows(emb_path: Path) -> Iterator[tuple[list[str], torch.Tensor]]:
-    """(paths, embeddings) chunks of the collection's live rows (updates applied, deletions dropped), in row order.
+def _live_rows(catalog: Catalog) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """(paths, embeddings) chunks of the catalog's live rows (updates applied, deletions dropped), in row order.
 
     The shards stay memory-mapped and rows are gathered WRITE_ROWS at a time, so a collection larger
-    than memory consolidates in the memory of one chunk (plus the catalog of paths).
+    than memory consolidates in the memory of one chunk (plus the catalog).
     """
-    catalog = read_catalog(emb_path)
     locations = list(catalog.rows.values())
     for start in range(0, len(locations), WRITE_ROWS):
         block = locations[start : start + WRITE_ROWS]
@@ -120,18 +128,30 @@ def write_store(
     chunks: Iterable[tuple[list[str], torch.Tensor]],
     source: str,
     expected_bytes: int | None = None,
+    fields: tuple[dict[str, str], dict] = ({}, {}),
 ) -> ConsolidatedStore:
     """Write (paths, embeddings) chunks as a store in `folder`, normalised, without holding them all.
 
-    Built in a new folder that then replaces `folder` whole (durable.atomic_folder), so a kill
-    leaves the old store or none, never a part. The caller holds the store's lock.
-    `expected_bytes` (the matrix's size, when known) goes into the message of a full disk.
+    `fields` is (kinds, columns) of every row's fields in row order (metadata.shard_columns). Built
+    in a new folder that then replaces `folder` whole (durable.atomic_folder), so a kill leaves the
+    old store or none, never a part. The caller holds the store's lock. `expected_bytes` (the
+    matrix's size, when known) goes into the message of a full disk.
     """
+    import pyarrow as pa
+
     folder = Path(folder)
-    paths: list[str] = []
+    kinds, columns = fields
+    schema = pa.schema([("path", pa.large_binary()), *((name, column.type) for name, column in columns.items())],
+                       metadata={KINDS_KEY: json.dumps(kinds)})
     dims: list[int] = []
 
-    def write_matrix(stream) -> None:
+    def write_rows(rows_stream) -> None:
+        # The matrix and the rows file are written side by side, chunk by chunk: neither is held whole.
+        with pa.ipc.new_file(rows_stream, schema) as rows_file:
+            write_durably(building / MATRIX_FILE, lambda matrix: write_chunks(matrix, rows_file), size_hint=expected_bytes)
+
+    def write_chunks(matrix_stream, rows_file) -> None:
+        written = 0
         for chunk_paths, embeddings in chunks:
             if len(chunk_paths) != embeddings.shape[0]:
                 raise ValueError(f"{len(chunk_paths)} paths but {embeddings.shape[0]} embeddings")
@@ -140,23 +160,35 @@ def write_store(
             dims[:] = [int(embeddings.shape[1])]
             for start in range(0, embeddings.shape[0], WRITE_ROWS):
                 rows = F.normalize(torch.as_tensor(embeddings[start : start + WRITE_ROWS]).float(), dim=-1)
-                stream.write(rows.half().numpy().tobytes())
-            paths.extend(chunk_paths)
+                matrix_stream.write(rows.half().numpy().tobytes())
+            field_slices = [column.slice(written, len(chunk_paths)) for column in columns.values()]
+            rows_file.write_batch(pa.record_batch([path_bytes(chunk_paths), *field_slices], schema=schema))
+            written += len(chunk_paths)
 
     with atomic_folder(folder) as building:
-        write_durably(building / MATRIX_FILE, write_matrix, size_hint=expected_bytes)
+        write_durably(building / ROWS_FILE, write_rows)
         if not dims:
             raise ValueError(f"no embeddings to consolidate into {folder}")
-        write_durably(building / PATHS_FILE, json.dumps(paths))
+        paths = _read_rows(building)[0]
         info = {
             "count": len(paths),
             "dim": dims[0],
             "dtype": "float16",
             "source_fingerprint": source,
-            "order_fingerprint": order_fingerprint(paths, dims[0]),
+            "order_fingerprint": order_fingerprint(paths, dims[0]),  # a second pass, over the mapped file
         }
         write_durably(building / INFO_FILE, json.dumps(info, indent=2) + "\n")  # last: a store without it is no store
     return _open(folder)
+
+
+def _read_rows(folder: Path) -> tuple[PathColumn, dict[str, str], dict]:
+    """The rows file's paths, field kinds and field columns, memory-mapped: nothing is read until used."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(folder / ROWS_FILE), "r") as source:  # the table's buffers keep the mapping alive
+        table = pa.ipc.open_file(source).read_all()
+    kinds = json.loads((table.schema.metadata or {}).get(KINDS_KEY, b"{}"))
+    return PathColumn(table.column("path")), kinds, {name: table.column(name) for name in table.column_names if name != "path"}
 
 
 def _open(folder: Path) -> ConsolidatedStore:
@@ -165,10 +197,10 @@ def _open(folder: Path) -> ConsolidatedStore:
     # shared=False maps the file copy-on-write: nothing is read until a row is touched, and
     # nothing a caller does to the tensor can reach the file.
     embeddings = torch.from_file(str(folder / MATRIX_FILE), shared=False, size=count * dim, dtype=torch.float16)
-    paths = json.loads((folder / PATHS_FILE).read_text())
+    paths, kinds, columns = _read_rows(folder)
     if len(paths) != count:
         raise ValueError(f"{folder}: {len(paths)} paths for {count} rows; delete the folder to rebuild it")
-    return ConsolidatedStore(folder, paths, embeddings.view(count, dim), info)
+    return ConsolidatedStore(folder, paths, embeddings.view(count, dim), info, MetadataTable(paths, kinds, columns))
 
 
 def store_folder(emb_path: str | os.PathLike) -> Path:
@@ -180,6 +212,8 @@ def open_store(emb_path: str | os.PathLike) -> ConsolidatedStore | None:
     folder = store_folder(emb_path)
     info = read_json(folder / INFO_FILE)
     if info is None or info.get("source_fingerprint") != source_fingerprint(emb_path):
+        return None
+    if not (folder / ROWS_FILE).is_file():  # a store of before the rows file (its paths in paths.json): rebuilt
         return None
     return _open(folder)
 
@@ -203,4 +237,7 @@ def consolidate(emb_path: str | os.PathLike) -> ConsolidatedStore:
         store = open_store(emb_path)
         if store is not None:  # built by the process this one waited for
             return store
-        return write_store(store_folder(emb_path), _live_rows(emb_path), source_fingerprint(emb_path))
+        source = source_fingerprint(emb_path)  # before the catalog: a shard landing meanwhile makes the store stale, never hides
+        catalog = read_catalog(emb_path)
+        fields = shard_columns(catalog.loaded, catalog.rows.values())
+        return write_store(store_folder(emb_path), _live_rows(catalog), source, fields=fields)

@@ -31,7 +31,6 @@ import torch.nn.functional as F
 
 from clipsearch.durable import atomic_write
 from clipsearch.errors import UserError
-from clipsearch.store import order_fingerprint
 from clipsearch.tables import CAPTION_COLUMN, IMAGE_COLUMN, read_table
 
 QUERYBANK_FILE = "querybank.pt"
@@ -128,8 +127,9 @@ class QueryBank:
         return atomic_write(Path(emb_path) / QUERYBANK_FILE, buffer.getbuffer())
 
     @classmethod
-    def load(cls, emb_path: str | os.PathLike, paths: list[str], dim: int, model_fingerprint: str | None) -> QueryBank:
-        """The folder's querybank, checked against the collection rows and the query model."""
+    def load(cls, emb_path: str | os.PathLike, order: str, count: int, model_fingerprint: str | None) -> QueryBank:
+        """The folder's querybank, checked against the collection's rows (their order_fingerprint and
+        count) and the query model."""
         path = Path(emb_path) / QUERYBANK_FILE
         rebuild = f"build it with ./clipsearch querybank --emb_path {emb_path} --load_model <the model>"
         if not path.is_file():
@@ -140,7 +140,7 @@ class QueryBank:
                        str(record["model_fingerprint"]), str(record["source"]))
         except Exception as error:  # a truncated or foreign file: say which, not a pickle traceback
             raise QueryBankMismatchError(f"{path} is not a querybank file ({type(error).__name__}: {error}); {rebuild}") from None
-        if bank.order_fingerprint != order_fingerprint(paths, dim) or bank.bias.shape != (len(paths),):
+        if bank.order_fingerprint != order or bank.bias.shape != (count,):
             raise QueryBankMismatchError(f"{path} was computed for other rows than the shards hold now; {rebuild}")
         if model_fingerprint is not None and bank.model_fingerprint != model_fingerprint:
             raise QueryBankMismatchError(f"{path} was computed with another model than the query model; {rebuild}")

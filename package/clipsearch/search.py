@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from clipsearch.errors import UserError
 from clipsearch.fields import Condition
-from clipsearch.metadata import MetadataTable, RowSet, empty_table
+from clipsearch.metadata import MetadataTable, PathColumn, RowSet, empty_table
 from clipsearch.query_terms import EMBEDDING, IMAGE, ROW, TEXT, Term, TermError
 from clipsearch.store import (
     MODEL_FILE,
@@ -24,7 +24,6 @@ from clipsearch.store import (
     file_versions,
     folder_inputs,
     load_collection,
-    load_fields,
     model_source,
     normalise_rows,
     order_fingerprint,
@@ -102,19 +101,21 @@ class Searcher:
 
     def __init__(
         self,
-        paths: list[str],
+        paths: Sequence[str],
         embeddings: torch.Tensor,
         index=None,
         *,
         assume_normalised: bool = False,
         max_score_bytes: int = DEFAULT_MAX_SCORE_BYTES,
         duplicates: list[list[int]] | None = None,
+        order: str | None = None,
     ):
         if embeddings.ndim != 2:
             raise ValueError(f"embeddings must be a [count, dim] matrix, got shape {tuple(embeddings.shape)}")
         if len(paths) != embeddings.shape[0]:
             raise ValueError(f"{len(paths)} paths but {embeddings.shape[0]} embeddings")
-        self.paths = list(paths)
+        # A store's memory-mapped paths are kept as they are: a list of them would be 1.64 GB at 20M rows.
+        self.paths = paths if isinstance(paths, PathColumn) else list(paths)
         if not (assume_normalised and embeddings.device.type == "cpu"):
             embeddings = normalise_rows(embeddings.cpu())
         self.column_major = embeddings.dtype == torch.float32
@@ -123,18 +124,20 @@ class Searcher:
         self.max_score_bytes = int(max_score_bytes)
         self.index = index
         if index is not None:
-            self._check_index(index)
+            self._check_index(index, order)
         # Folding: every row of a duplicate group answers as the group's first row, once.
         self.group_members = {rows[0]: list(rows) for rows in duplicates or []}
         self.group_of = {row: rows[0] for rows in duplicates or [] for row in rows}
 
-    def _check_index(self, index) -> None:
+    def _check_index(self, index, order: str | None) -> None:
+        """Refuse an index of other rows; `order`, when the caller has it (a store records it), is
+        the rows' order_fingerprint, which spares hashing every path again."""
         if index.count != len(self):
             raise EmbeddingMismatchError(
                 f"the index holds {index.count} vectors but the collection has {len(self)}; rebuild it with "
                 "./clipsearch index --emb_path <folder>"
             )
-        expected = order_fingerprint(self.paths, self.dim)
+        expected = order or order_fingerprint(self.paths, self.dim)
         if getattr(index, "order_fingerprint", expected) != expected:
             raise EmbeddingMismatchError(
                 "the index was built on other embeddings (or another row order) than these shards; rebuild it "
@@ -207,9 +210,8 @@ class Searcher:
     def from_collection(cls, collection, index=None, *, fold_duplicates: bool = False, **searcher_options) -> Searcher:
         """A searcher over a loaded `store.Collection` (its rows are unit length already)."""
         duplicates = collection.duplicate_groups() if fold_duplicates else None
-        return cls(
-            collection.paths, collection.embeddings, index, assume_normalised=True, duplicates=duplicates, **searcher_options
-        )
+        return cls(collection.paths, collection.embeddings, index, assume_normalised=True, duplicates=duplicates,
+                    order=collection.order_fingerprint if index is not None else None, **searcher_options)
 
     def search(self, queries: torch.Tensor, top_k: int, bias: torch.Tensor | None = None,
                allowed: RowSet | None = None) -> list[list[Hit]]:
@@ -525,9 +527,9 @@ class SearchEngine:
         if source.mapped:
             from clipsearch.mmap_store import consolidate
 
-            collection = consolidate(emb_path)
+            collection = consolidate(emb_path)  # paths and fields memory-mapped with the matrix: no shard is read
             encoded_with_model = read_json(Path(emb_path) / MODEL_FILE) or {}
-            fields = load_fields(emb_path, collection.paths)
+            fields = collection.fields
         else:
             collection = load_collection(emb_path, dtype=source.dtype)
             encoded_with_model = collection.model
@@ -547,16 +549,17 @@ class SearchEngine:
         if source.querybank:
             from clipsearch.querybank import QueryBank
 
-            bank = QueryBank.load(emb_path, collection.paths, collection.dim, fingerprint)
+            bank = QueryBank.load(emb_path, collection.order_fingerprint, len(collection.paths), fingerprint)
         duplicates = None
         if source.fold_duplicates:
             duplicates = [] if source.mapped else collection.duplicate_groups()
             if isinstance(source.fold_duplicates, str):
                 from clipsearch.near_duplicates import groups_from_report, merge_groups
 
-                near = groups_from_report(source.fold_duplicates, order_fingerprint(collection.paths, collection.dim))
+                near = groups_from_report(source.fold_duplicates, collection.order_fingerprint)
                 duplicates = merge_groups(len(collection.paths), duplicates, near)
-        searcher = Searcher(collection.paths, collection.embeddings, index, assume_normalised=True, duplicates=duplicates)
+        searcher = Searcher(collection.paths, collection.embeddings, index, assume_normalised=True, duplicates=duplicates,
+                            order=collection.order_fingerprint if index is not None else None)
         engine = cls(bundle, searcher, bank, fields, rows_kind(encoded_with_model))
         engine.source, engine.signature, engine._model_identity = source, signature, model_identity
         engine.update, engine.complete = update, complete
@@ -569,7 +572,13 @@ class SearchEngine:
         return self._over(self.bundle, self.source, self._model_identity)
 
     def row_of(self, path: str) -> int | None:
-        """The collection row holding `path`, or None (the lookup table is built on first use)."""
+        """The collection row holding `path`, or None (the lookup table is built on first use; a store's
+        mapped paths are scanned instead, so that no table of every path is ever held)."""
+        if isinstance(self.searcher.paths, PathColumn):
+            try:
+                return self.searcher.paths.index(path)
+            except ValueError:
+                return None
         if self._rows_by_path is None:
             self._rows_by_path = {image_path: row for row, image_path in enumerate(self.searcher.paths)}
         return self._rows_by_path.get(path)

@@ -10,6 +10,7 @@ import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -465,6 +466,10 @@ class Collection:
     def rows_kind(self) -> str:
         return rows_kind(self.model)
 
+    @cached_property
+    def order_fingerprint(self) -> str:
+        return order_fingerprint(self.paths, self.dim)
+
     def duplicate_groups(self) -> list[list[int]]:
         """Rows whose files have the same bytes, each group in row order (groups of two or more)."""
         by_digest: dict[str, list[int]] = {}
@@ -524,16 +529,6 @@ def load_collection(emb_path: str | os.PathLike, dtype: torch.dtype = torch.floa
         logger.warning("%s has no manifest.json: its encoding run has not finished; searching what exists", emb_path)
     fields = MetadataTable.from_shards(paths, catalog.loaded, catalog.rows.values())
     return Collection(paths, matrix, model, digests, dict(catalog.skipped), complete, fields)
-
-
-def load_fields(emb_path: str | os.PathLike, paths: Sequence[str] | None = None) -> MetadataTable:
-    """The fields of the folder's live rows, in collection order, without their embeddings (for the
-    memory-mapped store and exports); `paths`, when given, must be those rows' paths in that order."""
-    catalog = read_catalog(emb_path)
-    live_paths = [str(catalog.loaded[shard_number]["path"][row]) for shard_number, row in catalog.rows.values()]
-    if paths is not None and list(paths) != live_paths:
-        raise StoreError(f"{emb_path} changed while it was being read; run the command again")
-    return MetadataTable.from_shards(live_paths, catalog.loaded, catalog.rows.values())
 
 
 def caption_row_name(image_path: str, caption: str) -> str:

@@ -89,9 +89,8 @@ def choose_index(args: argparse.Namespace, collection):
     rows, else one built for this run."""
     from clipsearch.index import build_index, load_index, resolve_index_path
     from clipsearch.near_duplicates import DUPLICATE_NPROBE
-    from clipsearch.store import order_fingerprint
 
-    fingerprint = order_fingerprint(collection.paths, collection.dim)
+    fingerprint = collection.order_fingerprint
     candidates = [args.index_path] if args.index_path else []
     own = resolve_index_path(args.emb_path)
     if not candidates and own.is_file():
@@ -179,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     check_inputs(args)
     from clipsearch.durable import atomic_write
     from clipsearch.near_duplicates import DUPLICATE_NPROBE, EXACT_MAX_ROWS, find_duplicates, report_json
-    from clipsearch.store import StoreError, load_collection, order_fingerprint
+    from clipsearch.store import StoreError, load_collection
 
     try:
         collection = load_collection(args.emb_path)
@@ -198,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     sheets = write_sheets(report, collection.paths, collection.fields, args, out_dir)
     remove_earlier_sheets(out_dir, set(sheets.values()))
     extra = {"emb_path": os.path.abspath(args.emb_path), "where": [str(condition) for condition in args.where]}
-    record = report_json(report, collection.paths, order_fingerprint(collection.paths, collection.dim), extra, sheets)
+    record = report_json(report, collection.paths, collection.order_fingerprint, extra, sheets)
     report_path = atomic_write(out_dir / REPORT_FILE, json.dumps(record, indent=1, ensure_ascii=False) + "\n")
     if args.json:
         print(json.dumps(record, ensure_ascii=False))

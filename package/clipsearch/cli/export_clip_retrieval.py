@@ -74,12 +74,10 @@ def check_images_outside(out: str, image_paths: list[str]) -> None:
 def main(argv: list[str]):
     args = parse_args(argv)
     from clipsearch.clip_retrieval_export import export_clip_retrieval
-    from clipsearch.store import load_fields
 
     store = consolidated_store(args.emb_path)
     check_images_outside(args.out, store.paths)
-    fields = load_fields(args.emb_path, store.paths)
-    files = export_clip_retrieval(store.paths, store.embeddings.numpy(), args.out, args.rows_per_file, fields)
+    files = export_clip_retrieval(store.paths, store.embeddings.numpy(), args.out, args.rows_per_file, store.fields)
     print(f"wrote {len(store):,} rows in {len(files)} file(s) to {args.out}")
     return files
 

@@ -66,7 +66,7 @@ def build(args: argparse.Namespace):
     from clipsearch.models.released import load_model
     from clipsearch.sample_data import prepare_default_sample
     from clipsearch.search import EmbeddingMismatchError, check_encoded_with
-    from clipsearch.store import load_collection, order_fingerprint
+    from clipsearch.store import load_collection
 
     prepare_default_sample(args.dataset_path)  # the default dataset is generated on first use
     try:
@@ -86,7 +86,7 @@ def build(args: argparse.Namespace):
     bank = querybank.QueryBank(
         bias=querybank.hub_bias(collection.embeddings, bank_embeddings, temperature),
         temperature=temperature,
-        order_fingerprint=order_fingerprint(collection.paths, collection.dim),
+        order_fingerprint=collection.order_fingerprint,
         model_fingerprint=fingerprint,
         source=f"{args.dataset_path} {args.split}, {len(captions)} captions",
     )

@@ -645,9 +645,6 @@ def peak_time(rank: dict) -> str:
 def parts_lines(result: dict) -> list[str]:
     index, search = result["index"], result["search"]
     phases = index.get("phase_seconds") or {}
-    ranks = "; ".join(f"rank {rank['rank']}: {rank['seconds']:,.0f} s, peak {rank['peak_rss_gb']} GB "
-                      f"({rank['peak_anon_gb']} GB its own{peak_time(rank)}, {rank['peak_file_gb']} GB mapped file pages)"
-                      for rank in result["ranks_memory"])
     params = index["params"]
     searched = [
         f"- Search process (fresh, index memory-mapped): opened in {search['open_seconds']} s, first query {search['first_query_ms']} ms; "
@@ -659,6 +656,9 @@ def parts_lines(result: dict) -> list[str]:
         return [f"- The index an earlier run built ({index['factory']}, nprobe {params.get('nprobe')}, re-rank depth "
                 f"{params.get('rerank_factor')}), searched again by a fresh process; exact ground truth of the "
                 f"{result['queries']} scored queries took {result['ground_truth_seconds']:,.0f} s.", *searched]
+    ranks = "; ".join(f"rank {rank['rank']}: {rank['seconds']:,.0f} s, peak {rank['peak_rss_gb']} GB "
+                      f"({rank['peak_anon_gb']} GB its own{peak_time(rank)}, {rank['peak_file_gb']} GB mapped file pages)"
+                      for rank in result["ranks_memory"])
     return [
         f"- Layout: {index['factory']} + exact re-rank, nprobe {params.get('nprobe')}, re-rank depth {params.get('rerank_factor')}; "
         f"{index['built_in_parts']['parts']} parts from {index['built_in_parts']['ranks']} ranks merged into on-disk lists; "

@@ -215,6 +215,32 @@ def test_a_store_serves_paths_and_fields_memory_mapped_without_the_shards(tmp_pa
     assert list(consolidate(tmp_path).paths) == loaded.paths and not (store.folder / "paths.json").exists()
 
 
+def test_a_full_disk_while_consolidating_is_one_line_naming_the_matrix_and_leaves_nothing(tmp_path, monkeypatch):
+    """The matrix is written inside the rows file's writer: the disk filling under it gets the matrix's
+    own line (not the rows file's), and the half-built store folder is gone."""
+    import errno
+    import os
+
+    from clipsearch import durable
+
+    write_folder(tmp_path, clustered(300))
+    before = sorted(path.name for path in tmp_path.iterdir())
+    original = durable._Stream.write
+
+    def full_on_large_writes(self, data):
+        if memoryview(data).nbytes > 10_000:  # the matrix's chunk (19 KB), not the rows file's batches
+            self.full = True
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return original(self, data)
+
+    monkeypatch.setattr(durable._Stream, "write", full_on_large_writes)
+    with pytest.raises(durable.DiskFullError, match=r"no space left in .*: writing embeddings\.f16 needs "):
+        consolidate(tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == before  # no store, no temporary, no lock
+    monkeypatch.undo()
+    assert len(consolidate(tmp_path)) == 300
+
+
 def test_clip_retrieval_export_is_readable_in_order(tmp_path):
     import pyarrow.parquet as pq
 

@@ -339,6 +339,11 @@ def test_fast_scan_pq_reranks_to_the_target_on_text_queries_and_answers_mapped_a
     for loaded in (load_index(tmp_path), load_index(tmp_path, mmap=False)):
         assert loaded.reranks
         np.testing.assert_array_equal(loaded.search(held_out, 10)[1], built.search(held_out, 10)[1])
+    # A store of the layout before the rows file (paths.json) still serves the re-rank, which reads the
+    # matrix alone: an index built on it keeps its recall until the store is rebuilt.
+    (store.folder / "rows.arrow").unlink()
+    (store.folder / "paths.json").write_text("[]")
+    assert open_store(tmp_path) is None and load_index(tmp_path).reranks
 
 
 def encode_captioned(tmp_path, tiny_checkpoint, colour_images):

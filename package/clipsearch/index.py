@@ -509,7 +509,7 @@ def load_index(index_path: str | os.PathLike, nprobe: int | None = None, mmap: b
     if info["params"].get("rerank_factor"):
         from clipsearch.mmap_store import open_store
 
-        store = open_store(index_path.parent)
+        store = open_store(index_path.parent, matrix_only=True)
         if store is not None and store.order_fingerprint == info["order_fingerprint"]:
             rerank_rows = store.rows
         else:

@@ -50,14 +50,14 @@ class ConsolidatedStore:
     and fields, memory-mapped from the rows file."""
 
     folder: Path
-    paths: PathColumn
+    paths: PathColumn | None  # None when opened for its matrix alone (open_store(..., matrix_only=True))
     embeddings: torch.Tensor  # unit-length rows, fp16, backed by the file: pages load on first touch
     info: dict
-    fields: MetadataTable
+    fields: MetadataTable | None
     _scattered: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return int(self.embeddings.shape[0])
 
     @property
     def dim(self) -> int:
@@ -191,12 +191,14 @@ def _read_rows(folder: Path) -> tuple[PathColumn, dict[str, str], dict]:
     return PathColumn(table.column("path")), kinds, {name: table.column(name) for name in table.column_names if name != "path"}
 
 
-def _open(folder: Path) -> ConsolidatedStore:
+def _open(folder: Path, matrix_only: bool = False) -> ConsolidatedStore:
     info = json.loads((folder / INFO_FILE).read_text())
     count, dim = int(info["count"]), int(info["dim"])
     # shared=False maps the file copy-on-write: nothing is read until a row is touched, and
     # nothing a caller does to the tensor can reach the file.
     embeddings = torch.from_file(str(folder / MATRIX_FILE), shared=False, size=count * dim, dtype=torch.float16)
+    if matrix_only:
+        return ConsolidatedStore(folder, None, embeddings.view(count, dim), info, None)
     paths, kinds, columns = _read_rows(folder)
     if len(paths) != count:
         raise ValueError(f"{folder}: {len(paths)} paths for {count} rows; delete the folder to rebuild it")
@@ -207,15 +209,20 @@ def store_folder(emb_path: str | os.PathLike) -> Path:
     return Path(emb_path) / STORE_DIR
 
 
-def open_store(emb_path: str | os.PathLike) -> ConsolidatedStore | None:
-    """The folder's consolidated store if it exists and covers exactly the folder's current inputs."""
+def open_store(emb_path: str | os.PathLike, matrix_only: bool = False) -> ConsolidatedStore | None:
+    """The folder's consolidated store if it exists and covers exactly the folder's current inputs.
+
+    `matrix_only` opens the matrix without the paths and fields, all that an index's re-rank reads:
+    a store of the layout before the rows file (its paths in paths.json) then still serves, so an
+    index built on it keeps its recall; otherwise such a store counts as missing and is rebuilt.
+    """
     folder = store_folder(emb_path)
     info = read_json(folder / INFO_FILE)
     if info is None or info.get("source_fingerprint") != source_fingerprint(emb_path):
         return None
-    if not (folder / ROWS_FILE).is_file():  # a store of before the rows file (its paths in paths.json): rebuilt
+    if not matrix_only and not (folder / ROWS_FILE).is_file():
         return None
-    return _open(folder)
+    return _open(folder, matrix_only)
 
 
 def consolidate(emb_path: str | os.PathLike) -> ConsolidatedStore:

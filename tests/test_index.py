@@ -186,7 +186,9 @@ def test_a_store_serves_paths_and_fields_memory_mapped_without_the_shards(tmp_pa
 
     embeddings = clustered(70)
     paths = [f"/images/{row}.jpg" for row in range(68)] + ["/images/caf\udce9.jpg", "/images/été.jpg"]
-    fields = [{"caption": f"photo {row}", "width": 100 + row} if row % 3 else {"caption": None} for row in range(70)]
+    # A field named `path` (a table's column) must give way to the row's path, in the store as in memory.
+    fields = [{"caption": f"photo {row}", "width": 100 + row, "path": "elsewhere"} if row % 3 else {"caption": None}
+              for row in range(70)]
     write_shard(tmp_path / "0-000-40.ckpt", paths[:40], embeddings[:40], fields=fields[:40])
     write_shard(tmp_path / "1-000-40.ckpt", paths[40:], embeddings[40:], fields=fields[40:])
     loaded = load_collection(tmp_path)

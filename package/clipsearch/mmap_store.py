@@ -24,6 +24,7 @@ from clipsearch.durable import (
     remove_stale_temporaries,
     write_durably,
 )
+from clipsearch.fields import PATH_FIELD
 from clipsearch.metadata import MetadataTable, PathColumn, path_bytes, shard_columns
 from clipsearch.store import (
     Catalog,
@@ -37,7 +38,7 @@ from clipsearch.store import (
 
 STORE_DIR = "consolidated"
 MATRIX_FILE = "embeddings.f16"
-ROWS_FILE = "rows.arrow"  # Arrow IPC file: `path` (the exact bytes) and every field, in row order
+ROWS_FILE = "rows.arrow"  # Arrow IPC file: PATH_FIELD (each path's exact bytes) and every field, in row order
 KINDS_KEY = b"clipsearch.kinds"  # the Arrow schema's metadata: each field's kind (number, date, text)
 INFO_FILE = "store.json"
 # Rows normalised and written at a time: 64 MB of fp32 at 512-d, whatever the collection's size.
@@ -141,7 +142,9 @@ def write_store(
 
     folder = Path(folder)
     kinds, columns = fields
-    schema = pa.schema([("path", pa.large_binary()), *((name, column.type) for name, column in columns.items())],
+    # A field of the shards named `path` (a table's column) gives way to the row's path, as in MetadataTable.
+    columns = {name: column for name, column in columns.items() if name != PATH_FIELD}
+    schema = pa.schema([(PATH_FIELD, pa.large_binary()), *((name, column.type) for name, column in columns.items())],
                        metadata={KINDS_KEY: json.dumps(kinds)})
     dims: list[int] = []
 
@@ -188,7 +191,8 @@ def _read_rows(folder: Path) -> tuple[PathColumn, dict[str, str], dict]:
     with pa.memory_map(str(folder / ROWS_FILE), "r") as source:  # the table's buffers keep the mapping alive
         table = pa.ipc.open_file(source).read_all()
     kinds = json.loads((table.schema.metadata or {}).get(KINDS_KEY, b"{}"))
-    return PathColumn(table.column("path")), kinds, {name: table.column(name) for name in table.column_names if name != "path"}
+    columns = {name: table.column(name) for name in table.column_names if name != PATH_FIELD}
+    return PathColumn(table.column(PATH_FIELD)), kinds, columns
 
 
 def _open(folder: Path, matrix_only: bool = False) -> ConsolidatedStore:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import clipsearch.search as search_module
+from clipsearch import score_kernels
 from clipsearch.cli.encode import main as encode_main
 from clipsearch.cli.search import main as search_main
 from clipsearch.errors import UserError
@@ -62,8 +63,11 @@ def test_search_edges_and_input_left_untouched():
         searcher.search(torch.randn(1, 5), 3)
 
 
-def test_fp16_storage_is_close_to_fp32(tmp_path, monkeypatch):
-    # Small slabs, so multi-query scoring widens several, the last one partial (300 = 2 x 128 + 44).
+@pytest.mark.parametrize("native", [True, False], ids=["native kernels", "torch"])
+def test_fp16_storage_is_close_to_fp32(tmp_path, monkeypatch, native):
+    if not native:  # as where the native kernels cannot be built (score_kernels)
+        monkeypatch.setattr(score_kernels, "load", lambda: None)
+    # Small slabs, so torch's multi-query scoring widens several, the last one partial (300 = 2 x 128 + 44).
     monkeypatch.setattr(search_module, "UPCAST_SLAB_ROWS", 128)
     paths, embeddings = random_collection(count=300, dim=64)
     write_shard(tmp_path / "0-000-64.ckpt", paths, embeddings)

@@ -15,6 +15,7 @@ from clipsearch.errors import UserError
 from clipsearch.fields import Condition
 from clipsearch.metadata import MetadataTable, PathColumn, RowSet, empty_table
 from clipsearch.query_terms import EMBEDDING, IMAGE, ROW, TEXT, Term, TermError
+from clipsearch.score_kernels import HalfRowScorer
 from clipsearch.store import (
     MODEL_FILE,
     ROWS_CAPTIONS,
@@ -44,10 +45,15 @@ DEFAULT_MAX_SCORE_BYTES = 16 * 2**20
 # Rows of a block that compete as one group in its top-k: the best k groups by their largest
 # score hold the block's best k rows, so only k groups' rows are read again (see _block_candidates).
 TOP_K_GROUP = 16
+# Consecutive rows whose maxima the native kernels return with several queries' scores (see
+# score_blocks): the block top-k then reads the scores of k groups only, never the whole block.
+# Larger groups mean fewer to partition and more rows to read again: at 64, 1M rows x 64 queries
+# partition 1,024 groups a 64k-row block and gather 640 rows a query.
+KERNEL_GROUP_ROWS = 64
 # Rows of an fp16 collection widened to fp32 at a time for several queries: 8 MB at 512-d.
 UPCAST_SLAB_ROWS = 4096
-# One fp16 query is scored by torch's fp16 matrix-vector product, whose scores are rounded to
-# fp16; this many times top_k candidates (plus a few) are then scored again in fp32.
+# Without the native kernels, one fp16 query is scored by torch's fp16 matrix-vector product, whose
+# scores are rounded to fp16; this many times top_k candidates (plus a few) are then scored again in fp32.
 FP16_CANDIDATE_FACTOR = 2
 FP16_EXTRA_CANDIDATES = 16
 # With per-row biases (querybank) an index's ranking is not the biased one, so it is asked for
@@ -88,15 +94,19 @@ class Searcher:
     it is in cache, by one library per layout so that two thread pools never take turns:
 
     - fp32 collections are stored transposed, one column per image ([dim, count]), and scored
-      with numpy's OpenBLAS: its vector-matrix and matrix-matrix kernels stream that layout over
-      all cores (1M x 512, one query: the fastest read of the matrix any method achieved, faster
-      than a plain sum; benchmarks/profile_search.py);
+      with numpy's OpenBLAS: its vector-matrix product streams that layout over all cores (1M x
+      512, one query: the fastest read of the matrix any method achieved, faster than a plain sum;
+      benchmarks/profile_search.py), and several queries are its product queries x columns,
+      written query-major (the block is a transposed view);
     - fp16 collections stay row-major (a memory-mapped store is searched in place) and are scored
-      with torch: one query by ATen's fp16 matrix-vector product, which reads the half-size matrix
-      at memory speed, several by widening slabs of rows to fp32 for MKL's matrix product (CPU
-      BLAS has no fast fp16 kernel).
+      by the native kernels of `score_kernels` (F16C widening fused with the multiply-adds: one
+      query at the speed of a plain read of the half-size matrix, several at the rate of a square
+      fp32 product). Where those cannot run, torch: one query by ATen's fp16 matrix-vector product
+      (scores rounded to fp16, so its candidates are rescored), several by widening slabs of rows
+      to fp32 for MKL's matrix product (CPU BLAS has no fast fp16 kernel).
 
-    The block top-k runs in numpy on one thread (`_RunningTopK`).
+    With several queries the native kernels also return each group of rows' maxima, so the block
+    top-k reads only the best groups' scores. It runs in numpy on one thread (`_RunningTopK`).
     """
 
     def __init__(
@@ -160,38 +170,55 @@ class Searcher:
         """Inner products [q, end - start] of unit-length `queries` with rows start..end, in fp32."""
         end = len(self) if end is None else end
         out = torch.empty(queries.shape[0], end - start)
-        for first, block in self.score_blocks(queries, start, end):
+        for first, block, _ in self.score_blocks(queries, start, end):
             out[:, first - start : first - start + block.shape[0]] = torch.from_numpy(block).T
         return out
 
     def score_blocks(self, queries: torch.Tensor, start: int = 0, end: int | None = None,
-                     bias: torch.Tensor | None = None) -> Iterator[tuple[int, np.ndarray]]:
+                     bias: torch.Tensor | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
         """The scores of unit-length `queries` [q, d] against rows start..end, one block of rows at a
-        time: (first row, fp32 array [rows, q], plus `bias` [count] of those rows when given).
+        time: (first row, fp32 array [rows, q], plus `bias` [count] of those rows when given, and
+        the block's group maxima or None). The block may be a transposed view. The native kernels
+        give the maxima of several unbiased queries as they score: [ceil(rows / KERNEL_GROUP_ROWS),
+        q], each query's largest score over every KERNEL_GROUP_ROWS consecutive rows of the block.
 
-        The array is reused for the next block: read it before asking for the next. One query
-        against an fp16 collection gives fp16-rounded scores (see `exact_top_k`).
+        The arrays are reused for the next block: read them before asking for the next. One query
+        against an fp16 collection gives fp16-rounded scores where the native kernels cannot run
+        (see `exact_top_k`).
         """
         end = len(self) if end is None else end
         query_count = queries.shape[0]
         block_rows = max(1, min(self.max_score_bytes // (4 * query_count), end - start))
-        buffer = np.empty((block_rows, query_count), dtype=np.float32)
         bias_values = None if bias is None else bias.detach().float().cpu().numpy()
+        queries = queries.float().contiguous()
+        native = HalfRowScorer.create(queries, self.storage)
+        # Several queries against columns: OpenBLAS writes queries x rows (1.23x the square-product
+        # time against 1.43x for rows x queries, issue 32); the block is its transposed view.
+        query_major = self.column_major and query_count > 1
+        buffer = np.empty((query_count, block_rows) if query_major else (block_rows, query_count), dtype=np.float32)
+        maxima_buffer = None
+        if native is not None and query_count > 1 and bias is None:
+            maxima_buffer = np.empty((-(-block_rows // KERNEL_GROUP_ROWS), query_count), dtype=np.float32)
         if self.column_major:
             columns = self.storage.numpy()
-            query_values = queries.float().contiguous().numpy()
+            query_values = queries.numpy()
         else:
-            queries = queries.float().contiguous()
-            slab = torch.empty(min(UPCAST_SLAB_ROWS, block_rows), self.dim) if query_count > 1 else None
+            slab = torch.empty(min(UPCAST_SLAB_ROWS, block_rows), self.dim) if query_count > 1 and native is None else None
             half_query = queries[0].to(self.storage.dtype)
         for first in range(start, end, block_rows):
             last = min(end, first + block_rows)
-            block = buffer[: last - first]
-            if self.column_major and query_count == 1:
+            block = buffer[:, : last - first].T if query_major else buffer[: last - first]
+            maxima = None
+            if maxima_buffer is not None:
+                maxima = maxima_buffer[: -(-(last - first) // KERNEL_GROUP_ROWS)]
+                native(first, last, block, maxima, KERNEL_GROUP_ROWS)
+            elif native is not None:
+                native(first, last, block)
+            elif query_major:
+                np.matmul(query_values, columns[:, first:last], out=block.T)
+            elif self.column_major:
                 # A vector-matrix product: OpenBLAS's fastest read of the [dim, count] layout.
                 np.matmul(query_values[0], columns[:, first:last], out=block[:, 0])
-            elif self.column_major:
-                np.matmul(columns[:, first:last].T, query_values.T, out=block)
             elif query_count == 1:
                 torch.from_numpy(block).view(-1).copy_(torch.mv(self.storage[first:last], half_query))
             else:
@@ -204,7 +231,7 @@ class Searcher:
                     torch.mm(wide, queries.T, out=scores[slab_first - first : slab_first - first + rows.shape[0]])
             if bias_values is not None:
                 block += bias_values[first:last, None]
-            yield first, block
+            yield first, block, maxima
 
     @classmethod
     def from_collection(cls, collection, index=None, *, fold_duplicates: bool = False, **searcher_options) -> Searcher:
@@ -316,12 +343,12 @@ class Searcher:
         top_k = min(top_k, len(self))
         if top_k <= 0:
             return torch.empty(queries.shape[0], 0), torch.empty(queries.shape[0], 0, dtype=torch.long)
-        rescore = not self.column_major and queries.shape[0] == 1
+        rescore = not self.column_major and queries.shape[0] == 1 and not HalfRowScorer.serves(self.storage)
         # fp16-rounded scores may swap rows closer than the rounding: take a few more, then rescore them.
         candidates = min(len(self), FP16_CANDIDATE_FACTOR * top_k + FP16_EXTRA_CANDIDATES) if rescore else top_k
         best = _RunningTopK(candidates, queries.shape[0])
-        for first, block in self.score_blocks(queries, bias=bias):
-            best.add(block, first)
+        for first, block, maxima in self.score_blocks(queries, bias=bias):
+            best.add(block, first, maxima)
         scores, rows = best.result()
         if rescore:
             exact = self.storage[rows[0]].float() @ queries[0].float()
@@ -345,8 +372,8 @@ class _RunningTopK:
         self.scores = np.empty((query_count, 0), dtype=np.float32)
         self.rows = np.empty((query_count, 0), dtype=np.int64)
 
-    def add(self, block: np.ndarray, first_row: int) -> None:
-        scores, rows = _block_candidates(block, self.k)
+    def add(self, block: np.ndarray, first_row: int, group_maxima: np.ndarray | None = None) -> None:
+        scores, rows = _block_candidates(block, self.k, group_maxima)
         scores = np.concatenate([self.scores, scores], axis=1)
         rows = np.concatenate([self.rows, rows + first_row], axis=1)
         if scores.shape[1] > self.k:
@@ -361,22 +388,29 @@ class _RunningTopK:
         return torch.from_numpy(scores), torch.from_numpy(rows)
 
 
-def _block_candidates(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _block_candidates(block: np.ndarray, k: int,
+                      group_maxima: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Rows of `block` [rows, queries] among which each query's best k lie: scores and block rows, [queries, m].
 
-    The rows form groups of TOP_K_GROUP (row j with rows j + g, j + 2g, ...: whole slices, so the
-    maxima are one vectorised pass); a query's best k rows lie in its k groups with the largest
-    maxima, since a group outside them is beaten k times over. Only those groups' rows are read
-    again.
+    The rows form groups, and a query's best k rows lie in its k groups with the largest maxima,
+    since a group outside them is beaten k times over. Only those groups' rows are read again.
+    Given `group_maxima` (the native kernels' maxima of KERNEL_GROUP_ROWS consecutive rows), the
+    groups are those; otherwise groups of TOP_K_GROUP (row j with rows j + g, j + 2g, ...: whole
+    slices, so the maxima are one vectorised pass over the block).
     """
     rows, queries = block.shape
-    groups = rows // TOP_K_GROUP
+    size = TOP_K_GROUP if group_maxima is None else KERNEL_GROUP_ROWS
+    groups = rows // size  # whole groups; the rows after them are always candidates
     if groups <= 2 * k:  # a small block: every row is a candidate
         return np.ascontiguousarray(block.T), np.broadcast_to(np.arange(rows), (queries, rows)).copy()
-    maxima = block[: groups * TOP_K_GROUP].reshape(TOP_K_GROUP, groups, queries).max(axis=0)
-    best_groups = np.argpartition(np.ascontiguousarray(maxima.T), groups - k, axis=1)[:, -k:]  # [queries, k]
-    candidate_rows = (best_groups[:, :, None] + groups * np.arange(TOP_K_GROUP)).reshape(queries, -1)
-    tail = np.broadcast_to(np.arange(groups * TOP_K_GROUP, rows), (queries, rows - groups * TOP_K_GROUP))
+    if group_maxima is None:
+        maxima = block[: groups * size].reshape(size, groups, queries).max(axis=0)
+        best_groups = np.argpartition(np.ascontiguousarray(maxima.T), groups - k, axis=1)[:, -k:]  # [queries, k]
+        candidate_rows = (best_groups[:, :, None] + groups * np.arange(size)).reshape(queries, -1)
+    else:
+        best_groups = np.argpartition(np.ascontiguousarray(group_maxima[:groups].T), groups - k, axis=1)[:, -k:]
+        candidate_rows = (best_groups[:, :, None] * size + np.arange(size)).reshape(queries, -1)
+    tail = np.broadcast_to(np.arange(groups * size, rows), (queries, rows - groups * size))
     candidate_rows = np.concatenate([candidate_rows, tail], axis=1)
     return block[candidate_rows, np.arange(queries)[:, None]], candidate_rows
 

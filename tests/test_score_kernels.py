@@ -1,0 +1,118 @@
+"""The native fp16 score kernels: fp32 products of fp16 rows, split over threads, writing only their
+rows; and search falling back to torch, with one logged reason, where they cannot be built."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from clipsearch import score_kernels
+from clipsearch.score_kernels import HalfRowScorer
+from clipsearch.search import Searcher
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fresh_build(tmp_path, monkeypatch):
+    """load() as in a new process whose kernel cache is an empty folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    score_kernels.load.cache_clear()
+    yield tmp_path / "cache" / "clipsearch" / "kernels"
+    score_kernels.load.cache_clear()
+
+
+def unit_rows(count, dim, seed):
+    rows = torch.randn(count, dim, generator=torch.Generator().manual_seed(seed))
+    return rows / rows.norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("thread_count", [1, 2])
+@pytest.mark.parametrize(("count", "dim", "query_count"), [
+    (1, 8, 1), (1003, 512, 1), (13, 40, 1),       # one query: 32-wide steps, then 8-wide ones
+    (1003, 512, 64), (13, 40, 17), (7, 768, 5),  # several: partial tiles of rows and of queries
+    (2, 24, 16), (40, 16, 6),
+])
+def test_kernels_give_the_fp32_products_of_fp16_rows(count, dim, query_count, thread_count, threads):
+    if score_kernels.load() is None:
+        pytest.skip("the native kernels cannot run here (the log says why)")
+    threads(thread_count)
+    # The rows scored are 3..3+count of a larger matrix, so the kernels' offsets count.
+    storage = unit_rows(count + 5, dim, 0).half()
+    rows = storage[3 : 3 + count]
+    queries = unit_rows(query_count, dim, 1)
+    scorer = HalfRowScorer.create(queries, storage)
+    assert scorer is not None
+    # A row of NaN after the block: a kernel writing past its rows would overwrite it.
+    out = np.full((count + 1, query_count), np.nan, dtype=np.float32)
+    scorer(3, 3 + count, out[:count])
+    expected = (rows.double() @ queries.double().T).numpy()
+    np.testing.assert_allclose(out[:count], expected, rtol=0, atol=1e-6)
+    assert np.isnan(out[count]).all()
+    if query_count > 1:  # each query's maxima over groups of 4 rows, the last one partial where 4 does not divide
+        groups = -(-count // 4)
+        maxima = np.full((groups + 1, query_count), np.nan, dtype=np.float32)
+        scorer(3, 3 + count, out[:count], maxima[:groups], group_rows=4)
+        padded = np.full((groups * 4, query_count), -np.inf)
+        padded[:count] = expected
+        np.testing.assert_allclose(maxima[:groups], padded.reshape(groups, 4, query_count).max(axis=1), rtol=0, atol=1e-6)
+        assert np.isnan(maxima[groups]).all()
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native kernels", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_the_block_top_k_over_group_maxima_finds_the_exact_top_k(native, dtype, monkeypatch):
+    if not native:
+        monkeypatch.setattr(score_kernels, "load", lambda: None)
+    # Blocks of 1,100 rows: 17 whole groups of 64 and 12 rows after them, the last block shorter.
+    rows, queries = unit_rows(5000, 64, 0).to(dtype), unit_rows(7, 64, 1)
+    searcher = Searcher([str(row) for row in range(5000)], rows, assume_normalised=True,
+                        max_score_bytes=4 * 7 * 1100)
+    for top_k in (3, 8):  # 17 groups is more than 2 x 3 (the maxima decide) and fewer than 2 x 8 (all rows)
+        scores, found = searcher.exact_top_k(queries, top_k)
+        expected = (queries @ rows.float().T).topk(top_k)
+        assert torch.equal(found, expected.indices)
+        torch.testing.assert_close(scores, expected.values, atol=1e-5, rtol=0)
+
+
+def test_the_kernels_serve_contiguous_fp16_rows_of_a_width_they_read():
+    rows = unit_rows(10, 64, 0)
+    assert not HalfRowScorer.serves(rows)                           # fp32 (OpenBLAS's)
+    assert not HalfRowScorer.serves(rows.half().T)                  # not contiguous
+    assert not HalfRowScorer.serves(unit_rows(10, 36, 0).half())    # width not a multiple of 8
+    assert HalfRowScorer.serves(rows.half()) == (score_kernels.load() is not None)
+
+
+@pytest.mark.parametrize("compiler", ["missing", "failing"])
+def test_where_the_kernels_cannot_be_built_search_uses_torch_and_logs_why_once(
+        compiler, fresh_build, monkeypatch, caplog):
+    # `false` is a compiler that exits 1 with no message.
+    monkeypatch.setenv("CC", "no-such-compiler-here" if compiler == "missing" else "false")
+    with caplog.at_level(logging.INFO, logger="clipsearch.score_kernels"):
+        assert score_kernels.load() is None
+        assert score_kernels.load() is None
+    reasons = [record.getMessage() for record in caplog.records]
+    expected = "no C compiler found (no-such-compiler-here" if compiler == "missing" else "false exited 1"
+    assert len(reasons) == 1 and reasons[0].startswith("fp16 search scores with torch's kernels: ") and expected in reasons[0]
+    assert not fresh_build.exists() or list(fresh_build.iterdir()) == []  # no half-built library left
+
+    rows, queries = unit_rows(300, 64, 0), unit_rows(3, 64, 1)
+    searcher = Searcher([str(row) for row in range(300)], rows.half(), assume_normalised=True)
+    _, found = searcher.exact_top_k(queries, 5)
+    assert torch.equal(found, (queries @ rows.half().float().T).topk(5).indices)
+
+
+def test_a_first_use_builds_the_library_once_into_the_cache(fresh_build):
+    if score_kernels.load() is None:
+        pytest.skip("the native kernels cannot run here (the log says why)")
+    built = list(fresh_build.iterdir())
+    assert len(built) == 1 and built[0].name.startswith("score_kernels-") and built[0].suffix == ".so"
+    modified = built[0].stat().st_mtime_ns
+    score_kernels.load.cache_clear()
+    assert score_kernels.load() is not None
+    assert list(fresh_build.iterdir()) == built and built[0].stat().st_mtime_ns == modified  # reused, not rebuilt

@@ -4,7 +4,8 @@
 
 The companion of bench_search.py: that one times our Searcher against faiss and the machine's
 bound; this one times the building blocks the Searcher chose between (ATen, MKL and OpenBLAS
-kernels on row- and column-major copies, fp16 storage, two ways to take a top-k), and the old
+kernels on row- and column-major copies, fp16 storage with our native kernels and without, two
+ways to take a top-k), and the old
 search's two steps alone and together, so the choice in clipsearch/search.py can be rechecked on
 another machine. Best and median of N calls, in ms.
 """
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from bench_search import add_collection_flags
 
+from clipsearch.score_kernels import HalfRowScorer
 from clipsearch.search import TOP_K_GROUP, Searcher, _RunningTopK
 
 TOP_K = 10
@@ -41,6 +43,24 @@ def widened_slabs(halves: torch.Tensor, queries: torch.Tensor, slab_rows: int = 
             rows = halves[start : start + slab_rows]
             slab[: rows.shape[0]].copy_(rows)
             torch.mm(slab[: rows.shape[0]], queries.T, out=out[start : start + rows.shape[0]])
+
+    return run
+
+
+def native_one_query(halves: torch.Tensor, query: torch.Tensor):
+    """The native fp16 kernel's scan (score_kernels), or None where it cannot be built."""
+    scorer, out = HalfRowScorer.create(query, halves), np.empty((halves.shape[0], 1), dtype=np.float32)
+    return None if scorer is None else (lambda: scorer(0, halves.shape[0], out))
+
+
+def columns_by_rows(columns: np.ndarray, queries: np.ndarray, block_rows: int = 65536):
+    """OpenBLAS's product written rows x queries, a reused 16 MB block at a time (the Searcher before issue 32's fix)."""
+    out = np.empty((block_rows, queries.shape[0]), dtype=np.float32)
+
+    def run() -> None:
+        for start in range(0, columns.shape[1], block_rows):
+            block = columns[:, start : start + block_rows]
+            np.matmul(block.T, queries.T, out=out[: block.shape[1]])
 
     return run
 
@@ -75,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     searcher = Searcher(paths, rows, assume_normalised=True)  # fp32: columns, [dim, count]
     columns = searcher.storage
     halves = rows.half()
+    half_searcher = Searcher(paths, halves, assume_normalised=True)
     query = F.normalize(torch.randn(1, args.dim, generator=generator), dim=-1)
     batch = F.normalize(torch.randn(args.batch_queries, args.dim, generator=generator), dim=-1)
     columns_np, query_np, batch_np = columns.numpy(), query.numpy(), batch.numpy()
@@ -90,9 +111,12 @@ def main(argv: list[str] | None = None) -> None:
         "`q @ columns`, column-major (MKL)": lambda: query @ columns,
         "`q @ columns` in numpy (OpenBLAS): what the Searcher runs": lambda: query_np[0] @ columns_np,
     }, args.repeats, gigabytes, args.settle_s)
+    native = native_one_query(halves, query)
     print_table("One query, fp16 (GB/s of the fp16 matrix)", {
         "`halves.sum()`: a plain read (ATen)": lambda: halves.sum(),
-        "`torch.mv(halves, q)` (ATen's fp16 kernel): what the Searcher runs": lambda: torch.mv(halves, query[0].half()),
+        **({"the native kernel (F16C, score_kernels): what the Searcher runs": native} if native else {}),
+        "`torch.mv(halves, q)` (ATen's fp16 kernel): the Searcher without the native kernels":
+            lambda: torch.mv(halves, query[0].half()),
         "slabs widened to fp32, then MKL": widened_slabs(halves, query),
     }, args.repeats, gigabytes / 2, args.settle_s)
     print_table(f"Top-{TOP_K} of 1 and {args.batch_queries} queries' scores over the collection", {
@@ -106,13 +130,19 @@ def main(argv: list[str] | None = None) -> None:
     old_search = lambda: torch.from_numpy(batch_np @ columns_np).topk(TOP_K, dim=1)  # noqa: E731
     print_table(f"{args.batch_queries} queries: products, and the old search's two steps together", {
         "`Q @ columns` in numpy (OpenBLAS), whole [q, count] result": lambda: batch_np @ columns_np,
-        "`columns.T @ Q.T` in numpy, blocks of [16 MB of scores, q]: what the Searcher runs":
+        "`Q @ columns` in numpy, blocks of [q, 16 MB of scores]: what the Searcher runs":
             lambda: [None for _ in searcher.score_blocks(batch)],
+        "`columns.T @ Q.T` in numpy, blocks of [16 MB of scores, q]":
+            columns_by_rows(columns_np, batch_np),
         "`rows @ Q.T` (MKL), whole": lambda: rows @ batch.T,
-        "fp16: slabs widened to fp32, then MKL: what the Searcher runs": widened_slabs(halves, batch),
+        "fp16: the native kernel in blocks, with group maxima: what the Searcher runs":
+            lambda: [None for _ in half_searcher.score_blocks(batch)],
+        "fp16: slabs widened to fp32, then MKL: the Searcher without the native kernels": widened_slabs(halves, batch),
         "the old search: numpy's whole product, then torch's top-k over it": old_search,
         "torch's top-k alone over the same scores": lambda: batch_scores.topk(TOP_K, dim=1),
         "the Searcher: blocks of scores, each reduced on one thread": lambda: searcher.exact_top_k(batch, TOP_K),
+        "the Searcher, fp16: the native kernel's blocks and group maxima, reduced on one thread":
+            lambda: half_searcher.exact_top_k(batch, TOP_K),
     }, max(2, args.repeats // 2), None, args.settle_s)
     print(f"\nTOP_K_GROUP = {TOP_K_GROUP}; load average at start {load_start}, at end {common.load_average()}")
 

@@ -12,6 +12,8 @@ another machine. Best and median of N calls, in ms.
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import common
 import numpy as np
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from bench_search import add_collection_flags
 
+from clipsearch import score_kernels
 from clipsearch.score_kernels import HalfRowScorer
 from clipsearch.search import TOP_K_GROUP, Searcher, _RunningTopK
 
@@ -63,6 +66,38 @@ def columns_by_rows(columns: np.ndarray, queries: np.ndarray, block_rows: int = 
             np.matmul(block.T, queries.T, out=out[: block.shape[1]])
 
     return run
+
+
+def paired_native_ab(half_searcher: Searcher, batch: torch.Tensor, repeats: int, settle_s: float) -> None:
+    """The fp16 Searcher's batch path with the native kernels and without (as where they cannot be
+    built), alternating call by call, so each pair shares the machine's minute: medians and the
+    median of the pairs' ratios."""
+    if score_kernels.load() is None:
+        print("\n(the native kernels cannot be built here: no A/B)")
+        return
+    built = score_kernels.load
+
+    def timed(native: bool, run) -> float:
+        score_kernels.load = built if native else (lambda: None)
+        try:
+            time.sleep(settle_s)
+            start = time.perf_counter()
+            run()
+            return (time.perf_counter() - start) * 1000
+        finally:
+            score_kernels.load = built
+
+    steps = {"scoring pass": lambda: [None for _ in half_searcher.score_blocks(batch)],
+             "exact top-k": lambda: half_searcher.exact_top_k(batch, TOP_K)}
+    print(f"\n**{batch.shape[0]} queries, fp16: the Searcher with and without the native kernels**, "
+          f"{repeats} alternating pairs\n")
+    print("| step | native: median ms | torch: median ms | torch / native, median of pairs |")
+    print("|---|---:|---:|---:|")
+    for name, run in steps.items():
+        pairs = [(timed(True, run), timed(False, run)) for _ in range(repeats)]
+        natives, torches = [pair[0] for pair in pairs], [pair[1] for pair in pairs]
+        ratio = statistics.median(torch_ms / native_ms for native_ms, torch_ms in pairs)
+        print(f"| {name} | {statistics.median(natives):.1f} | {statistics.median(torches):.1f} | {ratio:.2f} |")
 
 
 def block_top_k(scores: np.ndarray):
@@ -143,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
         "the Searcher: blocks of scores, each reduced on one thread": lambda: searcher.exact_top_k(batch, TOP_K),
         "the Searcher, fp16: the native kernel's blocks and group maxima, reduced on one thread":
             lambda: half_searcher.exact_top_k(batch, TOP_K),
-    }, max(2, args.repeats // 2), None, args.settle_s)
+    }, args.repeats, None, args.settle_s)
+    paired_native_ab(half_searcher, batch, max(args.repeats, 9), args.settle_s)
     print(f"\nTOP_K_GROUP = {TOP_K_GROUP}; load average at start {load_start}, at end {common.load_average()}")
 
 

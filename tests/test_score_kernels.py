@@ -116,3 +116,13 @@ def test_a_first_use_builds_the_library_once_into_the_cache(fresh_build):
     score_kernels.load.cache_clear()
     assert score_kernels.load() is not None
     assert list(fresh_build.iterdir()) == built and built[0].stat().st_mtime_ns == modified  # reused, not rebuilt
+
+
+def test_without_a_home_folder_for_the_cache_search_uses_torch_and_says_so(fresh_build, monkeypatch, caplog):
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(score_kernels, "cache_folder", no_home)
+    with caplog.at_level(logging.INFO, logger="clipsearch.score_kernels"):
+        assert score_kernels.load() is None
+    assert "set XDG_CACHE_HOME" in caplog.records[0].getMessage()

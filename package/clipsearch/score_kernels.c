@@ -18,6 +18,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* The kernels alone use AVX2, FMA and F16C: the file is compiled for plain x86-64, so that
+ * clipsearch_cpu_supported can run, and answer, on any x86-64 CPU. */
+#define KERNEL __attribute__((target("avx2,fma,f16c")))
+
 #define PREFETCH_BYTES 1024
 #define TILE_ROWS 6
 #define TILE_QUERIES 16
@@ -27,11 +31,11 @@ int clipsearch_cpu_supported(void) {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 
-static inline __m256 load_half(const uint16_t *p) {
+KERNEL static inline __m256 load_half(const uint16_t *p) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 }
 
-static inline float horizontal_sum(__m256 v) {
+KERNEL static inline float horizontal_sum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
@@ -39,7 +43,7 @@ static inline float horizontal_sum(__m256 v) {
 }
 
 /* out[r] = rows[r] . query for r < count; rows fp16 [count, dim], dim a multiple of 8. */
-void clipsearch_score_one_f16(const uint16_t *rows, int64_t count, int64_t dim, const float *query, float *out) {
+KERNEL void clipsearch_score_one_f16(const uint16_t *rows, int64_t count, int64_t dim, const float *query, float *out) {
     int64_t wide = dim - dim % 32;
     for (int64_t r = 0; r < count; r++) {
         const uint16_t *row = rows + r * dim;
@@ -67,7 +71,7 @@ void clipsearch_pack_queries(const float *queries, int64_t query_count, int64_t 
 }
 
 /* tile [6][16] = a panel of six fp32 rows ([6][dim]) x one block of packed queries. */
-static void score_tile(const float *panel, const float *packed, int64_t dim, float *tile) {
+KERNEL static void score_tile(const float *panel, const float *packed, int64_t dim, float *tile) {
     const float *r0 = panel, *r1 = r0 + dim, *r2 = r1 + dim, *r3 = r2 + dim, *r4 = r3 + dim, *r5 = r4 + dim;
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
     __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
@@ -96,7 +100,7 @@ static void score_tile(const float *panel, const float *packed, int64_t dim, flo
 
 /* Row `row`'s scores of one block of queries (`width` of them) into its group's maxima: the first
  * row of a group sets them. */
-static inline void update_maxima(float *maxima, const float *scores, int64_t row, int64_t group_rows, int64_t width) {
+KERNEL static inline void update_maxima(float *maxima, const float *scores, int64_t row, int64_t group_rows, int64_t width) {
     if (row % group_rows == 0) {
         memcpy(maxima, scores, sizeof(float) * width);
     } else if (width == TILE_QUERIES) {
@@ -109,7 +113,7 @@ static inline void update_maxima(float *maxima, const float *scores, int64_t row
 
 /* Scores of rows first..first+live (live <= 6, widened into `panel`) against every block of packed
  * queries, into out [.., query_count] and the maxima. */
-static void score_panel(const float *panel, int64_t first, int64_t live, int64_t dim, const float *packed,
+KERNEL static void score_panel(const float *panel, int64_t first, int64_t live, int64_t dim, const float *packed,
                         int64_t query_count, float *out, float *maxima, int64_t group_rows) {
     float tile[TILE_ROWS * TILE_QUERIES];
     for (int64_t block = 0; block < query_count; block += TILE_QUERIES) {
@@ -129,7 +133,7 @@ static void score_panel(const float *panel, int64_t first, int64_t live, int64_t
  * largest score over every `group_rows` consecutive rows ([ceil(count / group_rows), query_count]),
  * taken from the registers' tiles, so a top-k need not read the scores again to find them.
  * Returns 0, or -1 when out of memory. */
-int clipsearch_score_many_f16(const uint16_t *rows, int64_t count, int64_t dim, const float *packed,
+KERNEL int clipsearch_score_many_f16(const uint16_t *rows, int64_t count, int64_t dim, const float *packed,
                               int64_t query_count, float *out, float *maxima, int64_t group_rows) {
     float *panel = malloc(sizeof(float) * TILE_ROWS * dim);
     if (panel == NULL) return -1;

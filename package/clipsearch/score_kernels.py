@@ -34,7 +34,7 @@ from clipsearch import durable
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("score_kernels.c")
-FLAGS = ("-O3", "-std=c11", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC")
+FLAGS = ("-O3", "-std=gnu11", "-shared", "-fPIC")  # the kernels name their instruction sets themselves
 DISABLE_VARIABLE = "CLIPSEARCH_NATIVE_KERNELS"
 # The kernels read 8 elements at a time (every CLIP width is a multiple of 8: 512, 640, 768, 1024).
 DIM_MULTIPLE = 8
@@ -61,9 +61,11 @@ def _build_and_load() -> tuple[ctypes.CDLL | None, str]:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None, f"the native kernels are x86-64 only (this is {platform.machine()})"
     compiler = shutil.which(os.environ.get("CC", "cc"))
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
-    target = cache_folder() / f"score_kernels-{digest}.so"
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    try:
+        target = cache_folder() / f"score_kernels-{digest}.so"
+    except RuntimeError as error:  # no home folder to hold the cache
+        return None, f"no cache folder for the built kernels ({error}); set XDG_CACHE_HOME"
     if not target.exists():
         if compiler is None:
             return None, f"no C compiler found ({os.environ.get('CC', 'cc')}; set CC to use another)"

@@ -54,6 +54,7 @@ def test_kernels_give_the_fp32_products_of_fp16_rows(count, dim, query_count, th
     expected = (rows.double() @ queries.double().T).numpy()
     np.testing.assert_allclose(out[:count], expected, rtol=0, atol=1e-6)
     assert np.isnan(out[count]).all()
+    scorer(3, 3, out[:0])  # no rows: nothing to do
     if query_count > 1:  # each query's maxima over groups of 4 rows, the last one partial where 4 does not divide
         groups = -(-count // 4)
         maxima = np.full((groups + 1, query_count), np.nan, dtype=np.float32)

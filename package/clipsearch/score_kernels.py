@@ -149,6 +149,8 @@ class HalfRowScorer:
             if self.query_count == 1:
                 raise ValueError("group maxima are computed for several queries only")
             _check_out(maxima, (-(-count // group_rows), self.query_count))
+        if count == 0:
+            return
         # Each thread's share is whole groups, so no two threads write the same group's maxima.
         share = -(-count // self.threads)
         share = -(-share // group_rows) * group_rows

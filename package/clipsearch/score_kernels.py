@@ -1,7 +1,7 @@
 """Native kernels for scoring an fp16 collection: built from score_kernels.c on first use, or absent.
 
 PyTorch's CPU kernels read an fp16 matrix slowly: ATen's fp16 matrix-vector product converts
-element by element (1.5x the time of one read of the matrix on a 2-core EPYC), and a product with
+element by element (1.6x the time of one read of the matrix on a 2-core EPYC), and a product with
 several queries has to widen the rows into an fp32 copy before MKL sees them (issue 32). The C
 kernels widen with F16C as they multiply: one query scans at the speed of a plain read, 64 queries
 at the speed of MKL's square products.

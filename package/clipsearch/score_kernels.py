@@ -3,8 +3,9 @@
 PyTorch's CPU kernels read an fp16 matrix slowly: ATen's fp16 matrix-vector product converts
 element by element (1.6x the time of one read of the matrix on a 2-core EPYC), and a product with
 several queries has to widen the rows into an fp32 copy before MKL sees them (issue 32). The C
-kernels widen with F16C as they multiply: one query scans at the speed of a plain read, 64 queries
-at the speed of MKL's square products.
+kernels widen with F16C as they multiply: one query scans at the speed of a plain read, and with
+64 queries the register tile computes at MKL's square-product rate while its operands are in cache
+(BENCHMARKS.md, "Search: where the time goes").
 
 The library is compiled once with the system's C compiler (`$CC`, else `cc`) into
 `$XDG_CACHE_HOME/clipsearch/kernels/`, under a name that hashes the source and flags, and loaded

@@ -192,8 +192,8 @@ class Searcher:
         bias_values = None if bias is None else bias.detach().float().cpu().numpy()
         queries = queries.float().contiguous()
         native = HalfRowScorer.create(queries, self.storage)
-        # Several queries against columns: OpenBLAS writes queries x rows (1.23x the square-product
-        # time against 1.43x for rows x queries, issue 32); the block is its transposed view.
+        # Several queries against columns: OpenBLAS's product written queries x rows is faster than
+        # rows x queries (benchmarks/profile_search.py times both); the block is its transposed view.
         query_major = self.column_major and query_count > 1
         buffer = np.empty((query_count, block_rows) if query_major else (block_rows, query_count), dtype=np.float32)
         maxima_buffer = None

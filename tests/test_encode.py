@@ -76,6 +76,72 @@ def test_embedder_returns_unit_float32_rows(tiny_checkpoint, precision):
     assert (embeddings * reference).sum(dim=1).min() > 0.99
 
 
+def _eval_transforms():
+    """Every family's evaluation transform that splits at the pixels: ours, open_clip's, HuggingFace's."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    from clipsearch.models.hf_clip import HFImageTransform
+    from clipsearch.models.transforms import OPENAI_MEAN, OPENAI_STD, make_image_transform
+
+    return {
+        "ours": make_image_transform(24, OPENAI_MEAN, OPENAI_STD, is_train=False),
+        "open_clip": image_transform_v2(PreprocessCfg(size=24, mean=OPENAI_MEAN, std=OPENAI_STD), is_train=False),
+        "hf": HFImageTransform({"resize": {"shortest_edge": 24}, "crop": [24, 24], "resample": 3,
+                                "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)}),
+    }
+
+
+@pytest.mark.parametrize("family", ["ours", "open_clip", "hf"])
+def test_uint8_pixels_normalised_as_a_batch_equal_the_whole_transform(family):
+    import numpy as np
+    from PIL import Image
+
+    from clipsearch.models.transforms import split_normalize
+
+    transform = _eval_transforms()[family]
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+              for width, height in [(45, 37), (33, 70), (24, 24), (97, 31)]]
+    pixels, normalize = split_normalize(transform)
+    batch = torch.stack([pixels(image) for image in images])
+    assert batch.dtype == torch.uint8
+    assert torch.equal(normalize(batch), torch.stack([transform(image) for image in images]))  # bit for bit
+
+
+def test_a_transform_that_does_not_split_keeps_float_batches(tiny_checkpoint):
+    from clipsearch.checkpoint import load_bundle
+    from clipsearch.encoding.mapper import ImageEmbedder
+    from clipsearch.models.transforms import split_normalize
+
+    def own_transform(image):
+        return torch.zeros(3, 8, 8)
+
+    assert split_normalize(own_transform) == (own_transform, None)
+    bundle = load_bundle(tiny_checkpoint)
+    with pytest.raises(ValueError, match="uint8 pixels need"):
+        ImageEmbedder(bundle.model, "cpu")(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
+
+
+def _stacked_in_worker(items):
+    from clipsearch.encoding.reader import stack_for_transfer
+
+    batch = stack_for_transfer(items)
+    return batch, batch.is_shared()
+
+
+def test_a_worker_stacks_its_batch_in_shared_memory():
+    from torch.utils.data import DataLoader
+
+    from clipsearch.encoding.reader import stack_for_transfer
+
+    items = [torch.full((3, 4, 4), index, dtype=torch.uint8) for index in range(5)]
+    loader = DataLoader(items, batch_size=5, num_workers=1, collate_fn=_stacked_in_worker)
+    batch, shared_in_worker = next(iter(loader))
+    assert shared_in_worker and torch.equal(batch, torch.stack(items))
+    assert not stack_for_transfer(items).is_shared()  # in the main process, an ordinary stack
+    assert stack_for_transfer([]).shape == (0,)
+
+
 def test_table_dataset_encodes_unique_images_of_all_splits(tmp_path, colour_images):
     root, paths = colour_images
     (tmp_path / "train.tsv").write_text("image\tcaption\n" + "".join(f"{p}\tcaption {i}\n" for i, p in enumerate(paths[:8])))

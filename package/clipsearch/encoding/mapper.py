@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,20 +25,26 @@ def autocast_context(device: torch.device, precision: str):
 class ImageEmbedder:
     """Maps a batch of transformed images to unit-length float32 embeddings on the model's device.
 
-    Results stay on the device so the GPU is not synchronised after every batch; the writer
-    moves a whole shard to the CPU at once.
+    A batch of uint8 pixels (a loader's `split_normalize` half) is normalised on the device by
+    `normalize`, the transform's other half. Results stay on the device so the GPU is not
+    synchronised after every batch; the writer moves a whole shard to the CPU at once.
     """
 
     def __init__(self, model: nn.Module, device: torch.device | str = "cpu", precision: str = "32",
-                 views: ImageViews = ImageViews()):
+                 views: ImageViews = ImageViews(), normalize: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.precision = precision
         self.views = views  # the model spec's: see `embed_images`
+        self.normalize = normalize
         autocast_context(self.device, precision)  # validate early, before any data is read
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
+        if images.dtype == torch.uint8:
+            if self.normalize is None:
+                raise ValueError("uint8 pixels need the transform's normalisation (normalize=)")
+            images = self.normalize(images)
         with torch.inference_mode(), autocast_context(self.device, self.precision):
             embeddings = embed_images(self.model, images, self.views)
         # Normalise in float32: half-precision norms lose digits that ranking later depends on.

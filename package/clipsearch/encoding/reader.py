@@ -161,7 +161,7 @@ def partition(image_paths: Sequence[str], rank: int, world_size: int) -> list[st
 
 @dataclass
 class ImageBatch:
-    images: torch.Tensor  # [n, 3, H, W]; shape [0] when every image of the batch was skipped
+    images: torch.Tensor  # [n, 3, H, W], uint8 pixels or float; shape [0] when every image of the batch was skipped
     image_paths: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     digests: list[str] = field(default_factory=list)  # of each image file's bytes, for duplicates
@@ -203,10 +203,23 @@ class ImagePathDataset(Dataset):
             return None, image_path, f"transform failed ({type(error).__name__})", None, None
 
 
+def stack_for_transfer(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.stack`, straight into shared memory inside a loader worker: a batch stacked in private
+    memory is copied again into shared memory as the worker sends it (torch's default collate
+    avoids that copy the same way)."""
+    if not tensors:
+        return torch.empty(0)
+    if get_worker_info() is None:
+        return torch.stack(tensors)
+    first = tensors[0]
+    shared = torch.empty((len(tensors), *first.shape), dtype=first.dtype).share_memory_()
+    return torch.stack(tensors, out=shared)
+
+
 def collate_images(items: list[tuple[torch.Tensor | None, str, str | None, str | None, dict | None]]) -> ImageBatch:
     kept = [(tensor, path, digest, facts) for tensor, path, reason, digest, facts in items if reason is None]
     skipped = [(path, reason) for _, path, reason, _, _ in items if reason is not None]
-    images = torch.stack([tensor for tensor, _, _, _ in kept]) if kept else torch.empty(0)
+    images = stack_for_transfer([tensor for tensor, _, _, _ in kept])
     return ImageBatch(
         images=images,
         image_paths=[path for _, path, _, _ in kept],
@@ -330,7 +343,7 @@ class TarBatches(IterableDataset):
     @staticmethod
     def _batch(step: int, tar: str, kept: list, skipped: list, ends_shard: bool = False) -> TarBatch:
         return TarBatch(
-            images=torch.stack([tensor for tensor, _, _ in kept]) if kept else torch.empty(0),
+            images=stack_for_transfer([tensor for tensor, _, _ in kept]),
             image_paths=[name for _, name, _ in kept], skipped=list(skipped),
             digests=[digest for _, _, (_, digest) in kept], facts=[fields for _, _, (fields, _) in kept],
             step=step, tar=tar, ends_shard=ends_shard,

@@ -30,6 +30,7 @@ from clipsearch.encoding.reader import (
 from clipsearch.encoding.writer import ShardWriter
 from clipsearch.errors import UserError
 from clipsearch.models.released import load_model
+from clipsearch.models.transforms import split_normalize
 from clipsearch.store import (
     MANIFEST_FILE,
     ROWS_CAPTIONS,
@@ -137,11 +138,13 @@ def collection_rows(config: EncodeConfig) -> CollectionRows:
 def rank_work(config: EncodeConfig, bundle, device: torch.device, rows: CollectionRows, rank_paths: list[str],
               pending: list[tuple[int, int, int]], workers: int):
     """The model stage, and (step, whether the batch ends its shard, batch) over this rank's pending shards."""
+    # Loader workers stop at uint8 pixels; the model stage normalises whole batches (PixelNormalize).
+    pixels, normalize = split_normalize(bundle.eval_transform)
     if rows.tars:
         # A tar's sample count is known only once it is read: each batch says whether it ends its tar's shard.
         assigned = [(step, rank_paths[start]) for step, start, _ in pending]
-        loader = make_tar_loader(assigned, bundle.eval_transform, config.batch_size, workers, device.type == "cuda")
-        embedder = ImageEmbedder(bundle.model, device, config.precision, bundle.image_views)
+        loader = make_tar_loader(assigned, pixels, config.batch_size, workers, device.type == "cuda")
+        embedder = ImageEmbedder(bundle.model, device, config.precision, bundle.image_views, normalize)
         return embedder, ((batch.step, batch.ends_shard, batch) for batch in loader)
     batches, batch_steps = shard_batches(pending, config.batch_size)
     ends_shard = [index + 1 == len(batch_steps) or batch_steps[index + 1] != step for index, step in enumerate(batch_steps)]
@@ -149,8 +152,8 @@ def rank_work(config: EncodeConfig, bundle, device: torch.device, rows: Collecti
         embedder = TextEmbedder(bundle.model, device, config.precision)
         loader = caption_batches(rank_paths, rows.captions, bundle.tokenizer, batches)
     else:
-        embedder = ImageEmbedder(bundle.model, device, config.precision, bundle.image_views)
-        loader = make_loader(rank_paths, bundle.eval_transform, batches, workers, pin_memory=device.type == "cuda")
+        embedder = ImageEmbedder(bundle.model, device, config.precision, bundle.image_views, normalize)
+        loader = make_loader(rank_paths, pixels, batches, workers, pin_memory=device.type == "cuda")
     return embedder, zip(batch_steps, ends_shard, loader)
 
 

@@ -12,7 +12,7 @@ from torchvision.transforms.v2 import functional as TF
 from clipsearch.models.bundle import SPEC_VERSION
 from clipsearch.models.pretrained_towers import HFTokenizer, _pack_tokenizer_files, _unpack_tokenizer
 from clipsearch.models.registry import register_family
-from clipsearch.models.transforms import make_image_transform
+from clipsearch.models.transforms import PixelNormalize, make_image_transform
 
 FAMILY = "hf_clip"
 # Model types whose `get_image_features` / `get_text_features` give the embeddings we compare.
@@ -48,6 +48,14 @@ class HFImageTransform:
         return [self.resize["height"], self.resize["width"]]
 
     def __call__(self, image) -> torch.Tensor:
+        return TF.normalize(self.pixels(image).float(), self.mean, self.std)
+
+    def split_normalize(self) -> tuple:
+        """The uint8 pixels and their batch normalisation (`transforms.split_normalize`)."""
+        return self.pixels, PixelNormalize(self.mean, self.std, scale=1.0)
+
+    def pixels(self, image) -> torch.Tensor:
+        """The resized and cropped uint8 pixels, before normalisation."""
         pixels = TF.pil_to_tensor(image.convert("RGB"))
         if self.resize:
             size = self._resized_size(*pixels.shape[-2:])
@@ -60,7 +68,7 @@ class HFImageTransform:
             else:
                 top, left = int((height - crop_height) / 2.0), int((width - crop_width) / 2.0)
                 pixels = TF.crop(pixels, top, left, crop_height, crop_width)
-        return TF.normalize(pixels.float(), self.mean, self.std)
+        return pixels
 
 
 class HFCLIP(nn.Module):

@@ -1,6 +1,9 @@
 """Image preprocessing shared by all variants: one definition, parameterised by size and normalisation."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
@@ -57,3 +60,43 @@ def with_random_mirror(transform):
     training captions name a side.
     """
     return T.Compose([T.RandomHorizontalFlip(p=0.5), transform])
+
+
+class PixelNormalize:
+    """The float step of an image transform, applied to a whole batch of uint8 pixels at once.
+
+    Why: a loader worker that ships uint8 pixels moves a quarter of the bytes across processes (and
+    to a GPU), and skips ToTensor and Normalize's passes over each image. The batch then gets the
+    same operations in the same order, `(pixels / scale - mean) / std` in float32, so it equals,
+    bit for bit, the stack of what the whole transform gives image by image.
+    """
+
+    def __init__(self, mean, std, scale: float = 255.0):
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.scale = float(scale)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.mean.device != pixels.device:  # once: the model's device stays the same
+            self.mean, self.std = self.mean.to(pixels.device), self.std.to(pixels.device)
+        images = pixels.float()
+        if self.scale != 1.0:
+            images.div_(self.scale)
+        return images.sub_(self.mean).div_(self.std)
+
+
+def split_normalize(transform: Callable) -> tuple[Callable, PixelNormalize | None]:
+    """(PIL image -> uint8 pixels, their batch normalisation), together equal to `transform`; or
+    (`transform`, None) when its last steps are not a conversion known to split.
+
+    Splits torchvision pipelines ending in ToTensor (or open_clip's MaybeToTensor), Normalize, and transforms
+    that say how to split themselves (`split_normalize()`, the HuggingFace processor's).
+    """
+    own_split = getattr(transform, "split_normalize", None)
+    if own_split is not None:
+        return own_split()
+    steps = getattr(transform, "transforms", None) if isinstance(transform, T.Compose) else None
+    if steps and len(steps) >= 2 and isinstance(steps[-2], T.ToTensor) and type(steps[-1]) is T.Normalize:
+        normalize = steps[-1]
+        return T.Compose([*steps[:-2], T.PILToTensor()]), PixelNormalize(normalize.mean, normalize.std)
+    return transform, None

@@ -306,7 +306,7 @@ def bench_model(name: str, args, images: list[Path], default_workers: int) -> di
 
 
 def ratio_text(row: dict) -> str:
-    low, high = row.get("ratio_range", [row["ratio_to_model_only"]] * 2)
+    low, high = row["ratio_range"]
     return f"{row['ratio_to_model_only']:.2f} ({low:.2f} to {high:.2f})"
 
 

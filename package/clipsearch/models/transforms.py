@@ -89,13 +89,13 @@ def split_normalize(transform: Callable) -> tuple[Callable, PixelNormalize | Non
     """(PIL image -> uint8 pixels, their batch normalisation), together equal to `transform`; or
     (`transform`, None) when its last steps are not a conversion known to split.
 
-    Splits torchvision pipelines ending in ToTensor (or open_clip's MaybeToTensor), Normalize, and transforms
-    that say how to split themselves (`split_normalize()`, the HuggingFace processor's).
+    Splits torchvision pipelines ending in ToTensor (or open_clip's MaybeToTensor) and Normalize,
+    and transforms that say how to split themselves (`split_normalize()`, the HuggingFace processor's).
     """
     own_split = getattr(transform, "split_normalize", None)
     if own_split is not None:
         return own_split()
-    steps = getattr(transform, "transforms", None) if isinstance(transform, T.Compose) else None
+    steps = transform.transforms if isinstance(transform, T.Compose) else None
     if steps and len(steps) >= 2 and isinstance(steps[-2], T.ToTensor) and type(steps[-1]) is T.Normalize:
         normalize = steps[-1]
         return T.Compose([*steps[:-2], T.PILToTensor()]), PixelNormalize(normalize.mean, normalize.std)

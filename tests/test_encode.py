@@ -123,7 +123,7 @@ def test_a_transform_that_does_not_split_keeps_float_batches(tiny_checkpoint):
 
 
 def _stacked_in_worker(items):
-    from clipsearch.encoding.reader import stack_for_transfer
+    from clipsearch.datasets import stack_for_transfer
 
     batch = stack_for_transfer(items)
     return batch, batch.is_shared()
@@ -132,7 +132,7 @@ def _stacked_in_worker(items):
 def test_a_worker_stacks_its_batch_in_shared_memory():
     from torch.utils.data import DataLoader
 
-    from clipsearch.encoding.reader import stack_for_transfer
+    from clipsearch.datasets import stack_for_transfer
 
     items = [torch.full((3, 4, 4), index, dtype=torch.uint8) for index in range(5)]
     loader = DataLoader(items, batch_size=5, num_workers=1, collate_fn=_stacked_in_worker)

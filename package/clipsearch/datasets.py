@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 import pandas as pd
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from clipsearch.data_report import CONVERSION_PREFIX, DataReport
 from clipsearch.images import load_image
@@ -169,6 +169,19 @@ class ImageGroupDataset(Dataset):
         }
 
 
+def stack_for_transfer(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.stack`, straight into shared memory inside a loader worker: a batch stacked in private
+    memory is copied again into shared memory as the worker sends it (torch's default collate
+    avoids that copy the same way)."""
+    if not tensors:
+        return torch.empty(0)
+    if get_worker_info() is None:
+        return torch.stack(tensors)
+    first = tensors[0]
+    shared = torch.empty((len(tensors), *first.shape), dtype=first.dtype).share_memory_()
+    return torch.stack(tensors, out=shared)
+
+
 def _batch_counts(items: Iterable[dict]) -> tuple[dict[str, int], dict[str, int], list[dict]]:
     """Split items into kept ones and the skip and conversion counts of the whole batch."""
     batch_report = DataReport()
@@ -204,7 +217,7 @@ def collate_pairs(items: list[dict]) -> dict:
     captions = [item["captions"] if "captions" in item else [item["caption"]] for item in kept]
     tokens = [torch.as_tensor(item["tokens"]) for item in kept]
     return {
-        "images": torch.stack([item["image"] for item in kept]),
+        "images": stack_for_transfer([item["image"] for item in kept]),
         "tokens": torch.cat([rows if rows.ndim == 2 else rows[None] for rows in tokens]),
         "captions": [caption for image_captions in captions for caption in image_captions],
         "caption_images": torch.arange(len(kept)).repeat_interleave(torch.tensor([len(c) for c in captions])),
@@ -235,7 +248,7 @@ def collate_groups(items: list[dict]) -> dict:
         }
     caption_image_ids = [item["image_id"] for item in kept for _ in item["captions"]]
     return {
-        "images": torch.stack([item["image"] for item in kept]),
+        "images": stack_for_transfer([item["image"] for item in kept]),
         "tokens": torch.cat([torch.as_tensor(item["tokens"]) for item in kept]),
         "caption_image_ids": torch.tensor(caption_image_ids, dtype=torch.long),
         "image_ids": torch.tensor([item["image_id"] for item in kept], dtype=torch.long),

@@ -21,6 +21,7 @@ from clipsearch.data import (
     load_image,
     read_table,
 )
+from clipsearch.datasets import stack_for_transfer
 from clipsearch.fields import scalar, time_text
 from clipsearch.images import SkipReasons, capture_date, decode_image
 from clipsearch.store import bytes_digest, caption_row_name, file_digest
@@ -201,19 +202,6 @@ class ImagePathDataset(Dataset):
             return self.image_transform(image), image_path, None, file_digest(image_path), facts
         except Exception as error:  # a transform failure is one bad image, not a failed run
             return None, image_path, f"transform failed ({type(error).__name__})", None, None
-
-
-def stack_for_transfer(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """`torch.stack`, straight into shared memory inside a loader worker: a batch stacked in private
-    memory is copied again into shared memory as the worker sends it (torch's default collate
-    avoids that copy the same way)."""
-    if not tensors:
-        return torch.empty(0)
-    if get_worker_info() is None:
-        return torch.stack(tensors)
-    first = tensors[0]
-    shared = torch.empty((len(tensors), *first.shape), dtype=first.dtype).share_memory_()
-    return torch.stack(tensors, out=shared)
 
 
 def collate_images(items: list[tuple[torch.Tensor | None, str, str | None, str | None, dict | None]]) -> ImageBatch:

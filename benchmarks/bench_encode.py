@@ -72,6 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--accelerator", default="cpu", choices=("cpu", "gpu"), help="where the model runs (the GPU: cuda:0)")
     run.add_argument("--precision", default="32", choices=("32", "16-mixed", "bf16-mixed"),
                      help="the encode CLI's --precision, for the pipeline and the model-only ceiling alike")
+    run.add_argument("--cpu_threads", type=int, default=None,
+                     help="the model's torch threads on the CPU, in the pipeline (the CLI's --cpu_threads) and the "
+                          "ceiling alike (default: the CLI's, every core); 1 on 2 cores leaves a core to the "
+                          "decoding worker, as a GPU node's cores are left to its workers")
     common.add_report_flags(parser)
     args = parser.parse_args(argv)
     args.models = [name.strip() for name in args.models.split(",") if name.strip()]
@@ -153,7 +157,7 @@ def build_checkpoint(name: str, folder: Path) -> Path:
 
 
 def pipeline_seconds(checkpoint: Path, dataset: Path, emb_path: Path, batch_size: int, workers: int,
-                     accelerator: str = "cpu", precision: str = "32") -> float:
+                     accelerator: str = "cpu", precision: str = "32", cpu_threads: int | None = None) -> float:
     """Seconds of the CLI's encoding loop (decode, model, shard writing), as its rank record states."""
     from clipsearch.cli import encode
 
@@ -161,6 +165,7 @@ def pipeline_seconds(checkpoint: Path, dataset: Path, emb_path: Path, batch_size
         f"--load_model={checkpoint}", f"--dataset_path={dataset}", f"--emb_path={emb_path}", "--split=folder",
         f"--batch_size={batch_size}", f"--num_workers={workers}", f"--accelerator={accelerator}",
         f"--precision={precision}", "--overwrite", "--no_progress",
+        *([f"--cpu_threads={cpu_threads}"] if cpu_threads else []),
     ]
     with contextlib.redirect_stdout(io.StringIO()):
         encode.main(argv)
@@ -169,13 +174,17 @@ def pipeline_seconds(checkpoint: Path, dataset: Path, emb_path: Path, batch_size
 
 
 def model_only_rate(checkpoint: Path, images: list[Path], batch_size: int, repeats: int,
-                    accelerator: str = "cpu", precision: str = "32") -> dict:
+                    accelerator: str = "cpu", precision: str = "32", cpu_threads: int | None = None) -> dict:
     """Images/s of the embedding stage alone on batches decoded and transformed beforehand (in host
-    memory, as the pipeline's batches are: on a GPU the copy to it is part of the stage)."""
+    memory, as the pipeline's batches are: on a GPU the copy to it is part of the stage), with the
+    torch threads the encode CLI gives one rank."""
+    import os
+
     from clipsearch.checkpoint import load_bundle
     from clipsearch.data import load_image
     from clipsearch.encoding.mapper import ImageEmbedder
 
+    torch.set_num_threads(cpu_threads or os.cpu_count() or 1)
     bundle = load_bundle(checkpoint)
     tensors = torch.stack([bundle.eval_transform(load_image(path)) for path in images])
     on_gpu = accelerator == "gpu"
@@ -280,10 +289,10 @@ def bench_model(name: str, args, images: list[Path], default_workers: int) -> di
         for workers in order:
             for size in ("short", "long"):
                 seconds = pipeline_seconds(checkpoint, datasets[size], folder / f"emb_{size}", args.batch_size, workers,
-                                           args.accelerator, args.precision)
+                                           args.accelerator, args.precision, args.cpu_threads)
                 pipeline[workers][size].append(seconds)
         model_rates.append(model_only_rate(checkpoint, images, args.batch_size, repeats=1, accelerator=args.accelerator,
-                                           precision=args.precision)["images_per_s"])
+                                           precision=args.precision, cpu_threads=args.cpu_threads)["images_per_s"])
     ceiling = sorted(model_rates)[len(model_rates) // 2]
 
     rows = [pipeline_row(workers, pipeline[workers], model_rates, args.images, default_workers) for workers in settings]
@@ -320,9 +329,14 @@ def report_markdown(results: dict) -> str:
     ]
     tars = results.get("source") == "tars"
     source = f" in webdataset tars of {results['tar_samples']} samples (+ .txt, .json)" if tars else ""
-    return common.report_section("Encoding from webdataset tars" if tars else "Encoding", results, [
+    threads = results.get("cpu_threads")
+    title = "Encoding from webdataset tars" if tars else "Encoding"
+    if threads:
+        title += f", the model on {threads} of {results['machine']['nproc']} cores"
+    return common.report_section(title, results, [
         f"- Images: {results['images_source']}{source}; pipeline = the encode CLI in-process (`--split=folder "
-        f"--accelerator={results.get('accelerator', 'cpu')} --precision={results.get('precision', '32')}`), "
+        f"--accelerator={results.get('accelerator', 'cpu')} --precision={results.get('precision', '32')}"
+        f"{f' --cpu_threads={threads}' if threads else ''}`), "
         f"steady rate from runs of {results['images'] // 2} and {results['images']} images; "
         "model-only = the same `ImageEmbedder` on pre-decoded tensors; one worker alone = the encoder's "
         "loader with one worker and no model, the worker shipping uint8 pixels (the encoder's way) or float "
@@ -346,6 +360,8 @@ def findings(results: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)  # as the header reports it
     header = common.run_header()
     images, images_source = source_images(args.image_dir, args.images, args.work_dir)
     from clipsearch.allocator import reuse_freed_memory
@@ -364,13 +380,15 @@ def main(argv: list[str] | None = None) -> dict:
         "repeats": args.repeats,
         "accelerator": args.accelerator,
         "precision": args.precision,
+        "cpu_threads": args.cpu_threads,
         "cli_default_num_workers": default_workers,
         "models": [bench_model(name, args, images, default_workers) for name in args.models],
     }
     results["load_average_end"] = common.load_average()
     results["command"] = common.command_line("bench_encode.py", argv)
     results["findings"] = findings(results)
-    common.publish("encode_tars" if args.source == "tars" else "encode", results, report_markdown(results), args.report)
+    name = ("encode_tars" if args.source == "tars" else "encode") + (f"_threads{args.cpu_threads}" if args.cpu_threads else "")
+    common.publish(name, results, report_markdown(results), args.report)
     return results
 
 

@@ -388,7 +388,8 @@ def test_each_encoding_rank_makes_its_own_gpu_the_current_one(monkeypatch):
 
 
 def test_each_encoding_rank_takes_its_share_of_the_node_for_decoding(tmp_path, tiny_checkpoint, colour_images, monkeypatch):
-    """Four ranks on a 16-core node (torchrun passes no --devices): 16 / 4 - 1 decoders each, not 8."""
+    """Four ranks on a 16-core node (torchrun passes no --devices): 16 / 4 - 1 decoders each, not 8,
+    and 16 / 4 torch threads unless --cpu_threads says how many."""
     from clipsearch.encoding import runner
 
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
@@ -399,11 +400,17 @@ def test_each_encoding_rank_takes_its_share_of_the_node_for_decoding(tmp_path, t
     root, _ = colour_images
     config = runner.EncodeConfig(str(tiny_checkpoint), str(root), str(tmp_path / "emb"), accelerator="cpu", progress=False)
     threads = torch.get_num_threads()  # a CPU rank sets its share of the (pretended) cores
+    threads_set = []
     try:
         runner.encode_rank(config, rank=1, world_size=4, local_rank=1, local_world_size=4)
-        runner.encode_rank(dataclasses.replace(config, num_workers=2), rank=2, world_size=4, local_rank=2,
-                           local_world_size=4)
+        threads_set.append(torch.get_num_threads())
+        runner.encode_rank(dataclasses.replace(config, num_workers=2, cpu_threads=1), rank=2, world_size=4,
+                           local_rank=2, local_world_size=4)
+        threads_set.append(torch.get_num_threads())
     finally:
         torch.set_num_threads(threads)
     assert workers == [3, 2]
-    assert parse_args([]).num_workers is None  # decided by each rank, where the node's ranks are known
+    assert threads_set == [4, 1]
+    # Decided by each rank, where the node's ranks are known.
+    assert parse_args([]).num_workers is None and parse_args([]).cpu_threads is None
+    assert parse_args(["--cpu_threads", "3"]).cpu_threads == 3

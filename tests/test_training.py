@@ -318,7 +318,7 @@ def test_loader_workers_share_a_nodes_cores_among_its_ranks(tiny_dataset, monkey
                                   "--batch_size=8"])
     assert config.devices == "auto" and config.num_workers is None
     bundle = build_from_spec(openai_clip_spec("ViT-Tiny-16", image_size=32))
-    train_loader, val_loader, _, _ = train.make_loaders(config, bundle)
+    train_loader, val_loader, *_ = train.make_loaders(config, bundle)
     assert train_loader.num_workers == val_loader.num_workers == 1
     assert train.loader_workers(replace(config, devices=2)) == 7
     assert train.loader_workers(config, env={"LOCAL_WORLD_SIZE": "4"}) == 3  # torchrun started 4 on this node
@@ -500,6 +500,27 @@ def test_two_gloo_processes_train_to_the_weights_of_one_process(tiny_dataset, tm
     for name, value in one.items():
         moved = (value - initial[name.removeprefix("model.")]).abs().max()
         assert (two[name] - value).abs().max() <= 0.05 * moved + 1e-7, name
+
+
+def test_training_batches_cross_as_uint8_pixels_and_reach_the_model_as_the_whole_transform_gives(tiny_dataset):
+    """The loader's workers ship uint8 pixels (a quarter of the bytes); the module normalises each
+    batch, equal bit for bit to the whole transform, random crop and mirror included."""
+    config = pretrain_parse_args(["--pretrain_clip=ViT-Tiny-16", "--image_resolution=32", f"--dataset_path={tiny_dataset}",
+                                  "--batch_size=8", "--num_workers=0"])
+    bundle = build_from_spec(openai_clip_spec("ViT-Tiny-16", image_size=32))
+    bundle.train_transform = with_random_mirror(bundle.train_transform)  # as --flip_images does
+    train_loader, _, _, _, pixel_normalize = train.make_loaders(config, bundle)
+    batch = next(iter(train_loader))
+    assert batch["images"].dtype == torch.uint8 and batch["images"].shape == (8, 3, 32, 32)
+    whole = ImageCaptionDataset(read_table(tiny_dataset, "train"), bundle.train_transform, bundle.tokenizer)
+    module = CLIPModule(bundle.model, bundle.spec, pixel_normalize=pixel_normalize)
+    for key in [(index, 1000 + index) for index in range(8)]:  # (row, augmentation seed), as the sampler draws
+        pixels = train_loader.dataset[key]["image"]
+        assert torch.equal(module._model_input(pixels[None])[0], whole[key]["image"])
+    floats = torch.rand(2, 3, 32, 32)
+    assert module._model_input(floats) is floats  # batches that are not pixels pass through
+    with pytest.raises(ValueError, match="uint8 pixels"):
+        CLIPModule(bundle.model, bundle.spec)._model_input(batch["images"])
 
 
 def test_training_reads_webdataset_shards(tiny_dataset, tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -61,13 +62,17 @@ class CLIPModule(L.LightningModule):
         head_only_steps: int = 0,
         layer_decay: float = 1.0,
         cpu_image_slice: int | None = None,
+        pixel_normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         super().__init__()
         self.model = model
         self.spec = spec
-        self.save_hyperparameters(ignore=["model", "spec", "cached_images"])
+        self.save_hyperparameters(ignore=["model", "spec", "cached_images", "pixel_normalize"])
         # Training batches hold cached outputs of the locked image stages instead of images.
         self.cached_images = cached_images
+        # Training batches of uint8 pixels become the model's input here, on their device
+        # (the loader's workers ship pixels: train._training_set).
+        self.pixel_normalize = pixel_normalize
         # None trains the whole batch at once.
         whole_batch = getattr(model, "whole_batch_on_cpu", None)
         self.cpu_image_slice = cpu_image_slice if cpu_image_slice is not None else (
@@ -117,7 +122,7 @@ class CLIPModule(L.LightningModule):
         if rows == 0:
             loss = self._loss_without_rows()
         else:
-            image_features, text_features = self(batch["images"], batch["tokens"])
+            image_features, text_features = self(self._model_input(batch["images"]), batch["tokens"])
             loss = self.loss_fn(image_features, text_features, self.model.logit_scale,
                                 caption_images=batch.get("caption_images"))
         batch_size = max(rows, 1)  # a rank without rows still logs its (zero) share
@@ -129,6 +134,15 @@ class CLIPModule(L.LightningModule):
             self.log("train/logit_bias", self.loss_fn.logit_bias.detach(), batch_size=batch_size)
         self.log("train/skipped", float(self.data_report.total_skipped()), batch_size=batch_size)
         return loss
+
+    def _model_input(self, images: torch.Tensor) -> torch.Tensor:
+        """A training batch as the image tower takes it: uint8 pixels normalised, anything else as it came."""
+        if images.dtype != torch.uint8:
+            return images
+        if self.pixel_normalize is None:
+            raise ValueError("a batch of uint8 pixels needs the normalisation split off its transform "
+                             "(CLIPModule's pixel_normalize)")
+        return self.pixel_normalize(images)
 
     def _loss_without_rows(self) -> torch.Tensor:
         """The share of a rank whose images all failed while other ranks have some: zero, with the

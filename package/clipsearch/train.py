@@ -43,7 +43,7 @@ from clipsearch.evaluate import format_metrics
 from clipsearch.image_cache import ImageFeatureCache
 from clipsearch.lightning_module import CLIPModule
 from clipsearch.models import ModelBundle
-from clipsearch.models.transforms import TRAIN_CROP, with_random_mirror
+from clipsearch.models.transforms import TRAIN_CROP, split_normalize, with_random_mirror
 from clipsearch.result_panel import ResultPanel
 from clipsearch.sample_data import prepare_default_sample
 from clipsearch.tables import find_table, is_webdataset_path, read_table
@@ -399,8 +399,14 @@ def training_tokenizer(config: TrainConfig, bundle: ModelBundle):
 
 
 def _training_set(config: TrainConfig, bundle: ModelBundle, report: DataReport):
-    """Map-style pairs from a table (images or cached image features), or a stream from webdataset shards."""
+    """Map-style pairs from a table (images or cached image features), or a stream from webdataset
+    shards; the image cache, if any; and what the module does to each batch of uint8 pixels (None:
+    the batches arrive as the model takes them)."""
     caching = bool(config.model.get("cache_image_views"))
+    # The loader's workers stop at uint8 pixels and the module normalises each batch where it trains:
+    # a quarter of the bytes cross between processes (and to a GPU), and the workers skip a float
+    # pass over every image. Equal, bit for bit, to the whole transform (transforms.split_normalize).
+    pixels, pixel_normalize = split_normalize(bundle.train_transform)
     if is_webdataset_path(config.dataset_path):
         if caching:
             raise UserError("--cache_image_views needs a table of training pairs, not webdataset shards")
@@ -409,22 +415,22 @@ def _training_set(config: TrainConfig, bundle: ModelBundle, report: DataReport):
                             "one caption per sample: leave it at 1")
         # A stream has no length: every rank and worker yields the same count so DDP steps stay in lockstep.
         samples = config.sample_num or config.max_steps * config.batch_size * config.accumulate_grad_batches
-        return make_webdataset(config.dataset_path, bundle.train_transform, training_tokenizer(config, bundle),
-                               epoch_samples=samples), None
+        return make_webdataset(config.dataset_path, pixels, training_tokenizer(config, bundle),
+                               epoch_samples=samples), None, pixel_normalize
     table = read_table(config.dataset_path, config.train_split, config.image_column, config.caption_column,
                        report=report)
     if config.sample_num is not None:
         table = table.iloc[: config.sample_num]
     if caching:
-        train_set, cache = _cached_image_pairs(config, bundle, table)
+        (train_set, cache), pixel_normalize = _cached_image_pairs(config, bundle, table), None
     else:
-        train_set, cache = ImageCaptionDataset(table, bundle.train_transform, training_tokenizer(config, bundle),
+        train_set, cache = ImageCaptionDataset(table, pixels, training_tokenizer(config, bundle),
                                                config.captions_per_image), None
     if len(train_set) < config.batch_size:
         unit = "training pairs" if config.captions_per_image == 1 else "training images (--captions_per_image)"
         raise UserError(f"--dataset_path {config.dataset_path}: {len(train_set)} usable {unit}, "
                         f"fewer than one batch (--batch_size {config.batch_size})")
-    return train_set, cache
+    return train_set, cache, pixel_normalize
 
 
 def _uses_cuda(config: TrainConfig) -> bool:
@@ -450,9 +456,10 @@ def loader_workers(config: TrainConfig, env=os.environ) -> int:
 
 
 def make_loaders(config: TrainConfig, bundle: ModelBundle):
-    """Training pairs (seeded, resumable order; full batches so every rank gathers equal shapes) and dev groups."""
+    """Training pairs (seeded, resumable order; full batches so every rank gathers equal shapes) and dev
+    groups: (train loader, val loader, val set, image cache, the normalisation of uint8 training batches)."""
     report = DataReport()
-    train_set, image_cache = _training_set(config, bundle, report)
+    train_set, image_cache, pixel_normalize = _training_set(config, bundle, report)
     workers = loader_workers(config)
     loader_options = {
         "batch_size": config.batch_size,
@@ -480,7 +487,7 @@ def make_loaders(config: TrainConfig, bundle: ModelBundle):
     )
     if report.total_skipped():
         logger.warning("tables: %s", report.summary())
-    return train_loader, val_loader, val_set, image_cache
+    return train_loader, val_loader, val_set, image_cache, pixel_normalize
 
 
 def _as_stored(identity: dict) -> dict:
@@ -589,7 +596,7 @@ def run_training(config: TrainConfig, build: Callable[[object], ModelBundle]) ->
     bundle.set_mirror_average(bool(config.model.get("mirror_average")))
     if config.flip_images:
         bundle.train_transform = with_random_mirror(bundle.train_transform)
-    train_loader, val_loader, val_set, image_cache = make_loaders(config, bundle)
+    train_loader, val_loader, val_set, image_cache, pixel_normalize = make_loaders(config, bundle)
     module = CLIPModule(
         bundle.model,
         bundle.spec,
@@ -599,6 +606,7 @@ def run_training(config: TrainConfig, build: Callable[[object], ModelBundle]) ->
         warmup_steps=config.warmup_steps,
         max_steps=config.max_steps,
         cached_images=image_cache is not None,
+        pixel_normalize=pixel_normalize,
         loss=config.loss,
         head_only_steps=config.head_only_steps,
         layer_decay=config.layer_decay,

@@ -133,7 +133,8 @@ def make_webdataset(
 
     For the trainer, when `--dataset_path` passes `is_webdataset_path`:
 
-        train_set = make_webdataset(path, bundle.train_transform, bundle.tokenizer, epoch_samples=n)
+        pixels, pixel_normalize = split_normalize(bundle.train_transform)  # the module normalises batches
+        train_set = make_webdataset(path, pixels, bundle.tokenizer, epoch_samples=n)
         DataLoader(train_set, batch_size=b, num_workers=w, collate_fn=collate_pairs)  # no sampler
 
     Shards are divided between DDP ranks and DataLoader workers (rank-major) and each process

@@ -123,6 +123,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     trainer.add_argument("--devices", type=positive_int, default=1, help="processes per node (GPUs on a GPU node)")
     trainer.add_argument("--num_nodes", type=positive_int, default=1, help="nodes of a multi-node run")
     trainer.add_argument(
+        "--cpu_threads",
+        type=positive_int,
+        default=None,
+        help="torch threads of each rank whose model runs on the CPU (default: CPU cores / processes on the node); "
+        "fewer leave cores to the decoding workers and to other work",
+    )
+    trainer.add_argument(
         "--node_rank", type=non_negative_int, default=0, help="this node's index when starting nodes by hand (0-based)"
     )
 

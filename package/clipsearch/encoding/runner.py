@@ -61,6 +61,7 @@ class EncodeConfig:
     batch_size: int = 64
     shard_size: int = 10_000
     num_workers: int | None = None  # None: this node's cores shared by its ranks (default_num_workers)
+    cpu_threads: int | None = None  # None: this node's cores shared by its ranks
     precision: str = "32"
     accelerator: str = "auto"
     overwrite: bool = False
@@ -163,7 +164,7 @@ def encode_rank(config: EncodeConfig, rank: int, world_size: int, local_rank: in
     device = use_rank_device(config.accelerator, local_rank)
     if device.type == "cpu":
         # Ranks on one machine share its cores; oversubscribed BLAS threads slow every rank down.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
+        torch.set_num_threads(config.cpu_threads or max(1, (os.cpu_count() or 1) // local_world_size))
     bundle = load_model(config.load_model)
     rows = collection_rows(config)
     emb_path = Path(config.emb_path)

@@ -90,13 +90,19 @@ def split_normalize(transform: Callable) -> tuple[Callable, PixelNormalize | Non
     (`transform`, None) when its last steps are not a conversion known to split.
 
     Splits torchvision pipelines ending in ToTensor (or open_clip's MaybeToTensor) and Normalize,
-    and transforms that say how to split themselves (`split_normalize()`, the HuggingFace processor's).
+    pipelines whose last step is such a pipeline (`with_random_mirror`'s), and transforms that say how
+    to split themselves (`split_normalize()`, the HuggingFace processor's).
     """
     own_split = getattr(transform, "split_normalize", None)
     if own_split is not None:
         return own_split()
     steps = transform.transforms if isinstance(transform, T.Compose) else None
-    if steps and len(steps) >= 2 and isinstance(steps[-2], T.ToTensor) and type(steps[-1]) is T.Normalize:
+    if not steps:
+        return transform, None
+    if len(steps) >= 2 and isinstance(steps[-2], T.ToTensor) and type(steps[-1]) is T.Normalize:
         normalize = steps[-1]
         return T.Compose([*steps[:-2], T.PILToTensor()]), PixelNormalize(normalize.mean, normalize.std)
-    return transform, None
+    last_pixels, normalize = split_normalize(steps[-1])
+    if normalize is None:
+        return transform, None
+    return T.Compose([*steps[:-1], last_pixels]), normalize

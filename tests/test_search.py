@@ -48,6 +48,23 @@ def test_exact_search_equals_brute_force_whole_and_chunked(max_score_bytes, quer
     assert_matches_reference(searcher.search(queries, 10), reference_scores, reference_rows, paths)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rising", [False, True], ids=["random rows", "rows rising for one query"])
+def test_many_blocks_keep_the_exact_top_k_of_several_queries(dtype, rising):
+    # Blocks of 2,048 rows, enough groups in each that a block's candidates are the groups beating
+    # each query's k-th score so far; with rows sorted by the first query's score, each block beats
+    # the last everywhere for that query, and the block's best groups are ranked instead.
+    paths, embeddings = random_collection(count=20_000, dim=32)
+    queries = torch.randn(7, 32, generator=torch.Generator().manual_seed(1))
+    embeddings = F.normalize(embeddings, dim=-1)
+    if rising:
+        embeddings = embeddings[(embeddings @ queries[0]).argsort()]
+    embeddings = embeddings.to(dtype)
+    searcher = Searcher(paths, embeddings, assume_normalised=True, max_score_bytes=4 * 7 * 2048)
+    reference_scores, reference_rows = (F.normalize(queries, dim=-1) @ embeddings.float().T).topk(10, dim=1)
+    assert_matches_reference(searcher.search(queries, 10), reference_scores, reference_rows, paths)
+
+
 def test_search_edges_and_input_left_untouched():
     paths, embeddings = random_collection(count=6, dim=8)
     original = embeddings.clone()

@@ -45,6 +45,9 @@ DEFAULT_MAX_SCORE_BYTES = 16 * 2**20
 # Rows of a block that compete as one group in its top-k: the best k groups by their largest
 # score hold the block's best k rows, so only k groups' rows are read again (see _block_candidates).
 TOP_K_GROUP = 16
+# Once each query holds k scores, a block's groups whose maxima beat its k-th are its candidates
+# while no query has more than this many times k of them (else the block's best k groups are ranked).
+BEATING_GROUPS_FACTOR = 4
 # Consecutive rows whose maxima the native kernels return with several queries' scores (see
 # score_blocks): the block top-k then reads the scores of k groups only, never the whole block.
 # Larger groups mean fewer to partition and more rows to read again: at 64, 1M rows x 64 queries
@@ -373,7 +376,13 @@ class _RunningTopK:
         self.rows = np.empty((query_count, 0), dtype=np.int64)
 
     def add(self, block: np.ndarray, first_row: int, group_maxima: np.ndarray | None = None) -> None:
-        scores, rows = _block_candidates(block, self.k, group_maxima)
+        # Once a query holds k scores, a row must beat its k-th to enter: after the first blocks,
+        # few groups of a block do, and only theirs are read again.
+        full = self.scores.shape[1] == self.k
+        threshold = self.scores.min(axis=1) if full else None
+        scores, rows = _block_candidates(block, self.k, group_maxima, threshold)
+        if scores.shape[1] == 0:
+            return
         scores = np.concatenate([self.scores, scores], axis=1)
         rows = np.concatenate([self.rows, rows + first_row], axis=1)
         if scores.shape[1] > self.k:
@@ -388,31 +397,55 @@ class _RunningTopK:
         return torch.from_numpy(scores), torch.from_numpy(rows)
 
 
-def _block_candidates(block: np.ndarray, k: int,
-                      group_maxima: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _block_candidates(block: np.ndarray, k: int, group_maxima: np.ndarray | None = None,
+                      threshold: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Rows of `block` [rows, queries] among which each query's best k lie: scores and block rows, [queries, m].
 
     The rows form groups, and a query's best k rows lie in its k groups with the largest maxima,
     since a group outside them is beaten k times over. Only those groups' rows are read again.
     Given `group_maxima` (the native kernels' maxima of KERNEL_GROUP_ROWS consecutive rows), the
     groups are those; otherwise groups of TOP_K_GROUP (row j with rows j + g, j + 2g, ...: whole
-    slices, so the maxima are one vectorised pass over the block).
+    slices, so the maxima are one vectorised pass over the block). Given `threshold` [queries]
+    (each query's k-th best score so far), only groups whose maximum beats it can matter: where
+    no query has more than BEATING_GROUPS_FACTOR x k of those, they are the candidates (padded
+    with -inf scores), which spares ranking every group.
     """
     rows, queries = block.shape
     size = TOP_K_GROUP if group_maxima is None else KERNEL_GROUP_ROWS
     groups = rows // size  # whole groups; the rows after them are always candidates
     if groups <= 2 * k:  # a small block: every row is a candidate
         return np.ascontiguousarray(block.T), np.broadcast_to(np.arange(rows), (queries, rows)).copy()
-    if group_maxima is None:
-        maxima = block[: groups * size].reshape(size, groups, queries).max(axis=0)
-        best_groups = np.argpartition(np.ascontiguousarray(maxima.T), groups - k, axis=1)[:, -k:]  # [queries, k]
-        candidate_rows = (best_groups[:, :, None] + groups * np.arange(size)).reshape(queries, -1)
+    if group_maxima is not None:
+        maxima = np.ascontiguousarray(group_maxima[:groups].T)  # [queries, groups]
+    elif block.T.flags.c_contiguous:  # a query-major block: reduce along its rows without copying it
+        maxima = block.T[:, : groups * size].reshape(queries, size, groups).max(axis=1)
     else:
-        best_groups = np.argpartition(np.ascontiguousarray(group_maxima[:groups].T), groups - k, axis=1)[:, -k:]
-        candidate_rows = (best_groups[:, :, None] * size + np.arange(size)).reshape(queries, -1)
+        maxima = np.ascontiguousarray(block[: groups * size].reshape(size, groups, queries).max(axis=0).T)
+    padded = None
+    if threshold is not None:
+        beating = maxima > threshold[:, None]
+        counts = np.count_nonzero(beating, axis=1)
+        if counts.max() <= BEATING_GROUPS_FACTOR * k:
+            # Each query's beating groups, left-aligned in [queries, widest] and padded with group 0.
+            query_of, group_of = np.divmod(np.flatnonzero(beating), groups)  # 2-d nonzero is 10x slower
+            widest = int(counts.max())
+            best_groups = np.zeros((queries, widest), dtype=np.int64)
+            place = np.arange(len(query_of)) - np.repeat(np.cumsum(counts) - counts, counts)
+            best_groups[query_of, place] = group_of
+            padded = np.arange(widest) >= counts[:, None]  # [queries, widest]
+    if padded is None:
+        best_groups = np.argpartition(maxima, groups - k, axis=1)[:, -k:]  # [queries, k]
+    if group_maxima is None:
+        candidate_rows = best_groups[:, :, None] + groups * np.arange(size)
+    else:
+        candidate_rows = best_groups[:, :, None] * size + np.arange(size)
+    candidate_rows = candidate_rows.reshape(queries, -1)
     tail = np.broadcast_to(np.arange(groups * size, rows), (queries, rows - groups * size))
     candidate_rows = np.concatenate([candidate_rows, tail], axis=1)
-    return block[candidate_rows, np.arange(queries)[:, None]], candidate_rows
+    scores = block[candidate_rows, np.arange(queries)[:, None]]
+    if padded is not None:
+        scores[:, : padded.shape[1] * size][np.repeat(padded, size, axis=1)] = -np.inf
+    return scores, candidate_rows
 
 
 def image_file(path: str, kind: str = ROWS_IMAGES) -> str:

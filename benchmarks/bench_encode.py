@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -178,8 +179,6 @@ def model_only_rate(checkpoint: Path, images: list[Path], batch_size: int, repea
     """Images/s of the embedding stage alone on batches decoded and transformed beforehand (in host
     memory, as the pipeline's batches are: on a GPU the copy to it is part of the stage), with the
     torch threads the encode CLI gives one rank."""
-    import os
-
     from clipsearch.checkpoint import load_bundle
     from clipsearch.data import load_image
     from clipsearch.encoding.mapper import ImageEmbedder

@@ -111,7 +111,7 @@ def scoring_pass(searcher, queries: torch.Tensor) -> Callable[[], object]:
 def read_methods(matrix: torch.Tensor, searcher) -> dict[str, Callable[[], object]]:
     """Several ways to read the whole matrix once (its storage dtype); the fastest of them is the floor.
 
-    `matrix` is row-major [count, dim]; the Searcher holds its own layout (column-major for fp32).
+    `matrix` is row-major [count, dim]; the Searcher holds its own layout (16-row panels for fp32).
     """
     dim = matrix.shape[1]
     query = F.normalize(torch.randn(1, dim), dim=-1)
@@ -122,7 +122,7 @@ def read_methods(matrix: torch.Tensor, searcher) -> dict[str, Callable[[], objec
         "torch matrix-vector, rows": lambda: torch.mv(matrix, vector),
     }
     if matrix.dtype == torch.float32:
-        columns = searcher.storage if searcher.column_major else matrix.T.contiguous()
+        columns = matrix.T.contiguous()
         rows_np, columns_np, vector_np = matrix.numpy(), columns.numpy(), vector.numpy()
         reads |= {
             "torch vector-matrix, columns": lambda: vector @ columns,

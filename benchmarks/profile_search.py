@@ -4,10 +4,9 @@
 
 The companion of bench_search.py: that one times our Searcher against faiss and the machine's
 bound; this one times the building blocks the Searcher chose between (ATen, MKL and OpenBLAS
-kernels on row- and column-major copies, fp16 storage with our native kernels and without, two
-ways to take a top-k), and the old
-search's two steps alone and together, so the choice in clipsearch/search.py can be rechecked on
-another machine. Best and median of N calls, in ms.
+kernels on row- and column-major copies, fp32 panels and fp16 rows with our native kernels and
+without, two ways to take a top-k), and the old search's two steps alone and together, so the
+choice in clipsearch/search.py can be rechecked on another machine. Best and median of N calls, in ms.
 """
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from bench_search import add_collection_flags
 
 from clipsearch import score_kernels
-from clipsearch.score_kernels import HalfRowScorer
+from clipsearch.score_kernels import NativeScorer
 from clipsearch.search import TOP_K_GROUP, Searcher, _RunningTopK
 
 TOP_K = 10
@@ -52,8 +51,21 @@ def widened_slabs(halves: torch.Tensor, queries: torch.Tensor, slab_rows: int = 
 
 def native_one_query(halves: torch.Tensor, query: torch.Tensor):
     """The native fp16 kernel's scan (score_kernels), or None where it cannot be built."""
-    scorer, out = HalfRowScorer.create(query, halves), np.empty((halves.shape[0], 1), dtype=np.float32)
+    scorer, out = NativeScorer.create(query, halves), np.empty((halves.shape[0], 1), dtype=np.float32)
     return None if scorer is None else (lambda: scorer(0, halves.shape[0], out))
+
+
+def columns_by_queries(columns: np.ndarray, queries: np.ndarray, block_rows: int = 65536):
+    """OpenBLAS's product written queries x rows, a reused 16 MB block at a time (the fp32 Searcher
+    before it stored panels)."""
+    out = np.empty((queries.shape[0], block_rows), dtype=np.float32)
+
+    def run() -> None:
+        for start in range(0, columns.shape[1], block_rows):
+            block = columns[:, start : start + block_rows]
+            np.matmul(queries, block, out=out[:, : block.shape[1]])
+
+    return run
 
 
 def columns_by_rows(columns: np.ndarray, queries: np.ndarray, block_rows: int = 65536):
@@ -68,8 +80,8 @@ def columns_by_rows(columns: np.ndarray, queries: np.ndarray, block_rows: int = 
     return run
 
 
-def paired_native_ab(half_searcher: Searcher, batch: torch.Tensor, repeats: int, settle_s: float) -> None:
-    """The fp16 Searcher's batch path with the native kernels and without (as where they cannot be
+def paired_native_ab(searcher: Searcher, storage: str, batch: torch.Tensor, repeats: int, settle_s: float) -> None:
+    """A Searcher's batch path with the native kernels and without (as where they cannot be
     built), alternating call by call, so each pair shares the machine's minute: medians and the
     median of the pairs' ratios."""
     if score_kernels.load() is None:
@@ -87,9 +99,9 @@ def paired_native_ab(half_searcher: Searcher, batch: torch.Tensor, repeats: int,
         finally:
             score_kernels.load = built
 
-    steps = {"scoring pass": lambda: [None for _ in half_searcher.score_blocks(batch)],
-             "exact top-k": lambda: half_searcher.exact_top_k(batch, TOP_K)}
-    print(f"\n**{batch.shape[0]} queries, fp16: the Searcher with and without the native kernels**, "
+    steps = {"scoring pass": lambda: [None for _ in searcher.score_blocks(batch)],
+             "exact top-k": lambda: searcher.exact_top_k(batch, TOP_K)}
+    print(f"\n**{batch.shape[0]} queries, {storage}: the Searcher with and without the native kernels**, "
           f"{repeats} alternating pairs\n")
     print("| step | native: median ms | torch: median ms | torch / native, median of pairs |")
     print("|---|---:|---:|---:|")
@@ -127,8 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     generator = torch.Generator().manual_seed(0)
     rows = F.normalize(torch.randn(args.rows, args.dim, generator=generator), dim=-1)
     paths = [str(row) for row in range(args.rows)]
-    searcher = Searcher(paths, rows, assume_normalised=True)  # fp32: columns, [dim, count]
-    columns = searcher.storage
+    searcher = Searcher(paths, rows, assume_normalised=True)  # fp32: 16-row panels
+    columns = rows.T.contiguous()  # [dim, count]: the fp32 Searcher's layout before the panels
     halves = rows.half()
     half_searcher = Searcher(paths, halves, assume_normalised=True)
     query = F.normalize(torch.randn(1, args.dim, generator=generator), dim=-1)
@@ -144,7 +156,9 @@ def main(argv: list[str] | None = None) -> None:
         "`rows.sum()`: a plain read (ATen)": lambda: rows.sum(),
         "`torch.mv(rows, q)`, row-major (MKL)": lambda: torch.mv(rows, query[0]),
         "`q @ columns`, column-major (MKL)": lambda: query @ columns,
-        "`q @ columns` in numpy (OpenBLAS): what the Searcher runs": lambda: query_np[0] @ columns_np,
+        "`q @ columns` in numpy (OpenBLAS): the Searcher before the panels": lambda: query_np[0] @ columns_np,
+        "16-row panels, the native kernel (score_kernels): what the Searcher runs":
+            lambda: [None for _ in searcher.score_blocks(query)],
     }, args.repeats, gigabytes, args.settle_s)
     native = native_one_query(halves, query)
     print_table("One query, fp16 (GB/s of the fp16 matrix)", {
@@ -165,7 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     old_search = lambda: torch.from_numpy(batch_np @ columns_np).topk(TOP_K, dim=1)  # noqa: E731
     print_table(f"{args.batch_queries} queries: products, and the old search's two steps together", {
         "`Q @ columns` in numpy (OpenBLAS), whole [q, count] result": lambda: batch_np @ columns_np,
-        "`Q @ columns` in numpy, blocks of [q, 16 MB of scores]: what the Searcher runs":
+        "`Q @ columns` in numpy, blocks of [q, 16 MB of scores]: the Searcher before the panels":
+            columns_by_queries(columns_np, batch_np),
+        "16-row panels, the native kernel in blocks, with group maxima: what the Searcher runs":
             lambda: [None for _ in searcher.score_blocks(batch)],
         "`columns.T @ Q.T` in numpy, blocks of [16 MB of scores, q]":
             columns_by_rows(columns_np, batch_np),
@@ -179,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
         "the Searcher, fp16: the native kernel's blocks and group maxima, reduced on one thread":
             lambda: half_searcher.exact_top_k(batch, TOP_K),
     }, args.repeats, None, args.settle_s)
-    paired_native_ab(half_searcher, batch, max(args.repeats, 9), args.settle_s)
+    for storage, paired in (("fp32", searcher), ("fp16", half_searcher)):
+        paired_native_ab(paired, storage, batch, max(args.repeats, 9), args.settle_s)
     print(f"\nTOP_K_GROUP = {TOP_K_GROUP}; load average at start {load_start}, at end {common.load_average()}")
 
 

@@ -1,8 +1,9 @@
-/* Inner products of fp16 rows with fp32 queries on x86-64 with AVX2, FMA and F16C.
+/* Inner products of a collection's rows with fp32 queries on x86-64 with AVX2, FMA and F16C: fp16
+ * rows, and fp32 rows stored in panels (below the fp16 kernels).
  *
- * Built and loaded by score_kernels.py, which falls back to torch where this cannot run. Rows are
- * widened to fp32 as they are read (F16C) and every product is summed in fp32, so scores are those
- * of the fp32 product up to summation order.
+ * Built and loaded by score_kernels.py, which falls back to torch where this cannot run. fp16 rows
+ * are widened to fp32 as they are read (F16C) and every product is summed in fp32, so scores are
+ * those of the fp32 product up to summation order.
  *
  * One query: the scan is a read of the whole matrix, so it is written to stream at memory speed:
  * one row after the other (a single sequential stream per thread; four rows interleaved read at
@@ -61,41 +62,29 @@ KERNEL void clipsearch_score_one_f16(const uint16_t *rows, int64_t count, int64_
     }
 }
 
-/* packed [ceil(query_count / 16)][dim][16]: each block of 16 queries by element, zero-padded. */
-void clipsearch_pack_queries(const float *queries, int64_t query_count, int64_t dim, float *packed) {
-    int64_t blocks = (query_count + TILE_QUERIES - 1) / TILE_QUERIES;
-    memset(packed, 0, sizeof(float) * blocks * dim * TILE_QUERIES);
+/* packed [ceil(query_count / width)][dim][width]: each block of `width` queries by element, zero-padded. */
+void clipsearch_pack_queries_by(const float *queries, int64_t query_count, int64_t dim, int64_t width, float *packed) {
+    int64_t blocks = (query_count + width - 1) / width;
+    memset(packed, 0, sizeof(float) * blocks * dim * width);
     for (int64_t j = 0; j < query_count; j++)
         for (int64_t k = 0; k < dim; k++)
-            packed[(j / TILE_QUERIES) * dim * TILE_QUERIES + k * TILE_QUERIES + j % TILE_QUERIES] = queries[j * dim + k];
+            packed[(j / width) * dim * width + k * width + j % width] = queries[j * dim + k];
 }
 
-/* tile [6][16] = a panel of six fp32 rows ([6][dim]) x one block of packed queries. */
+/* tile [6][16] = a panel of six fp32 rows ([6][dim]) x one block of packed queries. The loops
+ * over the tile have constant bounds: the compiler unrolls them and keeps `c` in registers. */
 KERNEL static void score_tile(const float *panel, const float *packed, int64_t dim, float *tile) {
-    const float *r0 = panel, *r1 = r0 + dim, *r2 = r1 + dim, *r3 = r2 + dim, *r4 = r3 + dim, *r5 = r4 + dim;
-    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
-    __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    __m256 c[2 * TILE_ROWS];
+    for (int i = 0; i < 2 * TILE_ROWS; i++) c[i] = _mm256_setzero_ps();
     for (int64_t k = 0; k < dim; k++) {
         __m256 b0 = _mm256_loadu_ps(packed + k * TILE_QUERIES), b1 = _mm256_loadu_ps(packed + k * TILE_QUERIES + 8);
-        __m256 a = _mm256_broadcast_ss(r0 + k);
-        c00 = _mm256_fmadd_ps(a, b0, c00); c01 = _mm256_fmadd_ps(a, b1, c01);
-        a = _mm256_broadcast_ss(r1 + k);
-        c10 = _mm256_fmadd_ps(a, b0, c10); c11 = _mm256_fmadd_ps(a, b1, c11);
-        a = _mm256_broadcast_ss(r2 + k);
-        c20 = _mm256_fmadd_ps(a, b0, c20); c21 = _mm256_fmadd_ps(a, b1, c21);
-        a = _mm256_broadcast_ss(r3 + k);
-        c30 = _mm256_fmadd_ps(a, b0, c30); c31 = _mm256_fmadd_ps(a, b1, c31);
-        a = _mm256_broadcast_ss(r4 + k);
-        c40 = _mm256_fmadd_ps(a, b0, c40); c41 = _mm256_fmadd_ps(a, b1, c41);
-        a = _mm256_broadcast_ss(r5 + k);
-        c50 = _mm256_fmadd_ps(a, b0, c50); c51 = _mm256_fmadd_ps(a, b1, c51);
+        for (int i = 0; i < TILE_ROWS; i++) {
+            __m256 a = _mm256_broadcast_ss(panel + i * dim + k);
+            c[2 * i] = _mm256_fmadd_ps(a, b0, c[2 * i]);
+            c[2 * i + 1] = _mm256_fmadd_ps(a, b1, c[2 * i + 1]);
+        }
     }
-    _mm256_storeu_ps(tile, c00); _mm256_storeu_ps(tile + 8, c01);
-    _mm256_storeu_ps(tile + 16, c10); _mm256_storeu_ps(tile + 24, c11);
-    _mm256_storeu_ps(tile + 32, c20); _mm256_storeu_ps(tile + 40, c21);
-    _mm256_storeu_ps(tile + 48, c30); _mm256_storeu_ps(tile + 56, c31);
-    _mm256_storeu_ps(tile + 64, c40); _mm256_storeu_ps(tile + 72, c41);
-    _mm256_storeu_ps(tile + 80, c50); _mm256_storeu_ps(tile + 88, c51);
+    for (int i = 0; i < 2 * TILE_ROWS; i++) _mm256_storeu_ps(tile + 8 * i, c[i]);
 }
 
 /* Row `row`'s scores of one block of queries (`width` of them) into its group's maxima: the first
@@ -129,7 +118,7 @@ KERNEL static void score_panel(const float *panel, int64_t first, int64_t live, 
 }
 
 /* out [count, query_count] = rows (fp16 [count, dim]) x queries^T, the queries packed by
- * clipsearch_pack_queries; dim a multiple of 8. When `maxima` is given it receives each query's
+ * clipsearch_pack_queries_by (16 to a block); dim a multiple of 8. When `maxima` is given it receives each query's
  * largest score over every `group_rows` consecutive rows ([ceil(count / group_rows), query_count]),
  * taken from the registers' tiles, so a top-k need not read the scores again to find them.
  * Returns 0, or -1 when out of memory. */
@@ -151,4 +140,124 @@ KERNEL int clipsearch_score_many_f16(const uint16_t *rows, int64_t count, int64_
     }
     free(panel);
     return 0;
+}
+
+/* fp32 collections are stored in panels: rows 16p..16p+15 of the collection as panel p, [dim][16]
+ * (element k of its 16 rows side by side), the last panel padded with zero rows. Both kernels read
+ * a panel front to back, one sequential stream per thread, and neither packs nor transposes: the
+ * 16 rows of an element are two vectors, each multiplied by a broadcast query element. */
+#define PANEL_ROWS 16
+#define PANEL_QUERIES 6
+
+/* The scores of panel `panel`'s 16 rows with one query: eight accumulators, the elements taken
+ * four at a time, so the multiply-adds never wait on each other. */
+KERNEL static inline void panel_scores_one(const float *panel, int64_t dim, const float *query, float *scores) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (int64_t k = 0; k < dim; k += 4) {
+        const float *p = panel + k * PANEL_ROWS;
+        _mm_prefetch((const char *)p + PREFETCH_BYTES, _MM_HINT_T0);
+        _mm_prefetch((const char *)p + PREFETCH_BYTES + 64, _MM_HINT_T0);
+        _mm_prefetch((const char *)p + PREFETCH_BYTES + 128, _MM_HINT_T0);
+        _mm_prefetch((const char *)p + PREFETCH_BYTES + 192, _MM_HINT_T0);
+        __m256 q = _mm256_broadcast_ss(query + k);
+        a0 = _mm256_fmadd_ps(q, _mm256_load_ps(p), a0);
+        a1 = _mm256_fmadd_ps(q, _mm256_load_ps(p + 8), a1);
+        q = _mm256_broadcast_ss(query + k + 1);
+        a2 = _mm256_fmadd_ps(q, _mm256_load_ps(p + 16), a2);
+        a3 = _mm256_fmadd_ps(q, _mm256_load_ps(p + 24), a3);
+        q = _mm256_broadcast_ss(query + k + 2);
+        a4 = _mm256_fmadd_ps(q, _mm256_load_ps(p + 32), a4);
+        a5 = _mm256_fmadd_ps(q, _mm256_load_ps(p + 40), a5);
+        q = _mm256_broadcast_ss(query + k + 3);
+        a6 = _mm256_fmadd_ps(q, _mm256_load_ps(p + 48), a6);
+        a7 = _mm256_fmadd_ps(q, _mm256_load_ps(p + 56), a7);
+    }
+    _mm256_storeu_ps(scores, _mm256_add_ps(_mm256_add_ps(a0, a2), _mm256_add_ps(a4, a6)));
+    _mm256_storeu_ps(scores + 8, _mm256_add_ps(_mm256_add_ps(a1, a3), _mm256_add_ps(a5, a7)));
+}
+
+/* out[r - first] = row r . query for rows first..first+count of a panelled fp32 collection; dim a
+ * multiple of 8, `panels` 32-byte aligned. */
+KERNEL void clipsearch_score_one_f32(const float *panels, int64_t first, int64_t count, int64_t dim,
+                                     const float *query, float *out) {
+    int64_t end = first + count;
+    for (int64_t p = first / PANEL_ROWS; p * PANEL_ROWS < end; p++) {
+        int64_t row = p * PANEL_ROWS;
+        if (row >= first && row + PANEL_ROWS <= end) {
+            panel_scores_one(panels + p * dim * PANEL_ROWS, dim, query, out + (row - first));
+            continue;
+        }
+        float scores[PANEL_ROWS];
+        panel_scores_one(panels + p * dim * PANEL_ROWS, dim, query, scores);
+        for (int64_t i = 0; i < PANEL_ROWS; i++)
+            if (row + i >= first && row + i < end) out[row + i - first] = scores[i];
+    }
+}
+
+/* tile [6][16] = six packed queries x one panel's 16 rows: per element, two loads of the panel,
+ * six broadcasts and twelve multiply-adds (the register tile of BLIS's Haswell kernel, turned so
+ * that the rows, not the queries, fill the vectors). */
+KERNEL static void panel_tile(const float *panel, const float *packed, int64_t dim, float *tile) {
+    __m256 c[2 * PANEL_QUERIES];
+    for (int j = 0; j < 2 * PANEL_QUERIES; j++) c[j] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < dim; k++) {
+        __m256 b0 = _mm256_load_ps(panel + k * PANEL_ROWS), b1 = _mm256_load_ps(panel + k * PANEL_ROWS + 8);
+        for (int j = 0; j < PANEL_QUERIES; j++) {
+            __m256 a = _mm256_broadcast_ss(packed + k * PANEL_QUERIES + j);
+            c[2 * j] = _mm256_fmadd_ps(a, b0, c[2 * j]);
+            c[2 * j + 1] = _mm256_fmadd_ps(a, b1, c[2 * j + 1]);
+        }
+    }
+    for (int j = 0; j < 2 * PANEL_QUERIES; j++) _mm256_storeu_ps(tile + 8 * j, c[j]);
+}
+
+KERNEL static inline float largest_of_16(const float *scores) {
+    __m256 m = _mm256_max_ps(_mm256_loadu_ps(scores), _mm256_loadu_ps(scores + 8));
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+/* out [query_count][out_stride], query-major: out[j * out_stride + r - first] = row r . query j
+ * for rows first..first+count of a panelled fp32 collection, the queries packed six to a block by
+ * clipsearch_pack_queries_by. When `maxima` is given it receives each query's largest score over
+ * every `group_rows` consecutive rows from `first` ([ceil(count / group_rows)][query_count]). */
+KERNEL void clipsearch_score_many_f32(const float *panels, int64_t first, int64_t count, int64_t dim,
+                                      const float *packed, int64_t query_count, float *out, int64_t out_stride,
+                                      float *maxima, int64_t group_rows) {
+    int64_t end = first + count;
+    float tile[PANEL_QUERIES * PANEL_ROWS];
+    for (int64_t p = first / PANEL_ROWS; p * PANEL_ROWS < end; p++) {
+        int64_t row = p * PANEL_ROWS, offset = row - first;
+        /* A whole panel inside the range and inside one group is written a vector at a time. */
+        int whole = row >= first && row + PANEL_ROWS <= end && offset / group_rows == (offset + PANEL_ROWS - 1) / group_rows;
+        const float *panel = panels + p * dim * PANEL_ROWS;
+        for (int64_t block = 0; block < query_count; block += PANEL_QUERIES) {
+            panel_tile(panel, packed + block * dim, dim, tile);
+            int64_t width = query_count - block < PANEL_QUERIES ? query_count - block : PANEL_QUERIES;
+            for (int64_t j = 0; j < width; j++) {
+                const float *scores = tile + j * PANEL_ROWS;
+                float *into = out + (block + j) * out_stride;
+                if (whole) {
+                    memcpy(into + offset, scores, sizeof(float) * PANEL_ROWS);
+                    if (maxima != NULL) {
+                        float *best = maxima + (offset / group_rows) * query_count + block + j;
+                        float largest = largest_of_16(scores);
+                        *best = offset % group_rows == 0 || largest > *best ? largest : *best;
+                    }
+                    continue;
+                }
+                for (int64_t i = 0; i < PANEL_ROWS; i++) {
+                    int64_t r = row + i;
+                    if (r < first || r >= end) continue;
+                    into[r - first] = scores[i];
+                    if (maxima != NULL) {
+                        float *best = maxima + ((r - first) / group_rows) * query_count + block + j;
+                        *best = (r - first) % group_rows == 0 || scores[i] > *best ? scores[i] : *best;
+                    }
+                }
+            }
+        }
+    }
 }

@@ -15,7 +15,7 @@ from clipsearch.errors import UserError
 from clipsearch.fields import Condition
 from clipsearch.metadata import MetadataTable, PathColumn, RowSet, empty_table
 from clipsearch.query_terms import EMBEDDING, IMAGE, ROW, TEXT, Term, TermError
-from clipsearch.score_kernels import HalfRowScorer
+from clipsearch.score_kernels import NativeScorer, panel_rows, panel_scores, to_panels
 from clipsearch.store import (
     MODEL_FILE,
     ROWS_CAPTIONS,
@@ -96,11 +96,12 @@ class Searcher:
     The collection is scored a block of rows at a time, each block reduced to its best rows while
     it is in cache, by one library per layout so that two thread pools never take turns:
 
-    - fp32 collections are stored transposed, one column per image ([dim, count]), and scored
-      with numpy's OpenBLAS: its vector-matrix product streams that layout over all cores (1M x
-      512, one query: the fastest read of the matrix any method achieved, faster than a plain sum;
-      benchmarks/profile_search.py), and several queries are its product queries x columns,
-      written query-major (the block is a transposed view);
+    - fp32 collections are stored in panels of 16 rows, element by element ([ceil(count / 16),
+      dim, 16], `score_kernels.to_panels`), and scored by the native kernels of `score_kernels`:
+      one query reads the panels at the speed of a plain read, and several are multiplied with the
+      rows where they lie, with no packing, at the rate of a square fp32 product (OpenBLAS's
+      product with 64 queries, which packs every block first, ran 1.3 times as long). The block is
+      written query-major (a transposed view). Where the kernels cannot run, torch's batched product;
     - fp16 collections stay row-major (a memory-mapped store is searched in place) and are scored
       by the native kernels of `score_kernels` (F16C widening fused with the multiply-adds: one
       query at the speed of a plain read of the half-size matrix, several at the rate of a square
@@ -131,9 +132,10 @@ class Searcher:
         self.paths = paths if isinstance(paths, PathColumn) else list(paths)
         if not (assume_normalised and embeddings.device.type == "cpu"):
             embeddings = normalise_rows(embeddings.cpu())
-        self.column_major = embeddings.dtype == torch.float32
-        # `storage` is [dim, count] when column-major, else [count, dim]; both contiguous.
-        self.storage = (embeddings.T if self.column_major else embeddings).contiguous()
+        self.count = embeddings.shape[0]
+        self.panelled = embeddings.dtype == torch.float32
+        # `storage` is fp32 panels [ceil(count / 16), dim, 16], or fp16 rows [count, dim]; contiguous.
+        self.storage = to_panels(embeddings) if self.panelled else embeddings.contiguous()
         self.max_score_bytes = int(max_score_bytes)
         self.index = index
         if index is not None:
@@ -158,16 +160,23 @@ class Searcher:
             )
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return self.count
 
     @property
     def dim(self) -> int:
-        return int(self.storage.shape[0 if self.column_major else 1])
+        return int(self.storage.shape[1])
 
     @property
     def embeddings(self) -> torch.Tensor:
-        """The collection as rows [count, dim] (a view of the storage)."""
-        return self.storage.T if self.column_major else self.storage
+        """The collection as rows [count, dim]: the storage itself for fp16, a copy of fp32's panels
+        (`vectors` gathers a few rows)."""
+        if not self.panelled:
+            return self.storage
+        return self.storage.transpose(1, 2).reshape(-1, self.dim)[: self.count]
+
+    def vectors(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows `rows` (ids) of the collection, [len(rows), dim], in the storage's dtype."""
+        return panel_rows(self.storage, rows) if self.panelled else self.storage.index_select(0, rows)
 
     def scores(self, queries: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Inner products [q, end - start] of unit-length `queries` with rows start..end, in fp32."""
@@ -192,36 +201,33 @@ class Searcher:
         end = len(self) if end is None else end
         query_count = queries.shape[0]
         block_rows = max(1, min(self.max_score_bytes // (4 * query_count), end - start))
+        if block_rows > KERNEL_GROUP_ROWS:  # whole groups (and panels) a block
+            block_rows -= block_rows % KERNEL_GROUP_ROWS
         bias_values = None if bias is None else bias.detach().float().cpu().numpy()
         queries = queries.float().contiguous()
-        native = HalfRowScorer.create(queries, self.storage)
-        # Several queries against columns: OpenBLAS's product written queries x rows is faster than
-        # rows x queries (benchmarks/profile_search.py times both); the block is its transposed view.
-        query_major = self.column_major and query_count > 1
+        native = NativeScorer.create(queries, self.storage)
+        # Several queries against panels are written query-major (the kernel's vectors run along
+        # the rows); the block is a transposed view.
+        query_major = self.panelled and query_count > 1
         buffer = np.empty((query_count, block_rows) if query_major else (block_rows, query_count), dtype=np.float32)
         maxima_buffer = None
         if native is not None and query_count > 1 and bias is None:
             maxima_buffer = np.empty((-(-block_rows // KERNEL_GROUP_ROWS), query_count), dtype=np.float32)
-        if self.column_major:
-            columns = self.storage.numpy()
-            query_values = queries.numpy()
-        else:
+        if not self.panelled:
             slab = torch.empty(min(UPCAST_SLAB_ROWS, block_rows), self.dim) if query_count > 1 and native is None else None
             half_query = queries[0].to(self.storage.dtype)
         for first in range(start, end, block_rows):
             last = min(end, first + block_rows)
             block = buffer[:, : last - first].T if query_major else buffer[: last - first]
+            scored = block.T if query_major else block  # the orientation the kernel writes
             maxima = None
             if maxima_buffer is not None:
                 maxima = maxima_buffer[: -(-(last - first) // KERNEL_GROUP_ROWS)]
-                native(first, last, block, maxima, KERNEL_GROUP_ROWS)
+                native(first, last, scored, maxima, KERNEL_GROUP_ROWS)
             elif native is not None:
-                native(first, last, block)
-            elif query_major:
-                np.matmul(query_values, columns[:, first:last], out=block.T)
-            elif self.column_major:
-                # A vector-matrix product: OpenBLAS's fastest read of the [dim, count] layout.
-                np.matmul(query_values[0], columns[:, first:last], out=block[:, 0])
+                native(first, last, scored)
+            elif self.panelled:
+                torch.from_numpy(block.T).copy_(panel_scores(self.storage, queries, first, last))
             elif query_count == 1:
                 torch.from_numpy(block).view(-1).copy_(torch.mv(self.storage[first:last], half_query))
             else:
@@ -317,8 +323,7 @@ class Searcher:
     def subset_top_k(self, queries: torch.Tensor, top_k: int, rows: torch.Tensor,
                      bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact top-k among `rows` (ascending row ids), scored from a gathered copy of just those rows."""
-        gathered = self.storage.index_select(1 if self.column_major else 0, rows).float()  # [d, m] or [m, d]
-        scores = queries.float() @ (gathered if self.column_major else gathered.T)
+        scores = queries.float() @ self.vectors(rows).float().T
         if bias is not None:
             scores += bias[rows]
         best_scores, best = scores.topk(min(top_k, len(rows)), dim=1)
@@ -346,7 +351,7 @@ class Searcher:
         top_k = min(top_k, len(self))
         if top_k <= 0:
             return torch.empty(queries.shape[0], 0), torch.empty(queries.shape[0], 0, dtype=torch.long)
-        rescore = not self.column_major and queries.shape[0] == 1 and not HalfRowScorer.serves(self.storage)
+        rescore = not self.panelled and queries.shape[0] == 1 and not NativeScorer.serves(self.storage)
         # fp16-rounded scores may swap rows closer than the rounding: take a few more, then rescore them.
         candidates = min(len(self), FP16_CANDIDATE_FACTOR * top_k + FP16_EXTRA_CANDIDATES) if rescore else top_k
         best = _RunningTopK(candidates, queries.shape[0])
@@ -354,7 +359,7 @@ class Searcher:
             best.add(block, first, maxima)
         scores, rows = best.result()
         if rescore:
-            exact = self.storage[rows[0]].float() @ queries[0].float()
+            exact = self.vectors(rows[0]).float() @ queries[0].float()
             if bias is not None:
                 exact += bias[rows[0]].float()
             order = exact.topk(top_k).indices
@@ -678,7 +683,7 @@ class SearchEngine:
                 parts[positions] = self.encode_images(values)
             elif kind == ROW:
                 rows = torch.tensor([self._checked_row(value) for value in values])
-                parts[positions] = self.searcher.embeddings.index_select(0, rows).float()
+                parts[positions] = self.searcher.vectors(rows).float()
             elif kind == EMBEDDING:
                 parts[positions] = torch.stack([torch.as_tensor(value, dtype=torch.float32).reshape(-1) for value in values])
             else:

@@ -395,7 +395,7 @@ def create_app(engine, serve_roots: Sequence[str | os.PathLike] | None = None,
                 "thumbnail_url": f"/api/image/{hit.id}?size={DEFAULT_THUMBNAIL_SIZE}" + (f"&{update}" if update else ""),
             }
             if embeddings:
-                result["embedding"] = rounded(engine.searcher.embeddings[hit.id])
+                result["embedding"] = rounded(engine.searcher.vectors(torch.tensor([hit.id]))[0])
             results.append(result)
         return results
 

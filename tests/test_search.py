@@ -65,6 +65,22 @@ def test_many_blocks_keep_the_exact_top_k_of_several_queries(dtype, rising):
     assert_matches_reference(searcher.search(queries, 10), reference_scores, reference_rows, paths)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rows_that_tie_across_blocks_give_the_exact_top_k_scores(dtype):
+    # 40 distinct rows, each repeated 500 times through the collection: every block holds rows
+    # that tie with a query's k-th score so far, which the merge must neither lose nor let in twice.
+    distinct = F.normalize(torch.randn(40, 32, generator=torch.Generator().manual_seed(2)), dim=-1)
+    embeddings = distinct.repeat(500, 1).to(dtype)
+    paths = [f"{row}.jpg" for row in range(len(embeddings))]
+    queries = F.normalize(torch.randn(7, 32, generator=torch.Generator().manual_seed(3)), dim=-1)
+    searcher = Searcher(paths, embeddings, assume_normalised=True, max_score_bytes=4 * 7 * 2048)
+    scores, rows = searcher.exact_top_k(queries, 25)
+    all_scores = queries @ embeddings.float().T
+    torch.testing.assert_close(scores, all_scores.topk(25, dim=1).values, atol=1e-5, rtol=0)
+    assert all(len(set(query_rows)) == 25 for query_rows in rows.tolist())  # no row twice
+    torch.testing.assert_close(all_scores.gather(1, rows), scores, atol=1e-5, rtol=0)  # each row's own score
+
+
 def test_search_edges_and_input_left_untouched():
     paths, embeddings = random_collection(count=6, dim=8)
     original = embeddings.clone()

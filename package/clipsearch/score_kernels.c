@@ -5,11 +5,11 @@
  * are widened to fp32 as they are read (F16C) and every product is summed in fp32, so scores are
  * those of the fp32 product up to summation order.
  *
- * One query: the scan is a read of the whole matrix, so it is written to stream at memory speed:
+ * fp16, one query: the scan is a read of the whole matrix, so it is written to stream at memory speed:
  * one row after the other (a single sequential stream per thread; four rows interleaved read at
  * two thirds of the speed on an EPYC), four accumulators, and a software prefetch 1 KB ahead.
  *
- * Several queries: a matrix product, compute-bound. A 6-row x 16-query register tile (12 fp32
+ * fp16, several queries: a matrix product, compute-bound. A 6-row x 16-query register tile (12 fp32
  * accumulators) as in BLIS's Haswell kernel: per element of the 6 rows, two loads of packed
  * queries, six broadcasts and twelve FMAs; the packed queries (dim x 16 floats a block) stay in
  * L2. Rows are widened six at a time into a panel, reused for every block of 16 queries.
@@ -24,7 +24,7 @@
 #define KERNEL __attribute__((target("avx2,fma,f16c")))
 
 #define PREFETCH_BYTES 1024
-#define TILE_ROWS 6
+#define TILE_ROWS 6      /* fp16 rows: rows broadcast, queries in the lanes */
 #define TILE_QUERIES 16
 
 int clipsearch_cpu_supported(void) {
@@ -71,20 +71,32 @@ void clipsearch_pack_queries_by(const float *queries, int64_t query_count, int64
             packed[(j / width) * dim * width + k * width + j % width] = queries[j * dim + k];
 }
 
-/* tile [6][16] = a panel of six fp32 rows ([6][dim]) x one block of packed queries. The loops
- * over the tile have constant bounds: the compiler unrolls them and keeps `c` in registers. */
-KERNEL static void score_tile(const float *panel, const float *packed, int64_t dim, float *tile) {
-    __m256 c[2 * TILE_ROWS];
-    for (int i = 0; i < 2 * TILE_ROWS; i++) c[i] = _mm256_setzero_ps();
+/* The register tile both products share, BLIS's Haswell kernel: tile [6][16] = six broadcast
+ * operands x sixteen lanes, summed over dim elements. Per element, two vector loads of `lanes`
+ * ([dim][16]), six broadcasts from `broadcast` (operand i's element k at i * operand_stride + k *
+ * element_stride) and twelve multiply-adds into twelve accumulators. The loops over the tile have
+ * constant bounds: the compiler unrolls them, keeps `c` in registers and, the function being
+ * inlined, folds in the strides. */
+#define TILE_BROADCASTS 6
+#define TILE_LANES 16
+KERNEL static inline void register_tile(const float *broadcast, int64_t operand_stride, int64_t element_stride,
+                                        const float *lanes, int64_t dim, float *tile) {
+    __m256 c[2 * TILE_BROADCASTS];
+    for (int i = 0; i < 2 * TILE_BROADCASTS; i++) c[i] = _mm256_setzero_ps();
     for (int64_t k = 0; k < dim; k++) {
-        __m256 b0 = _mm256_loadu_ps(packed + k * TILE_QUERIES), b1 = _mm256_loadu_ps(packed + k * TILE_QUERIES + 8);
-        for (int i = 0; i < TILE_ROWS; i++) {
-            __m256 a = _mm256_broadcast_ss(panel + i * dim + k);
+        __m256 b0 = _mm256_loadu_ps(lanes + k * TILE_LANES), b1 = _mm256_loadu_ps(lanes + k * TILE_LANES + 8);
+        for (int i = 0; i < TILE_BROADCASTS; i++) {
+            __m256 a = _mm256_broadcast_ss(broadcast + i * operand_stride + k * element_stride);
             c[2 * i] = _mm256_fmadd_ps(a, b0, c[2 * i]);
             c[2 * i + 1] = _mm256_fmadd_ps(a, b1, c[2 * i + 1]);
         }
     }
-    for (int i = 0; i < 2 * TILE_ROWS; i++) _mm256_storeu_ps(tile + 8 * i, c[i]);
+    for (int i = 0; i < 2 * TILE_BROADCASTS; i++) _mm256_storeu_ps(tile + 8 * i, c[i]);
+}
+
+/* tile [6][16] = a panel of six fp32 rows ([6][dim], broadcast) x one block of packed queries (lanes). */
+KERNEL static void score_tile(const float *panel, const float *packed, int64_t dim, float *tile) {
+    register_tile(panel, dim, 1, packed, dim, tile);
 }
 
 /* Row `row`'s scores of one block of queries (`width` of them) into its group's maxima: the first
@@ -146,7 +158,7 @@ KERNEL int clipsearch_score_many_f16(const uint16_t *rows, int64_t count, int64_
  * (element k of its 16 rows side by side), the last panel padded with zero rows. Both kernels read
  * a panel front to back, one sequential stream per thread, and neither packs nor transposes: the
  * 16 rows of an element are two vectors, each multiplied by a broadcast query element. */
-#define PANEL_ROWS 16
+#define PANEL_ROWS 16    /* fp32 panels: queries broadcast, rows in the lanes */
 #define PANEL_QUERIES 6
 
 /* The scores of panel `panel`'s 16 rows with one query: eight accumulators, the elements taken
@@ -194,21 +206,10 @@ KERNEL void clipsearch_score_one_f32(const float *panels, int64_t first, int64_t
     }
 }
 
-/* tile [6][16] = six packed queries x one panel's 16 rows: per element, two loads of the panel,
- * six broadcasts and twelve multiply-adds (the register tile of BLIS's Haswell kernel, turned so
- * that the rows, not the queries, fill the vectors). */
+/* tile [6][16] = six packed queries (broadcast) x one panel's 16 rows (lanes): the register tile
+ * turned so that the rows, not the queries, fill the vectors. */
 KERNEL static void panel_tile(const float *panel, const float *packed, int64_t dim, float *tile) {
-    __m256 c[2 * PANEL_QUERIES];
-    for (int j = 0; j < 2 * PANEL_QUERIES; j++) c[j] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < dim; k++) {
-        __m256 b0 = _mm256_load_ps(panel + k * PANEL_ROWS), b1 = _mm256_load_ps(panel + k * PANEL_ROWS + 8);
-        for (int j = 0; j < PANEL_QUERIES; j++) {
-            __m256 a = _mm256_broadcast_ss(packed + k * PANEL_QUERIES + j);
-            c[2 * j] = _mm256_fmadd_ps(a, b0, c[2 * j]);
-            c[2 * j + 1] = _mm256_fmadd_ps(a, b1, c[2 * j + 1]);
-        }
-    }
-    for (int j = 0; j < 2 * PANEL_QUERIES; j++) _mm256_storeu_ps(tile + 8 * j, c[j]);
+    register_tile(packed, 1, PANEL_QUERIES, panel, dim, tile);
 }
 
 KERNEL static inline float largest_of_16(const float *scores) {

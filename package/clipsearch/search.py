@@ -370,8 +370,8 @@ class Searcher:
 class _RunningTopK:
     """The best `k` scores of each query, and their rows, from blocks of scores [rows, queries] (numpy).
 
-    One thread does it: between the blocks' matrix products, torch's or OpenBLAS's threads would
-    only wake to contend with the other library's, still spinning from its product. Kept per
+    One thread does it: between the blocks' matrix products, torch's threads would only wake to
+    contend with the scoring threads, or still spin from their own product. Kept per
     query ([queries, k]), so every partition runs along contiguous memory.
     """
 

@@ -148,6 +148,12 @@ KERNEL int clipsearch_score_many_f16(const uint16_t *rows, int64_t count, int64_
             const uint16_t *row = rows + (r + i) * dim;
             for (int64_t k = 0; k < dim; k += 8) _mm256_storeu_ps(panel + i * dim + k, load_half(row + k));
         }
+        /* The next six rows into L2 while this panel's tiles run: 339 against 358 ms for 1M x 512 x 64
+         * queries (into L1 instead: 360; the fp32 panels gained nothing from the same). */
+        if (r + 2 * TILE_ROWS <= count) {
+            const char *next = (const char *)(rows + (r + TILE_ROWS) * dim);
+            for (int64_t line = 0; line < TILE_ROWS * dim * 2 / 64; line++) _mm_prefetch(next + 64 * line, _MM_HINT_T1);
+        }
         score_panel(panel, r, live, dim, packed, query_count, out, maxima, group_rows);
     }
     free(panel);

@@ -125,7 +125,7 @@ def test_kernels_give_the_fp32_products_of_panelled_rows(count, first, dim, quer
 def test_panels_hold_the_rows_and_torch_scores_them_as_the_kernels_do():
     rows, queries = unit_rows(37, 24, 0), unit_rows(3, 24, 1)
     panels = to_panels(rows)
-    assert panels.shape == (3, 24, 16) and panels.data_ptr() % 64 == 0
+    assert panels.shape == (3, 24, 16)
     assert torch.equal(panels[2, :, 5:], torch.zeros(24, 11))  # the last panel padded with zero rows
     picked = torch.tensor([0, 15, 16, 36, 2])
     assert torch.equal(panel_rows(panels, picked), rows[picked])

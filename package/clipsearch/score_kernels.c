@@ -178,24 +178,24 @@ KERNEL static inline void panel_scores_one(const float *panel, int64_t dim, cons
         _mm_prefetch((const char *)p + PREFETCH_BYTES + 128, _MM_HINT_T0);
         _mm_prefetch((const char *)p + PREFETCH_BYTES + 192, _MM_HINT_T0);
         __m256 q = _mm256_broadcast_ss(query + k);
-        a0 = _mm256_fmadd_ps(q, _mm256_load_ps(p), a0);
-        a1 = _mm256_fmadd_ps(q, _mm256_load_ps(p + 8), a1);
+        a0 = _mm256_fmadd_ps(q, _mm256_loadu_ps(p), a0);
+        a1 = _mm256_fmadd_ps(q, _mm256_loadu_ps(p + 8), a1);
         q = _mm256_broadcast_ss(query + k + 1);
-        a2 = _mm256_fmadd_ps(q, _mm256_load_ps(p + 16), a2);
-        a3 = _mm256_fmadd_ps(q, _mm256_load_ps(p + 24), a3);
+        a2 = _mm256_fmadd_ps(q, _mm256_loadu_ps(p + 16), a2);
+        a3 = _mm256_fmadd_ps(q, _mm256_loadu_ps(p + 24), a3);
         q = _mm256_broadcast_ss(query + k + 2);
-        a4 = _mm256_fmadd_ps(q, _mm256_load_ps(p + 32), a4);
-        a5 = _mm256_fmadd_ps(q, _mm256_load_ps(p + 40), a5);
+        a4 = _mm256_fmadd_ps(q, _mm256_loadu_ps(p + 32), a4);
+        a5 = _mm256_fmadd_ps(q, _mm256_loadu_ps(p + 40), a5);
         q = _mm256_broadcast_ss(query + k + 3);
-        a6 = _mm256_fmadd_ps(q, _mm256_load_ps(p + 48), a6);
-        a7 = _mm256_fmadd_ps(q, _mm256_load_ps(p + 56), a7);
+        a6 = _mm256_fmadd_ps(q, _mm256_loadu_ps(p + 48), a6);
+        a7 = _mm256_fmadd_ps(q, _mm256_loadu_ps(p + 56), a7);
     }
     _mm256_storeu_ps(scores, _mm256_add_ps(_mm256_add_ps(a0, a2), _mm256_add_ps(a4, a6)));
     _mm256_storeu_ps(scores + 8, _mm256_add_ps(_mm256_add_ps(a1, a3), _mm256_add_ps(a5, a7)));
 }
 
 /* out[r - first] = row r . query for rows first..first+count of a panelled fp32 collection; dim a
- * multiple of 8, `panels` 32-byte aligned. */
+ * multiple of 8. */
 KERNEL void clipsearch_score_one_f32(const float *panels, int64_t first, int64_t count, int64_t dim,
                                      const float *query, float *out) {
     int64_t end = first + count;

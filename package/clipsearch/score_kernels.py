@@ -51,8 +51,6 @@ DIM_MULTIPLE = 8
 TILE_QUERIES = 16
 PANEL_QUERIES = 6
 PANEL_ROWS = 16
-# The fp32 kernels load panels with aligned loads: torch's CPU allocations are 64-byte aligned.
-PANEL_ALIGNMENT = 32
 
 
 def cache_folder() -> Path:
@@ -155,8 +153,7 @@ class NativeScorer:
         layout_known = ((storage.dtype == torch.float16 and storage.ndim == 2)
                         or (storage.dtype == torch.float32 and storage.ndim == 3 and storage.shape[2] == PANEL_ROWS))
         return (layout_known and storage.device.type == "cpu" and storage.is_contiguous()
-                and storage.shape[1] % DIM_MULTIPLE == 0 and storage.data_ptr() % PANEL_ALIGNMENT == 0
-                and load() is not None)
+                and storage.shape[1] % DIM_MULTIPLE == 0 and load() is not None)
 
     @classmethod
     def create(cls, queries: torch.Tensor, storage: torch.Tensor) -> NativeScorer | None:
@@ -217,7 +214,7 @@ class NativeScorer:
 
 def to_panels(rows: torch.Tensor) -> torch.Tensor:
     """fp32 rows [count, dim] as panels [ceil(count / 16), dim, 16]: rows 16p..16p+15 side by side,
-    element by element, the last panel padded with zero rows; one copy, 64-byte aligned."""
+    element by element, the last panel padded with zero rows; one copy."""
     count, dim = rows.shape
     panels = torch.empty(-(-count // PANEL_ROWS), dim, PANEL_ROWS, dtype=torch.float32)
     whole = count // PANEL_ROWS
